@@ -1,0 +1,37 @@
+"""Image transforms: the standard deep metric learning recipe (Roth et al., 2020)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torchvision import transforms as T
+
+from glassmetric.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_transforms(
+    train: bool,
+    image_size: int,
+    resize: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> T.Compose:
+    """PIL image -> normalised (3, image_size, image_size) float tensor.
+
+    Training: RandomResizedCrop(image_size) + RandomHorizontalFlip. Evaluation (deterministic):
+    Resize(resize) of the shorter side, default round(image_size * 256 / 224), then
+    CenterCrop(image_size). ``resize`` is ignored for training.
+    """
+    if image_size < 1:
+        raise ConfigError(f"image_size must be positive, got {image_size}")
+    resize = round(image_size * 256 / 224) if resize is None else resize
+    if resize < image_size:
+        raise ConfigError(f"resize must be at least image_size {image_size}, got {resize}")
+    if train:
+        geometry = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    else:
+        geometry = [T.Resize(resize), T.CenterCrop(image_size)]
+    return T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
