@@ -1,0 +1,26 @@
+"""Backbones, embedding heads and the model that combines them."""
+
+from glassmetric.models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TORCHVISION_BACKBONES,
+    Backbone,
+    build_backbone,
+)
+from glassmetric.models.embedding_model import EmbeddingModel, build_model
+from glassmetric.models.global_head import POOLINGS, GlobalHead, gem_pool
+from glassmetric.models.output import EmbeddingOutput
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "POOLINGS",
+    "TORCHVISION_BACKBONES",
+    "Backbone",
+    "EmbeddingModel",
+    "EmbeddingOutput",
+    "GlobalHead",
+    "build_backbone",
+    "build_model",
+    "gem_pool",
+]
