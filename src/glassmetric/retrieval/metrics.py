@@ -1,0 +1,236 @@
+"""Retrieval metrics of deep metric learning, as Musgrave et al. 2020 define them.
+
+"A Metric Learning Reality Check" (ECCV 2020) defines R-Precision and MAP@R; Recall@K is the
+metric of the DML literature (a query counts as correct if any of its K nearest neighbours
+shares its class), as DIML, DGML and IDML report it. NMI clusters the query embeddings.
+
+Conventions follow pytorch-metric-learning's ``AccuracyCalculator`` so the numbers are equal:
+
+* Same-set mode (``gallery is None``): every query is searched against all other items; R is
+  the number of *other* items of its class. Queries whose class has no other member ("lone"
+  queries) are left out of Recall@K, R-Precision and MAP@R (AccuracyCalculator's
+  ``not_lone_query_mask``); NMI uses every query.
+* Query/gallery mode: R is the number of gallery items of the query's class. Queries with
+  R = 0 are lone and are left out of Recall@K, R-Precision and MAP@R likewise (they are not
+  counted as misses).
+* A metric over zero non-lone queries is NaN.
+* Ties in similarity are broken towards the lower gallery index (see :mod:`.knn`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+from torch import Tensor
+
+from .knn import import_faiss, iter_knn
+
+__all__ = ["METRICS", "format_metrics_table", "recall_ks_for", "retrieval_metrics"]
+
+#: Metric groups that :func:`retrieval_metrics` can compute, in output order.
+METRICS = ("recall", "nmi", "r_precision", "map_at_r")
+
+_NMI_BACKENDS = ("faiss", "sklearn")
+#: AccuracyCalculator's default k-means: ``FaissKMeans(niter=20)``; faiss' default seed is 1234.
+_FAISS_KMEANS_NITER = 20
+_SKLEARN_KMEANS_N_INIT = 10
+
+
+def recall_ks_for(dataset_name: str) -> tuple[int, ...]:
+    """The Recall@K cut-offs the literature reports for a data set."""
+    return (1, 10, 100, 1000) if dataset_name.lower() == "sop" else (1, 2, 4, 8)
+
+
+def retrieval_metrics(
+    query: Tensor,
+    query_labels: Tensor,
+    gallery: Tensor | None = None,
+    gallery_labels: Tensor | None = None,
+    *,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    include: Iterable[str] = METRICS,
+    knn_backend: str = "torch",
+    nmi_backend: str = "faiss",
+    chunk_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Recall@K, NMI, R-Precision and MAP@R of a retrieval problem.
+
+    Args:
+        query: ``(Q, D)`` L2-normalised embeddings (similarity is the inner product).
+        query_labels: ``(Q,)`` integer class labels.
+        gallery, gallery_labels: ``(N, D)`` and ``(N,)``; None searches the query set
+            against itself, leaving each query out of its own neighbours and of its R.
+        recall_ks: cut-offs K of ``recall@K``; a K beyond the gallery means the whole
+            gallery.
+        include: subset of :data:`METRICS`.
+        knn_backend: ``"torch"`` or ``"faiss"``, see :func:`.knn.knn`.
+        nmi_backend: ``"faiss"`` (default: faiss k-means with 20 iterations, as
+            AccuracyCalculator runs it) or ``"sklearn"`` (``KMeans(n_init=10)``).
+        chunk_size: queries per kNN chunk; None picks it from a memory budget.
+        seed: k-means seed. AccuracyCalculator's default k-means uses faiss' default seed
+            1234; pass ``seed=1234`` to reproduce its NMI exactly.
+
+    Returns:
+        Plain floats keyed ``recall@K`` (one per K), ``nmi``, ``r_precision`` and
+        ``map_at_r``, for the groups in ``include``.
+    """
+    include = tuple(include)
+    unknown = sorted(set(include) - set(METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {METRICS}")
+    if nmi_backend not in _NMI_BACKENDS:
+        raise ValueError(f"nmi_backend must be one of {_NMI_BACKENDS}, got {nmi_backend!r}")
+    recall_ks = tuple(recall_ks) if "recall" in include else ()
+    for k in recall_ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"recall_ks must be positive integers, got {k!r}")
+
+    same_set = gallery is None
+    if same_set:
+        if gallery_labels is not None:
+            raise ValueError("gallery_labels given without gallery")
+        gallery, gallery_labels = query, query_labels
+    elif gallery_labels is None:
+        raise ValueError("gallery given without gallery_labels")
+    query, gallery = torch.as_tensor(query), torch.as_tensor(gallery)
+    q_lab = _labels(query_labels, len(query), "query", query.device)
+    g_lab = _labels(gallery_labels, len(gallery), "gallery", query.device)
+
+    # Compact class ids over both sets, and R = relevant gallery items per query.
+    _, inverse = torch.unique(torch.cat([q_lab, g_lab]), return_inverse=True)
+    q_cls, g_cls = inverse[: len(q_lab)], inverse[len(q_lab) :]
+    class_size = torch.bincount(g_cls, minlength=int(inverse.max()) + 1 if len(inverse) else 0)
+    r = class_size[q_cls] - int(same_set)
+
+    out: dict[str, float] = {}
+    needs_r = [m for m in ("r_precision", "map_at_r") if m in include]
+    if recall_ks or needs_r:
+        out.update(
+            _knn_metrics(
+                query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r,
+                knn_backend, chunk_size,
+            )
+        )
+    if "nmi" in include:
+        out["nmi"] = _nmi(query, q_lab, nmi_backend, seed)
+    order = [f"recall@{k}" for k in recall_ks] + ["nmi", "r_precision", "map_at_r"]
+    return {key: float(out[key]) for key in order if key in out}
+
+
+def _labels(labels, n: int, name: str, device) -> Tensor:
+    labels = torch.as_tensor(labels, device=device)
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(
+            f"{name}_labels must have shape ({n},) to match the {name} embeddings, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name}_labels must be integers, got {labels.dtype}")
+    return labels.long()
+
+
+def _knn_metrics(
+    query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r, backend, chunk_size
+) -> dict[str, float]:
+    """Recall@K, R-Precision and MAP@R from one chunked kNN pass over the queries."""
+    valid = r > 0  # not lone
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        keys = [f"recall@{k}" for k in recall_ks] + needs_r
+        return {key: math.nan for key in keys}
+
+    available = len(gallery) - int(same_set)
+    k_needed = max(max(recall_ks, default=0), int(r.max()) if needs_r else 0)
+    k = min(k_needed, available)
+    first_hit = torch.empty(len(query), dtype=torch.long, device=query.device)
+    rp = torch.empty(len(query), dtype=torch.float64, device=query.device)
+    ap = torch.empty(len(query), dtype=torch.float64, device=query.device)
+    ranks = torch.arange(1, k + 1, dtype=torch.float64, device=query.device)
+
+    chunks = iter_knn(
+        query, gallery, k, exclude_self=same_set, chunk_size=chunk_size, backend=backend
+    )
+    for start, _, idx in chunks:
+        stop = start + len(idx)
+        same = g_cls[idx] == q_cls[start:stop, None]  # (rows, k) relevance of each rank
+        if recall_ks:
+            first_hit[start:stop] = torch.where(same.any(1), same.int().argmax(1), k)
+        if needs_r:
+            # Only the first R ranks count (Musgrave et al. 2020).
+            r_c = r[start:stop]
+            rel = same & (ranks[None, :] <= r_c[:, None])
+            r_safe = r_c.clamp(min=1).double()
+            # R-Precision: relevant items in the top R, over R.
+            rp[start:stop] = rel.sum(1).double() / r_safe
+            # MAP@R: precision@i summed over the relevant ranks i <= R, over R.
+            ap[start:stop] = (rel.cumsum(1) * rel / ranks).sum(1) / r_safe
+
+    # Per-query values are reduced once, so results do not depend on the chunking.
+    out = {f"recall@{kk}": float((first_hit[valid] < kk).double().mean()) for kk in recall_ks}
+    if "r_precision" in needs_r:
+        out["r_precision"] = float(rp[valid].mean())
+    if "map_at_r" in needs_r:
+        out["map_at_r"] = float(ap[valid].mean())
+    return out
+
+
+def _nmi(query: Tensor, labels: Tensor, backend: str, seed: int) -> float:
+    """NMI (arithmetic mean normalisation) of k-means clusters, one per query class."""
+    if len(query) == 0:
+        return math.nan
+    x = np.ascontiguousarray(query.detach().float().cpu().numpy())
+    y = labels.cpu().numpy()
+    n_clusters = len(np.unique(y))
+    if backend == "faiss":
+        faiss = import_faiss()
+        kmeans = faiss.Kmeans(x.shape[1], n_clusters, niter=_FAISS_KMEANS_NITER, seed=seed)
+        kmeans.train(x)
+        clusters = kmeans.index.search(x, 1)[1][:, 0]
+    else:
+        from sklearn.cluster import KMeans
+
+        kmeans = KMeans(n_clusters, n_init=_SKLEARN_KMEANS_N_INIT, random_state=seed)
+        clusters = kmeans.fit_predict(x)
+    return float(normalized_mutual_info_score(y, clusters))
+
+
+_SHORT_NAMES = {"nmi": "NMI", "r_precision": "RP", "map_at_r": "MAP@R"}
+
+
+def _short_name(metric: str) -> str:
+    if metric.startswith("recall@"):
+        return "R@" + metric[len("recall@") :]
+    return _SHORT_NAMES.get(metric, metric)
+
+
+def format_metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """Fixed-width table: one row per run, one column per metric, values in percent.
+
+    Columns are the metric names in order of first appearance, shortened (``recall@1`` ->
+    ``R@1``, ``map_at_r`` -> ``MAP@R``); a metric a run lacks shows as ``-``.
+    """
+    metrics: list[str] = []
+    for values in rows.values():
+        metrics += [m for m in values if m not in metrics]
+    header = ["run"] + [_short_name(m) for m in metrics]
+    body = [
+        [name] + [_percent(values[m]) if m in values else "-" for m in metrics]
+        for name, values in rows.items()
+    ]
+    widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
+
+    def fmt(line: list[str]) -> str:
+        cells = [line[0].ljust(widths[0])]
+        cells += [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join(fmt(line) for line in [header, *body])
+
+
+def _percent(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{100 * value:.2f}"
