@@ -1,0 +1,129 @@
+"""Metric-learning losses, taken from pytorch-metric-learning, chosen by name.
+
+Each name maps to a loss (and, where its paper uses one, a miner) with the paper's
+hyper-parameters as defaults:
+
+=================  =====================================  ====================================
+name               loss (defaults)                        miner (defaults)
+=================  =====================================  ====================================
+contrastive        Hadsell et al. 2006: pos 0, neg 1      all pairs
+triplet            Schroff et al. 2015: margin 0.2        semi-hard triplets (margin 0.2)
+margin             Wu et al. 2017: margin 0.2, beta 1.2,  distance-weighted sampling
+                   learnable per-class beta (lr 5e-4)     (cutoff 0.5, non-zero loss 1.4)
+multisimilarity    Wang et al. 2019: alpha 2, beta 50,    multi-similarity pairs (eps 0.1)
+                   base 0.5
+proxyanchor        Kim et al. 2020: margin 0.1, alpha 32  none (proxies, lr 100 x base)
+proxynca           Movshovitz-Attias et al. 2017          none (proxies, lr 100 x base)
+fastap             Cakir et al. 2019: 10 bins             none
+=================  =====================================  ====================================
+
+The loss's own parameters (proxies, beta) live in the module, so they are saved in the
+checkpoint, and :meth:`MetricLoss.learning_rate` gives them their own learning rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from pytorch_metric_learning import losses, miners
+
+from glassmetric.errors import ConfigError
+from glassmetric.models.output import EmbeddingOutput
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    build_loss: Callable[..., torch.nn.Module]
+    loss_defaults: dict[str, Any]
+    build_miner: Callable[..., torch.nn.Module] | None = None
+    miner_defaults: dict[str, Any] | None = None
+    #: the loss needs the number of training classes and the embedding size (proxies, beta)
+    needs_classes: bool = False
+    #: learning rate of the loss's parameters: ("relative", x) = x * base lr, ("absolute", x)
+    param_lr: tuple[str, float] = ("relative", 1.0)
+
+
+LOSSES: dict[str, LossSpec] = {
+    "contrastive": LossSpec(losses.ContrastiveLoss, {"pos_margin": 0.0, "neg_margin": 1.0}),
+    "triplet": LossSpec(
+        losses.TripletMarginLoss, {"margin": 0.2},
+        miners.TripletMarginMiner, {"margin": 0.2, "type_of_triplets": "semihard"},
+    ),
+    "margin": LossSpec(
+        lambda num_classes, embedding_size, **kw: losses.MarginLoss(num_classes=num_classes, **kw),
+        {"margin": 0.2, "beta": 1.2, "nu": 0.0, "learn_beta": True},
+        miners.DistanceWeightedMiner, {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
+        needs_classes=True, param_lr=("absolute", 5e-4),
+    ),
+    "multisimilarity": LossSpec(
+        losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 50.0, "base": 0.5},
+        miners.MultiSimilarityMiner, {"epsilon": 0.1},
+    ),
+    "proxyanchor": LossSpec(
+        losses.ProxyAnchorLoss, {"margin": 0.1, "alpha": 32.0},
+        needs_classes=True, param_lr=("relative", 100.0),
+    ),
+    "proxynca": LossSpec(
+        losses.ProxyNCALoss, {"softmax_scale": 1.0},
+        needs_classes=True, param_lr=("relative", 100.0),
+    ),
+    "fastap": LossSpec(losses.FastAPLoss, {"num_bins": 10}),
+}
+
+
+def _construct(factory: Callable, kwargs: dict, what: str) -> torch.nn.Module:
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{what}: {e}") from e
+
+
+class MetricLoss(torch.nn.Module):
+    """A pytorch-metric-learning loss (+ miner) applied to a model's global embedding."""
+
+    def __init__(self, name: str, loss: torch.nn.Module, miner: torch.nn.Module | None, param_lr: tuple[str, float]):
+        super().__init__()
+        self.name = name
+        self.loss = loss
+        self.miner = miner
+        self._param_lr = param_lr
+
+    def forward(self, output: EmbeddingOutput, labels: torch.Tensor) -> torch.Tensor:
+        embeddings = output.embedding.float()
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, indices)
+
+    def learning_rate(self, base_lr: float) -> float:
+        """The learning rate of this loss's own parameters, given the backbone's."""
+        kind, value = self._param_lr
+        return value * base_lr if kind == "relative" else value
+
+
+def build_loss(
+    name: str,
+    *,
+    embedding_dim: int,
+    num_classes: int,
+    params: dict | None = None,
+    miner_params: dict | None = None,
+) -> MetricLoss:
+    """The loss ``name`` with its paper defaults, updated by ``params`` / ``miner_params``.
+
+    ``num_classes`` is the number of training classes: labels passed to the loss must be
+    contiguous class indices 0..num_classes-1 (proxy and per-class-beta losses index by them).
+    """
+    if name not in LOSSES:
+        raise ConfigError(f"loss.name: unknown loss {name!r} (known: {', '.join(LOSSES)})")
+    spec = LOSSES[name]
+    kwargs = {**spec.loss_defaults, **(params or {})}
+    if spec.needs_classes:
+        kwargs = {"num_classes": num_classes, "embedding_size": embedding_dim, **kwargs}
+    loss = _construct(spec.build_loss, kwargs, f"loss.params for {name!r}")
+    miner = None
+    if spec.build_miner is not None:
+        miner = _construct(spec.build_miner, {**(spec.miner_defaults or {}), **(miner_params or {})}, f"loss.miner_params for {name!r}")
+    elif miner_params:
+        raise ConfigError(f"loss.miner_params: loss {name!r} uses no miner, got {miner_params!r}")
+    return MetricLoss(name, loss, miner, spec.param_lr)
