@@ -1,0 +1,122 @@
+"""Command line: ``glassmetric fit | eval | presets``.
+
+Every error the user can fix (a bad config key, a missing file, a truncated checkpoint) ends
+in one line on stderr naming the culprit, and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from glassmetric.errors import ConfigError, GlassmetricError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glassmetric", description="Interpretable deep metric learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train a model from a preset or YAML config")
+    fit.add_argument("--config", default="demo", help="preset name (see `glassmetric presets`) or YAML file")
+    fit.add_argument("--resume", action="store_true", help="continue from trainer.output_dir/checkpoints/last.ckpt")
+    fit.add_argument("--overwrite", action="store_true", help="start again even if output_dir has a checkpoint")
+    fit.add_argument("--baseline", action="store_true", help="also evaluate the untrained model and print both")
+    fit.add_argument("--no-test", action="store_true", help="skip the test evaluation at the end")
+    fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_epochs=5")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on its test split, or on a query/gallery pair")
+    ev.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    ev.add_argument("--split", choices=("test", "val", "train"), default="test")
+    ev.add_argument("--query", help="query image folder (one sub-folder per class); needs --gallery")
+    ev.add_argument("--gallery", help="gallery image folder; classes matched to --query by folder name")
+    ev.add_argument("--knn", choices=("torch", "faiss"), help="kNN backend (default: the config's)")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    ev.add_argument("--out", help="write the metrics as JSON to this file")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
+
+    sub.add_parser("presets", help="list the shipped configuration presets")
+    return parser
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from glassmetric.config import load_config
+    from glassmetric.retrieval.metrics import format_metrics_table
+    from glassmetric.training.fit import fit
+
+    cfg = load_config(args.config, args.overrides)
+    result = fit(cfg, resume=args.resume, overwrite=args.overwrite, baseline=args.baseline, run_test=not args.no_test)
+    if result.test_metrics:
+        rows = {}
+        if result.baseline_metrics is not None:
+            rows["untrained"] = result.baseline_metrics
+        rows["trained"] = result.test_metrics
+        print(f"\ntest split of {cfg.data.name} ({result.checkpoint}):")
+        print(format_metrics_table(rows))
+        print(f"metrics written to {result.output_dir / 'metrics.json'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from glassmetric.retrieval.evaluate import evaluate_model
+    from glassmetric.retrieval.metrics import format_metrics_table
+    from glassmetric.training.fit import make_splits, test_recall_ks
+    from glassmetric.training.module import load_trained
+
+    if bool(args.query) != bool(args.gallery):
+        raise ConfigError("--query and --gallery go together: give both folders")
+    model, cfg = load_trained(args.checkpoint, args.overrides)
+    knn = args.knn or cfg.eval.knn_backend
+    kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
+    if args.query:
+        from glassmetric.data.folder import build_query_gallery
+        from glassmetric.data.transforms import build_transforms
+
+        tf = build_transforms(False, cfg.data.image_size, cfg.data.resize, mean=model.backbone.mean, std=model.backbone.std)
+        pair = build_query_gallery(args.query, args.gallery, transform=tf)
+        name = f"query {args.query} / gallery {args.gallery}"
+        metrics = evaluate_model(model, pair.query, pair.gallery, recall_ks=test_recall_ks(cfg), **kw)
+    else:
+        splits = make_splits(cfg, model)
+        dataset = getattr(splits, args.split)
+        if dataset is None:
+            raise ConfigError(f"--split {args.split}: this config has no {args.split} split (data.val_classes = 0)")
+        if args.split == "train":
+            dataset.transform = splits.test.transform  # evaluate without augmentation
+        name = f"{args.split} split of {cfg.data.name}"
+        metrics = evaluate_model(model, dataset, recall_ks=test_recall_ks(cfg), **kw)
+    print(f"{name} ({args.checkpoint}):")
+    print(format_metrics_table({Path(args.checkpoint).name: metrics}))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "data": name, "metrics": metrics}, indent=2))
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from glassmetric.config import PRESET_DIR, preset_names
+
+    for name in preset_names():
+        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:14s} {first}")
+    return 0
+
+
+COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "presets": _cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except GlassmetricError as e:
+        print(f"glassmetric {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"glassmetric {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Typed configuration: presets in YAML, overrides from the command line, strict validation.
+
+A configuration is a tree of dataclasses. ``load_config`` reads a preset name or a YAML file,
+applies ``key.sub=value`` overrides, and checks every key and value against the dataclass
+annotations, so an unknown key or a bad value fails at once with a message naming it
+(``ConfigError: trainer.max_epochs: expected int >= 1, got -3``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from glassmetric.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class SyntheticConfig:
+    num_classes: int = 120
+    images_per_class: int = 40
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    #: synthetic (embedded, no download) | cub200 | cars196 | sop | folder | csv
+    name: Literal["synthetic", "cub200", "cars196", "sop", "folder", "csv"] = "synthetic"
+    #: data set root (folder for ``folder``, the CSV file for ``csv``)
+    root: str | None = None
+    #: test root for ``folder`` / ``csv`` data sets, whose classes are disjoint from ``root``'s
+    test_root: str | None = None
+    #: inclusive class-id ranges of the zero-shot split (CUB: 1-100 / 101-200; Cars: 1-98 / 99-196)
+    train_classes: tuple[int, int] | None = None
+    test_classes: tuple[int, int] | None = None
+    #: number of training classes held out for model selection (0: select the last epoch)
+    val_classes: int = 0
+    image_size: int = 224
+    #: shorter side before the centre crop at evaluation (default image_size * 256 / 224)
+    resize: int | None = None
+    num_workers: int = 2
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    #: torchvision name (resnet18, resnet50, ...) or ``timm:<model>``
+    backbone: str = "resnet50"
+    #: false, true (ImageNet weights from the usual cache) or a path to a weights file
+    pretrained: Union[bool, str] = False
+    frozen_bn: bool = False
+    embedding_dim: int = 128
+    pooling: Literal["avg", "max", "gem", "avgmax"] = "avg"
+
+
+@dataclass
+class LossConfig:
+    name: Literal[
+        "contrastive", "triplet", "margin", "multisimilarity", "proxyanchor", "proxynca", "fastap"
+    ] = "multisimilarity"
+    #: keyword arguments of the pytorch-metric-learning loss, overriding the paper defaults
+    params: dict[str, Any] = field(default_factory=dict)
+    #: keyword arguments of the loss's miner (if it has one), overriding the paper defaults
+    miner_params: dict[str, Any] = field(default_factory=dict)
+    #: learning rate of the loss's own parameters (proxies, beta); default: the paper's
+    lr: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-5
+    #: learning rate of the embedding heads (default: lr)
+    head_lr: float | None = None
+    weight_decay: float = 4e-4
+    momentum: float = 0.9
+    scheduler: Literal["none", "cosine", "step"] = "none"
+    #: step scheduler: multiply the learning rates by gamma every step_epochs epochs
+    step_epochs: int = 30
+    gamma: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 150
+    batch_size: int = 112
+    #: images per class in a batch (the m of the m-per-class sampler)
+    samples_per_class: int = 2
+    accelerator: str = "auto"
+    devices: Union[int, str] = 1
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    output_dir: str = "runs/default"
+    #: ``val``: keep the epoch with the best validation R@1 (needs data.val_classes > 0); ``last``
+    select: Literal["val", "last"] = "last"
+    #: evaluate the validation split every n epochs
+    val_every: int = 1
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128
+    #: R@K cut-offs (default: 1, 2, 4, 8; SOP: 1, 10, 100, 1000)
+    recall_ks: tuple[int, ...] | None = None
+    knn_backend: Literal["torch", "faiss"] = "torch"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: (key, predicate, description) range checks applied after type checks
+_RANGES: list[tuple[str, Any, str]] = [
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("data.val_classes", lambda v: v >= 0, ">= 0"),
+    ("data.image_size", lambda v: 16 <= v <= 4096, "between 16 and 4096"),
+    ("data.resize", lambda v: v is None or v >= 16, ">= 16"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.synthetic.num_classes", lambda v: v >= 4, ">= 4"),
+    ("data.synthetic.images_per_class", lambda v: v >= 2, ">= 2"),
+    ("data.train_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
+    ("data.test_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
+    ("model.embedding_dim", lambda v: v >= 1, ">= 1"),
+    ("loss.lr", lambda v: v is None or v > 0, "> 0"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.head_lr", lambda v: v is None or v > 0, "> 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.step_epochs", lambda v: v >= 1, ">= 1"),
+    ("optim.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("trainer.max_epochs", lambda v: v >= 1, ">= 1"),
+    ("trainer.batch_size", lambda v: v >= 2, ">= 2"),
+    ("trainer.samples_per_class", lambda v: v >= 2, ">= 2 (metric losses need positive pairs)"),
+    ("trainer.val_every", lambda v: v >= 1, ">= 1"),
+    ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
+    ("trainer.gradient_clip_val", lambda v: v is None or v > 0, "> 0"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.recall_ks", lambda v: v is None or (len(v) > 0 and all(k >= 1 for k in v)), "positive integers"),
+]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        inner = _type_name(args[0]) if args else "value"
+        return f"a list of {inner}" + ("" if not args or args[-1] is Ellipsis else f" (length {len(args)})")
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            if args and args[-1] is Ellipsis:
+                return tuple(_coerce(v, args[0], key) for v in value)
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif tp is Any:
+        return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key + ".")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys by their full name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}{key!s} (known keys: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks and cross-field checks; raises ConfigError naming the key."""
+    for key, ok, what in _RANGES:
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}: expected {what}, got {value!r}")
+    if cfg.trainer.batch_size % cfg.trainer.samples_per_class:
+        raise ConfigError(
+            f"trainer.batch_size: {cfg.trainer.batch_size} is not a multiple of "
+            f"trainer.samples_per_class = {cfg.trainer.samples_per_class}"
+        )
+    if cfg.trainer.select == "val" and cfg.data.val_classes == 0:
+        raise ConfigError("trainer.select: 'val' needs data.val_classes > 0 (model selection never uses the test split)")
+    if cfg.data.name != "synthetic" and cfg.data.root is None:
+        raise ConfigError(f"data.root: data set {cfg.data.name!r} needs a root folder")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. trainer.max_epochs=10")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+    return key.split("."), value
+
+
+def _merge(base: dict, parts: list[str], value: Any) -> None:
+    node = base
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a preset shipped in ``configs/``."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        raise ConfigError(f"unknown preset {name_or_path!r} (presets: {', '.join(preset_names())})")
+    return preset
+
+
+def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    values = dict(values)
+    for text in overrides:
+        _merge(values, *parse_override(text))
+    return validate(_build(Config, values))
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read a preset or YAML file (or the defaults when None), apply overrides, validate."""
+    values = read_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
+    return config_from_dict(values, overrides)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    data = cfg.to_dict()
+    path.write_text(yaml.safe_dump(_plain(data), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively, so the YAML stays readable."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

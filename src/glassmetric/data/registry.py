@@ -1,0 +1,85 @@
+"""Build the zero-shot splits of the configured data set: train, validation, test.
+
+Train and test classes are disjoint (the benchmarks' protocol). Validation classes, when asked
+for, are carved out of the training classes, so model selection never sees a test class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from glassmetric.config import DataConfig
+from glassmetric.data.base import RetrievalDataset, Subset, split_by_classes
+from glassmetric.errors import ConfigError
+
+
+@dataclass
+class Splits:
+    train: RetrievalDataset
+    val: RetrievalDataset | None
+    test: RetrievalDataset
+
+
+def _class_range_kwargs(cfg: DataConfig) -> dict:
+    kwargs = {}
+    if cfg.train_classes is not None:
+        kwargs["train_classes"] = tuple(cfg.train_classes)
+    if cfg.test_classes is not None:
+        kwargs["test_classes"] = tuple(cfg.test_classes)
+    return kwargs
+
+
+def build_base_splits(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
+    """(train, test) data sets of the configured benchmark, before validation carving."""
+    name = cfg.name
+    if name == "synthetic":
+        from glassmetric.data.synthetic import SyntheticParts
+
+        s = cfg.synthetic
+        common = dict(num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size, seed=s.seed)
+        return SyntheticParts("train", transform=train_transform, **common), SyntheticParts("test", transform=eval_transform, **common)
+    if name == "cub200":
+        from glassmetric.data.cub import CUB200 as cls
+    elif name == "cars196":
+        from glassmetric.data.cars import Cars196 as cls
+    elif name == "sop":
+        from glassmetric.data.sop import StanfordOnlineProducts
+
+        return (
+            StanfordOnlineProducts(cfg.root, "train", transform=train_transform),
+            StanfordOnlineProducts(cfg.root, "test", transform=eval_transform),
+        )
+    else:
+        from glassmetric.data.folder import CSVDataset, ImageFolderDataset
+
+        make = ImageFolderDataset if name == "folder" else CSVDataset
+        if cfg.test_root is None:
+            raise ConfigError(f"data.test_root: data set {name!r} needs a test_root with the (disjoint) test classes")
+        return make(cfg.root, transform=train_transform), make(cfg.test_root, transform=eval_transform)
+    kwargs = _class_range_kwargs(cfg)
+    return cls(cfg.root, "train", transform=train_transform, **kwargs), cls(cfg.root, "test", transform=eval_transform, **kwargs)
+
+
+def carve_validation(train: RetrievalDataset, num_val_classes: int, seed: int, eval_transform: Callable | None) -> tuple[RetrievalDataset, RetrievalDataset | None]:
+    """Hold out ``num_val_classes`` training classes (a seeded random choice) for validation."""
+    if num_val_classes == 0:
+        return train, None
+    classes = train.classes
+    if num_val_classes >= len(classes) - 1:
+        raise ConfigError(f"data.val_classes: {num_val_classes} leaves too few of the {len(classes)} training classes")
+    rng = np.random.default_rng(seed)
+    val_classes = np.sort(rng.choice(classes, size=num_val_classes, replace=False))
+    is_val = np.isin(train.labels, val_classes)
+    return Subset(train, np.flatnonzero(~is_val)), Subset(train, np.flatnonzero(is_val), transform=eval_transform)
+
+
+def build_splits(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None, seed: int = 0) -> Splits:
+    train, test = build_base_splits(cfg, train_transform, eval_transform)
+    train, val = carve_validation(train, cfg.val_classes, seed, eval_transform)
+    return Splits(train=train, val=val, test=test)
+
+
+__all__ = ["Splits", "build_splits", "build_base_splits", "carve_validation", "split_by_classes"]

@@ -1,0 +1,189 @@
+"""``glassmetric fit``: train with PyTorch Lightning, select a model, evaluate it on the test split.
+
+Layout of ``trainer.output_dir``::
+
+    config.yaml               the resolved configuration
+    checkpoints/last.ckpt     written atomically at the end of every epoch (``--resume`` reads it)
+    checkpoints/best.ckpt     best validation R@1 (when ``trainer.select: val``)
+    logs/version_N/           CSV and TensorBoard logs of the N-th (re)start
+    metrics.json              test metrics of the selected model (and of the untrained one)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+
+from glassmetric.config import Config, save_config
+from glassmetric.data.registry import Splits, build_splits
+from glassmetric.data.sampler import MPerClassBatchSampler
+from glassmetric.data.transforms import build_transforms
+from glassmetric.errors import CheckpointError
+from glassmetric.retrieval.evaluate import evaluate_model
+from glassmetric.retrieval.metrics import recall_ks_for
+from glassmetric.training.checkpoint_io import AtomicCheckpointIO, safe_torch_load
+from glassmetric.training.module import MetricLearner, build_model_from_config
+
+
+def seed_epoch(seed: int, epoch: int, loader: DataLoader | None) -> None:
+    """Reseed every RNG of training from (seed, epoch): the batch sampler, the DataLoader's
+    worker seeds, and the global RNGs used by augmentations in the main process and dropout.
+
+    An epoch then depends only on the seed, the epoch number and the weights, so a run resumed
+    from an end-of-epoch checkpoint repeats the uninterrupted run.
+    """
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
+    if loader is not None:
+        loader.batch_sampler.set_epoch(epoch)
+        loader.generator.manual_seed(epoch_seed)
+
+
+class EpochSeed(Callback):
+    """Calls :func:`seed_epoch` before every training epoch (Lightning does not call
+    ``set_epoch`` on a batch sampler itself)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seed_epoch(self.seed, trainer.fit_loop.epoch_progress.current.processed, trainer.train_dataloader)
+
+
+class MetricDataModule(pl.LightningDataModule):
+    """m-per-class training batches (sharded across DDP replicas) and the validation split."""
+
+    def __init__(self, cfg: Config, splits: Splits):
+        super().__init__()
+        self.cfg = cfg
+        self.splits = splits
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.cfg.trainer
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = MPerClassBatchSampler(
+            self.splits.train.labels, t.samples_per_class, t.batch_size,
+            seed=self.cfg.seed, num_replicas=world, rank=rank,
+        )
+        loader = DataLoader(
+            self.splits.train, batch_sampler=sampler, num_workers=self.cfg.data.num_workers, generator=torch.Generator()
+        )
+        # on resume the first iterator is built before the epoch hooks run: seed it here too,
+        # with the epoch Lightning is about to run (current_epoch may still be the last one)
+        seed_epoch(self.cfg.seed, self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0, loader)
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.splits.val is None:
+            return []
+        return DataLoader(self.splits.val, batch_size=self.cfg.eval.batch_size, shuffle=False, num_workers=self.cfg.data.num_workers)
+
+
+@dataclass
+class FitResult:
+    output_dir: Path
+    checkpoint: Path
+    test_metrics: dict[str, float]
+    baseline_metrics: dict[str, float] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
+    mean, std = model.backbone.mean, model.backbone.std
+    d = cfg.data
+    train_tf = build_transforms(True, d.image_size, d.resize, mean=mean, std=std)
+    eval_tf = build_transforms(False, d.image_size, d.resize, mean=mean, std=std)
+    return build_splits(d, train_tf, eval_tf, seed=cfg.seed)
+
+
+def test_recall_ks(cfg: Config) -> tuple[int, ...]:
+    return tuple(cfg.eval.recall_ks) if cfg.eval.recall_ks else recall_ks_for(cfg.data.name)
+
+
+def fit(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    baseline: bool = False,
+    run_test: bool = True,
+    callbacks: list[Callback] = (),
+) -> FitResult:
+    """Train, select (validation R@1 or last epoch), evaluate on the test split.
+
+    ``callbacks`` are extra Lightning callbacks (e.g. for logging or early stopping).
+    """
+    out = Path(cfg.trainer.output_dir)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if last.exists() and not (resume or overwrite):
+        raise CheckpointError(f"{last} exists: pass --resume to continue that run, or --overwrite to start again")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model_from_config(cfg)
+    splits = make_splits(cfg, model)
+    module = MetricLearner(cfg, splits.train.labels, model=model)
+    ks = test_recall_ks(cfg)
+    eval_kw = dict(recall_ks=ks, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=cfg.eval.knn_backend)
+
+    baseline_metrics = None
+    if baseline:
+        baseline_metrics = evaluate_model(module.model, splits.test, **eval_kw)
+
+    select_val = cfg.trainer.select == "val"
+    # "last" is rewritten after every epoch (and its validation); "best" only on a better val R@1.
+    # The best callback comes first so that last.ckpt carries its up-to-date state.
+    common = dict(dirpath=ckpt_dir, save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
+    best_cb = ModelCheckpoint(filename="best", monitor="val/recall@1", mode="max", **common) if select_val else None
+    last_cb = ModelCheckpoint(filename="last", monitor=None, **common)
+    version = len(list((out / "logs").glob("version_*")))
+    trainer = pl.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        # each (re)start logs into a new logs/version_N, so a resume never overwrites old logs
+        logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],
+        callbacks=[*filter(None, [best_cb, last_cb]), EpochSeed(cfg.seed), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        check_val_every_n_epoch=cfg.trainer.val_every,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    ckpt_path = None
+    if resume:
+        if last.exists():
+            ckpt_path = str(last)
+        else:
+            print(f"no checkpoint at {last}: starting from scratch")
+    trainer.fit(module, datamodule=MetricDataModule(cfg, splits), ckpt_path=ckpt_path)
+
+    selected = Path(best_cb.best_model_path) if best_cb is not None and best_cb.best_model_path else last
+    result = FitResult(output_dir=out, checkpoint=selected, test_metrics={}, baseline_metrics=baseline_metrics)
+    if run_test and trainer.is_global_zero:
+        state = safe_torch_load(selected)["state_dict"]
+        module.load_state_dict(state)
+        result.test_metrics = evaluate_model(module.model, splits.test, **eval_kw)
+        report = {"checkpoint": str(selected), "test": result.test_metrics}
+        if baseline_metrics is not None:
+            report["untrained"] = baseline_metrics
+        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    return result

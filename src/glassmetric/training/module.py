@@ -1,0 +1,125 @@
+"""The LightningModule that trains an EmbeddingModel with a metric loss.
+
+Training labels are mapped to contiguous indices (proxy losses and per-class betas index by
+them); the mapping is a buffer, so it travels with the checkpoint. Validation embeds the
+held-out validation classes and logs the retrieval metrics used for model selection.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import lightning.pytorch as pl
+import torch
+
+from glassmetric.config import Config
+from glassmetric.losses.metric_losses import build_loss
+from glassmetric.models import build_model
+from glassmetric.retrieval.metrics import retrieval_metrics
+
+
+def build_model_from_config(cfg: Config):
+    m = cfg.model
+    return build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling)
+
+
+class MetricLearner(pl.LightningModule):
+    def __init__(self, cfg: Config, train_class_ids: np.ndarray, model: torch.nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model if model is not None else build_model_from_config(cfg)
+        class_ids = np.asarray(sorted(set(int(c) for c in train_class_ids)), dtype=np.int64)
+        lookup = torch.full((int(class_ids.max()) + 1,), -1, dtype=torch.long)
+        lookup[torch.from_numpy(class_ids)] = torch.arange(len(class_ids))
+        self.register_buffer("label_lookup", lookup)
+        self.loss = build_loss(
+            cfg.loss.name,
+            embedding_dim=cfg.model.embedding_dim,
+            num_classes=len(class_ids),
+            params=cfg.loss.params,
+            miner_params=cfg.loss.miner_params,
+        )
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, images: torch.Tensor):
+        return self.model(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        output = self.model(batch["image"])
+        labels = self.label_lookup[batch["label"]]
+        loss = self.loss(output, labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        output = self.model(batch["image"])
+        self._val_outputs.append((output.embedding.float().cpu(), batch["label"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        embeddings = torch.cat([e for e, _ in self._val_outputs])
+        labels = torch.cat([y for _, y in self._val_outputs])
+        self._val_outputs.clear()
+        metrics = retrieval_metrics(embeddings, labels, recall_ks=(1, 2, 4, 8), include=("recall", "r_precision", "map_at_r"))
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, prog_bar=name == "recall@1")
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        groups = []
+        for name, params in self.model.parameter_groups().items():
+            params = [p for p in params if p.requires_grad]
+            if params:
+                lr = o.lr if name == "backbone" else (o.head_lr or o.lr)
+                groups.append({"params": params, "lr": lr, "name": name})
+        loss_params = [p for p in self.loss.parameters() if p.requires_grad]
+        if loss_params:
+            lr = self.cfg.loss.lr or self.loss.learning_rate(o.lr)
+            groups.append({"params": loss_params, "lr": lr, "name": "loss", "weight_decay": 0.0})
+        if o.name == "adam":
+            optimizer = torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+        elif o.name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+        if o.scheduler == "none":
+            return optimizer
+        if o.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.cfg.trainer.max_epochs)
+        else:
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_epochs, gamma=o.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from glassmetric import __version__
+
+        checkpoint["glassmetric"] = {"version": __version__, "config": self.cfg.to_dict()}
+
+
+def load_trained(path: str, overrides: list[str] = ()) -> tuple[torch.nn.Module, Config]:
+    """The EmbeddingModel and Config stored in a ``glassmetric fit`` checkpoint (weights only).
+
+    ``overrides`` change the stored config (e.g. ``data.root=...`` to evaluate elsewhere);
+    model keys cannot be overridden, since the weights were trained with them.
+    """
+    from glassmetric.config import config_from_dict
+    from glassmetric.errors import CheckpointError, ConfigError
+    from glassmetric.training.checkpoint_io import safe_torch_load
+
+    if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
+        raise ConfigError("model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint")
+    ckpt = safe_torch_load(path)
+    meta = ckpt.get("glassmetric")
+    if not isinstance(meta, dict) or "config" not in meta or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a glassmetric checkpoint (no 'glassmetric' config or 'state_dict')")
+    stored = dict(meta["config"])
+    stored["model"] = {**stored["model"], "pretrained": False}  # the checkpoint holds the weights
+    cfg = config_from_dict(stored, overrides)
+    model = build_model_from_config(cfg)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.eval()
+    return model, cfg

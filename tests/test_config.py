@@ -1,0 +1,136 @@
+"""Config loading: presets, overrides, and a one-line error naming the key for every bad input."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from glassmetric.config import Config, load_config, preset_names, save_config
+from glassmetric.errors import ConfigError
+
+
+def test_presets_load_and_match_the_papers():
+    assert {"demo", "roth2020", "proxyanchor"} <= set(preset_names())
+    roth = load_config("roth2020")
+    assert (roth.model.backbone, roth.model.embedding_dim, roth.model.frozen_bn) == ("resnet50", 128, True)
+    assert (roth.trainer.batch_size, roth.trainer.samples_per_class) == (112, 2)
+    assert (roth.optim.name, roth.optim.lr, roth.optim.weight_decay) == ("adam", 1e-5, 4e-4)
+    assert roth.data.image_size == 224
+    pa = load_config("proxyanchor")
+    assert (pa.model.embedding_dim, pa.optim.name, pa.loss.name) == (512, "adamw", "proxyanchor")
+    demo = load_config("demo")
+    assert demo.data.name == "synthetic" and demo.trainer.select == "val"
+
+
+def test_overrides_are_parsed_as_yaml_and_typed():
+    cfg = load_config("demo", ["trainer.max_epochs=3", "optim.lr=0.01", "data.train_classes=[1, 25]", "loss.params={margin: 0.3}"])
+    assert cfg.trainer.max_epochs == 3
+    assert cfg.optim.lr == 0.01
+    assert cfg.data.train_classes == (1, 25)
+    assert cfg.loss.params == {"margin": 0.3}
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="trainer.max_epochs"):
+        load_config(None, ["trainer.max_epochs=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_epoch=3", "trainer.max_epoch"),
+        ("bogus=1", "bogus"),
+        ("model.backbone.depth=3", "model.backbone"),
+        ("trainer.max_epochs=-3", "trainer.max_epochs"),
+        ("trainer.batch_size=113", "trainer.batch_size"),
+        ("loss.name=arcface", "loss.name"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("data.train_classes=[5, 1]", "data.train_classes"),
+        ("data.train_classes=[1, 2, 3]", "data.train_classes"),
+        ("model.frozen_bn=maybe", "model.frozen_bn"),
+        ("trainer.select=test", "trainer.select"),
+        ("data.val_classes=0", "trainer.select"),
+        ("data.name=cub200", "data.root"),
+        ("novalue", "novalue"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert key in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(scalar))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("no-such-preset")
+
+
+def test_save_and_reload_round_trip(tmp_path: Path):
+    cfg = load_config("demo", ["data.train_classes=[1, 25]"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again == cfg
+    assert isinstance(yaml.safe_load((tmp_path / "c.yaml").read_text()), dict)
+
+
+def _leaf_keys(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaf_keys(value, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+_KEYS = sorted(_leaf_keys(Config()))
+#: keys named by cross-field checks, which a bad value elsewhere can trigger
+_CROSS_FIELD = ("trainer.batch_size", "trainer.select", "data.root")
+_JUNK = st.one_of(
+    st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.booleans(), st.none(), st.lists(st.integers(-5, 5), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(_KEYS), value=_JUNK)
+def test_random_values_either_load_or_fail_naming_the_key(key, value):
+    try:
+        load_config("demo", [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
+    except ConfigError as e:
+        assert key in str(e) or any(k in str(e) for k in _CROSS_FIELD)
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=100, deadline=None)
+@given(section=st.sampled_from(["", "data.", "model.", "loss.", "optim.", "trainer.", "eval."]), name=st.from_regex(r"[a-z_]{1,12}", fullmatch=True))
+def test_unknown_keys_are_named(section, name):
+    key = section + name
+    try:
+        load_config("demo", [f"{key}=1"])
+    except ConfigError as e:
+        assert key in str(e) or section.rstrip(".") in str(e)
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path: Path):
+    assert load_config("demo", ["optim.lr=1e-3"]).optim.lr == 1e-3
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 5e-5\n")
+    assert load_config(str(f)).optim.lr == 5e-5
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config("demo", ["optim.lr=fast"])
