@@ -7,9 +7,9 @@ hyper-parameters as defaults:
 name               loss (defaults)                        miner (defaults)
 =================  =====================================  ====================================
 contrastive        Hadsell et al. 2006: pos 0, neg 1      all pairs
-triplet            Schroff et al. 2015: margin 0.2        semi-hard triplets (margin 0.2)
+triplet            Schroff et al. 2015: margin 0.2        semi-hard triplets (the loss margin)
 margin             Wu et al. 2017: margin 0.2, beta 1.2,  distance-weighted sampling
-                   learnable per-class beta (lr 5e-4)     (cutoff 0.5, non-zero loss 1.4)
+                   learnable per-class beta (lr 5e-4)     (cutoff 0.5, non-zero loss beta+margin)
 multisimilarity    Wang et al. 2019: alpha 2, beta 50,    multi-similarity pairs (eps 0.1)
                    base 0.5
 proxyanchor        Kim et al. 2020: margin 0.1, alpha 32  none (proxies, lr 100 x base)
@@ -43,6 +43,8 @@ class LossSpec:
     needs_classes: bool = False
     #: learning rate of the loss's parameters: ("relative", x) = x * base lr, ("absolute", x)
     param_lr: tuple[str, float] = ("relative", 1.0)
+    #: miner defaults that follow the loss's final settings (e.g. the triplet margin)
+    miner_from_loss: Callable[[dict], dict] | None = None
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -50,12 +52,15 @@ LOSSES: dict[str, LossSpec] = {
     "triplet": LossSpec(
         losses.TripletMarginLoss, {"margin": 0.2},
         miners.TripletMarginMiner, {"margin": 0.2, "type_of_triplets": "semihard"},
+        miner_from_loss=lambda kw: {"margin": kw["margin"]},
     ),
     "margin": LossSpec(
         lambda num_classes, embedding_size, **kw: losses.MarginLoss(num_classes=num_classes, **kw),
         {"margin": 0.2, "beta": 1.2, "nu": 0.0, "learn_beta": True},
         miners.DistanceWeightedMiner, {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
         needs_classes=True, param_lr=("absolute", 5e-4),
+        # sample only negatives that can have a non-zero loss: d < beta + margin (Wu et al.)
+        miner_from_loss=lambda kw: {"nonzero_loss_cutoff": kw["beta"] + kw["margin"]},
     ),
     "multisimilarity": LossSpec(
         losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 50.0, "base": 0.5},
@@ -123,7 +128,8 @@ def build_loss(
     loss = _construct(spec.build_loss, kwargs, f"loss.params for {name!r}")
     miner = None
     if spec.build_miner is not None:
-        miner = _construct(spec.build_miner, {**(spec.miner_defaults or {}), **(miner_params or {})}, f"loss.miner_params for {name!r}")
+        defaults = {**(spec.miner_defaults or {}), **(spec.miner_from_loss(kwargs) if spec.miner_from_loss else {})}
+        miner = _construct(spec.build_miner, {**defaults, **(miner_params or {})}, f"loss.miner_params for {name!r}")
     elif miner_params:
         raise ConfigError(f"loss.miner_params: loss {name!r} uses no miner, got {miner_params!r}")
     return MetricLoss(name, loss, miner, spec.param_lr)
