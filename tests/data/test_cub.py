@@ -8,7 +8,6 @@ from glassmetric.data.base import Sample
 from glassmetric.data.cub import CUB200
 from glassmetric.errors import ConfigError, DataError
 
-REAL_CUB50 = Path("/work/shared/data/cub50")
 SPLIT = {"train_classes": (1, 2), "test_classes": (3, 4)}
 
 
@@ -132,21 +131,3 @@ def test_missing_image_file_is_named(cub):
     CUB200(cub.root, "train", **SPLIT)  # only the split's images are checked
     with pytest.raises(DataError, match=r"Bird_3_0001.jpg \(images.txt line 7\)"):
         CUB200(cub.root, "test", **SPLIT)
-
-
-def test_real_cub50_subset():
-    if not REAL_CUB50.is_dir():
-        pytest.skip(f"{REAL_CUB50} not present")
-    train = CUB200(REAL_CUB50, "train", train_classes=(1, 25), test_classes=(26, 50))
-    test = CUB200(REAL_CUB50, "test", train_classes=(1, 25), test_classes=(26, 50))
-    assert (len(train), len(test)) == (1402, 1487)
-    assert len(CUB200(REAL_CUB50, "all")) == 2889
-    assert len(train.part_names) == 15 and set(train.labels) == set(range(1, 26))
-    assert set(test.labels) == set(range(26, 51))
-    sample = test.load(len(test) - 1)
-    width, height = sample.image.size
-    visible = sample.keypoints[sample.keypoints[:, 2] == 1]
-    assert sample.image.mode == "RGB" and len(visible) > 0
-    assert (visible[:, 0] <= width).all() and (visible[:, 1] <= height).all()
-    x, y, w, h = sample.bbox
-    assert 0 <= x and x + w <= width + 1 and 0 <= y and y + h <= height + 1
