@@ -106,8 +106,19 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "presets": _cmd_presets}
 
 
+def _quiet_libraries() -> None:
+    """Keep the console for progress and results: silence library chatter (tips, deprecations)."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except GlassmetricError as e:

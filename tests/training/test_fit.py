@@ -132,3 +132,11 @@ def test_cli_errors_are_one_line_and_name_the_culprit(tmp_path, capsys):
     junk.write_bytes(b"not a checkpoint")
     assert main(["eval", "--checkpoint", str(junk)]) == 2
     assert "junk.ckpt" in capsys.readouterr().err
+
+
+def test_throughput_is_measured(tmp_path):
+    result = fit(tiny_config(tmp_path, "trainer.max_epochs=2", "trainer.select=last"), run_test=False)
+    assert len(result.epoch_seconds) == 2 and all(s > 0 for s in result.epoch_seconds)
+    assert 0.0 <= result.data_wait_share < 1.0
+    header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "perf/data_wait_share" in header and "perf/train_images_per_s" in header

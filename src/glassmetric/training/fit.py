@@ -32,6 +32,7 @@ from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.retrieval.metrics import recall_ks_for
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO, safe_torch_load
 from glassmetric.training.module import MetricLearner, build_model_from_config
+from glassmetric.training.throughput import ThroughputMonitor
 
 
 def seed_epoch(seed: int, epoch: int, loader: DataLoader | None) -> None:
@@ -96,7 +97,9 @@ class FitResult:
     checkpoint: Path
     test_metrics: dict[str, float]
     baseline_metrics: dict[str, float] | None = None
-    extra: dict = field(default_factory=dict)
+    #: wall time of each epoch run in this call, and the share of step time spent waiting for data
+    epoch_seconds: list[float] = field(default_factory=list)
+    data_wait_share: float = 0.0
 
 
 def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
@@ -150,6 +153,7 @@ def fit(
     best_cb = ModelCheckpoint(filename="best", monitor="val/recall@1", mode="max", **common) if select_val else None
     last_cb = ModelCheckpoint(filename="last", monitor=None, **common)
     version = len(list((out / "logs").glob("version_*")))
+    throughput = ThroughputMonitor()
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.max_epochs,
         accelerator=cfg.trainer.accelerator,
@@ -157,7 +161,7 @@ def fit(
         precision=cfg.trainer.precision,
         # each (re)start logs into a new logs/version_N, so a resume never overwrites old logs
         logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],
-        callbacks=[*filter(None, [best_cb, last_cb]), EpochSeed(cfg.seed), *callbacks],
+        callbacks=[*filter(None, [best_cb, last_cb]), EpochSeed(cfg.seed), throughput, *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         check_val_every_n_epoch=cfg.trainer.val_every,
@@ -172,12 +176,16 @@ def fit(
     if resume:
         if last.exists():
             ckpt_path = str(last)
+            print(f"resuming from {last}")
         else:
             print(f"no checkpoint at {last}: starting from scratch")
     trainer.fit(module, datamodule=MetricDataModule(cfg, splits), ckpt_path=ckpt_path)
 
     selected = Path(best_cb.best_model_path) if best_cb is not None and best_cb.best_model_path else last
-    result = FitResult(output_dir=out, checkpoint=selected, test_metrics={}, baseline_metrics=baseline_metrics)
+    result = FitResult(
+        output_dir=out, checkpoint=selected, test_metrics={}, baseline_metrics=baseline_metrics,
+        epoch_seconds=throughput.epoch_seconds, data_wait_share=throughput.data_wait_share,
+    )
     if run_test and trainer.is_global_zero:
         state = safe_torch_load(selected)["state_dict"]
         module.load_state_dict(state)
