@@ -71,10 +71,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
     if args.query:
         from glassmetric.data.folder import build_query_gallery
-        from glassmetric.data.transforms import build_transforms
+        from glassmetric.training.fit import eval_transform
 
-        tf = build_transforms(False, cfg.data.image_size, cfg.data.resize, mean=model.backbone.mean, std=model.backbone.std)
-        pair = build_query_gallery(args.query, args.gallery, transform=tf)
+        pair = build_query_gallery(args.query, args.gallery, transform=eval_transform(cfg, model))
         name = f"query {args.query} / gallery {args.gallery}"
         metrics = evaluate_model(model, pair.query, pair.gallery, recall_ks=test_recall_ks(cfg), **kw)
     else:

@@ -44,7 +44,9 @@ class DataConfig:
     #: number of training classes held out for model selection (0: select the last epoch)
     val_classes: int = 0
     image_size: int = 224
-    #: shorter side before the centre crop at evaluation (default image_size * 256 / 224)
+    #: crop size at evaluation (default image_size); larger than training helps (Touvron et al. 2019)
+    eval_image_size: int | None = None
+    #: shorter side before the centre crop at evaluation (default eval_image_size * 256 / 224)
     resize: int | None = None
     num_workers: int = 2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -57,6 +59,8 @@ class ModelConfig:
     #: false, true (ImageNet weights from the usual cache) or a path to a weights file
     pretrained: Union[bool, str] = False
     frozen_bn: bool = False
+    #: module paths of the backbone to train (e.g. [blocks.5, blocks.6, conv_head]); null: all
+    trainable_backbone: tuple[str, ...] | None = None
     embedding_dim: int = 128
     pooling: Literal["avg", "max", "gem", "avgmax"] = "avg"
 
@@ -134,6 +138,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("seed", lambda v: v >= 0, ">= 0"),
     ("data.val_classes", lambda v: v >= 0, ">= 0"),
     ("data.image_size", lambda v: 16 <= v <= 4096, "between 16 and 4096"),
+    ("data.eval_image_size", lambda v: v is None or 16 <= v <= 4096, "between 16 and 4096"),
     ("data.resize", lambda v: v is None or v >= 16, ">= 16"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.synthetic.num_classes", lambda v: v >= 4, ">= 4"),

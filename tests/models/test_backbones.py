@@ -264,3 +264,24 @@ def test_timm_pretrained_reads_hf_cache_offline(empty_hf_cache, monkeypatch) -> 
 def test_bad_pretrained_value(bad) -> None:
     with pytest.raises(ConfigError, match="pretrained"):
         build_backbone("resnet18", pretrained=bad)
+
+
+def test_freeze_except_trains_only_the_named_stages():
+    backbone = build_backbone("resnet18")
+    backbone.freeze_except(["layer4"])
+    trainable = {n for n, p in backbone.trunk.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("layer4.") for n in trainable)
+    assert all(p.requires_grad for n, p in backbone.trunk.named_parameters() if n.startswith("layer4."))
+    backbone.train()
+    frozen_bn = backbone.trunk.layer3[0].bn1
+    stats = frozen_bn.running_mean.clone()
+    backbone(torch.randn(2, 3, 64, 64))
+    assert not frozen_bn.training and torch.equal(frozen_bn.running_mean, stats)
+    assert backbone.trunk.layer4[0].bn1.training
+
+
+def test_freeze_except_rejects_unknown_paths():
+    backbone = build_backbone("resnet18")
+    with pytest.raises(ConfigError, match="layer9") as e:
+        backbone.freeze_except(["layer9"])
+    assert "layer4" in str(e.value)

@@ -12,7 +12,7 @@ import math
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -146,11 +146,31 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
             bn.eval()
 
+    def freeze_except(self, trainable: Sequence[str]) -> None:
+        """Train only the trunk parameters under the module paths ``trainable`` (e.g.
+        ``["blocks.5", "blocks.6", "conv_head"]``); the others keep their weights and their
+        BatchNorm layers keep their running statistics (they stay in eval mode)."""
+        names = [n for n, _ in self.trunk.named_parameters()]
+        unknown = [t for t in trainable if not any(_under(n, [t]) for n in names)]
+        if unknown:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(
+                f"model.trainable_backbone: {unknown} name no module of backbone {self.name!r} "
+                f"(its top-level modules: {', '.join(tops)})"
+            )
+        for name, param in self.trunk.named_parameters():
+            if not _under(name, trainable):
+                param.requires_grad_(False)
+        self._frozen_bn_layers = [
+            m for n, m in self.trunk.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _under(n, trainable)
+        ]
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)
-        if self.frozen_bn:
-            for bn in self.batchnorm_layers():
-                bn.eval()
+        frozen = self.batchnorm_layers() if self.frozen_bn else getattr(self, "_frozen_bn_layers", [])
+        for bn in frozen:
+            bn.eval()
         return self
 
     # ------------------------------------------------------------------ weights
@@ -468,6 +488,11 @@ def _strip_shared_prefix(
                 state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
     return state
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    """Whether the parameter or module ``name`` lies under one of the module paths ``prefixes``."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _few(keys: list[str]) -> str:

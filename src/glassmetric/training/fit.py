@@ -102,12 +102,15 @@ class FitResult:
     data_wait_share: float = 0.0
 
 
-def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
-    mean, std = model.backbone.mean, model.backbone.std
+def eval_transform(cfg: Config, model: torch.nn.Module):
+    """Resize + centre crop at the evaluation size, normalised as the backbone expects."""
     d = cfg.data
-    train_tf = build_transforms(True, d.image_size, d.resize, mean=mean, std=std)
-    eval_tf = build_transforms(False, d.image_size, d.resize, mean=mean, std=std)
-    return build_splits(d, train_tf, eval_tf, seed=cfg.seed)
+    return build_transforms(False, d.eval_image_size or d.image_size, d.resize, mean=model.backbone.mean, std=model.backbone.std)
+
+
+def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
+    train_tf = build_transforms(True, cfg.data.image_size, mean=model.backbone.mean, std=model.backbone.std)
+    return build_splits(cfg.data, train_tf, eval_transform(cfg, model), seed=cfg.seed)
 
 
 def test_recall_ks(cfg: Config) -> tuple[int, ...]:

@@ -19,7 +19,10 @@ from glassmetric.retrieval.metrics import retrieval_metrics
 
 def build_model_from_config(cfg: Config):
     m = cfg.model
-    return build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling)
+    model = build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling)
+    if m.trainable_backbone is not None:
+        model.backbone.freeze_except(m.trainable_backbone)
+    return model
 
 
 class MetricLearner(pl.LightningModule):
