@@ -87,6 +87,8 @@ class OptimConfig:
     weight_decay: float = 4e-4
     momentum: float = 0.9
     scheduler: Literal["none", "cosine", "step"] = "none"
+    #: epochs at the start in which the backbone is not updated (only the new layers learn)
+    warmup_epochs: int = 0
     #: step scheduler: multiply the learning rates by gamma every step_epochs epochs
     step_epochs: int = 30
     gamma: float = 0.5
@@ -102,8 +104,10 @@ class TrainerConfig:
     devices: Union[int, str] = 1
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
     output_dir: str = "runs/default"
-    #: ``val``: keep the epoch with the best validation R@1 (needs data.val_classes > 0); ``last``
+    #: ``val``: keep the epoch with the best validation ``monitor`` (needs data.val_classes > 0); ``last``
     select: Literal["val", "last"] = "last"
+    #: validation metric for model selection (MAP@R and R-Precision saturate later than R@1)
+    monitor: Literal["recall@1", "r_precision", "map_at_r"] = "recall@1"
     #: evaluate the validation split every n epochs
     val_every: int = 1
     log_every_n_steps: int = 10
@@ -151,6 +155,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("optim.head_lr", lambda v: v is None or v > 0, "> 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.step_epochs", lambda v: v >= 1, ">= 1"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
     ("optim.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("trainer.max_epochs", lambda v: v >= 1, ">= 1"),
     ("trainer.batch_size", lambda v: v >= 2, ">= 2"),

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -14,7 +15,7 @@ from glassmetric.data.registry import build_splits
 from glassmetric.errors import CheckpointError
 from glassmetric.training.checkpoint_io import safe_torch_load
 from glassmetric.training.fit import fit
-from glassmetric.training.module import load_trained
+from glassmetric.training.module import build_model_from_config, load_trained
 
 TINY = [
     "data.image_size=64", "data.resize=64", "data.num_workers=0",
@@ -140,3 +141,13 @@ def test_throughput_is_measured(tmp_path):
     assert 0.0 <= result.data_wait_share < 1.0
     header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "perf/data_wait_share" in header and "perf/train_images_per_s" in header
+
+
+def test_warmup_epochs_leave_the_backbone_untouched(tmp_path):
+    cfg = tiny_config(tmp_path, "trainer.max_epochs=1", "trainer.select=last", "optim.warmup_epochs=1", "optim.scheduler=cosine")
+    result = fit(cfg, run_test=False)
+    trained = safe_torch_load(result.checkpoint)["state_dict"]
+    pl.seed_everything(cfg.seed, verbose=False)  # as fit() does before building the model
+    initial = build_model_from_config(cfg).state_dict()
+    assert torch.equal(trained["model.backbone.trunk.conv1.weight"], initial["backbone.trunk.conv1.weight"])
+    assert not torch.equal(trained["model.head.linear.weight"], initial["head.linear.weight"])

@@ -4,7 +4,7 @@ Layout of ``trainer.output_dir``::
 
     config.yaml               the resolved configuration
     checkpoints/last.ckpt     written atomically at the end of every epoch (``--resume`` reads it)
-    checkpoints/best.ckpt     best validation R@1 (when ``trainer.select: val``)
+    checkpoints/best.ckpt     best validation ``trainer.monitor`` (when ``trainer.select: val``)
     logs/version_N/           CSV and TensorBoard logs of the N-th (re)start
     metrics.json              test metrics of the selected model (and of the untrained one)
 """
@@ -126,7 +126,7 @@ def fit(
     run_test: bool = True,
     callbacks: list[Callback] = (),
 ) -> FitResult:
-    """Train, select (validation R@1 or last epoch), evaluate on the test split.
+    """Train, select (best validation ``trainer.monitor`` or the last epoch), evaluate on the test split.
 
     ``callbacks`` are extra Lightning callbacks (e.g. for logging or early stopping).
     """
@@ -150,10 +150,11 @@ def fit(
         baseline_metrics = evaluate_model(module.model, splits.test, **eval_kw)
 
     select_val = cfg.trainer.select == "val"
-    # "last" is rewritten after every epoch (and its validation); "best" only on a better val R@1.
+    # "last" is rewritten after every epoch (and its validation); "best" on a better validation score.
     # The best callback comes first so that last.ckpt carries its up-to-date state.
     common = dict(dirpath=ckpt_dir, save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
-    best_cb = ModelCheckpoint(filename="best", monitor="val/recall@1", mode="max", **common) if select_val else None
+    monitor = f"val/{cfg.trainer.monitor}"
+    best_cb = ModelCheckpoint(filename="best", monitor=monitor, mode="max", **common) if select_val else None
     last_cb = ModelCheckpoint(filename="last", monitor=None, **common)
     version = len(list((out / "logs").glob("version_*")))
     throughput = ThroughputMonitor()

@@ -7,6 +7,8 @@ held-out validation classes and logs the retrieval metrics used for model select
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import lightning.pytorch as pl
 import torch
@@ -85,13 +87,26 @@ class MetricLearner(pl.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
         else:
             optimizer = torch.optim.SGD(groups, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-        if o.scheduler == "none":
-            return optimizer
-        if o.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.cfg.trainer.max_epochs)
-        else:
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_epochs, gamma=o.gamma)
+        factors = [self._lr_factor(group["name"]) for group in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _lr_factor(self, group: str):
+        """Epoch -> learning-rate factor of a parameter group: the schedule (none, cosine over
+        max_epochs, or step), times 0 for the backbone during the warm-up epochs, in which only
+        the new layers (heads, loss parameters) learn."""
+        o, epochs = self.cfg.optim, self.cfg.trainer.max_epochs
+
+        def factor(epoch: int) -> float:
+            if group == "backbone" and epoch < o.warmup_epochs:
+                return 0.0
+            if o.scheduler == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+            if o.scheduler == "step":
+                return o.gamma ** (epoch // o.step_epochs)
+            return 1.0
+
+        return factor
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from glassmetric import __version__

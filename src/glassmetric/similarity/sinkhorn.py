@@ -1,0 +1,268 @@
+r"""Batched entropic optimal transport, solved by Sinkhorn iterations in the log domain.
+
+The problem, for every problem in the batch (Cuturi 2013; DIML, Zhao et al. ICCV 2021, eq. 5):
+
+.. math::
+
+    T^\star = \arg\min_{T \ge 0,\; T 1 = \mu,\; T^\top 1 = \nu}
+              \langle T, C\rangle - \varepsilon H(T),
+    \qquad H(T) = -\sum_{ij} T_{ij} (\log T_{ij} - 1).
+
+Its solution is :math:`T_{ij} = \exp(u_i + K_{ij} + v_j)` with :math:`K = -C/\varepsilon` and
+log-potentials :math:`u, v` (the dual potentials are :math:`f = \varepsilon u`,
+:math:`g = \varepsilon v`), found by alternating the two marginal projections
+
+.. math::
+
+    u_i \leftarrow \log\mu_i - \operatorname{LSE}_j (K_{ij} + v_j), \qquad
+    v_j \leftarrow \log\nu_j - \operatorname{LSE}_i (K_{ij} + u_i).
+
+Everything stays in the log domain, so no scaling vector ever under- or overflows, whatever
+epsilon is. One iteration is one ``u`` update followed by one ``v`` update, so after any number
+of iterations the column marginal ``T^T 1 = nu`` holds to rounding and the row marginal carries
+the remaining error.
+
+Two kernels compute the log-sum-exp (both exact up to float rounding):
+
+* ``logsumexp``: :func:`torch.logsumexp` of the full ``(n, m)`` block each half-iteration. Valid
+  for any cost and epsilon.
+* ``shifted kernel``: when the caller knows a bound ``cost_range`` on the spread of every row
+  and every column of the cost (``max - min``; 2 for ``C = 1 - cos``), and
+  ``cost_range / epsilon`` is at most :data:`KERNEL_RANGE_LIMIT` for the compute dtype, the
+  matrices ``exp(K - rowmax K)`` and ``exp(K - colmax K)`` are formed once and every
+  half-iteration becomes a batched matrix-vector product,
+  :math:`\operatorname{LSE}_j(K_{ij} + v_j) = a_i + b + \log \sum_j e^{K_{ij} - a_i} e^{v_j - b}`
+  with :math:`a_i = \max_j K_{ij}`, :math:`b = \max_j v_j`. The dominant term of the sum is at
+  least :math:`e^{-\text{range}}` (take ``j = argmax v``), so with the range limited the sum never
+  underflows and terms lost to underflow are negligible. About 5x faster on CPU.
+
+Conventions
+-----------
+* Shapes: ``cost (..., n, m)``, ``mu (..., n)``, ``nu (..., m)``; leading dimensions broadcast
+  against each other (a batch of pairs, a ``Q x K`` block, ...). No Python loop over problems.
+* Precision: the computation runs in float32 (float64 if any input is float64) with autocast
+  disabled, so bf16/fp16 inputs, or a call under ``torch.autocast``, are upcast. The plan is
+  returned in that dtype: float32, or float64 for float64 inputs.
+* Zero-mass entries of ``mu`` / ``nu`` give rows / columns of ``T`` that are exactly zero (their
+  log-marginal is a large finite negative number rather than ``-inf``, and the plan is masked at
+  the end), with no NaN or inf, in the values and in the gradients.
+* A problem whose ``mu`` or ``nu`` has no mass at all (all entries zero) gets a plan of zeros
+  (solved internally with uniform marginals so nothing degenerates, then zeroed). Callers that
+  want a uniform fallback (as :mod:`glassmetric.similarity.structural` does) must apply it to the
+  marginals before calling.
+* The marginals should have equal total mass (probability vectors); otherwise no plan satisfies
+  both and the row error stays above any tolerance (the loop then runs ``max_iter`` iterations).
+* Convergence: ``tol=None`` runs exactly ``max_iter`` iterations with no host synchronisation at
+  all (the default; the right choice on CUDA). With a ``tol``, the iterations run in chunks of
+  ``check_every``; after each chunk the marginal error
+  ``max over problems of sum_i |(T 1)_i - mu_i|`` (L1 error of the row sums; the column sums are
+  exact after the ``v`` update) is computed on the device and read back with one ``.item()`` (one
+  host sync per chunk, never per iteration); the loop stops when it is ``<= tol``. The check
+  reuses its log-sum-exp as the next ``u`` update, so it costs almost nothing extra.
+* Gradients: ``grad="none_through_plan"`` (default, the DIML setting) solves under
+  :func:`torch.no_grad` and returns a plan with no graph, so ``sum(T * S)`` back-propagates
+  exactly ``T`` into ``S`` and nothing into ``cost``, ``mu`` or ``nu`` through ``T``.
+  ``grad="unrolled"`` (or ``differentiable=True``) records every iteration, so gradients flow
+  into ``cost``, ``mu`` and ``nu`` through the solver (memory grows with ``max_iter``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["KERNEL_RANGE_LIMIT", "marginal_error", "sinkhorn"]
+
+GradMode = Literal["none_through_plan", "unrolled"]
+
+#: Largest ``cost_range / epsilon`` for which the shifted-kernel path is used, per compute dtype
+#: (the smallest term that matters is ``exp(-limit)``: 2e-22 in float32, 1e-261 in float64,
+#: far above the smallest normal number of each).
+KERNEL_RANGE_LIMIT = {torch.float32: 50.0, torch.float64: 600.0}
+
+# Finite stand-in for log(0): exp() of it (plus any bounded potential) is exactly 0, and unlike
+# -inf it never creates inf - inf = NaN in the forward pass or in the gradients.
+_LOG_ZERO = -1e30
+
+
+#: Scaled potentials ``v - max v`` below ``-cut`` give a weight of exactly 0 in the shifted-kernel
+#: path (their terms are below ``exp(-cut)``, negligible against the dominant term, which is at
+#: least ``exp(-KERNEL_RANGE_LIMIT)``). Keeping the argument of exp() in its normal range avoids
+#: the slow scalar path that exp() and the matrix product take on huge negative or subnormal
+#: values (about 10x on x86 CPUs).
+_EXP_CUT = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def _shifted_exp(d: Tensor, cut: float) -> Tensor:
+    """``exp(d)`` for ``d <= 0``, with ``d < -cut`` mapped to exactly 0 (fast, no subnormals)."""
+    # clamped entries come out as exp(-cut); threshold() zeroes them (and anything within 1e-3
+    # above the cut) in one fused pass, much faster than torch.where with a mask
+    return torch.nn.functional.threshold(torch.exp(d.clamp_min(-cut)), math.exp(-cut + 1e-3), 0.0)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _masked_log(p: Tensor) -> Tensor:
+    """``log p`` where ``p > 0``, :data:`_LOG_ZERO` elsewhere (gradient-safe: no 1/0)."""
+    pos = p > 0
+    return torch.where(pos, torch.log(torch.where(pos, p, torch.ones_like(p))), _LOG_ZERO)
+
+
+def _resolve_grad(grad: str, differentiable: bool | None) -> str:
+    if differentiable is not None:
+        grad = "unrolled" if differentiable else "none_through_plan"
+    if grad not in ("none_through_plan", "unrolled"):
+        raise ValueError(f"grad must be 'none_through_plan' or 'unrolled', got {grad!r}")
+    return grad
+
+
+def sinkhorn(
+    cost: Tensor,
+    mu: Tensor,
+    nu: Tensor,
+    *,
+    epsilon: float = 0.05,
+    max_iter: int = 100,
+    tol: float | None = None,
+    check_every: int = 10,
+    grad: GradMode = "none_through_plan",
+    differentiable: bool | None = None,
+    cost_range: float | None = None,
+) -> Tensor:
+    r"""Entropic OT plan ``T (..., n, m)`` for costs ``cost (..., n, m)`` and marginals ``mu``, ``nu``.
+
+    Solves :math:`\min_T \langle T, C\rangle - \varepsilon H(T)` s.t. :math:`T1=\mu`,
+    :math:`T^\top 1=\nu` by log-domain Sinkhorn, batched over all leading dimensions.
+
+    Args:
+        cost: ``(..., n, m)`` cost matrices.
+        mu: ``(..., n)`` row marginals (non-negative, usually summing to 1).
+        nu: ``(..., m)`` column marginals.
+        epsilon: entropic regularisation (> 0), in the units of ``cost``.
+        max_iter: maximum number of iterations (one ``u`` and one ``v`` update each).
+        tol: None for exactly ``max_iter`` iterations with no host sync; otherwise stop when
+            the largest L1 row-marginal error over the batch is ``<= tol``, checked every
+            ``check_every`` iterations (one ``.item()`` per check).
+        check_every: iterations between two convergence checks.
+        grad: ``"none_through_plan"`` (default): the plan is a constant (no autograd graph);
+            ``"unrolled"``: back-propagate through every iteration.
+        differentiable: shorthand overriding ``grad`` when given (True = ``"unrolled"``).
+        cost_range: optional known bound on ``max - min`` of every row and column of ``cost``
+            (2.0 for ``1 - cos``); enables the faster shifted-kernel path when
+            ``cost_range / epsilon <= KERNEL_RANGE_LIMIT[dtype]``. A wrong bound only costs
+            accuracy if the true range exceeds the limit, so pass it only when it is guaranteed.
+
+    Returns:
+        The plan, float32 (float64 if any input is float64), shape ``broadcast(...) + (n, m)``.
+    """
+    grad = _resolve_grad(grad, differentiable)
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be None or >= 0, got {tol}")
+    if cost.ndim < 2 or mu.ndim < 1 or nu.ndim < 1:
+        raise ValueError("cost must be (..., n, m), mu (..., n) and nu (..., m)")
+    n, m = cost.shape[-2:]
+    if mu.shape[-1] != n or nu.shape[-1] != m:
+        raise ValueError(
+            f"marginal sizes {tuple(mu.shape)} / {tuple(nu.shape)} do not fit cost {tuple(cost.shape)}"
+        )
+    if n == 0 or m == 0:
+        raise ValueError(f"cost must have at least one row and one column, got {tuple(cost.shape)}")
+
+    batch = torch.broadcast_shapes(cost.shape[:-2], mu.shape[:-1], nu.shape[:-1])
+    dtype = _compute_dtype(cost, mu, nu)
+    use_kernel = cost_range is not None and cost_range / epsilon <= KERNEL_RANGE_LIMIT[dtype]
+
+    with torch.autocast(cost.device.type, enabled=False):
+        if grad == "none_through_plan":
+            with torch.no_grad():
+                plan = _solve(cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel)
+        else:
+            plan = _solve(cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel)
+    return plan
+
+
+def _solve(cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel) -> Tensor:
+    n, m = cost.shape[-2:]
+    # flatten the (broadcast) leading dims into one batch dim B
+    C = cost.to(dtype).expand(*batch, n, m).reshape(-1, n, m)
+    a = mu.to(dtype).expand(*batch, n).reshape(-1, n)
+    b = nu.to(dtype).expand(*batch, m).reshape(-1, m)
+
+    # problems with an all-zero marginal: solve with uniform marginals, zero the plan at the end
+    dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,)
+    a = torch.where(dead[:, None], torch.full_like(a, 1.0 / n), a)
+    b = torch.where(dead[:, None], torch.full_like(b, 1.0 / m), b)
+    row_mask = a > 0
+    col_mask = b > 0
+    log_a = _masked_log(a)
+    log_b = _masked_log(b)
+
+    K = C / (-epsilon)
+
+    if use_kernel:
+        # shifted kernels, formed once: E_row = exp(K - rowmax), E_colT = exp(K - colmax)^T
+        ka = K.amax(-1)  # (B, n)
+        kb = K.amax(-2)  # (B, m)
+        # both stored so that the sum runs over dim -2 (vectorises best on CPU)
+        E_rowT = torch.exp(K - ka[:, :, None]).transpose(-1, -2).contiguous()  # (B, m, n)
+        E_col = torch.exp(K - kb[:, None, :])  # (B, n, m)
+        cut = _EXP_CUT[dtype]
+
+        def lse_rows(v: Tensor) -> Tensor:  # LSE_j (K_ij + v_j) -> (B, n)
+            vmax = v.amax(-1, keepdim=True)
+            s = (E_rowT * _shifted_exp(v - vmax, cut)[:, :, None]).sum(-2)
+            return ka + vmax + torch.log(s)
+
+        def lse_cols(u: Tensor) -> Tensor:  # LSE_i (K_ij + u_i) -> (B, m)
+            umax = u.amax(-1, keepdim=True)
+            s = (E_col * _shifted_exp(u - umax, cut)[:, :, None]).sum(-2)
+            return kb + umax + torch.log(s)
+
+    else:
+
+        def lse_rows(v: Tensor) -> Tensor:
+            return torch.logsumexp(K + v[:, None, :], dim=-1)
+
+        def lse_cols(u: Tensor) -> Tensor:
+            return torch.logsumexp(K + u[:, :, None], dim=-2)
+
+    u = torch.zeros_like(a)
+    v = torch.zeros_like(b)
+    u_next: Tensor | None = None  # a u update already computed by the convergence check
+    for it in range(max_iter):
+        u = u_next if u_next is not None else log_a - lse_rows(v)
+        u_next = None
+        v = log_b - lse_cols(u)
+        if tol is not None and (it + 1) % check_every == 0 and it + 1 < max_iter:
+            u_next = log_a - lse_rows(v)  # also the next iteration's u update
+            # row sums of the current plan: (T 1)_i = mu_i * exp(u_i - u_next_i)
+            err = (a * torch.expm1(u - u_next)).abs().sum(-1).amax()
+            if err.item() <= tol:  # the one host sync of this chunk
+                break
+
+    logT = K + u[:, :, None] + v[:, None, :]
+    keep = row_mask[:, :, None] & col_mask[:, None, :] & ~dead[:, None, None]
+    T = torch.where(keep, torch.exp(logT), 0.0)
+    return T.reshape(*batch, n, m)
+
+
+def marginal_error(plan: Tensor, mu: Tensor, nu: Tensor) -> tuple[Tensor, Tensor]:
+    """L1 errors of the row and column sums of ``plan (..., n, m)``: ``(|T1 - mu|_1, |T^T1 - nu|_1)``.
+
+    Each is a tensor of the broadcast leading shape (one value per problem).
+    """
+    p = plan.to(_compute_dtype(plan, mu, nu))
+    rows = (p.sum(-1) - mu.to(p.dtype)).abs().sum(-1)
+    cols = (p.sum(-2) - nu.to(p.dtype)).abs().sum(-1)
+    return rows, cols

@@ -1,0 +1,356 @@
+r"""Structural similarity of DIML (Zhao et al., "Towards Interpretable Deep Metric Learning with
+Structural Matching", ICCV 2021).
+
+An image ``x`` is described by ``N = g*g`` L2-normalised local embeddings ``x_1..x_N`` (its cells)
+and one L2-normalised global embedding ``gx``; the same for ``y``. Then (paper eqs. 3-7):
+
+* local similarity and cost: :math:`S_{ij} = \cos(x_i, y_j) = x_i^\top y_j`, :math:`C = 1 - S`;
+* cross-correlation marginals (each cell weighted by how well it agrees with the OTHER image):
+  :math:`\mu_i = \frac{\max(0, x_i^\top g_y)}{\sum_k \max(0, x_k^\top g_y)}`,
+  :math:`\nu_j = \frac{\max(0, y_j^\top g_x)}{\sum_k \max(0, y_k^\top g_x)}`;
+  ``mu`` indexes the rows of ``T`` (x's cells), ``nu`` its columns (y's cells). (The original
+  release passed them to the wrong sides in its losses.) When a marginal's mass
+  :math:`\sum_k \max(0, \cdot)` is below :data:`MIN_MASS` (e.g. every correlation is negative),
+  that marginal falls back to uniform ``1/N`` for that pair;
+* transport plan: :math:`T = \arg\min_{T1=\mu, T^\top1=\nu} \langle T, C\rangle - \varepsilon H(T)`
+  by :func:`glassmetric.similarity.sinkhorn.sinkhorn` (log domain, epsilon 0.05);
+* structural similarity :math:`SS = \sum_{ij} T_{ij} S_{ij} \in [-1, 1]` (``T`` is a
+  probability matrix and ``|S| <= 1``); multi-scale ranking score
+  :math:`s = \cos(g_x, g_y) + SS`.
+
+Shapes and broadcasting
+-----------------------
+Local inputs are ``(..., N, D)``, global inputs ``(..., D)``. The leading ("batch") dimensions
+of the two sides are aligned on the LEFT: the side with fewer of them gets singleton
+dimensions appended after its own, then the usual broadcasting applies. So
+
+* one pair: ``(N, D)`` and ``(N, D)`` -> scalar;
+* a batch of pairs: ``(B, N, D)`` and ``(B, N, D)`` -> ``(B,)``;
+* a query x candidates block: query ``(Q, N, D)`` and candidates ``(Q, K, N, D)`` -> ``(Q, K)``;
+* one query against many: ``(N, D)`` and ``(K, N, D)`` -> ``(K,)``.
+
+The B x B (or B x B') matrix of a whole batch is :func:`structural_similarity_matrix`, chunked
+over rows.
+
+Precision and gradients
+-----------------------
+``S`` and the marginals are computed in float32 (float64 for float64 inputs) with autocast
+disabled; results are float32 (float64). ``S`` used for the cost is clamped to ``[-1, 1]`` (the
+inputs are normalised, so this only removes rounding) which bounds the cost spread by 2 and lets
+the solver use its fast shifted-kernel path when ``2 / epsilon <= 50``; ``SS`` uses the
+unclamped ``S``.
+
+With the default ``grad="none_through_plan"`` the plan ``T`` is a constant, so
+``dSS/dS = T`` and gradients reach the LOCAL embeddings only, through ``S``. The marginals feed
+only ``T``; they are computed without autograd, so the GLOBAL embeddings receive no gradient
+from ``SS`` (they do from the ``cos(gx, gy)`` term of :func:`multiscale_score`). With
+``grad="unrolled"`` gradients also flow through the Sinkhorn iterations into ``S`` (via ``C``)
+and into the marginals, hence into the global embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from glassmetric.similarity.sinkhorn import GradMode, _resolve_grad, sinkhorn
+
+__all__ = [
+    "MIN_MASS",
+    "StructuralExplanation",
+    "compute_marginals",
+    "cross_correlation_marginals",
+    "explain_pair",
+    "global_similarity",
+    "local_similarity",
+    "multiscale_score",
+    "structural_similarity",
+    "structural_similarity_matrix",
+    "uniform_marginals",
+]
+
+MarginalKind = Literal["cross_correlation", "uniform"]
+
+#: A cross-correlation marginal whose total mass is below this falls back to uniform.
+MIN_MASS = 1e-8
+
+#: Spread bound of the cost ``1 - S`` with ``S`` clamped to [-1, 1].
+_COST_RANGE = 2.0
+
+
+def _cdtype(*tensors: Tensor | None) -> torch.dtype:
+    return (
+        torch.float64
+        if any(t is not None and t.dtype == torch.float64 for t in tensors)
+        else torch.float32
+    )
+
+
+def _no_autocast(t: Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def local_similarity(x_local: Tensor, y_local: Tensor) -> Tensor:
+    r"""``S_ij = x_i . y_j`` (the cosine, inputs being L2-normalised): ``(..., N, D), (..., M, D) -> (..., N, M)``.
+
+    Leading dims broadcast in the usual (right-aligned) way; float32 (float64) compute.
+    """
+    dt = _cdtype(x_local, y_local)
+    with _no_autocast(x_local):
+        return torch.einsum("...nd,...md->...nm", x_local.to(dt), y_local.to(dt))
+
+
+def cross_correlation_marginals(x_local: Tensor, y_global: Tensor, *, min_mass: float = MIN_MASS) -> Tensor:
+    r"""Marginal over x's cells from the other image's global embedding.
+
+    :math:`w_i = \max(0, x_i^\top g_y)`, :math:`\mu_i = w_i / \sum_k w_k`, or ``1/N`` for every
+    ``i`` where :math:`\sum_k w_k <` ``min_mass``. Shapes ``(..., N, D), (..., D) -> (..., N)``
+    (right-aligned broadcasting). Call it as ``mu = f(x_local, y_global)``,
+    ``nu = f(y_local, x_global)``.
+    """
+    dt = _cdtype(x_local, y_global)
+    with _no_autocast(x_local):
+        w = torch.relu(torch.einsum("...nd,...d->...n", x_local.to(dt), y_global.to(dt)))
+        mass = w.sum(-1, keepdim=True)
+        ok = mass >= min_mass
+        n = w.shape[-1]
+        return torch.where(ok, w / torch.where(ok, mass, torch.ones_like(mass)), 1.0 / n)
+
+
+def uniform_marginals(x_local: Tensor) -> Tensor:
+    """``1/N`` for each of the ``N`` cells of ``x_local (..., N, D)``: shape ``(..., N)``."""
+    n = x_local.shape[-2]
+    return torch.full(x_local.shape[:-1], 1.0 / n, dtype=_cdtype(x_local), device=x_local.device)
+
+
+def compute_marginals(
+    x_local: Tensor,
+    y_local: Tensor,
+    x_global: Tensor | None = None,
+    y_global: Tensor | None = None,
+    kind: MarginalKind = "cross_correlation",
+) -> tuple[Tensor, Tensor]:
+    """``(mu, nu)``: row marginal over x's cells and column marginal over y's cells.
+
+    ``"cross_correlation"``: ``mu = f(x_local, y_global)``, ``nu = f(y_local, x_global)`` with
+    ``f`` = :func:`cross_correlation_marginals` (needs both globals); ``"uniform"``: ``1/N`` each.
+    Inputs must already be aligned for broadcasting (as :func:`structural_similarity` does).
+    """
+    if kind == "uniform":
+        return uniform_marginals(x_local), uniform_marginals(y_local)
+    if kind != "cross_correlation":
+        raise ValueError(f"marginals must be 'cross_correlation' or 'uniform', got {kind!r}")
+    if x_global is None or y_global is None:
+        raise ValueError("cross-correlation marginals need both global embeddings")
+    return cross_correlation_marginals(x_local, y_global), cross_correlation_marginals(y_local, x_global)
+
+
+def _align(x_local, y_local, x_global, y_global):
+    """Left-align the batch dims of the two sides (see the module docstring)."""
+    if x_local.ndim < 2 or y_local.ndim < 2:
+        raise ValueError("local embeddings must be (..., N, D)")
+    if x_local.shape[-1] != y_local.shape[-1]:
+        raise ValueError(f"embedding sizes differ: {x_local.shape[-1]} vs {y_local.shape[-1]}")
+    bx, by = x_local.ndim - 2, y_local.ndim - 2
+    for name, g, b in (("x_global", x_global, bx), ("y_global", y_global, by)):
+        if g is not None and g.ndim != b + 1:
+            raise ValueError(f"{name} must have the local input's batch dims plus D, got {tuple(g.shape)}")
+    if bx < by:
+        k = by - bx
+        x_local = x_local.reshape(*x_local.shape[:bx], *([1] * k), *x_local.shape[bx:])
+        if x_global is not None:
+            x_global = x_global.reshape(*x_global.shape[:bx], *([1] * k), x_global.shape[-1])
+    elif by < bx:
+        k = bx - by
+        y_local = y_local.reshape(*y_local.shape[:by], *([1] * k), *y_local.shape[by:])
+        if y_global is not None:
+            y_global = y_global.reshape(*y_global.shape[:by], *([1] * k), y_global.shape[-1])
+    return x_local, y_local, x_global, y_global
+
+
+def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad):
+    """(S, mu, nu, T) for aligned inputs."""
+    S = local_similarity(x_local, y_local)
+    if grad == "none_through_plan":
+        with torch.no_grad():
+            mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
+    else:
+        mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
+    C = 1.0 - S.clamp(-1.0, 1.0)
+    T = sinkhorn(C, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol, grad=grad, cost_range=_COST_RANGE)
+    return S, mu, nu, T
+
+
+def structural_similarity(
+    x_local: Tensor,
+    y_local: Tensor,
+    x_global: Tensor | None = None,
+    y_global: Tensor | None = None,
+    *,
+    epsilon: float = 0.05,
+    iters: int = 100,
+    tol: float | None = None,
+    marginals: MarginalKind = "cross_correlation",
+    grad: GradMode = "none_through_plan",
+    differentiable: bool | None = None,
+) -> Tensor:
+    r"""Structural similarity :math:`SS = \sum_{ij} T_{ij} S_{ij}` of each pair.
+
+    Args:
+        x_local, y_local: L2-normalised local embeddings ``(..., N, D)`` / ``(..., M, D)``, batch
+            dims left-aligned (``(Q, N, D)`` vs ``(Q, K, N, D)`` gives ``(Q, K)``).
+        x_global, y_global: L2-normalised global embeddings ``(..., D)`` with the same batch dims
+            as their local side; may be None with ``marginals="uniform"``.
+        epsilon: entropic regularisation of the OT problem (cost ``1 - S`` in [0, 2]).
+        iters: Sinkhorn iterations (the maximum when ``tol`` is given).
+        tol: None (default) for a fixed, sync-free iteration count; else the L1 row-marginal
+            tolerance, checked every 10 iterations (see :func:`sinkhorn`).
+        marginals: ``"cross_correlation"`` (DIML) or ``"uniform"``.
+        grad / differentiable: gradient mode of the plan (see :func:`sinkhorn`).
+
+    Returns:
+        ``SS`` with the broadcast batch shape, float32 (float64 for float64 inputs).
+    """
+    grad = _resolve_grad(grad, differentiable)
+    x_local, y_local, x_global, y_global = _align(x_local, y_local, x_global, y_global)
+    S, _, _, T = _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad)
+    return (T * S).sum((-2, -1))
+
+
+def global_similarity(x_global: Tensor, y_global: Tensor) -> Tensor:
+    """``cos(gx, gy) = gx . gy`` (inputs normalised), batch dims left-aligned like the local ones."""
+    bx, by = x_global.ndim - 1, y_global.ndim - 1
+    if bx < by:
+        x_global = x_global.reshape(*x_global.shape[:bx], *([1] * (by - bx)), x_global.shape[-1])
+    elif by < bx:
+        y_global = y_global.reshape(*y_global.shape[:by], *([1] * (bx - by)), y_global.shape[-1])
+    dt = _cdtype(x_global, y_global)
+    with _no_autocast(x_global):
+        return (x_global.to(dt) * y_global.to(dt)).sum(-1)
+
+
+def multiscale_score(
+    x_local: Tensor,
+    y_local: Tensor,
+    x_global: Tensor,
+    y_global: Tensor,
+    **kwargs,
+) -> Tensor:
+    """Ranking score ``cos(gx, gy) + SS`` (in [-2, 2]); ``kwargs`` go to :func:`structural_similarity`."""
+    return global_similarity(x_global, y_global) + structural_similarity(
+        x_local, y_local, x_global, y_global, **kwargs
+    )
+
+
+def structural_similarity_matrix(
+    local: Tensor,
+    global_: Tensor | None = None,
+    other_local: Tensor | None = None,
+    other_global: Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+    epsilon: float = 0.05,
+    iters: int = 100,
+    tol: float | None = None,
+    marginals: MarginalKind = "cross_correlation",
+    grad: GradMode = "none_through_plan",
+    differentiable: bool | None = None,
+) -> Tensor:
+    """``(B, B')`` matrix of ``SS(local[a], other_local[b])`` (``other`` defaults to the batch itself).
+
+    Rows are processed in chunks of ``chunk_size`` (None: all at once); each chunk solves
+    ``chunk * B'`` OT problems in one batched call, with about five live float32 tensors of
+    ``chunk * B' * N * N`` elements at the peak (S, cost, two shifted kernels, the plan), plus
+    the autograd graph in the ``"unrolled"`` mode. The only Python loop is over chunks.
+    With ``grad="none_through_plan"`` the result is differentiable w.r.t. ``local`` (and
+    ``other_local``) through ``S``, and usable inside pair-based losses.
+    """
+    if local.ndim != 3:
+        raise ValueError(f"local must be (B, N, D), got {tuple(local.shape)}")
+    if other_local is None:
+        other_local, other_global = local, global_
+    b = local.shape[0]
+    if chunk_size is None or chunk_size >= b:
+        chunk_size = max(b, 1)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    kw = dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals, grad=grad, differentiable=differentiable)
+    out = []
+    for start in range(0, b, chunk_size):
+        xs = local[start : start + chunk_size, None]  # (c, 1, N, D)
+        gxs = None if global_ is None else global_[start : start + chunk_size, None]  # (c, 1, D)
+        out.append(
+            structural_similarity(
+                xs,
+                other_local[None],
+                gxs,
+                None if other_global is None else other_global[None],
+                **kw,
+            )
+        )
+    return torch.cat(out, 0)
+
+
+@dataclass
+class StructuralExplanation:
+    r"""Decomposition of one structural match (shapes for a single pair; batch dims lead otherwise).
+
+    ``ss = sum_ij T_ij S_ij`` splits into per-cell-pair terms ``T_ij S_ij``:
+    ``contribution = T * S / ss`` sums to 1 (it is zero where ``|ss| < 1e-12``; negative entries
+    are cell pairs that lower the similarity); ``region_contribution_x[i] = sum_j T_ij S_ij`` (what
+    cell ``i`` of x contributes) and ``region_contribution_y[j] = sum_i T_ij S_ij`` each sum to
+    ``ss``. ``score = s_global + ss`` is the multi-scale ranking score.
+    """
+
+    S: Tensor  #: (N, M) local cosine similarities
+    T: Tensor  #: (N, M) transport plan (rows: x's cells, columns: y's cells)
+    mu: Tensor  #: (N,) row marginal (x's cells)
+    nu: Tensor  #: (M,) column marginal (y's cells)
+    contribution: Tensor  #: (N, M) T * S / ss, sums to 1
+    region_contribution_x: Tensor  #: (N,) row sums of T * S, sum to ss
+    region_contribution_y: Tensor  #: (M,) column sums of T * S, sum to ss
+    ss: Tensor  #: structural similarity
+    s_global: Tensor  #: cos(gx, gy)
+    score: Tensor  #: s_global + ss
+
+
+def explain_pair(
+    x_local: Tensor,
+    y_local: Tensor,
+    x_global: Tensor,
+    y_global: Tensor,
+    *,
+    epsilon: float = 0.05,
+    iters: int = 100,
+    tol: float | None = None,
+    marginals: MarginalKind = "cross_correlation",
+) -> StructuralExplanation:
+    """Everything a person needs to read one match: S, T, mu, nu and the contributions.
+
+    Inputs as for :func:`structural_similarity` (one pair: ``(N, D), (M, D), (D,), (D,)``; batch
+    dims are allowed and lead every field). Computed without autograd.
+    """
+    with torch.no_grad():
+        xl, yl, xg, yg = _align(x_local, y_local, x_global, y_global)
+        S, mu, nu, T = _plan_and_s(xl, yl, xg, yg, epsilon, iters, tol, marginals, "none_through_plan")
+        TS = T * S
+        ss = TS.sum((-2, -1))
+        safe = ss.abs() >= 1e-12
+        denom = torch.where(safe, ss, torch.ones_like(ss))[..., None, None]
+        contribution = torch.where(safe[..., None, None], TS / denom, torch.zeros_like(TS))
+        s_global = global_similarity(x_global, y_global)
+        return StructuralExplanation(
+            S=S,
+            T=T,
+            mu=mu,
+            nu=nu,
+            contribution=contribution,
+            region_contribution_x=TS.sum(-1),
+            region_contribution_y=TS.sum(-2),
+            ss=ss,
+            s_global=s_global,
+            score=s_global + ss,
+        )
