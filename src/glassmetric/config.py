@@ -44,6 +44,8 @@ class DataConfig:
     #: number of training classes held out for model selection (0: select the last epoch)
     val_classes: int = 0
     image_size: int = 224
+    #: area range of the random training crops (torchvision RandomResizedCrop's scale)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     #: crop size at evaluation (default image_size); larger than training helps (Touvron et al. 2019)
     eval_image_size: int | None = None
     #: shorter side before the centre crop at evaluation (default eval_image_size * 256 / 224)
@@ -142,6 +144,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("seed", lambda v: v >= 0, ">= 0"),
     ("data.val_classes", lambda v: v >= 0, ">= 0"),
     ("data.image_size", lambda v: 16 <= v <= 4096, "between 16 and 4096"),
+    ("data.crop_scale", lambda v: 0 < v[0] <= v[1] <= 1, "a range (low, high) with 0 < low <= high <= 1"),
     ("data.eval_image_size", lambda v: v is None or 16 <= v <= 4096, "between 16 and 4096"),
     ("data.resize", lambda v: v is None or v >= 16, ">= 16"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),

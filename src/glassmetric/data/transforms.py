@@ -18,10 +18,11 @@ def build_transforms(
     resize: int | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> T.Compose:
     """PIL image -> normalised (3, image_size, image_size) float tensor.
 
-    Training: RandomResizedCrop(image_size) + RandomHorizontalFlip. Evaluation (deterministic):
+    Training: RandomResizedCrop(image_size, scale=crop_scale) + RandomHorizontalFlip. Evaluation (deterministic):
     Resize(resize) of the shorter side, default round(image_size * 256 / 224), then
     CenterCrop(image_size). ``resize`` is ignored for training.
     """
@@ -31,7 +32,7 @@ def build_transforms(
     if resize < image_size:
         raise ConfigError(f"resize must be at least image_size {image_size}, got {resize}")
     if train:
-        geometry = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+        geometry = [T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip()]
     else:
         geometry = [T.Resize(resize), T.CenterCrop(image_size)]
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])

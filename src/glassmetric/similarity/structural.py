@@ -2,7 +2,7 @@ r"""Structural similarity of DIML (Zhao et al., "Towards Interpretable Deep Metr
 Structural Matching", ICCV 2021).
 
 An image ``x`` is described by ``N = g*g`` L2-normalised local embeddings ``x_1..x_N`` (its cells)
-and one L2-normalised global embedding ``gx``; the same for ``y``. Then (paper eqs. 3-7):
+and one L2-normalised global embedding ``gx``; the same for ``y``. Then (paper, Sec. 3):
 
 * local similarity and cost: :math:`S_{ij} = \cos(x_i, y_j) = x_i^\top y_j`, :math:`C = 1 - S`;
 * cross-correlation marginals (each cell weighted by how well it agrees with the OTHER image):
@@ -94,16 +94,19 @@ def _no_autocast(t: Tensor):
 
 
 def local_similarity(x_local: Tensor, y_local: Tensor) -> Tensor:
-    r"""``S_ij = x_i . y_j`` (the cosine, inputs being L2-normalised): ``(..., N, D), (..., M, D) -> (..., N, M)``.
+    r"""Local similarities ``S_ij = x_i . y_j`` (the cosine, the inputs being L2-normalised).
 
-    Leading dims broadcast in the usual (right-aligned) way; float32 (float64) compute.
+    ``(..., N, D), (..., M, D) -> (..., N, M)``; leading dims broadcast in the usual
+    (right-aligned) way; float32 (float64 for float64 inputs) compute, autocast disabled.
     """
     dt = _cdtype(x_local, y_local)
     with _no_autocast(x_local):
         return torch.einsum("...nd,...md->...nm", x_local.to(dt), y_local.to(dt))
 
 
-def cross_correlation_marginals(x_local: Tensor, y_global: Tensor, *, min_mass: float = MIN_MASS) -> Tensor:
+def cross_correlation_marginals(
+    x_local: Tensor, y_global: Tensor, *, min_mass: float = MIN_MASS
+) -> Tensor:
     r"""Marginal over x's cells from the other image's global embedding.
 
     :math:`w_i = \max(0, x_i^\top g_y)`, :math:`\mu_i = w_i / \sum_k w_k`, or ``1/N`` for every
@@ -145,7 +148,9 @@ def compute_marginals(
         raise ValueError(f"marginals must be 'cross_correlation' or 'uniform', got {kind!r}")
     if x_global is None or y_global is None:
         raise ValueError("cross-correlation marginals need both global embeddings")
-    return cross_correlation_marginals(x_local, y_global), cross_correlation_marginals(y_local, x_global)
+    mu = cross_correlation_marginals(x_local, y_global)  # x's cells vs the OTHER image
+    nu = cross_correlation_marginals(y_local, x_global)
+    return mu, nu
 
 
 def _align(x_local, y_local, x_global, y_global):
@@ -157,7 +162,9 @@ def _align(x_local, y_local, x_global, y_global):
     bx, by = x_local.ndim - 2, y_local.ndim - 2
     for name, g, b in (("x_global", x_global, bx), ("y_global", y_global, by)):
         if g is not None and g.ndim != b + 1:
-            raise ValueError(f"{name} must have the local input's batch dims plus D, got {tuple(g.shape)}")
+            raise ValueError(
+                f"{name} must have its local input's batch dims plus D, got {tuple(g.shape)}"
+            )
     if bx < by:
         k = by - bx
         x_local = x_local.reshape(*x_local.shape[:bx], *([1] * k), *x_local.shape[bx:])
@@ -174,13 +181,13 @@ def _align(x_local, y_local, x_global, y_global):
 def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad):
     """(S, mu, nu, T) for aligned inputs."""
     S = local_similarity(x_local, y_local)
-    if grad == "none_through_plan":
-        with torch.no_grad():
-            mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
-    else:
+    # with a constant plan, neither the marginals nor the cost need an autograd graph
+    with torch.set_grad_enabled(torch.is_grad_enabled() and grad == "unrolled"):
         mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
-    C = 1.0 - S.clamp(-1.0, 1.0)
-    T = sinkhorn(C, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol, grad=grad, cost_range=_COST_RANGE)
+        C = 1.0 - S.clamp(-1.0, 1.0)
+    T = sinkhorn(
+        C, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol, grad=grad, cost_range=_COST_RANGE
+    )
     return S, mu, nu, T
 
 
@@ -216,12 +223,14 @@ def structural_similarity(
     """
     grad = _resolve_grad(grad, differentiable)
     x_local, y_local, x_global, y_global = _align(x_local, y_local, x_global, y_global)
-    S, _, _, T = _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad)
+    S, _, _, T = _plan_and_s(
+        x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad
+    )
     return (T * S).sum((-2, -1))
 
 
 def global_similarity(x_global: Tensor, y_global: Tensor) -> Tensor:
-    """``cos(gx, gy) = gx . gy`` (inputs normalised), batch dims left-aligned like the local ones."""
+    """``cos(gx, gy) = gx . gy`` (inputs normalised); batch dims left-aligned as for locals."""
     bx, by = x_global.ndim - 1, y_global.ndim - 1
     if bx < by:
         x_global = x_global.reshape(*x_global.shape[:bx], *([1] * (by - bx)), x_global.shape[-1])
@@ -239,17 +248,20 @@ def multiscale_score(
     y_global: Tensor,
     **kwargs,
 ) -> Tensor:
-    """Ranking score ``cos(gx, gy) + SS`` (in [-2, 2]); ``kwargs`` go to :func:`structural_similarity`."""
+    """Multi-scale ranking score ``cos(gx, gy) + SS`` (in [-2, 2]).
+
+    ``kwargs`` (epsilon, iters, tol, marginals, grad) go to :func:`structural_similarity`.
+    """
     return global_similarity(x_global, y_global) + structural_similarity(
         x_local, y_local, x_global, y_global, **kwargs
     )
 
 
 def structural_similarity_matrix(
-    local: Tensor,
-    global_: Tensor | None = None,
-    other_local: Tensor | None = None,
-    other_global: Tensor | None = None,
+    x_local: Tensor,
+    x_global: Tensor | None = None,
+    y_local: Tensor | None = None,
+    y_global: Tensor | None = None,
     *,
     chunk_size: int | None = None,
     epsilon: float = 0.05,
@@ -259,39 +271,39 @@ def structural_similarity_matrix(
     grad: GradMode = "none_through_plan",
     differentiable: bool | None = None,
 ) -> Tensor:
-    """``(B, B')`` matrix of ``SS(local[a], other_local[b])`` (``other`` defaults to the batch itself).
+    """``(B, B')`` matrix ``M[a, b] = SS(x_local[a], y_local[b])``; ``y`` defaults to ``x``.
 
-    Rows are processed in chunks of ``chunk_size`` (None: all at once); each chunk solves
-    ``chunk * B'`` OT problems in one batched call, with about five live float32 tensors of
-    ``chunk * B' * N * N`` elements at the peak (S, cost, two shifted kernels, the plan), plus
-    the autograd graph in the ``"unrolled"`` mode. The only Python loop is over chunks.
-    With ``grad="none_through_plan"`` the result is differentiable w.r.t. ``local`` (and
-    ``other_local``) through ``S``, and usable inside pair-based losses.
+    ``x_local (B, N, D)``, ``x_global (B, D)``, ``y_local (B', M, D)``, ``y_global (B', D)``
+    (globals may be None with uniform marginals). Rows are processed in chunks of
+    ``chunk_size`` (None: all at once); each chunk solves ``chunk * B'`` OT problems in one
+    batched call. Memory per chunk: tensors of ``chunk * B' * N * M`` floats, about six alive
+    at the peak (S, cost, ``-cost/eps``, the two shifted kernels, one product temporary; the
+    plan reuses a buffer), i.e. roughly ``24 * chunk * B' * N * M`` bytes in float32
+    (B = B' = 112, N = M = 16, one chunk: ~77 MB), plus the autograd graph of every iteration
+    in the ``"unrolled"`` mode. The only Python loop is over chunks. With the default
+    ``grad`` the result is differentiable w.r.t. the local embeddings through ``S``, ready for
+    pair-based losses.
     """
-    if local.ndim != 3:
-        raise ValueError(f"local must be (B, N, D), got {tuple(local.shape)}")
-    if other_local is None:
-        other_local, other_global = local, global_
-    b = local.shape[0]
-    if chunk_size is None or chunk_size >= b:
-        chunk_size = max(b, 1)
-    if chunk_size < 1:
+    if x_local.ndim != 3:
+        raise ValueError(f"x_local must be (B, N, D), got {tuple(x_local.shape)}")
+    if y_local is None:
+        y_local, y_global = x_local, x_global
+    b = x_local.shape[0]
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    kw = dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals, grad=grad, differentiable=differentiable)
-    out = []
-    for start in range(0, b, chunk_size):
-        xs = local[start : start + chunk_size, None]  # (c, 1, N, D)
-        gxs = None if global_ is None else global_[start : start + chunk_size, None]  # (c, 1, D)
-        out.append(
-            structural_similarity(
-                xs,
-                other_local[None],
-                gxs,
-                None if other_global is None else other_global[None],
-                **kw,
-            )
-        )
-    return torch.cat(out, 0)
+    step = b if chunk_size is None else chunk_size
+    kw = dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals, grad=grad,
+              differentiable=differentiable)
+    yl = y_local[None]  # (1, B', M, D)
+    yg = None if y_global is None else y_global[None]  # (1, B', D)
+    if b == 0:
+        return x_local.new_zeros((0, y_local.shape[0]), dtype=_cdtype(x_local, y_local))
+    rows = []
+    for start in range(0, b, max(step, 1)):
+        xl = x_local[start : start + step, None]  # (c, 1, N, D)
+        xg = None if x_global is None else x_global[start : start + step, None]  # (c, 1, D)
+        rows.append(structural_similarity(xl, yl, xg, yg, **kw))
+    return torch.cat(rows, 0)
 
 
 @dataclass
@@ -299,8 +311,8 @@ class StructuralExplanation:
     r"""Decomposition of one structural match (shapes for a single pair; batch dims lead otherwise).
 
     ``ss = sum_ij T_ij S_ij`` splits into per-cell-pair terms ``T_ij S_ij``:
-    ``contribution = T * S / ss`` sums to 1 (it is zero where ``|ss| < 1e-12``; negative entries
-    are cell pairs that lower the similarity); ``region_contribution_x[i] = sum_j T_ij S_ij`` (what
+    ``contribution = T * S / ss`` sums to 1 (all zeros when ``|ss| < 1e-12``; entries of the
+    opposite sign to ``ss`` are cell pairs that pull it towards 0); ``region_contribution_x[i] = sum_j T_ij S_ij`` (what
     cell ``i`` of x contributes) and ``region_contribution_y[j] = sum_i T_ij S_ij`` each sum to
     ``ss``. ``score = s_global + ss`` is the multi-scale ranking score.
     """
@@ -335,9 +347,13 @@ def explain_pair(
     """
     with torch.no_grad():
         xl, yl, xg, yg = _align(x_local, y_local, x_global, y_global)
-        S, mu, nu, T = _plan_and_s(xl, yl, xg, yg, epsilon, iters, tol, marginals, "none_through_plan")
+        S, mu, nu, T = _plan_and_s(
+            xl, yl, xg, yg, epsilon, iters, tol, marginals, "none_through_plan"
+        )
         TS = T * S
         ss = TS.sum((-2, -1))
+        mu = mu.expand(T.shape[:-1])  # uniform marginals come unexpanded
+        nu = nu.expand(*T.shape[:-2], T.shape[-1])
         safe = ss.abs() >= 1e-12
         denom = torch.where(safe, ss, torch.ones_like(ss))[..., None, None]
         contribution = torch.where(safe[..., None, None], TS / denom, torch.zeros_like(TS))

@@ -109,8 +109,9 @@ def eval_transform(cfg: Config, model: torch.nn.Module):
 
 
 def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
-    train_tf = build_transforms(True, cfg.data.image_size, mean=model.backbone.mean, std=model.backbone.std)
-    return build_splits(cfg.data, train_tf, eval_transform(cfg, model), seed=cfg.seed)
+    d = cfg.data
+    train_tf = build_transforms(True, d.image_size, mean=model.backbone.mean, std=model.backbone.std, crop_scale=d.crop_scale)
+    return build_splits(d, train_tf, eval_transform(cfg, model), seed=cfg.seed)
 
 
 def test_recall_ks(cfg: Config) -> tuple[int, ...]:

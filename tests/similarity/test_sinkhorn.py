@@ -1,0 +1,281 @@
+"""Batched log-domain Sinkhorn against POT (ot.sinkhorn log, ot.solve_batch, ot.emd2).
+
+Each comparison runs both solvers to convergence on fresh random problems in float64. Both
+kernels of our solver are checked: the general logsumexp one (``cost_range=None``) and the
+shifted-kernel one (``cost_range`` given, costs in [0, 1]).
+"""
+
+import math
+import warnings
+
+import numpy as np
+import ot
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from glassmetric.similarity.sinkhorn import marginal_error, sinkhorn
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add spin-wait overhead (100x on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+KERNELS = [None, 1.0]  # cost_range: None = logsumexp path, 1.0 = shifted kernel (costs in [0, 1])
+
+
+def problem(rng, n, m, *, zeros_a=0, zeros_b=0, batch=()):
+    """Cost in [0, 1] and two probability vectors (optionally with exact zeros)."""
+    C = rng.random((*batch, n, m))
+    a = rng.random((*batch, n)) + 0.05
+    b = rng.random((*batch, m)) + 0.05
+    if zeros_a:
+        a[..., rng.choice(n, zeros_a, replace=False)] = 0
+    if zeros_b:
+        b[..., rng.choice(m, zeros_b, replace=False)] = 0
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True)
+    return C, a, b
+
+
+def pot_log(C, a, b, reg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # POT warns on log(0) for zero-mass entries
+        return ot.sinkhorn(a, b, C, reg, method="sinkhorn_log", numItermax=100_000, stopThr=1e-13)
+
+
+def t64(*arrays):
+    return [torch.from_numpy(np.ascontiguousarray(x)) for x in arrays]
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+@pytest.mark.parametrize("n,m,eps", [(5, 5, 0.1), (7, 12, 0.05), (16, 16, 0.05), (20, 9, 0.03)])
+def test_matches_pot_log_sinkhorn(n, m, eps, cost_range):
+    rng = np.random.default_rng(1000 * n + m)
+    C, a, b = problem(rng, n, m)
+    ref = pot_log(C, a, b, eps)
+    Ct, at, bt = t64(C, a, b)
+    T = sinkhorn(Ct, at, bt, epsilon=eps, max_iter=50_000, tol=1e-13, cost_range=cost_range)
+    assert T.dtype == torch.float64 and T.shape == (n, m)
+    np.testing.assert_allclose(T.numpy(), ref, atol=1e-5, rtol=0)
+    rows, cols = marginal_error(T, at, bt)
+    assert rows.item() < 1e-10 and cols.item() < 1e-10
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+def test_matches_pot_solve_batch(cost_range):
+    rng = np.random.default_rng(7)
+    C, a, b = problem(rng, 6, 11, batch=(5,))
+    Ct, at, bt = t64(C, a, b)
+    res = ot.solve_batch(Ct, reg=0.05, a=at, b=bt, method="log_sinkhorn", reg_type="entropy",
+                         max_iter=50_000, tol=1e-13, grad="detach")
+    T = sinkhorn(Ct, at, bt, epsilon=0.05, max_iter=50_000, tol=1e-13, cost_range=cost_range)
+    np.testing.assert_allclose(T.numpy(), res.plan.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_epsilon_approaches_exact_ot(dtype):
+    """<T_eps, C> - W(C) is in [0, eps * log(min(n, m))].
+
+    Optimality of T_eps for <T, C> - eps H(T) against the feasible exact plan T* gives
+    <T_eps, C> - <T*, C> <= eps (H(T_eps) - H(T*)), and H(T*) >= max(H(mu), H(nu)),
+    H(T_eps) <= H(mu) + H(nu), so the gap is at most eps * min(H(mu), H(nu)) <= eps log min(n, m);
+    it is >= 0 because T_eps is feasible (up to the marginal error, ~1e-9 here).
+    """
+    rng = np.random.default_rng(3)
+    eps = 0.005
+    for n, m in [(8, 8), (10, 6)]:
+        C, a, b = problem(rng, n, m)
+        exact = ot.emd2(a, b, C)
+        Ct, at, bt = (x.to(dtype) for x in t64(C, a, b))
+        # cost_range/eps = 200: shifted kernel in float64, logsumexp path in float32
+        T = sinkhorn(Ct, at, bt, epsilon=eps, max_iter=200_000, tol=1e-7, cost_range=1.0)
+        assert torch.isfinite(T).all()
+        cost = (T.double() * Ct.double()).sum().item()
+        slack = 1e-6 if dtype == torch.float64 else 1e-4
+        assert exact - slack <= cost <= exact + eps * math.log(min(n, m)) + slack
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+def test_zero_mass_entries_give_zero_rows_and_columns(cost_range):
+    rng = np.random.default_rng(11)
+    C, a, b = problem(rng, 9, 7, zeros_a=3, zeros_b=2)
+    ref = pot_log(C, a, b, 0.05)
+    for dtype in (torch.float64, torch.float32):
+        Ct, at, bt = (x.to(dtype) for x in t64(C, a, b))
+        T = sinkhorn(Ct, at, bt, epsilon=0.05, max_iter=20_000, tol=1e-7, cost_range=cost_range)
+        assert torch.isfinite(T).all()
+        assert (T[at == 0] == 0).all() and (T[:, bt == 0] == 0).all()
+        np.testing.assert_allclose(T.double().numpy(), ref, atol=1e-5, rtol=0)
+        rows, cols = marginal_error(T, at, bt)
+        assert rows.item() < 1e-5 and cols.item() < 1e-5
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+def test_all_zero_marginal_gives_zero_plan_without_nan(cost_range):
+    C = torch.rand(3, 4, 5)
+    mu = torch.full((3, 4), 0.25)
+    nu = torch.full((3, 5), 0.2)
+    mu[1] = 0
+    nu[2] = 0
+    T = sinkhorn(C, mu, nu, cost_range=cost_range)
+    assert torch.isfinite(T).all()
+    assert (T[1] == 0).all() and (T[2] == 0).all()
+    torch.testing.assert_close(T[0].sum(), torch.tensor(1.0))
+    # gradients in the unrolled mode stay finite too
+    Cg = C.clone().requires_grad_()
+    sinkhorn(Cg, mu, nu, grad="unrolled", max_iter=20, cost_range=cost_range).sum().backward()
+    assert torch.isfinite(Cg.grad).all()
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+def test_batched_equals_per_problem(cost_range):
+    rng = np.random.default_rng(5)
+    C, a, b = (torch.from_numpy(x).float() for x in problem(rng, 6, 8, zeros_a=1, batch=(3, 4)))
+    T = sinkhorn(C, a, b, max_iter=50, cost_range=cost_range)
+    assert T.shape == (3, 4, 6, 8)
+    for i in range(3):
+        for j in range(4):
+            Tij = sinkhorn(C[i, j], a[i, j], b[i, j], max_iter=50, cost_range=cost_range)
+            torch.testing.assert_close(T[i, j], Tij, atol=1e-7, rtol=1e-5)
+    # leading dims broadcast: one marginal shared by every problem
+    Tb = sinkhorn(C, a[0, 0], b[0, 0], max_iter=50, cost_range=cost_range)
+    torch.testing.assert_close(Tb[2, 1], sinkhorn(C[2, 1], a[0, 0], b[0, 0], max_iter=50, cost_range=cost_range))
+
+
+def test_both_kernels_agree_in_float32():
+    rng = np.random.default_rng(9)
+    C, a, b = (torch.from_numpy(x).float() for x in problem(rng, 16, 16, zeros_a=2, batch=(50,)))
+    T1 = sinkhorn(2 * C, a, b, cost_range=2.0)
+    T2 = sinkhorn(2 * C, a, b)
+    torch.testing.assert_close(T1, T2, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+def test_autocast_bfloat16_close_to_float32(cost_range):
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(8, 16, 32, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(8, 16, 32, generator=g), dim=-1)
+    mu = torch.full((8, 16), 1 / 16)
+    T32 = sinkhorn(1 - x @ y.transpose(1, 2), mu, mu, cost_range=cost_range)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        C = 1 - x @ y.transpose(1, 2)
+        assert C.dtype == torch.bfloat16
+        T = sinkhorn(C, mu.bfloat16(), mu.bfloat16(), cost_range=cost_range)
+    assert T.dtype == torch.float32 and torch.isfinite(T).all()
+    # bf16 has ~3 significant digits: the cost differs by ~4e-3, i.e. ~0.08 in units of eps
+    torch.testing.assert_close(T, T32, atol=3e-3, rtol=0.1)
+    torch.testing.assert_close(T.sum((-2, -1)), torch.ones(8), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+def test_default_gradient_treats_plan_as_constant(cost_range):
+    g = torch.Generator().manual_seed(1)
+    S = (2 * torch.rand(4, 5, 6, generator=g) - 1).requires_grad_()
+    mu = torch.full((5,), 0.2)
+    nu = torch.full((6,), 1 / 6)
+    T = sinkhorn(1 - S, mu, nu, cost_range=cost_range)
+    assert not T.requires_grad
+    (T * S).sum().backward()
+    assert torch.equal(S.grad, T)
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+def test_unrolled_gradient_is_correct_and_differs(cost_range):
+    g = torch.Generator().manual_seed(2)
+    S = (2 * torch.rand(2, 3, 4, generator=g, dtype=torch.float64) - 1).requires_grad_()
+    mu = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    nu = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
+    kw = dict(epsilon=0.1, max_iter=30, grad="unrolled", cost_range=2.0 if cost_range else None)
+
+    def ss(S, mu, nu):
+        return (sinkhorn(1 - S, mu, nu, **kw) * S).sum((-2, -1))
+
+    assert torch.autograd.gradcheck(ss, (S, mu, nu))
+    (gS,) = torch.autograd.grad(ss(S, mu, nu).sum(), S)
+    T = sinkhorn(1 - S, mu, nu, epsilon=0.1, max_iter=30)
+    assert torch.isfinite(gS).all()
+    assert (gS - T).abs().max() > 1e-3
+    # differentiable=True is the same switch
+    (gS2,) = torch.autograd.grad(
+        (sinkhorn(1 - S, mu, nu, epsilon=0.1, max_iter=30, differentiable=True) * S).sum(), S
+    )
+    torch.testing.assert_close(gS2, gS)
+
+
+def test_unrolled_gradient_with_zero_mass_is_finite():
+    S = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    mu = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    nu = torch.tensor([0.25, 0.25, 0.5, 0.0], dtype=torch.float64, requires_grad=True)
+    for cost_range in KERNELS:
+        out = (sinkhorn(1 - S, mu, nu, max_iter=20, grad="unrolled", cost_range=cost_range) * S).sum()
+        gS, gmu, gnu = torch.autograd.grad(out, (S, mu, nu))
+        assert all(torch.isfinite(t).all() for t in (gS, gmu, gnu))
+        # the plan does not depend on the costs of a zero-mass row / column (not even in the
+        # first iterations: dead columns start at log 0); rounding aside, these are exact zeros
+        assert gS[0].abs().max() < 1e-12 and gS[:, 3].abs().max() < 1e-12
+
+
+def test_fixed_iterations_never_sync(monkeypatch):
+    calls = []
+    orig = torch.Tensor.item
+
+    def counting_item(self):
+        calls.append(1)
+        return orig(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    C, mu, nu = torch.rand(10, 5, 5), torch.full((10, 5), 0.2), torch.full((10, 5), 0.2)
+    sinkhorn(C, mu, nu, max_iter=40)
+    assert calls == []
+    # with a tolerance: one .item() per chunk of check_every iterations, and no more
+    sinkhorn(C, mu, nu, max_iter=40, tol=0.0, check_every=10)
+    assert len(calls) == 3  # after iterations 10, 20, 30 (the 40th is the last anyway)
+
+
+@pytest.mark.parametrize("cost_range", KERNELS)
+def test_tolerance_stops_early_with_the_promised_error(cost_range):
+    rng = np.random.default_rng(4)
+    C, a, b = (torch.from_numpy(x) for x in problem(rng, 12, 10, batch=(6,)))
+    T = sinkhorn(C, a, b, epsilon=0.02, max_iter=100_000, tol=1e-6, check_every=5, cost_range=cost_range)
+    rows, cols = marginal_error(T, a, b)
+    assert rows.max().item() <= 1e-6 and cols.max().item() < 1e-12
+    loose = sinkhorn(C, a, b, epsilon=0.02, max_iter=100_000, tol=1e-2, check_every=5, cost_range=cost_range)
+    assert marginal_error(loose, a, b)[0].max().item() > 1e-6  # it really stopped earlier
+
+
+def test_bad_arguments():
+    C, mu = torch.rand(3, 3), torch.full((3,), 1 / 3)
+    with pytest.raises(ValueError):
+        sinkhorn(C, mu, mu, epsilon=0)
+    with pytest.raises(ValueError):
+        sinkhorn(C, mu, torch.full((4,), 0.25))
+    with pytest.raises(ValueError):
+        sinkhorn(C, mu, mu, max_iter=0)
+    with pytest.raises(ValueError):
+        sinkhorn(C, mu, mu, grad="autodiff")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    m=st.integers(1, 9),
+    zeros=st.integers(0, 3),
+    seed=st.integers(0, 2**31 - 1),
+    cost_range=st.sampled_from(KERNELS),
+)
+def test_property_marginals_and_finiteness(n, m, zeros, seed, cost_range):
+    rng = np.random.default_rng(seed)
+    C, a, b = problem(rng, n, m, zeros_a=min(zeros, n - 1), zeros_b=min(zeros, m - 1))
+    Ct, at, bt = t64(C, a, b)
+    T = sinkhorn(Ct, at, bt, epsilon=0.1, max_iter=5000, tol=1e-10, cost_range=cost_range)
+    assert torch.isfinite(T).all() and (T >= 0).all()
+    rows, cols = marginal_error(T, at, bt)
+    assert rows.item() <= 1e-10 and cols.item() <= 1e-10
