@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glassmetric.similarity.sinkhorn import marginal_error, sinkhorn
+from glassmetric.similarity.structural import structural_similarity
 
 
 
@@ -147,7 +148,8 @@ def test_batched_equals_per_problem(cost_range):
             torch.testing.assert_close(T[i, j], Tij, atol=1e-7, rtol=1e-5)
     # leading dims broadcast: one marginal shared by every problem
     Tb = sinkhorn(C, a[0, 0], b[0, 0], max_iter=50, cost_range=cost_range)
-    torch.testing.assert_close(Tb[2, 1], sinkhorn(C[2, 1], a[0, 0], b[0, 0], max_iter=50, cost_range=cost_range))
+    T21 = sinkhorn(C[2, 1], a[0, 0], b[0, 0], max_iter=50, cost_range=cost_range)
+    torch.testing.assert_close(Tb[2, 1], T21)
 
 
 def test_both_kernels_agree_in_float32():
@@ -211,11 +213,13 @@ def test_unrolled_gradient_is_correct_and_differs(cost_range):
 
 
 def test_unrolled_gradient_with_zero_mass_is_finite():
-    S = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    g = torch.Generator().manual_seed(3)
+    S = torch.rand(3, 4, dtype=torch.float64, generator=g).requires_grad_()
     mu = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64, requires_grad=True)
     nu = torch.tensor([0.25, 0.25, 0.5, 0.0], dtype=torch.float64, requires_grad=True)
     for cost_range in KERNELS:
-        out = (sinkhorn(1 - S, mu, nu, max_iter=20, grad="unrolled", cost_range=cost_range) * S).sum()
+        T = sinkhorn(1 - S, mu, nu, max_iter=20, grad="unrolled", cost_range=cost_range)
+        out = (T * S).sum()
         gS, gmu, gnu = torch.autograd.grad(out, (S, mu, nu))
         assert all(torch.isfinite(t).all() for t in (gS, gmu, gnu))
         # the plan does not depend on the costs of a zero-mass row / column (not even in the
@@ -244,10 +248,11 @@ def test_fixed_iterations_never_sync(monkeypatch):
 def test_tolerance_stops_early_with_the_promised_error(cost_range):
     rng = np.random.default_rng(4)
     C, a, b = (torch.from_numpy(x) for x in problem(rng, 12, 10, batch=(6,)))
-    T = sinkhorn(C, a, b, epsilon=0.02, max_iter=100_000, tol=1e-6, check_every=5, cost_range=cost_range)
+    kw = dict(epsilon=0.02, max_iter=100_000, check_every=5, cost_range=cost_range)
+    T = sinkhorn(C, a, b, tol=1e-6, **kw)
     rows, cols = marginal_error(T, a, b)
     assert rows.max().item() <= 1e-6 and cols.max().item() < 1e-12
-    loose = sinkhorn(C, a, b, epsilon=0.02, max_iter=100_000, tol=1e-2, check_every=5, cost_range=cost_range)
+    loose = sinkhorn(C, a, b, tol=1e-2, **kw)
     assert marginal_error(loose, a, b)[0].max().item() > 1e-6  # it really stopped earlier
 
 
@@ -279,3 +284,32 @@ def test_property_marginals_and_finiteness(n, m, zeros, seed, cost_range):
     assert torch.isfinite(T).all() and (T >= 0).all()
     rows, cols = marginal_error(T, at, bt)
     assert rows.item() <= 1e-10 and cols.item() <= 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fixed_iterations_never_synchronise():
+    """tol=None: the whole solve (and structural similarity) queues kernels without a host sync."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(2, 8, 16, 32, generator=g), dim=-1)
+    gx = torch.nn.functional.normalize(torch.randn(2, 8, 32, generator=g), dim=-1)
+    C = 1 - x[0] @ x[1].transpose(1, 2)
+    mu = torch.full((8, 16), 1 / 16)
+    mu[:, :3] = 0
+    mu = mu / mu.sum(-1, keepdim=True)
+    def run(x, gx, C, mu):
+        return [
+            sinkhorn(C, mu, mu, cost_range=2.0),
+            sinkhorn(C, mu, mu),
+            structural_similarity(x[0], x[1], gx[0], gx[1]),
+        ]
+
+    cpu = run(x, gx, C, mu)
+    xc, gxc, Cc, muc = x.cuda(), gx.cuda(), C.cuda(), mu.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = run(xc, gxc, Cc, muc)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=1e-4)

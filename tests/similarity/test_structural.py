@@ -65,7 +65,9 @@ def ref_pair(x, y, gx, gy, eps=0.05, marginals="cross_correlation"):
         mu, nu = ref_marginal(x, gy), ref_marginal(y, gx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # log(0) warnings for zero-mass entries
-        T = ot.sinkhorn(mu, nu, 1 - S, eps, method="sinkhorn_log", numItermax=100_000, stopThr=1e-13)
+        T = ot.sinkhorn(
+            mu, nu, 1 - S, eps, method="sinkhorn_log", numItermax=100_000, stopThr=1e-13
+        )
     return float((T * S).sum()), T, S, mu, nu
 
 
@@ -78,7 +80,8 @@ def test_marginals_match_the_formula_and_fall_back_to_uniform():
     y, gy = images(gen, 5, d=4, spread=2.0)
     mu = cross_correlation_marginals(x, gy)
     for b in range(5):
-        np.testing.assert_allclose(mu[b].numpy(), ref_marginal(x[b].numpy(), gy[b].numpy()), atol=1e-12)
+        ref = ref_marginal(x[b].numpy(), gy[b].numpy())
+        np.testing.assert_allclose(mu[b].numpy(), ref, atol=1e-12)
     assert (mu == 0).any()  # the relu does zero some cells here
     # all correlations negative (cells in the positive orthant, global in the negative one):
     # the mass is 0, the marginal is uniform, no NaN
@@ -87,9 +90,11 @@ def test_marginals_match_the_formula_and_fall_back_to_uniform():
     assert torch.equal(mu_neg, torch.full((6,), 1 / 6, dtype=torch.float64))
     # per pair: only the dead pair falls back
     batch = torch.stack([pos, pos])
-    glob = torch.stack([nrm(torch.ones(4, dtype=torch.float64)), -nrm(torch.ones(4, dtype=torch.float64))])
+    ones = nrm(torch.ones(4, dtype=torch.float64))
+    glob = torch.stack([ones, -ones])
     mu2 = cross_correlation_marginals(batch, glob)
-    np.testing.assert_allclose(mu2[0].numpy(), ref_marginal(pos.numpy(), glob[0].numpy()), atol=1e-12)
+    ref = ref_marginal(pos.numpy(), glob[0].numpy())
+    np.testing.assert_allclose(mu2[0].numpy(), ref, atol=1e-12)
     assert torch.equal(mu2[1], torch.full((6,), 1 / 6, dtype=torch.float64))
     # uniform option; compute_marginals keeps mu on x's side and nu on y's side
     assert torch.equal(uniform_marginals(x), torch.full((5, 9), 1 / 9, dtype=torch.float64))
@@ -214,7 +219,8 @@ def test_matrix_equals_per_pair_and_is_chunk_invariant(marginals):
     other, oglob = images(gen, 4, n=4, d=6, dtype=torch.float32)
     R = structural_similarity_matrix(local, glob, other, oglob, chunk_size=2, marginals=marginals)
     assert R.shape == (7, 4)
-    torch.testing.assert_close(R[5, 2], structural_similarity(local[5], other[2], glob[5], oglob[2], marginals=marginals), atol=1e-6, rtol=0)
+    r52 = structural_similarity(local[5], other[2], glob[5], oglob[2], marginals=marginals)
+    torch.testing.assert_close(R[5, 2], r52, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("marginals", ["cross_correlation", "uniform"])
@@ -250,7 +256,8 @@ def test_decomposition_sums():
     y, gy = images(gen, n=16, d=8, dtype=torch.float32)
     e = explain_pair(x, y, gx, gy)
     assert e.S.shape == e.T.shape == e.contribution.shape == (16, 16)
-    assert e.mu.shape == e.nu.shape == e.region_contribution_x.shape == e.region_contribution_y.shape == (16,)
+    assert e.mu.shape == e.nu.shape == (16,)
+    assert e.region_contribution_x.shape == e.region_contribution_y.shape == (16,)
     torch.testing.assert_close(e.ss, structural_similarity(x, y, gx, gy))
     torch.testing.assert_close(e.region_contribution_x.sum(), e.ss)
     torch.testing.assert_close(e.region_contribution_y.sum(), e.ss)
@@ -273,7 +280,8 @@ def test_gradients_default_and_unrolled():
     structural_similarity(xl, yl, xg, yg).sum().backward()
     # default: T constant -> dSS/dx_i = sum_j T_ij y_j; the globals only feed the marginals,
     # which only feed T, so they receive nothing
-    T = sinkhorn(1 - x @ y.transpose(1, 2), cross_correlation_marginals(x, gy), cross_correlation_marginals(y, gx))
+    mu, nu = cross_correlation_marginals(x, gy), cross_correlation_marginals(y, gx)
+    T = sinkhorn(1 - x @ y.transpose(1, 2), mu, nu)
     torch.testing.assert_close(xl.grad, T @ y)
     torch.testing.assert_close(yl.grad, T.transpose(1, 2) @ x)
     assert xg.grad is None and yg.grad is None
@@ -315,3 +323,17 @@ def test_bad_inputs():
         structural_similarity(x, x)  # cross-correlation marginals need the globals
     with pytest.raises(ValueError):
         structural_similarity(x, x, marginals="learned")
+
+
+def test_explain_pair_on_a_block_and_empty_matrix():
+    gen = torch.Generator().manual_seed(11)
+    q, gq = images(gen, 2, n=4, d=6, dtype=torch.float32)
+    c, gc = images(gen, 2, 3, n=4, d=6, dtype=torch.float32)
+    for kind in ("cross_correlation", "uniform"):
+        e = explain_pair(q, c, gq, gc, marginals=kind)
+        assert e.T.shape == e.S.shape == (2, 3, 4, 4)
+        assert e.mu.shape == e.nu.shape == e.region_contribution_x.shape == (2, 3, 4)
+        torch.testing.assert_close(e.ss, structural_similarity(q, c, gq, gc, marginals=kind))
+        torch.testing.assert_close(e.contribution.sum((-2, -1)), torch.ones(2, 3))
+    empty = structural_similarity_matrix(q[:0], gq[:0], c[0], gc[0])
+    assert empty.shape == (0, 3)
