@@ -65,6 +65,10 @@ class ModelConfig:
     trainable_backbone: tuple[str, ...] | None = None
     embedding_dim: int = 128
     pooling: Literal["avg", "max", "gem", "avgmax"] = "avg"
+    #: g of the g x g grid of local embeddings for structural matching (0: no spatial head)
+    spatial_grid: int = 0
+    #: ``shared``: the global head's linear layer at every location (DIML); ``own``: a separate 1x1 conv
+    spatial_head: Literal["shared", "own"] = "shared"
 
 
 @dataclass
@@ -78,6 +82,18 @@ class LossConfig:
     miner_params: dict[str, Any] = field(default_factory=dict)
     #: learning rate of the loss's own parameters (proxies, beta); default: the paper's
     lr: float | None = None
+    #: what the loss compares: the global cosine, DIML's structural similarity SS, or the
+    #: multi-scale score s_global + SS (the last two need model.spatial_grid > 0)
+    similarity: Literal["global", "structural", "multiscale"] = "global"
+
+
+@dataclass
+class StructuralConfig:
+    """Optimal-transport settings of the structural similarity (Zhao et al. 2021)."""
+
+    epsilon: float = 0.05
+    iters: int = 100
+    marginals: Literal["cross_correlation", "uniform"] = "cross_correlation"
 
 
 @dataclass
@@ -131,6 +147,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    structural: StructuralConfig = field(default_factory=StructuralConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -153,6 +170,9 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("data.train_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
     ("data.test_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
     ("model.embedding_dim", lambda v: v >= 1, ">= 1"),
+    ("model.spatial_grid", lambda v: 0 <= v <= 32, "between 0 and 32"),
+    ("structural.epsilon", lambda v: v > 0, "> 0"),
+    ("structural.iters", lambda v: v >= 1, ">= 1"),
     ("loss.lr", lambda v: v is None or v > 0, "> 0"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.head_lr", lambda v: v is None or v > 0, "> 0"),
@@ -269,6 +289,8 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.trainer.select == "val" and cfg.data.val_classes == 0:
         raise ConfigError("trainer.select: 'val' needs data.val_classes > 0 (model selection never uses the test split)")
+    if cfg.loss.similarity != "global" and cfg.model.spatial_grid == 0:
+        raise ConfigError(f"loss.similarity: {cfg.loss.similarity!r} needs local embeddings: set model.spatial_grid (e.g. 4)")
     if cfg.data.name != "synthetic" and cfg.data.root is None:
         raise ConfigError(f"data.root: data set {cfg.data.name!r} needs a root folder")
     return cfg

@@ -30,6 +30,7 @@ import torch
 from pytorch_metric_learning import losses, miners
 
 from glassmetric.errors import ConfigError
+from glassmetric.losses.structural import StructuralDistance, StructuralSettings, StructuralSimilarity, pack
 from glassmetric.models.output import EmbeddingOutput
 
 
@@ -45,6 +46,9 @@ class LossSpec:
     param_lr: tuple[str, float] = ("relative", 1.0)
     #: miner defaults that follow the loss's final settings (e.g. the triplet margin)
     miner_from_loss: Callable[[dict], dict] | None = None
+    #: what the loss's margins are calibrated for: a "similarity" in [-1, 1] or the Euclidean
+    #: "distance" of unit vectors; None for proxy losses (proxies have no spatial embeddings)
+    calibration: str | None = "distance"
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -65,14 +69,15 @@ LOSSES: dict[str, LossSpec] = {
     "multisimilarity": LossSpec(
         losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 50.0, "base": 0.5},
         miners.MultiSimilarityMiner, {"epsilon": 0.1},
+        calibration="similarity",
     ),
     "proxyanchor": LossSpec(
         losses.ProxyAnchorLoss, {"margin": 0.1, "alpha": 32.0},
-        needs_classes=True, param_lr=("relative", 100.0),
+        needs_classes=True, param_lr=("relative", 100.0), calibration=None,
     ),
     "proxynca": LossSpec(
         losses.ProxyNCALoss, {"softmax_scale": 1.0},
-        needs_classes=True, param_lr=("relative", 100.0),
+        needs_classes=True, param_lr=("relative", 100.0), calibration=None,
     ),
     "fastap": LossSpec(losses.FastAPLoss, {"num_bins": 10}),
 }
@@ -86,17 +91,30 @@ def _construct(factory: Callable, kwargs: dict, what: str) -> torch.nn.Module:
 
 
 class MetricLoss(torch.nn.Module):
-    """A pytorch-metric-learning loss (+ miner) applied to a model's global embedding."""
+    """A pytorch-metric-learning loss (+ miner) applied to a model's global embedding, or, with
+    ``structural`` settings, to the structural similarity of its global + local embeddings."""
 
-    def __init__(self, name: str, loss: torch.nn.Module, miner: torch.nn.Module | None, param_lr: tuple[str, float]):
+    def __init__(
+        self,
+        name: str,
+        loss: torch.nn.Module,
+        miner: torch.nn.Module | None,
+        param_lr: tuple[str, float],
+        structural: StructuralSettings | None = None,
+    ):
         super().__init__()
         self.name = name
         self.loss = loss
         self.miner = miner
         self._param_lr = param_lr
+        self.structural = structural
 
     def forward(self, output: EmbeddingOutput, labels: torch.Tensor) -> torch.Tensor:
         embeddings = output.embedding.float()
+        if self.structural is not None:
+            if output.local is None:
+                raise ConfigError("loss.similarity: structural losses need local embeddings: set model.spatial_grid > 0")
+            embeddings = pack(embeddings, output.local.float())
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss(embeddings, labels, indices)
 
@@ -113,8 +131,12 @@ def build_loss(
     num_classes: int,
     params: dict | None = None,
     miner_params: dict | None = None,
+    structural: StructuralSettings | None = None,
 ) -> MetricLoss:
     """The loss ``name`` with its paper defaults, updated by ``params`` / ``miner_params``.
+
+    With ``structural`` settings, the loss and its miner compare images by DIML's structural
+    similarity (pair-based losses only; see :mod:`glassmetric.losses.structural`).
 
     ``num_classes`` is the number of training classes: labels passed to the loss must be
     contiguous class indices 0..num_classes-1 (proxy and per-class-beta losses index by them).
@@ -123,13 +145,20 @@ def build_loss(
         raise ConfigError(f"loss.name: unknown loss {name!r} (known: {', '.join(LOSSES)})")
     spec = LOSSES[name]
     kwargs = {**spec.loss_defaults, **(params or {})}
+    distance = {}
+    if structural is not None:
+        if spec.calibration is None:
+            pair_losses = ", ".join(n for n, sp in LOSSES.items() if sp.calibration)
+            raise ConfigError(f"loss.similarity: structural similarity needs a pair-based loss ({pair_losses}), not {name!r}")
+        cls = StructuralSimilarity if spec.calibration == "similarity" else StructuralDistance
+        distance = {"distance": cls(structural)}
     if spec.needs_classes:
         kwargs = {"num_classes": num_classes, "embedding_size": embedding_dim, **kwargs}
-    loss = _construct(spec.build_loss, kwargs, f"loss.params for {name!r}")
+    loss = _construct(spec.build_loss, {**kwargs, **distance}, f"loss.params for {name!r}")
     miner = None
     if spec.build_miner is not None:
         defaults = {**(spec.miner_defaults or {}), **(spec.miner_from_loss(kwargs) if spec.miner_from_loss else {})}
-        miner = _construct(spec.build_miner, {**defaults, **(miner_params or {})}, f"loss.miner_params for {name!r}")
+        miner = _construct(spec.build_miner, {**defaults, **(miner_params or {}), **distance}, f"loss.miner_params for {name!r}")
     elif miner_params:
         raise ConfigError(f"loss.miner_params: loss {name!r} uses no miner, got {miner_params!r}")
-    return MetricLoss(name, loss, miner, spec.param_lr)
+    return MetricLoss(name, loss, miner, spec.param_lr, structural)

@@ -15,7 +15,9 @@ import torch
 
 from glassmetric.config import Config
 from glassmetric.losses.metric_losses import build_loss
+from glassmetric.losses.structural import StructuralSettings
 from glassmetric.models import build_model
+from glassmetric.models.spatial_head import SpatialGridHead
 from glassmetric.retrieval.metrics import retrieval_metrics
 
 
@@ -24,7 +26,22 @@ def build_model_from_config(cfg: Config):
     model = build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling)
     if m.trainable_backbone is not None:
         model.backbone.freeze_except(m.trainable_backbone)
+    if m.spatial_grid:
+        head = (
+            SpatialGridHead.sharing(model.head, m.spatial_grid)
+            if m.spatial_head == "shared"
+            else SpatialGridHead(model.backbone.out_channels, m.embedding_dim, m.spatial_grid)
+        )
+        model.add_head("spatial", head)
     return model
+
+
+def structural_settings(cfg: Config, chunk_size: int | None = 32) -> StructuralSettings:
+    s = cfg.structural
+    return StructuralSettings(
+        cells=cfg.model.spatial_grid**2, dim=cfg.model.embedding_dim, epsilon=s.epsilon, iters=s.iters,
+        marginals=s.marginals, multiscale=cfg.loss.similarity == "multiscale", chunk_size=chunk_size,
+    )
 
 
 class MetricLearner(pl.LightningModule):
@@ -42,6 +59,7 @@ class MetricLearner(pl.LightningModule):
             num_classes=len(class_ids),
             params=cfg.loss.params,
             miner_params=cfg.loss.miner_params,
+            structural=structural_settings(cfg) if cfg.loss.similarity != "global" else None,
         )
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
