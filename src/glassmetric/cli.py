@@ -1,4 +1,4 @@
-"""Command line: ``glassmetric fit | eval | presets``.
+"""Command line: ``glassmetric fit | eval | explain | presets``.
 
 Every error the user can fix (a bad config key, a missing file, a truncated checkpoint) ends
 in one line on stderr naming the culprit, and exit status 2; never a traceback.
@@ -35,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ev.add_argument("--out", help="write the metrics as JSON to this file")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
+
+    ex = sub.add_parser("explain", help="explain why two images were judged alike (structural matching figure)")
+    ex.add_argument("image_x", help="first image (the query)")
+    ex.add_argument("image_y", help="second image (the candidate)")
+    ex.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    ex.add_argument("-o", "--output", default="pair.png", help="figure file (.png, .svg or .pdf)")
+    ex.add_argument("--top-flows", type=int, default=12, help="number of strongest flows drawn")
 
     sub.add_parser("presets", help="list the shipped configuration presets")
     return parser
@@ -93,6 +100,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from glassmetric.explain.figures import save_figure, structural_pair_figure
+    from glassmetric.explain.pair import explain_files
+    from glassmetric.training.module import load_trained
+
+    model, cfg = load_trained(args.checkpoint)
+    pair = explain_files(model, cfg, args.image_x, args.image_y)
+    e = pair.structural
+    fig = structural_pair_figure(*pair.images, e, top_flows=args.top_flows, titles=(Path(args.image_x).name, Path(args.image_y).name))
+    path = save_figure(fig, args.output)
+    print(f"global {float(e.s_global):.3f} + structural {float(e.ss):.3f} = score {float(e.score):.3f}")
+    print(f"figure written to {path}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from glassmetric.config import PRESET_DIR, preset_names
 
@@ -102,7 +124,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "presets": _cmd_presets}
+COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets}
 
 
 def _quiet_libraries() -> None:

@@ -65,3 +65,10 @@ class SpatialGridHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, {'shares the global head' if self._shared else 'own 1x1 conv'}"
+
+
+def ensure_spatial_head(model, grid: int = 4) -> SpatialGridHead:
+    """The model's spatial head; if it has none, add the training-free one sharing its global head."""
+    if "spatial" not in model.extra_heads:
+        model.add_head("spatial", SpatialGridHead.sharing(model.head, grid))
+    return model.extra_heads["spatial"]
