@@ -29,10 +29,19 @@ from torch import Tensor
 
 from .knn import import_faiss, iter_knn
 
-__all__ = ["METRICS", "format_metrics_table", "recall_ks_for", "retrieval_metrics"]
+__all__ = [
+    "METRICS",
+    "RANKING_METRICS",
+    "format_metrics_table",
+    "ranking_metrics",
+    "recall_ks_for",
+    "retrieval_metrics",
+]
 
 #: Metric groups that :func:`retrieval_metrics` can compute, in output order.
 METRICS = ("recall", "nmi", "r_precision", "map_at_r")
+#: The groups :func:`ranking_metrics` computes from a given ranking (all but NMI).
+RANKING_METRICS = ("recall", "r_precision", "map_at_r")
 
 _NMI_BACKENDS = ("faiss", "sklearn")
 #: AccuracyCalculator's default k-means: ``FaissKMeans(niter=20)``; faiss' default seed is 1234.
@@ -85,10 +94,7 @@ def retrieval_metrics(
         raise ValueError(f"unknown metrics {unknown}; choose from {METRICS}")
     if nmi_backend not in _NMI_BACKENDS:
         raise ValueError(f"nmi_backend must be one of {_NMI_BACKENDS}, got {nmi_backend!r}")
-    recall_ks = tuple(recall_ks) if "recall" in include else ()
-    for k in recall_ks:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"recall_ks must be positive integers, got {k!r}")
+    recall_ks = _check_recall_ks(recall_ks) if "recall" in include else ()
 
     same_set = gallery is None
     if same_set:
@@ -100,12 +106,7 @@ def retrieval_metrics(
     query, gallery = torch.as_tensor(query), torch.as_tensor(gallery)
     q_lab = _labels(query_labels, len(query), "query", query.device)
     g_lab = _labels(gallery_labels, len(gallery), "gallery", query.device)
-
-    # Compact class ids over both sets, and R = relevant gallery items per query.
-    _, inverse = torch.unique(torch.cat([q_lab, g_lab]), return_inverse=True)
-    q_cls, g_cls = inverse[: len(q_lab)], inverse[len(q_lab) :]
-    class_size = torch.bincount(g_cls, minlength=int(inverse.max()) + 1 if len(inverse) else 0)
-    r = class_size[q_cls] - int(same_set)
+    q_cls, g_cls, r = _classes_and_r(q_lab, g_lab, same_set)
 
     out: dict[str, float] = {}
     needs_r = [m for m in ("r_precision", "map_at_r") if m in include]
@@ -118,6 +119,116 @@ def retrieval_metrics(
         )
     if "nmi" in include:
         out["nmi"] = _nmi(query, q_lab, nmi_backend, seed)
+    return _ordered(out, recall_ks)
+
+
+def ranking_metrics(
+    neighbour_indices: Tensor,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    *,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    include: Iterable[str] = RANKING_METRICS,
+    exclude_self: bool = False,
+    relevant_counts: Tensor | None = None,
+) -> dict[str, float]:
+    """Recall@K, R-Precision and MAP@R of a GIVEN ranking (e.g. a re-ranked neighbour list).
+
+    The same definitions and conventions as :func:`retrieval_metrics` (which computes its
+    numbers with the same code from its own kNN ranking), so a ranking equal to the kNN one
+    gives identical values.
+
+    Args:
+        neighbour_indices: ``(Q, k)`` gallery indices, best first, one row per query. With
+            ``exclude_self`` the rows must not contain the query itself.
+        query_labels: ``(Q,)`` integer class labels.
+        gallery_labels: ``(G,)`` integer class labels (the query labels again in same-set mode).
+        recall_ks: cut-offs K of ``recall@K``.
+        include: subset of :data:`RANKING_METRICS`.
+        exclude_self: same-set mode: query ``i`` is gallery item ``i``, and R (the number of
+            relevant items) leaves it out.
+        relevant_counts: ``(Q,)`` R of each query, overriding the count from the labels.
+            Queries with R = 0 are lone and left out of every metric.
+
+    Every row must hold enough of the ranking for the metrics to be exact: at least
+    ``min(max(recall_ks), A)`` neighbours, and at least R for R-Precision / MAP@R, where
+    ``A = G - exclude_self`` is the number of gallery items a query can be ranked against.
+
+    Returns:
+        Plain floats keyed ``recall@K`` (one per K), ``r_precision`` and ``map_at_r``, for
+        the groups in ``include`` (NaN when every query is lone).
+    """
+    include = tuple(include)
+    unknown = sorted(set(include) - set(RANKING_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {RANKING_METRICS}")
+    recall_ks = _check_recall_ks(recall_ks) if "recall" in include else ()
+    needs_r = [m for m in ("r_precision", "map_at_r") if m in include]
+
+    idx = torch.as_tensor(neighbour_indices)
+    if idx.ndim != 2:
+        raise ValueError(f"neighbour_indices must be (Q, k), got shape {tuple(idx.shape)}")
+    if idx.is_floating_point() or idx.is_complex():
+        raise ValueError(f"neighbour_indices must be integers, got {idx.dtype}")
+    idx = idx.long()
+    device = idx.device
+    q_lab = _labels(query_labels, len(idx), "query", device)
+    g_lab = torch.as_tensor(gallery_labels, device=device)
+    if g_lab.ndim != 1:
+        raise ValueError(f"gallery_labels must be 1-D, got shape {tuple(g_lab.shape)}")
+    g_lab = _labels(g_lab, len(g_lab), "gallery", device)
+    n_gallery = len(g_lab)
+    if exclude_self and len(q_lab) != n_gallery:
+        raise ValueError(
+            "exclude_self=True needs query and gallery to be the same set, got "
+            f"{len(q_lab)} queries and {n_gallery} gallery items"
+        )
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_gallery):
+        raise ValueError(f"neighbour_indices must lie in [0, {n_gallery})")
+    q_cls, g_cls, r = _classes_and_r(q_lab, g_lab, exclude_self)
+    if relevant_counts is not None:
+        r = _labels(relevant_counts, len(q_lab), "relevant_counts", device)
+        if len(r) and int(r.min()) < 0:
+            raise ValueError("relevant_counts must be non-negative")
+
+    available = n_gallery - int(exclude_self)
+    k = idx.shape[1]
+    valid = r > 0
+    if (recall_ks or needs_r) and bool(valid.any()):
+        if recall_ks and k < min(max(recall_ks), available):
+            raise ValueError(
+                f"recall@{max(recall_ks)} needs {min(max(recall_ks), available)} neighbours "
+                f"per query, got {k}"
+            )
+        if needs_r and k < int(r[valid].max()):
+            raise ValueError(
+                f"R-Precision / MAP@R need R neighbours per query (R up to "
+                f"{int(r[valid].max())}), got {k}"
+            )
+    stats = _RankStats(len(q_lab), k, recall_ks, needs_r, device)
+    if len(q_lab):
+        stats.add(0, idx, q_cls, g_cls, r)
+    return _ordered(stats.reduce(valid), recall_ks)
+
+
+def _check_recall_ks(recall_ks: Sequence[int]) -> tuple[int, ...]:
+    recall_ks = tuple(recall_ks)
+    for k in recall_ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"recall_ks must be positive integers, got {k!r}")
+    return recall_ks
+
+
+def _classes_and_r(q_lab: Tensor, g_lab: Tensor, same_set: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Compact class ids over both sets, and R = relevant gallery items per query."""
+    _, inverse = torch.unique(torch.cat([q_lab, g_lab]), return_inverse=True)
+    q_cls, g_cls = inverse[: len(q_lab)], inverse[len(q_lab) :]
+    class_size = torch.bincount(g_cls, minlength=int(inverse.max()) + 1 if len(inverse) else 0)
+    r = class_size[q_cls] - int(same_set)
+    return q_cls, g_cls, r
+
+
+def _ordered(out: dict[str, float], recall_ks: Sequence[int]) -> dict[str, float]:
     order = [f"recall@{k}" for k in recall_ks] + ["nmi", "r_precision", "map_at_r"]
     return {key: float(out[key]) for key in order if key in out}
 
@@ -139,44 +250,69 @@ def _knn_metrics(
 ) -> dict[str, float]:
     """Recall@K, R-Precision and MAP@R from one chunked kNN pass over the queries."""
     valid = r > 0  # not lone
-    n_valid = int(valid.sum())
-    if n_valid == 0:
-        keys = [f"recall@{k}" for k in recall_ks] + needs_r
-        return {key: math.nan for key in keys}
-
+    if not bool(valid.any()):
+        return _RankStats.all_nan(recall_ks, needs_r)
     available = len(gallery) - int(same_set)
     k_needed = max(max(recall_ks, default=0), int(r.max()) if needs_r else 0)
     k = min(k_needed, available)
-    first_hit = torch.empty(len(query), dtype=torch.long, device=query.device)
-    rp = torch.empty(len(query), dtype=torch.float64, device=query.device)
-    ap = torch.empty(len(query), dtype=torch.float64, device=query.device)
-    ranks = torch.arange(1, k + 1, dtype=torch.float64, device=query.device)
-
+    stats = _RankStats(len(query), k, recall_ks, needs_r, query.device)
     chunks = iter_knn(
         query, gallery, k, exclude_self=same_set, chunk_size=chunk_size, backend=backend
     )
     for start, _, idx in chunks:
-        stop = start + len(idx)
+        stats.add(start, idx, q_cls, g_cls, r)
+    return stats.reduce(valid)
+
+
+class _RankStats:
+    """Per-query statistics of ranked neighbour lists, filled chunk by chunk, reduced once.
+
+    The one implementation of Recall@K, R-Precision and MAP@R behind both
+    :func:`retrieval_metrics` and :func:`ranking_metrics`. Rows hold ``k`` neighbours; a
+    query whose first relevant item is not among them counts as rank ``k``.
+    """
+
+    def __init__(self, n_queries: int, k: int, recall_ks, needs_r, device):
+        self.k, self.recall_ks, self.needs_r = k, tuple(recall_ks), list(needs_r)
+        self.first_hit = torch.empty(n_queries, dtype=torch.long, device=device)
+        self.rp = torch.empty(n_queries, dtype=torch.float64, device=device)
+        self.ap = torch.empty(n_queries, dtype=torch.float64, device=device)
+        self.ranks = torch.arange(1, k + 1, dtype=torch.float64, device=device)
+
+    @staticmethod
+    def all_nan(recall_ks, needs_r) -> dict[str, float]:
+        return {key: math.nan for key in [f"recall@{k}" for k in recall_ks] + list(needs_r)}
+
+    def add(self, start: int, idx: Tensor, q_cls: Tensor, g_cls: Tensor, r: Tensor) -> None:
+        """Statistics of queries ``start : start + len(idx)`` from their ``(rows, k)`` lists."""
+        stop, k = start + len(idx), self.k
         same = g_cls[idx] == q_cls[start:stop, None]  # (rows, k) relevance of each rank
-        if recall_ks:
-            first_hit[start:stop] = torch.where(same.any(1), same.int().argmax(1), k)
-        if needs_r:
+        if self.recall_ks:
+            self.first_hit[start:stop] = torch.where(same.any(1), same.int().argmax(1), k)
+        if self.needs_r:
             # Only the first R ranks count (Musgrave et al. 2020).
             r_c = r[start:stop]
-            rel = same & (ranks[None, :] <= r_c[:, None])
+            rel = same & (self.ranks[None, :] <= r_c[:, None])
             r_safe = r_c.clamp(min=1).double()
             # R-Precision: relevant items in the top R, over R.
-            rp[start:stop] = rel.sum(1).double() / r_safe
+            self.rp[start:stop] = rel.sum(1).double() / r_safe
             # MAP@R: precision@i summed over the relevant ranks i <= R, over R.
-            ap[start:stop] = (rel.cumsum(1) * rel / ranks).sum(1) / r_safe
+            self.ap[start:stop] = (rel.cumsum(1) * rel / self.ranks).sum(1) / r_safe
 
-    # Per-query values are reduced once, so results do not depend on the chunking.
-    out = {f"recall@{kk}": float((first_hit[valid] < kk).double().mean()) for kk in recall_ks}
-    if "r_precision" in needs_r:
-        out["r_precision"] = float(rp[valid].mean())
-    if "map_at_r" in needs_r:
-        out["map_at_r"] = float(ap[valid].mean())
-    return out
+    def reduce(self, valid: Tensor) -> dict[str, float]:
+        """Means over the non-lone queries (``valid``); NaN when there are none."""
+        if not bool(valid.any()):
+            return self.all_nan(self.recall_ks, self.needs_r)
+        # Per-query values are reduced once, so results do not depend on the chunking.
+        out = {
+            f"recall@{kk}": float((self.first_hit[valid] < kk).double().mean())
+            for kk in self.recall_ks
+        }
+        if "r_precision" in self.needs_r:
+            out["r_precision"] = float(self.rp[valid].mean())
+        if "map_at_r" in self.needs_r:
+            out["map_at_r"] = float(self.ap[valid].mean())
+        return out
 
 
 def _nmi(query: Tensor, labels: Tensor, backend: str, seed: int) -> float:

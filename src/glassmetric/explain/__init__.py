@@ -1,0 +1,30 @@
+"""Explanations of learned similarities, and measurements of how faithful they are.
+
+:mod:`.correspondence`: does the DIML transport plan link corresponding parts? Measured with
+ground-truth part keypoints (its public names are re-exported here). The figure and pair
+modules of this package are imported by their own paths.
+"""
+
+from glassmetric.explain.correspondence import (
+    CorrespondenceStats,
+    correspondence_upper_bound,
+    evaluate_correspondence,
+    keypoint_cells,
+    keypoints_to_eval_frame,
+    part_correspondence,
+    part_correspondence_batch,
+    resized_size,
+    sample_same_class_pairs,
+)
+
+__all__ = [
+    "CorrespondenceStats",
+    "correspondence_upper_bound",
+    "evaluate_correspondence",
+    "keypoint_cells",
+    "keypoints_to_eval_frame",
+    "part_correspondence",
+    "part_correspondence_batch",
+    "resized_size",
+    "sample_same_class_pairs",
+]
