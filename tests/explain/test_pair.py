@@ -54,3 +54,26 @@ def test_explain_cli_writes_the_figure(checkpoint, images, tmp_path, capsys):
 def test_explain_cli_names_a_missing_image(checkpoint, images, tmp_path, capsys):
     assert main(["explain", str(images[0]), str(tmp_path / "missing.jpg"), "--checkpoint", str(checkpoint)]) == 2
     assert "missing.jpg" in capsys.readouterr().err
+
+
+def test_eval_rerank_sweep_and_correspondence(checkpoint, tmp_path):
+    plain, swept = tmp_path / "plain.json", tmp_path / "swept.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(plain)]) == 0
+    args = ["eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--rerank", "structural", "--k", "0,3,10",
+            "--correspondence", "12", "--out", str(swept)]
+    assert main(args) == 0
+    import json
+
+    report = json.loads(swept.read_text())
+    assert set(report["rerank"]) == {"0", "3", "10"}
+    global_metrics = json.loads(plain.read_text())["metrics"]
+    for key, value in report["rerank"]["0"].items():  # K = 0 is the plain global ranking
+        assert value == pytest.approx(global_metrics[key], abs=1e-9)
+    corr = report["correspondence"]
+    assert corr["n_pairs"] > 0 and corr["uniform"] == pytest.approx(1 / 16)
+    assert 0.0 <= corr["learned"] <= corr["upper_bound"] <= 1.0
+
+
+def test_eval_rejects_bad_k(checkpoint, capsys):
+    assert main(["eval", "--checkpoint", str(checkpoint), "--rerank", "structural", "--k", "5,x"]) == 2
+    assert "--k" in capsys.readouterr().err

@@ -33,3 +33,38 @@ def evaluate_model(
         return retrieval_metrics(query, query_labels, recall_ks=recall_ks, knn_backend=knn_backend)
     ref, ref_labels = embed_dataset(model, gallery, **kw)
     return retrieval_metrics(query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend)
+
+
+def evaluate_rerank_sweep(
+    model: torch.nn.Module,
+    dataset: RetrievalDataset,
+    gallery: RetrievalDataset | None = None,
+    *,
+    ks: tuple[int, ...] = (0, 5, 10, 50, 100, 500, 1000),
+    grid: int = 4,
+    recall_ks: tuple[int, ...] = (1, 2, 4, 8),
+    epsilon: float = 0.05,
+    iters: int = 100,
+    marginals: str = "cross_correlation",
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[int, dict[str, float]]:
+    """R@K / R-Precision / MAP@R after structural re-ranking of each query's global top-K, for
+    every K of ``ks`` (K = 0: the global ranking). Training-free on any model: without a spatial
+    head, its global head is applied at every location (DIML, Zhao et al. 2021, Sec. 3.5)."""
+    from glassmetric.models.spatial_head import ensure_spatial_head
+    from glassmetric.retrieval.embed import embed_fields
+    from glassmetric.retrieval.rerank import rerank_sweep
+
+    ensure_spatial_head(model, grid)
+    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device or default_device(), progress=progress)
+    query = embed_fields(model, dataset, **kw)
+    ref = embed_fields(model, gallery, **kw) if gallery is not None else None
+    return rerank_sweep(
+        query["embedding"], query["local"],
+        None if ref is None else ref["embedding"], None if ref is None else ref["local"],
+        query_labels=query["labels"], gallery_labels=None if ref is None else ref["labels"],
+        ks=ks, recall_ks=recall_ks, epsilon=epsilon, iters=iters, marginals=marginals,
+    )
