@@ -51,7 +51,7 @@ FLOWS_GID = "structural-flows"
 
 _MASS_CMAP = "magma"
 _SIM_CMAP = "coolwarm"
-_HEAT_ALPHA = 0.5
+_HEAT_ALPHA = 0.35  # light enough to see the image through the cell masses
 _MAX_LINEWIDTH = 7.0
 _MIN_LINEWIDTH = 0.4
 _GAP = 0.16  # horizontal gap between the two images, in units of the image height
