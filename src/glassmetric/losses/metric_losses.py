@@ -115,6 +115,12 @@ class MetricLoss(torch.nn.Module):
             if output.local is None:
                 raise ConfigError("loss.similarity: structural losses need local embeddings: set model.spatial_grid > 0")
             embeddings = pack(embeddings, output.local.float())
+            self.loss.distance.set_batch(embeddings)  # one B x B matrix for the miner and the loss
+            try:
+                indices = self.miner(embeddings, labels) if self.miner is not None else None
+                return self.loss(embeddings, labels, indices)
+            finally:
+                self.loss.distance.clear_batch()
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss(embeddings, labels, indices)
 

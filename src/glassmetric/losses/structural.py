@@ -63,7 +63,29 @@ def structural_matrix(query: torch.Tensor, ref: torch.Tensor, s: StructuralSetti
     return mat
 
 
-class StructuralSimilarity(CosineSimilarity):
+class _BatchMatrixMixin:
+    """Computes the batch's matrix once per training step: the miner and the loss both ask for
+    it (miners modify their copy in place, so each caller gets a clone)."""
+
+    settings: StructuralSettings
+
+    def set_batch(self, packed: torch.Tensor) -> None:
+        self._batch = structural_matrix(packed, packed, self.settings)
+
+    def clear_batch(self) -> None:
+        self._batch = None
+
+    def _similarity(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        batch = getattr(self, "_batch", None)
+        if batch is not None and batch.shape == (len(query_emb), len(ref_emb)):
+            return batch.clone()
+        return structural_matrix(query_emb, ref_emb, self.settings)
+
+    def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("the structural similarity is computed as a matrix; use compute_mat")
+
+
+class StructuralSimilarity(_BatchMatrixMixin, CosineSimilarity):
     """Similarity for similarity-calibrated losses (MultiSimilarity)."""
 
     def __init__(self, settings: StructuralSettings, **kwargs):
@@ -71,13 +93,10 @@ class StructuralSimilarity(CosineSimilarity):
         self.settings = settings
 
     def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
-        return structural_matrix(query_emb, ref_emb, self.settings)
-
-    def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("structural similarity is computed as a matrix; use compute_mat")
+        return self._similarity(query_emb, ref_emb)
 
 
-class StructuralDistance(LpDistance):
+class StructuralDistance(_BatchMatrixMixin, LpDistance):
     """``sqrt(2 - 2 SS)`` for distance-calibrated losses and miners (Contrastive, Triplet, Margin).
 
     It is an LpDistance (p = 2, normalised) to the miners that check for one, such as
@@ -89,8 +108,4 @@ class StructuralDistance(LpDistance):
         self.settings = settings
 
     def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
-        sim = structural_matrix(query_emb, ref_emb, self.settings)
-        return torch.sqrt(torch.clamp(2.0 - 2.0 * sim, min=1e-12))
-
-    def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("structural distance is computed as a matrix; use compute_mat")
+        return torch.sqrt(torch.clamp(2.0 - 2.0 * self._similarity(query_emb, ref_emb), min=1e-12))
