@@ -1,5 +1,6 @@
 """Spatial grid head: brute-force per-location projection, resampling, sharing the global head."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -53,3 +54,12 @@ def test_sharing_head_adds_no_state_and_follows_the_global_weights():
         model.head.linear.weight.mul_(-1)
         model.head.linear.bias.mul_(-1)
     torch.testing.assert_close(model(images).local, -before)
+
+
+@pytest.mark.parametrize("backbone, kwargs", [("timm:resnet10t", None), ("timm:vit_tiny_patch16_224", {"img_size": 64})])
+def test_training_free_grid_on_timm_cnns_and_vit_token_grids(backbone, kwargs):
+    model = build_model(backbone, 8, timm_kwargs=kwargs)
+    model.add_head("spatial", SpatialGridHead.sharing(model.head, grid=4))
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.local.shape == (2, 16, 8)
+    torch.testing.assert_close(out.local.norm(dim=-1), torch.ones(2, 16))
