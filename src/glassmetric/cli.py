@@ -72,7 +72,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from glassmetric.retrieval.evaluate import evaluate_model
     from glassmetric.retrieval.metrics import format_metrics_table
-    from glassmetric.training.fit import make_splits, test_recall_ks
+    from glassmetric.training.fit import make_splits, evaluation_recall_ks
     from glassmetric.training.module import load_trained
 
     if bool(args.query) != bool(args.gallery):
@@ -102,7 +102,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         ks = _parse_ks(args.k)
         s = cfg.structural
         sweep = evaluate_rerank_sweep(
-            model, dataset, gallery, ks=ks, grid=cfg.model.spatial_grid or 4, recall_ks=test_recall_ks(cfg),
+            model, dataset, gallery, ks=ks, grid=cfg.model.spatial_grid or 4, recall_ks=evaluation_recall_ks(cfg),
             epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, **{k: v for k, v in kw.items() if k != "knn_backend"},
         )
         print(f"{name} ({args.checkpoint}), structural re-ranking of the global top-K:")
@@ -110,7 +110,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report["rerank"] = {str(k): m for k, m in sweep.items()}
         report["metrics"] = sweep[max(ks)]
     else:
-        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=test_recall_ks(cfg), **kw)
+        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), **kw)
         print(f"{name} ({args.checkpoint}):")
         print(format_metrics_table({title: report["metrics"]}))
     if args.correspondence:

@@ -283,11 +283,19 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
         return empty, empty.clone()
     rows = chunk_size or default_rerank_chunk_rows(k, ql.shape[1], ql.shape[2], device=ql.device)
     gs, ss = [], []
+    # one buffer for the gathered candidate locals of the largest chunk, filled by
+    # index_select (much faster than advanced indexing on CPU); structural_similarity keeps no
+    # reference to it, so every chunk reuses it
+    n_cells, dim = gl.shape[1:]
+    buf = torch.empty(min(rows, q) * k, n_cells, dim, dtype=gl.dtype, device=gl.device)
     for start in range(0, q, rows):
         c_idx = idx[start : start + rows]  # (c, K)
-        cand_g = gg[c_idx]  # (c, K, D)
+        c = len(c_idx)
+        flat = c_idx.reshape(-1)
+        cand_l = torch.index_select(gl, 0, flat, out=buf[: c * k]).view(c, k, n_cells, dim)
+        cand_g = torch.index_select(gg, 0, flat).view(c, k, dim)  # (c, K, D)
         q_g = qg[start : start + rows]  # (c, D)
-        ss.append(structural_similarity(ql[start : start + rows], gl[c_idx], q_g, cand_g, **kw))
+        ss.append(structural_similarity(ql[start : start + rows], cand_l, q_g, cand_g, **kw))
         gs.append(global_similarity(q_g, cand_g))
     return torch.cat(gs).to(dtype), torch.cat(ss).to(dtype)
 

@@ -116,11 +116,17 @@ def cross_correlation_marginals(
     """
     dt = _cdtype(x_local, y_global)
     with _no_autocast(x_local):
-        w = torch.relu(torch.einsum("...nd,...d->...n", x_local.to(dt), y_global.to(dt)))
-        mass = w.sum(-1, keepdim=True)
-        ok = mass >= min_mass
-        n = w.shape[-1]
-        return torch.where(ok, w / torch.where(ok, mass, torch.ones_like(mass)), 1.0 / n)
+        corr = torch.einsum("...nd,...d->...n", x_local.to(dt), y_global.to(dt))
+        return _normalise_correlations(corr, min_mass)
+
+
+def _normalise_correlations(corr: Tensor, min_mass: float = MIN_MASS) -> Tensor:
+    """``relu(corr)`` normalised over the last dim; uniform where its mass is below ``min_mass``."""
+    w = torch.relu(corr)
+    mass = w.sum(-1, keepdim=True)
+    ok = mass >= min_mass
+    n = w.shape[-1]
+    return torch.where(ok, w / torch.where(ok, mass, torch.ones_like(mass)), 1.0 / n)
 
 
 def uniform_marginals(x_local: Tensor) -> Tensor:
@@ -178,13 +184,41 @@ def _align(x_local, y_local, x_global, y_global):
     return x_local, y_local, x_global, y_global
 
 
+def _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global):
+    """``S`` and the (constant) cross-correlation marginals in one pass over ``y_local``.
+
+    ``[x_local; x_global] y_local^T`` (one einsum, as :func:`local_similarity`) gives ``S`` (rows ``:N``) and the correlations of y's
+    cells with x's global embedding (row ``N``, ``nu``'s input) together, so the (usually
+    large, gathered) ``y_local`` is read once. ``mu``'s correlations only read ``x_local`` and
+    ``y_global``. ``x_global`` enters detached, so it gets no gradient (as with the separate
+    computation, where the marginals carry no graph).
+    """
+    dt = _cdtype(x_local, y_local, x_global, y_global)
+    with _no_autocast(x_local):
+        xl, yl = x_local.to(dt), y_local.to(dt)
+        n = xl.shape[-2]
+        xg = x_global.detach().to(dt)[..., None, :].expand(*xl.shape[:-2], 1, xl.shape[-1])
+        SX = torch.einsum("...nd,...md->...nm", torch.cat([xl, xg], -2), yl)  # (..., N+1, M)
+        S = SX[..., :n, :]
+        with torch.no_grad():
+            nu = _normalise_correlations(SX[..., n, :])
+            mu = cross_correlation_marginals(xl.detach(), y_global.detach())
+    return S, mu, nu
+
+
 def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad):
     """(S, mu, nu, T) for aligned inputs."""
-    S = local_similarity(x_local, y_local)
-    # with a constant plan, neither the marginals nor the cost need an autograd graph
-    with torch.set_grad_enabled(torch.is_grad_enabled() and grad == "unrolled"):
-        mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
-        C = 1.0 - S.clamp(-1.0, 1.0)
+    if marginals == "cross_correlation" and grad == "none_through_plan" and x_global is not None \
+            and y_global is not None:
+        S, mu, nu = _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global)
+        with torch.set_grad_enabled(False):
+            C = 1.0 - S.clamp(-1.0, 1.0)
+    else:
+        S = local_similarity(x_local, y_local)
+        # with a constant plan, neither the marginals nor the cost need an autograd graph
+        with torch.set_grad_enabled(torch.is_grad_enabled() and grad == "unrolled"):
+            mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
+            C = 1.0 - S.clamp(-1.0, 1.0)
     T = sinkhorn(
         C, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol, grad=grad, cost_range=_COST_RANGE
     )
@@ -214,7 +248,7 @@ def structural_similarity(
         epsilon: entropic regularisation of the OT problem (cost ``1 - S`` in [0, 2]).
         iters: Sinkhorn iterations (the maximum when ``tol`` is given).
         tol: None (default) for a fixed, sync-free iteration count; else the L1 row-marginal
-            tolerance, checked every 10 iterations (see :func:`sinkhorn`).
+            tolerance, checked every 5 iterations (see :func:`sinkhorn`).
         marginals: ``"cross_correlation"`` (DIML) or ``"uniform"``.
         grad / differentiable: gradient mode of the plan (see :func:`sinkhorn`).
 

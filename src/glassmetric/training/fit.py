@@ -114,7 +114,7 @@ def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
     return build_splits(d, train_tf, eval_transform(cfg, model), seed=cfg.seed)
 
 
-def test_recall_ks(cfg: Config) -> tuple[int, ...]:
+def evaluation_recall_ks(cfg: Config) -> tuple[int, ...]:
     return tuple(cfg.eval.recall_ks) if cfg.eval.recall_ks else recall_ks_for(cfg.data.name)
 
 
@@ -143,7 +143,7 @@ def fit(
     model = build_model_from_config(cfg)
     splits = make_splits(cfg, model)
     module = MetricLearner(cfg, splits.train.labels, model=model)
-    ks = test_recall_ks(cfg)
+    ks = evaluation_recall_ks(cfg)
     eval_kw = dict(recall_ks=ks, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=cfg.eval.knn_backend)
 
     baseline_metrics = None
