@@ -37,6 +37,14 @@ Two kernels compute the log-sum-exp (both exact up to float rounding):
   least :math:`e^{-\text{range}}` (take ``j = argmax v``), so with the range limited the sum never
   underflows and terms lost to underflow are negligible. About 5-7x faster on CPU.
 
+  When no autograd graph is needed (the default ``grad``), that bounded-range case goes further
+  and iterates the plain scalings ``r = mu / (E c)``, ``c = nu / (E^T r)`` on the row-shifted
+  kernel ``E = exp(-(C - rowmin C) / eps)``, whose entries all lie in ``[exp(-limit), 1]``:
+  the same iterates as the log-domain updates (``r = exp(u + shift)``, ``c = exp(v)``), 4
+  tensor ops an iteration instead of ~24. Zero-mass rows / columns get a scaling of exactly 0.
+  The kernel-vector products are :func:`torch.bmm` from ``min(n, m) >= 25`` on (about 2x faster
+  there on CPU), a broadcast multiply-and-sum below.
+
 Conventions
 -----------
 * Shapes: ``cost (..., n, m)``, ``mu (..., n)``, ``nu (..., m)``; leading dimensions broadcast
@@ -277,9 +285,11 @@ def _solve(cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_
     return T.reshape(*batch, n, m)
 
 
-#: From this many rows (``n``) on, the kernel-vector products of the scaling path use
-#: :func:`torch.bmm`; below it a broadcast multiply-and-sum is faster on CPU.
-_BMM_MIN_ROWS = 32
+#: From this size (``min(n, m)``) on, the kernel-vector products of the scaling path use
+#: :func:`torch.bmm` (as row vector times matrix: ``(1, m) @ (m, n)``; the matrix times column
+#: vector form is 4-8x slower on CPU); below it a broadcast multiply-and-sum is faster (CPU,
+#: 1 thread: bmm 0.4-0.6x as fast at n = 9 and 16, 2x as fast at n = 25-49).
+_BMM_MIN_ROWS = 25
 
 
 def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every) -> Tensor:
@@ -288,8 +298,9 @@ def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every) -> Tensor
     ``E_ij = exp(-(C_ij - min_j C_ij) / eps)``: every entry lies in ``[exp(-range/eps), 1]``
     (at least 2e-22 in float32 under :data:`KERNEL_RANGE_LIMIT`), and a per-row shift of the
     cost does not change the plan. The iterations ``r = mu / (E c)``, ``c = nu / (E^T r)`` are
-    exactly the log-domain updates with ``r = exp(u + shift)``, ``c = exp(v)``; with the
-    kernel bounded below neither scaling leaves the normal range for any real marginal.
+    exactly the log-domain updates with ``r = exp(u + shift)``, ``c = exp(v)``. With the
+    kernel bounded below, ``r`` and ``c`` stay below ``exp(range/eps) * size`` (no overflow);
+    only terms of tiny marginals, negligible anyway, can underflow.
     Zero-mass rows / columns get a scaling of exactly 0 (the denominators are clamped to the
     smallest normal number, never 0, so there is no 0/0 and no NaN), hence exact zeros in the plan.
     """
@@ -297,18 +308,17 @@ def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every) -> Tensor
     dtype = C.dtype
     E = (C - C.amin(-1, keepdim=True)).mul_(-1.0 / epsilon).exp_()  # new buffer, no graph
     tiny = torch.finfo(dtype).tiny
-    use_bmm = n >= _BMM_MIN_ROWS
-    if use_bmm:
+    # both E and E^T are kept so that each product reads its matrix along contiguous rows
+    E_T = E.transpose(-1, -2).contiguous()  # (B, m, n)
+    if min(n, m) >= _BMM_MIN_ROWS:
 
-        def row_dot(c: Tensor) -> Tensor:  # (E c)_i -> (B, n)
-            return torch.bmm(E, c[:, :, None]).reshape(B, n)
+        def row_dot(c: Tensor) -> Tensor:  # (E c)_i = (c^T E^T)_i -> (B, n)
+            return torch.bmm(c[:, None, :], E_T).reshape(B, n)
 
-        def col_dot(r: Tensor) -> Tensor:  # (E^T r)_j -> (B, m)
+        def col_dot(r: Tensor) -> Tensor:  # (E^T r)_j = (r^T E)_j -> (B, m)
             return torch.bmm(r[:, None, :], E).reshape(B, m)
 
-    else:
-        # the sums run over dim -2 (vectorises best on CPU): keep E^T as well
-        E_T = E.transpose(-1, -2).contiguous()  # (B, m, n)
+    else:  # the sums run over dim -2, which vectorises best on CPU
 
         def row_dot(c: Tensor) -> Tensor:
             return (E_T * c[:, :, None]).sum(-2)
@@ -332,8 +342,7 @@ def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every) -> Tensor
             if err.item() <= tol:  # the one host sync of this chunk
                 break
 
-    if not use_bmm:
-        del row_dot, col_dot, E_T
+    del row_dot, col_dot, E_T  # free E^T before the plan is formed in E's memory
     r = torch.where(dead[:, None], 0.0, r)
     return E.mul_(r[:, :, None]).mul_(c[:, None, :])
 
