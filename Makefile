@@ -34,8 +34,9 @@ demo: setup
 test: setup-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# exit status 5 means no test is marked slow (yet): not a failure
 test-slow: setup-dev
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
