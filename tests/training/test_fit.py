@@ -1,5 +1,6 @@
 """End-to-end training on tiny synthetic data: checkpoints, exact resume, selection, CLI."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -151,3 +152,17 @@ def test_warmup_epochs_leave_the_backbone_untouched(tmp_path):
     initial = build_model_from_config(cfg).state_dict()
     assert torch.equal(trained["model.backbone.trunk.conv1.weight"], initial["backbone.trunk.conv1.weight"])
     assert not torch.equal(trained["model.head.linear.weight"], initial["head.linear.weight"])
+
+
+@pytest.mark.parametrize("loss", ["multisimilarity", "triplet"])
+def test_structural_training_under_bf16_autocast(tmp_path, loss):
+    cfg = tiny_config(
+        tmp_path, "trainer.max_epochs=1", "trainer.select=last", "trainer.precision=bf16-mixed",
+        "model.spatial_grid=4", "loss.similarity=structural", f"loss.name={loss}",
+    )
+    result = fit(cfg, run_test=False)
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        losses = [float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
+    assert losses and all(np.isfinite(losses))
+    state = safe_torch_load(result.checkpoint)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
