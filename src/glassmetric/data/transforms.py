@@ -12,6 +12,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def default_resize(image_size: int) -> int:
+    """Shorter side before the evaluation centre crop: the usual 256 / 224 ratio."""
+    return round(image_size * 256 / 224)
+
+
+def eval_geometry(image_size: int, resize: int | None = None) -> T.Compose:
+    """The deterministic evaluation geometry, on PIL images: Resize(resize) of the shorter side,
+    then CenterCrop(image_size). Also what figures show: the image as the model sees it."""
+    return T.Compose([T.Resize(default_resize(image_size) if resize is None else resize), T.CenterCrop(image_size)])
+
+
 def build_transforms(
     train: bool,
     image_size: int,
@@ -23,16 +34,16 @@ def build_transforms(
     """PIL image -> normalised (3, image_size, image_size) float tensor.
 
     Training: RandomResizedCrop(image_size, scale=crop_scale) + RandomHorizontalFlip. Evaluation (deterministic):
-    Resize(resize) of the shorter side, default round(image_size * 256 / 224), then
-    CenterCrop(image_size). ``resize`` is ignored for training.
+    :func:`eval_geometry` (Resize(resize) of the shorter side, default
+    :func:`default_resize`, then CenterCrop(image_size)). ``resize`` is ignored for training.
     """
     if image_size < 1:
         raise ConfigError(f"image_size must be positive, got {image_size}")
-    resize = round(image_size * 256 / 224) if resize is None else resize
+    resize = default_resize(image_size) if resize is None else resize
     if resize < image_size:
         raise ConfigError(f"resize must be at least image_size {image_size}, got {resize}")
     if train:
         geometry = [T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip()]
     else:
-        geometry = [T.Resize(resize), T.CenterCrop(image_size)]
+        geometry = eval_geometry(image_size, resize).transforms
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])

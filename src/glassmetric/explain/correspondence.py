@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from glassmetric.data.base import RetrievalDataset
-from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
 from glassmetric.models.spatial_head import SpatialGridHead
 from glassmetric.similarity.structural import MarginalKind, explain_pair
 
@@ -373,7 +373,7 @@ def evaluate_correspondence(
         ``n_pairs`` (pairs scored), ``n_pairs_sampled``, ``n_parts`` (part instances scored),
         ``grid`` and ``n_cells``.
     """
-    resize = round(crop * 256 / 224) if resize is None else resize
+    resize = default_resize(crop) if resize is None else resize
     transform = build_transforms(False, crop, resize, mean=mean, std=std)
     pair_idx = sample_same_class_pairs(dataset.labels, pairs, seed)
     if len(pair_idx) == 0:

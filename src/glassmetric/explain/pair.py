@@ -10,6 +10,7 @@ from PIL import Image
 
 from glassmetric.config import Config
 from glassmetric.data.base import open_image
+from glassmetric.data.transforms import eval_geometry
 from glassmetric.models.spatial_head import ensure_spatial_head
 from glassmetric.similarity.structural import StructuralExplanation, explain_pair
 from glassmetric.training.fit import eval_transform
@@ -23,11 +24,7 @@ class PairExplanation:
 
 def model_view(cfg: Config, image: Image.Image) -> Image.Image:
     """The image as it enters the model, before normalisation: resize + centre crop."""
-    from torchvision.transforms import CenterCrop, Compose, Resize
-
-    size = cfg.data.eval_image_size or cfg.data.image_size
-    resize = cfg.data.resize or round(size * 256 / 224)
-    return Compose([Resize(resize), CenterCrop(size)])(image)
+    return eval_geometry(cfg.data.eval_image_size or cfg.data.image_size, cfg.data.resize)(image)
 
 
 @torch.inference_mode()

@@ -7,6 +7,7 @@ import torch
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.retrieval.embed import embed_dataset
 from glassmetric.retrieval.metrics import retrieval_metrics
+from glassmetric.retrieval.rerank import DEFAULT_SWEEP_KS
 
 
 def default_device() -> torch.device:
@@ -40,7 +41,7 @@ def evaluate_rerank_sweep(
     dataset: RetrievalDataset,
     gallery: RetrievalDataset | None = None,
     *,
-    ks: tuple[int, ...] = (0, 5, 10, 50, 100, 500, 1000),
+    ks: tuple[int, ...] = DEFAULT_SWEEP_KS,
     grid: int = 4,
     recall_ks: tuple[int, ...] = (1, 2, 4, 8),
     epsilon: float = 0.05,
