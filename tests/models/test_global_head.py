@@ -98,3 +98,17 @@ def test_bad_pooling_name() -> None:
 def test_bad_sizes(args) -> None:
     with pytest.raises(ConfigError):
         GlobalHead(*args)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_identity_init_starts_from_the_pooled_feature(pooling: str) -> None:
+    head = GlobalHead(8, 8, pooling=pooling, init="identity")
+    embedding, pooled = head(FMAP)
+    assert torch.allclose(embedding, torch.nn.functional.normalize(pooled, dim=1), atol=1e-6)
+
+
+def test_identity_init_needs_matching_dimensions() -> None:
+    with pytest.raises(ConfigError, match="model.head_init.*8 channels.*got 4"):
+        GlobalHead(8, 4, init="identity")
+    with pytest.raises(ConfigError, match="unknown head init 'orthogonal'"):
+        GlobalHead(8, 8, init="orthogonal")

@@ -112,9 +112,10 @@ def build_model(
     pooling: str = "avg",
     gem_p: float = 3.0,
     normalize: bool = True,
+    head_init: str = "kaiming",
     timm_kwargs: Mapping[str, Any] | None = None,
 ) -> EmbeddingModel:
     """Backbone ``backbone`` (see :func:`build_backbone`) with a ``GlobalHead`` of size ``embedding_dim``."""
     net = build_backbone(backbone, pretrained=pretrained, frozen_bn=frozen_bn, timm_kwargs=timm_kwargs)
-    head = GlobalHead(net.out_channels, embedding_dim, pooling=pooling, gem_p=gem_p, normalize=normalize)
+    head = GlobalHead(net.out_channels, embedding_dim, pooling=pooling, gem_p=gem_p, normalize=normalize, init=head_init)
     return EmbeddingModel(net, head)

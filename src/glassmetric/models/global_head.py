@@ -9,6 +9,7 @@ from torch import nn
 from glassmetric.errors import ConfigError
 
 POOLINGS: tuple[str, ...] = ("avg", "max", "gem", "avgmax")
+HEAD_INITS: tuple[str, ...] = ("kaiming", "identity")
 
 
 def gem_pool(features: torch.Tensor, p: torch.Tensor | float, eps: float = 1e-6) -> torch.Tensor:
@@ -31,9 +32,11 @@ class GlobalHead(nn.Module):
         pooling: ``"avg"``, ``"max"``, ``"gem"`` (learnable exponent, initial ``gem_p``) or
             ``"avgmax"`` (avg + max, as in the ProxyAnchor / IDML code).
         normalize: L2-normalise the embedding.
-
-    The linear layer is initialised like the ProxyAnchor reference code: Kaiming-normal weights
-    (``mode="fan_out"``) and zero bias.
+        init: ``"kaiming"``: like the ProxyAnchor reference code, Kaiming-normal weights
+            (``mode="fan_out"``) and zero bias; ``"identity"`` (needs ``embedding_dim ==
+            in_channels``): W = I, b = 0, so the untrained embedding is the normalised pooled
+            feature and training starts from the pretrained backbone's retrieval geometry
+            instead of a random projection of it (which costs about 1 R@1 point on CUB-50).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class GlobalHead(nn.Module):
         gem_p: float = 3.0,
         normalize: bool = True,
         gem_eps: float = 1e-6,
+        init: str = "kaiming",
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -51,6 +55,13 @@ class GlobalHead(nn.Module):
         if int(in_channels) <= 0 or int(embedding_dim) <= 0:
             raise ConfigError(
                 f"in_channels and embedding_dim must be positive, got {in_channels} and {embedding_dim}"
+            )
+        if init not in HEAD_INITS:
+            raise ConfigError(f"unknown head init {init!r}: use one of {', '.join(HEAD_INITS)}")
+        if init == "identity" and int(in_channels) != int(embedding_dim):
+            raise ConfigError(
+                f"model.head_init: 'identity' needs model.embedding_dim equal to the backbone's "
+                f"{in_channels} channels, got {embedding_dim}"
             )
         if pooling == "gem" and gem_p <= 0:
             raise ConfigError(f"gem_p must be positive, got {gem_p}")
@@ -61,7 +72,10 @@ class GlobalHead(nn.Module):
         self.gem_eps = float(gem_eps)
         self.gem_p = nn.Parameter(torch.tensor([float(gem_p)])) if pooling == "gem" else None
         self.linear = nn.Linear(self.in_channels, self.embedding_dim)
-        nn.init.kaiming_normal_(self.linear.weight, mode="fan_out")
+        if init == "identity":
+            nn.init.eye_(self.linear.weight)
+        else:
+            nn.init.kaiming_normal_(self.linear.weight, mode="fan_out")
         nn.init.zeros_(self.linear.bias)
 
     def pool(self, feature_map: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from glassmetric.retrieval.metrics import retrieval_metrics
 
 def build_model_from_config(cfg: Config):
     m = cfg.model
-    model = build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling)
+    model = build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling, head_init=m.head_init)
     if m.trainable_backbone is not None:
         model.backbone.freeze_except(m.trainable_backbone)
     if m.spatial_grid:
