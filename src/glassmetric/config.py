@@ -72,6 +72,8 @@ class ModelConfig:
     spatial_grid: int = 0
     #: ``shared``: the global head's linear layer at every location (DIML); ``own``: a separate 1x1 conv
     spatial_head: Literal["shared", "own"] = "shared"
+    #: size of the un-normalised uncertainty embedding of introspective similarity (0: none)
+    uncertainty_dim: int = 0
 
 
 @dataclass
@@ -86,8 +88,11 @@ class LossConfig:
     #: learning rate of the loss's own parameters (proxies, beta); default: the paper's
     lr: float | None = None
     #: what the loss compares: the global cosine, DIML's structural similarity SS, or the
-    #: multi-scale score s_global + SS (the last two need model.spatial_grid > 0)
-    similarity: Literal["global", "structural", "multiscale"] = "global"
+    #: multi-scale score s_global + SS (the last two need model.spatial_grid > 0), or IDML's
+    #: introspective distance of semantic + uncertainty embeddings (needs model.uncertainty_dim > 0)
+    similarity: Literal["global", "structural", "multiscale", "introspective"] = "global"
+    #: mixup of image pairs (lambda ~ Beta(1, 1)): L(x, y) + lambda L(mix, y) + (1 - lambda) L(mix, y_perm)
+    mixup: bool = False
 
 
 @dataclass
@@ -97,6 +102,17 @@ class StructuralConfig:
     epsilon: float = 0.05
     iters: int = 100
     marginals: Literal["cross_correlation", "uniform"] = "cross_correlation"
+
+
+@dataclass
+class IntrospectiveConfig:
+    """D = alpha exp(-(beta_scale beta + beta_offset) / (alpha_scale alpha + alpha_offset))
+    (Wang et al. 2023; defaults of the authors' release)."""
+
+    alpha_scale: float = 5.0
+    alpha_offset: float = 0.0
+    beta_scale: float = 1.0
+    beta_offset: float = 4.0
 
 
 @dataclass
@@ -151,6 +167,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     structural: StructuralConfig = field(default_factory=StructuralConfig)
+    introspective: IntrospectiveConfig = field(default_factory=IntrospectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -174,7 +191,12 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("data.test_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
     ("model.embedding_dim", lambda v: v >= 1, ">= 1"),
     ("model.spatial_grid", lambda v: 0 <= v <= 32, "between 0 and 32"),
+    ("model.uncertainty_dim", lambda v: 0 <= v <= 65536, "between 0 and 65536"),
     ("structural.epsilon", lambda v: v > 0, "> 0"),
+    ("introspective.alpha_scale", lambda v: v > 0, "> 0"),
+    ("introspective.alpha_offset", lambda v: v >= 0, ">= 0"),
+    ("introspective.beta_scale", lambda v: v > 0, "> 0"),
+    ("introspective.beta_offset", lambda v: v >= 0, ">= 0"),
     ("structural.iters", lambda v: v >= 1, ">= 1"),
     ("loss.lr", lambda v: v is None or v > 0, "> 0"),
     ("optim.lr", lambda v: v > 0, "> 0"),
@@ -292,7 +314,9 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.trainer.select == "val" and cfg.data.val_classes == 0:
         raise ConfigError("trainer.select: 'val' needs data.val_classes > 0 (model selection never uses the test split)")
-    if cfg.loss.similarity != "global" and cfg.model.spatial_grid == 0:
+    if cfg.loss.similarity == "introspective" and cfg.model.uncertainty_dim == 0:
+        raise ConfigError("loss.similarity: 'introspective' needs an uncertainty embedding: set model.uncertainty_dim (e.g. 512)")
+    if cfg.loss.similarity in ("structural", "multiscale") and cfg.model.spatial_grid == 0:
         raise ConfigError(f"loss.similarity: {cfg.loss.similarity!r} needs local embeddings: set model.spatial_grid (e.g. 4)")
     if cfg.data.name != "synthetic" and cfg.data.root is None:
         raise ConfigError(f"data.root: data set {cfg.data.name!r} needs a root folder")

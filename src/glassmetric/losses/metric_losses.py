@@ -30,7 +30,10 @@ import torch
 from pytorch_metric_learning import losses, miners
 
 from glassmetric.errors import ConfigError
+from glassmetric.losses import introspective
+from glassmetric.losses.miners import SphereDistanceWeightedMiner
 from glassmetric.losses.structural import StructuralDistance, StructuralSettings, StructuralSimilarity, pack
+from glassmetric.similarity.introspective import IntrospectiveParams
 from glassmetric.models.output import EmbeddingOutput
 
 
@@ -49,6 +52,12 @@ class LossSpec:
     #: what the loss's margins are calibrated for: a "similarity" in [-1, 1] or the Euclidean
     #: "distance" of unit vectors; None for proxy losses (proxies have no spatial embeddings)
     calibration: str | None = "distance"
+    #: what the loss itself compares by default: a similarity (cosine) or a distance, and the
+    #: power of that distance (pytorch-metric-learning's LpDistance ``power``)
+    on_similarity: bool = False
+    distance_power: int = 1
+    #: the miner needs the dimension of the embedding sphere (packed embeddings are wider)
+    miner_needs_dimension: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -61,25 +70,25 @@ LOSSES: dict[str, LossSpec] = {
     "margin": LossSpec(
         lambda num_classes, embedding_size, **kw: losses.MarginLoss(num_classes=num_classes, **kw),
         {"margin": 0.2, "beta": 1.2, "nu": 0.0, "learn_beta": True},
-        miners.DistanceWeightedMiner, {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
-        needs_classes=True, param_lr=("absolute", 5e-4),
+        SphereDistanceWeightedMiner, {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
+        needs_classes=True, param_lr=("absolute", 5e-4), miner_needs_dimension=True,
         # sample only negatives that can have a non-zero loss: d < beta + margin (Wu et al.)
         miner_from_loss=lambda kw: {"nonzero_loss_cutoff": kw["beta"] + kw["margin"]},
     ),
     "multisimilarity": LossSpec(
         losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 50.0, "base": 0.5},
         miners.MultiSimilarityMiner, {"epsilon": 0.1},
-        calibration="similarity",
+        calibration="similarity", on_similarity=True,
     ),
     "proxyanchor": LossSpec(
         losses.ProxyAnchorLoss, {"margin": 0.1, "alpha": 32.0},
-        needs_classes=True, param_lr=("relative", 100.0), calibration=None,
+        needs_classes=True, param_lr=("relative", 100.0), calibration=None, on_similarity=True,
     ),
     "proxynca": LossSpec(
         losses.ProxyNCALoss, {"softmax_scale": 1.0},
-        needs_classes=True, param_lr=("relative", 100.0), calibration=None,
+        needs_classes=True, param_lr=("relative", 100.0), calibration=None, distance_power=2,
     ),
-    "fastap": LossSpec(losses.FastAPLoss, {"num_bins": 10}),
+    "fastap": LossSpec(losses.FastAPLoss, {"num_bins": 10}, distance_power=2),
 }
 
 
@@ -91,8 +100,9 @@ def _construct(factory: Callable, kwargs: dict, what: str) -> torch.nn.Module:
 
 
 class MetricLoss(torch.nn.Module):
-    """A pytorch-metric-learning loss (+ miner) applied to a model's global embedding, or, with
-    ``structural`` settings, to the structural similarity of its global + local embeddings."""
+    """A pytorch-metric-learning loss (+ miner) applied to a model's global embedding; with
+    ``structural`` settings, to the structural similarity of its global + local embeddings; with
+    ``introspective``, to the introspective distance of its semantic + uncertainty embeddings."""
 
     def __init__(
         self,
@@ -101,6 +111,7 @@ class MetricLoss(torch.nn.Module):
         miner: torch.nn.Module | None,
         param_lr: tuple[str, float],
         structural: StructuralSettings | None = None,
+        introspective: bool = False,
     ):
         super().__init__()
         self.name = name
@@ -108,6 +119,7 @@ class MetricLoss(torch.nn.Module):
         self.miner = miner
         self._param_lr = param_lr
         self.structural = structural
+        self.introspective = introspective
 
     def forward(self, output: EmbeddingOutput, labels: torch.Tensor) -> torch.Tensor:
         embeddings = output.embedding.float()
@@ -121,6 +133,10 @@ class MetricLoss(torch.nn.Module):
                 return self.loss(embeddings, labels, indices)
             finally:
                 self.loss.distance.clear_batch()
+        if self.introspective:
+            if output.uncertainty is None:
+                raise ConfigError("loss.similarity: 'introspective' needs an uncertainty embedding: set model.uncertainty_dim > 0")
+            embeddings = introspective.pack(embeddings, output.uncertainty.float())
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss(embeddings, labels, indices)
 
@@ -138,11 +154,14 @@ def build_loss(
     params: dict | None = None,
     miner_params: dict | None = None,
     structural: StructuralSettings | None = None,
+    introspective_params: IntrospectiveParams | None = None,
 ) -> MetricLoss:
     """The loss ``name`` with its paper defaults, updated by ``params`` / ``miner_params``.
 
     With ``structural`` settings, the loss and its miner compare images by DIML's structural
-    similarity (pair-based losses only; see :mod:`glassmetric.losses.structural`).
+    similarity (pair-based losses only; see :mod:`glassmetric.losses.structural`). With
+    ``introspective_params``, every loss (proxy losses included: proxies carry zero uncertainty)
+    compares by IDML's introspective distance (:mod:`glassmetric.losses.introspective`).
 
     ``num_classes`` is the number of training classes: labels passed to the loss must be
     contiguous class indices 0..num_classes-1 (proxy and per-class-beta losses index by them).
@@ -158,13 +177,22 @@ def build_loss(
             raise ConfigError(f"loss.similarity: structural similarity needs a pair-based loss ({pair_losses}), not {name!r}")
         cls = StructuralSimilarity if spec.calibration == "similarity" else StructuralDistance
         distance = {"distance": cls(structural)}
+    if introspective_params is not None:
+        if structural is not None:
+            raise ConfigError("loss.similarity: choose one of structural and introspective")
+        if spec.on_similarity:
+            distance = {"distance": introspective.IntrospectiveSimilarity(embedding_dim, introspective_params)}
+        else:
+            distance = {"distance": introspective.IntrospectiveDistance(embedding_dim, introspective_params, power=spec.distance_power)}
     if spec.needs_classes:
         kwargs = {"num_classes": num_classes, "embedding_size": embedding_dim, **kwargs}
     loss = _construct(spec.build_loss, {**kwargs, **distance}, f"loss.params for {name!r}")
     miner = None
     if spec.build_miner is not None:
         defaults = {**(spec.miner_defaults or {}), **(spec.miner_from_loss(kwargs) if spec.miner_from_loss else {})}
+        if spec.miner_needs_dimension:
+            defaults["dimension"] = embedding_dim
         miner = _construct(spec.build_miner, {**defaults, **(miner_params or {}), **distance}, f"loss.miner_params for {name!r}")
     elif miner_params:
         raise ConfigError(f"loss.miner_params: loss {name!r} uses no miner, got {miner_params!r}")
-    return MetricLoss(name, loss, miner, spec.param_lr, structural)
+    return MetricLoss(name, loss, miner, spec.param_lr, structural, introspective=introspective_params is not None)

@@ -17,7 +17,9 @@ from glassmetric.config import Config
 from glassmetric.losses.metric_losses import build_loss
 from glassmetric.losses.structural import StructuralSettings
 from glassmetric.models import build_model
+from glassmetric.models.introspective_head import UncertaintyHead
 from glassmetric.models.spatial_head import SpatialGridHead
+from glassmetric.similarity.introspective import IntrospectiveParams
 from glassmetric.retrieval.metrics import retrieval_metrics
 
 
@@ -33,7 +35,14 @@ def build_model_from_config(cfg: Config):
             else SpatialGridHead(model.backbone.out_channels, m.embedding_dim, m.spatial_grid)
         )
         model.add_head("spatial", head)
+    if m.uncertainty_dim:
+        model.add_head("uncertainty", UncertaintyHead(model.backbone.out_channels, m.uncertainty_dim))
     return model
+
+
+def introspective_params(cfg: Config) -> IntrospectiveParams:
+    i = cfg.introspective
+    return IntrospectiveParams(i.alpha_scale, i.alpha_offset, i.beta_scale, i.beta_offset)
 
 
 def structural_settings(cfg: Config, chunk_size: int | None = 32) -> StructuralSettings:
@@ -42,6 +51,17 @@ def structural_settings(cfg: Config, chunk_size: int | None = 32) -> StructuralS
         cells=cfg.model.spatial_grid**2, dim=cfg.model.embedding_dim, epsilon=s.epsilon, iters=s.iters,
         marginals=s.marginals, multiscale=cfg.loss.similarity == "multiscale", chunk_size=chunk_size,
     )
+
+
+def mixup_loss(model: torch.nn.Module, loss_fn, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mixup terms of IDML (Wang et al. 2023, Sec. 3.4): with lambda ~ Beta(1, 1) and a
+    random permutation pi of the batch, mix = lambda x + (1 - lambda) x_pi and the terms are
+    lambda L(mix, y) + (1 - lambda) L(mix, y_pi). Drawn from torch's global RNG, which training
+    reseeds every epoch, so resumed runs repeat them."""
+    lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+    perm = torch.randperm(len(images), device=images.device)
+    mixed = model(lam * images + (1.0 - lam) * images[perm])
+    return lam * loss_fn(mixed, labels) + (1.0 - lam) * loss_fn(mixed, labels[perm])
 
 
 class MetricLearner(pl.LightningModule):
@@ -59,7 +79,8 @@ class MetricLearner(pl.LightningModule):
             num_classes=len(class_ids),
             params=cfg.loss.params,
             miner_params=cfg.loss.miner_params,
-            structural=structural_settings(cfg) if cfg.loss.similarity != "global" else None,
+            structural=structural_settings(cfg) if cfg.loss.similarity in ("structural", "multiscale") else None,
+            introspective_params=introspective_params(cfg) if cfg.loss.similarity == "introspective" else None,
         )
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -67,9 +88,11 @@ class MetricLearner(pl.LightningModule):
         return self.model(images)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        output = self.model(batch["image"])
+        images = batch["image"]
         labels = self.label_lookup[batch["label"]]
-        loss = self.loss(output, labels)
+        loss = self.loss(self.model(images), labels)
+        if self.cfg.loss.mixup:
+            loss = loss + mixup_loss(self.model, self.loss, images, labels)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
 

@@ -1,0 +1,99 @@
+"""The introspective distance as pytorch-metric-learning distances, so that it replaces the
+distance or similarity inside every loss and miner of the pipeline (IDML, Wang et al. 2023).
+
+pytorch-metric-learning hands a distance one matrix per side, so each image is packed as
+``[semantic s (D) | uncertainty u (Du)]`` (:func:`pack`). A reference of width D alone (the
+proxies of ProxyAnchor / ProxyNCA) has zero uncertainty. The packed vector must not be
+normalised as a whole (that would rescale u): these distances normalise s themselves and keep
+u as it is, while reporting ``normalize_embeddings=True`` to the losses and miners that check
+for normalised Lp distances (FastAP, distance-weighted sampling), whose assumption (unit
+semantic vectors) holds.
+
+Calibration, as for the structural similarity: with alpha = ||s_x - s_y||^2 and D the
+introspective distance (:mod:`glassmetric.similarity.introspective`),
+
+* similarity-calibrated losses (MultiSimilarity, ProxyAnchor) see ``1 - D / 2`` (= cos when
+  the shrink factor is 1; the release's ``1 - (1 - cos) exp(...)``);
+* distance-calibrated ones see ``sqrt(D)`` (= ||s_x - s_y|| when the factor is 1), squared by
+  pytorch-metric-learning where the loss uses ``power=2`` (ProxyNCA, FastAP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+
+from glassmetric.similarity.introspective import (
+    IntrospectiveParams,
+    introspective_distance,
+    introspective_distance_matrix,
+)
+
+
+def pack(semantic: torch.Tensor, uncertainty: torch.Tensor) -> torch.Tensor:
+    """(B, D) and (B, Du) -> (B, D + Du)."""
+    return torch.cat([semantic, uncertainty], dim=1)
+
+
+class _IntrospectiveMixin:
+    dim: int
+    params: IntrospectiveParams
+
+    def _split(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if packed.shape[1] == self.dim:
+            return packed, None  # a proxy: zero uncertainty
+        if packed.shape[1] <= self.dim:
+            raise ValueError(f"introspective distance: expected width {self.dim} (+ uncertainty), got {packed.shape[1]}")
+        return packed[:, : self.dim], packed[:, self.dim :]
+
+    def _distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        sq, uq = self._split(query_emb)
+        sr, ur = self._split(ref_emb)
+        return introspective_distance_matrix(sq, uq, sr, ur, self.params)
+
+    def _pairwise(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        """Row i of query against row i of ref (the diagonal, without the full matrix)."""
+        sq, uq = self._split(query_emb)
+        sr, ur = self._split(ref_emb)
+        sq, sr = F.normalize(sq, dim=1), F.normalize(sr, dim=1)
+        alpha = (2.0 - 2.0 * (sq * sr).sum(1)).clamp(min=0.0)
+        if uq is None and ur is None:
+            beta = torch.zeros_like(alpha)
+        else:
+            uq = uq if uq is not None else torch.zeros_like(ur)
+            ur = ur if ur is not None else torch.zeros_like(uq)
+            beta = ((uq - ur) ** 2).sum(1)
+        return introspective_distance(alpha, beta, self.params)
+
+    def maybe_normalize(self, embeddings: torch.Tensor, dim: int = 1, **kwargs) -> torch.Tensor:
+        return embeddings  # s is normalised in _distance; u must keep its norm
+
+
+class IntrospectiveSimilarity(_IntrospectiveMixin, CosineSimilarity):
+    """``1 - D / 2`` for similarity-calibrated losses (MultiSimilarity, ProxyAnchor)."""
+
+    def __init__(self, dim: int, params: IntrospectiveParams = IntrospectiveParams(), **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.params = int(dim), params
+
+    def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        return 1.0 - 0.5 * self._distance(query_emb, ref_emb)
+
+    def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        return 1.0 - 0.5 * self._pairwise(query_emb, ref_emb)
+
+
+class IntrospectiveDistance(_IntrospectiveMixin, LpDistance):
+    """``sqrt(D)`` for distance-calibrated losses and miners (Contrastive, Triplet, Margin;
+    ProxyNCA and FastAP square it through ``power=2``)."""
+
+    def __init__(self, dim: int, params: IntrospectiveParams = IntrospectiveParams(), **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.params = int(dim), params
+
+    def compute_mat(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self._distance(query_emb, ref_emb).clamp(min=1e-12))
+
+    def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self._pairwise(query_emb, ref_emb).clamp(min=1e-12))
