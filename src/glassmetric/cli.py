@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", default="100", help="shortlist size(s) K for --rerank; a list sweeps K, e.g. 0,5,10,50,100")
     ev.add_argument("--correspondence", type=int, metavar="PAIRS", help="also score the part correspondence of the "
                     "transport plan on PAIRS same-class pairs (data with part keypoints)")
+    ev.add_argument("--uncertainty", action="store_true", help="relate each query's uncertainty (models with an "
+                    "uncertainty head) to its R@1 failure: AUROC, R@1 of the certain and uncertain halves")
+    ev.add_argument("--uncertainty-csv", metavar="CSV", help="write every query's uncertainty and R@1 hit (implies --uncertainty)")
+    ev.add_argument("--uncertainty-figure", metavar="PNG", help="draw the 12 most and 12 least uncertain queries (implies --uncertainty)")
     ev.add_argument("--out", help="write the metrics as JSON to this file")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
 
@@ -88,12 +92,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         name, dataset, gallery = f"query {args.query} / gallery {args.gallery}", pair.query, pair.gallery
     else:
         splits = make_splits(cfg, model)
-        dataset, gallery = getattr(splits, args.split), None
+        dataset, gallery = getattr(splits, args.split), (splits.gallery if args.split == "test" else None)
         if dataset is None:
             raise ConfigError(f"--split {args.split}: this config has no {args.split} split (data.val_classes = 0)")
         if args.split == "train":
             dataset.transform = splits.test.transform  # evaluate without augmentation
-        name = f"{args.split} split of {cfg.data.name}"
+        name = f"{args.split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if gallery is not None else "")
     report: dict = {"checkpoint": args.checkpoint, "data": name}
     title = Path(args.checkpoint).name
     if args.rerank:
@@ -129,10 +133,40 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"uniform plan {corr['uniform']:.3f} (best possible {corr['upper_bound']:.3f})"
         )
         report["correspondence"] = corr
+    if args.uncertainty or args.uncertainty_csv or args.uncertainty_figure:
+        report["uncertainty"] = _eval_uncertainty(args, model, dataset, gallery, kw)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=float))
         print(f"metrics written to {args.out}")
     return 0
+
+
+def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dict) -> dict:
+    from glassmetric.retrieval.uncertainty import evaluate_uncertainty, write_csv
+
+    if "uncertainty" not in model.extra_heads:
+        raise ConfigError("--uncertainty: this checkpoint has no uncertainty head (train with model.uncertainty_dim > 0)")
+    rep = evaluate_uncertainty(model, dataset, gallery, **{k: v for k, v in kw.items() if k != "knn_backend"})
+    summary = rep.summary()
+    print(
+        f"uncertainty of {summary['n_queries']} queries: AUROC for R@1 failure {summary['auroc_uncertainty_vs_r1_failure']:.3f}; "
+        f"R@1 of the certain half {100 * summary['recall@1_certain_half']:.2f}, "
+        f"of the uncertain half {100 * summary['recall@1_uncertain_half']:.2f}"
+    )
+    if args.uncertainty_csv:
+        write_csv(rep, args.uncertainty_csv)
+        print(f"per-image uncertainties written to {args.uncertainty_csv}")
+    if args.uncertainty_figure:
+        from glassmetric.explain.figures import save_figure
+        from glassmetric.explain.uncertainty import extremes, uncertainty_grid_figure
+
+        most, least = extremes(rep.uncertainty, 12)
+        show = lambda idx: [dataset.load(int(i)).image for i in idx]
+        fig = uncertainty_grid_figure(
+            show(most), rep.uncertainty[most], rep.correct[most], show(least), rep.uncertainty[least], rep.correct[least],
+        )
+        print(f"figure written to {save_figure(fig, args.uncertainty_figure)}")
+    return summary
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:
@@ -154,8 +188,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     pair = explain_files(model, cfg, args.image_x, args.image_y)
     e = pair.structural
     fig = structural_pair_figure(*pair.images, e, top_flows=args.top_flows, titles=(Path(args.image_x).name, Path(args.image_y).name))
+    if pair.introspective is not None:
+        fig.text(0.5, 0.005, pair.introspective.describe(), ha="center", va="bottom", fontsize=13)
     path = save_figure(fig, args.output)
     print(f"global {float(e.s_global):.3f} + structural {float(e.ss):.3f} = score {float(e.score):.3f}")
+    if pair.introspective is not None:
+        print(pair.introspective.describe())
     print(f"figure written to {path}")
     return 0
 

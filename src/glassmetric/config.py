@@ -28,6 +28,11 @@ class SyntheticConfig:
     num_classes: int = 120
     images_per_class: int = 40
     seed: int = 0
+    #: style of every image of the training and test classes
+    style: Literal["photo", "painting"] = "photo"
+    #: cross-domain test: the test queries in ``style``, the gallery of the same test classes
+    #: in this style (e.g. photo queries against a painting gallery); null: one test set
+    gallery_style: Literal["photo", "painting"] | None = None
 
 
 @dataclass

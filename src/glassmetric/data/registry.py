@@ -21,6 +21,9 @@ class Splits:
     train: RetrievalDataset
     val: RetrievalDataset | None
     test: RetrievalDataset
+    #: cross-domain protocol: ``test`` holds the queries, ``gallery`` the images they are
+    #: searched in (same classes, another domain); None: every test image queries the others
+    gallery: RetrievalDataset | None = None
 
 
 def _class_range_kwargs(cfg: DataConfig) -> dict:
@@ -39,7 +42,7 @@ def build_base_splits(cfg: DataConfig, train_transform: Callable | None, eval_tr
         from glassmetric.data.synthetic import SyntheticParts
 
         s = cfg.synthetic
-        common = dict(num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size, seed=s.seed)
+        common = dict(num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size, seed=s.seed, style=s.style)
         return SyntheticParts("train", transform=train_transform, **common), SyntheticParts("test", transform=eval_transform, **common)
     if name == "cub200":
         from glassmetric.data.cub import CUB200 as cls
@@ -76,10 +79,23 @@ def carve_validation(train: RetrievalDataset, num_val_classes: int, seed: int, e
     return Subset(train, np.flatnonzero(~is_val)), Subset(train, np.flatnonzero(is_val), transform=eval_transform)
 
 
+def build_gallery(cfg: DataConfig, eval_transform: Callable | None) -> RetrievalDataset | None:
+    """The cross-domain gallery of the test classes, when the config asks for one."""
+    if cfg.name != "synthetic" or cfg.synthetic.gallery_style is None:
+        return None
+    from glassmetric.data.synthetic import SyntheticParts
+
+    s = cfg.synthetic
+    return SyntheticParts(
+        "test", num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size,
+        seed=s.seed, style=s.gallery_style, transform=eval_transform,
+    )
+
+
 def build_splits(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None, seed: int = 0) -> Splits:
     train, test = build_base_splits(cfg, train_transform, eval_transform)
     train, val = carve_validation(train, cfg.val_classes, seed, eval_transform)
-    return Splits(train=train, val=val, test=test)
+    return Splits(train=train, val=val, test=test, gallery=build_gallery(cfg, eval_transform))
 
 
 __all__ = ["Splits", "build_splits", "build_base_splits", "carve_validation", "split_by_classes"]

@@ -12,14 +12,32 @@ from glassmetric.config import Config
 from glassmetric.data.base import open_image
 from glassmetric.data.transforms import eval_geometry
 from glassmetric.models.spatial_head import ensure_spatial_head
+from glassmetric.similarity.introspective import IntrospectiveParams, image_uncertainty, introspective_distance_matrix
 from glassmetric.similarity.structural import StructuralExplanation, explain_pair
 from glassmetric.training.fit import eval_transform
+from glassmetric.training.module import introspective_params
+
+
+@dataclass
+class IntrospectiveScores:
+    """IDML view of a pair: each image's uncertainty ||u|| and the pair's two distances."""
+
+    uncertainty: tuple[float, float]
+    semantic_distance: float  # alpha = ||s_x - s_y||^2
+    introspective_distance: float  # D = alpha exp(-(b_s beta + b_0) / (a_s alpha + a_0))
+
+    def describe(self) -> str:
+        ux, uy = self.uncertainty
+        return (f"uncertainty {ux:.3g} / {uy:.3g}; semantic distance {self.semantic_distance:.3f}, "
+                f"introspective distance {self.introspective_distance:.3f}")
 
 
 @dataclass
 class PairExplanation:
     images: tuple[Image.Image, Image.Image]  # as the model saw them (resized, centre-cropped)
     structural: StructuralExplanation
+    #: present when the model has an uncertainty head (introspective similarity)
+    introspective: IntrospectiveScores | None = None
 
 
 def model_view(cfg: Config, image: Image.Image) -> Image.Image:
@@ -42,4 +60,16 @@ def explain_files(model: torch.nn.Module, cfg: Config, path_x: str | Path, path_
         out.local[0], out.local[1], out.embedding[0], out.embedding[1],
         epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
     )
-    return PairExplanation(images=(model_view(cfg, raw[0]), model_view(cfg, raw[1])), structural=explanation)
+    intro = None
+    if out.uncertainty is not None:
+        intro = introspective_scores(out.embedding, out.uncertainty, introspective_params(cfg))
+    return PairExplanation(images=(model_view(cfg, raw[0]), model_view(cfg, raw[1])), structural=explanation, introspective=intro)
+
+
+def introspective_scores(semantic: torch.Tensor, uncertainty: torch.Tensor, params: IntrospectiveParams) -> IntrospectiveScores:
+    """The IDML scores of a pair from its (2, D) semantic and (2, Du) uncertainty embeddings."""
+    s = torch.nn.functional.normalize(semantic.float(), dim=1)
+    alpha = float((s[0] - s[1]).pow(2).sum())
+    d = float(introspective_distance_matrix(s[:1], uncertainty[:1], s[1:], uncertainty[1:], params))
+    u = image_uncertainty(uncertainty)
+    return IntrospectiveScores(uncertainty=(float(u[0]), float(u[1])), semantic_distance=alpha, introspective_distance=d)

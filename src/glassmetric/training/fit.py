@@ -148,7 +148,7 @@ def fit(
 
     baseline_metrics = None
     if baseline:
-        baseline_metrics = evaluate_model(module.model, splits.test, **eval_kw)
+        baseline_metrics = evaluate_model(module.model, splits.test, splits.gallery, **eval_kw)
 
     select_val = cfg.trainer.select == "val"
     # "last" is rewritten after every epoch (and its validation); "best" on a better validation score.
@@ -194,7 +194,7 @@ def fit(
     if run_test and trainer.is_global_zero:
         state = safe_torch_load(selected)["state_dict"]
         module.load_state_dict(state)
-        result.test_metrics = evaluate_model(module.model, splits.test, **eval_kw)
+        result.test_metrics = evaluate_model(module.model, splits.test, splits.gallery, **eval_kw)
         report = {"checkpoint": str(selected), "test": result.test_metrics}
         if baseline_metrics is not None:
             report["untrained"] = baseline_metrics

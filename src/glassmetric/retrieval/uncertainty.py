@@ -1,0 +1,101 @@
+"""Does the model know when it is unsure? Per-image uncertainty (IDML) against retrieval failure.
+
+For every query image: its uncertainty ``||u||`` (:func:`glassmetric.similarity.introspective.image_uncertainty`)
+and whether its nearest neighbour by the semantic embedding is of another class (an R@1
+failure; the query itself excluded when it is in the gallery). The AUROC of the uncertainty as
+a score for "R@1 is wrong" is 0.5 for an uncertainty that knows nothing and 1.0 for one that
+ranks every failure above every success.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from glassmetric.data.base import RetrievalDataset
+from glassmetric.retrieval.embed import embed_fields
+from glassmetric.retrieval.knn import knn
+from glassmetric.similarity.introspective import image_uncertainty
+
+
+@dataclass
+class UncertaintyReport:
+    uncertainty: np.ndarray  # (N,) per query image
+    labels: np.ndarray  # (N,)
+    neighbour: np.ndarray  # (N,) index of the nearest gallery item
+    correct: np.ndarray  # (N,) bool: R@1 hit
+    auroc: float  # of uncertainty for "R@1 is wrong" (nan when every query hits or every one fails)
+    recall_at_1_certain_half: float  # R@1 of the half of the queries with the lowest uncertainty
+    recall_at_1_uncertain_half: float
+
+    def summary(self) -> dict:
+        return {
+            "auroc_uncertainty_vs_r1_failure": self.auroc,
+            "recall@1_certain_half": self.recall_at_1_certain_half,
+            "recall@1_uncertain_half": self.recall_at_1_uncertain_half,
+            "uncertainty_mean": float(self.uncertainty.mean()) if len(self.uncertainty) else float("nan"),
+            "uncertainty_std": float(self.uncertainty.std()) if len(self.uncertainty) else float("nan"),
+            "n_queries": int(len(self.uncertainty)),
+        }
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive`` (ties count half)."""
+    from sklearn.metrics import roc_auc_score
+
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
+        return float("nan")
+    return float(roc_auc_score(positive, np.asarray(scores, dtype=np.float64)))
+
+
+def uncertainty_vs_failure(
+    uncertainty: torch.Tensor,
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+) -> UncertaintyReport:
+    """The report from embeddings: ``uncertainty`` (N,), semantic ``query`` (N, D)."""
+    same = gallery is None
+    ref, ref_labels = (query, query_labels) if same else (gallery, gallery_labels)
+    _, idx = knn(query, ref, 1, exclude_self=same)
+    neighbour = idx[:, 0]
+    correct = (ref_labels[neighbour] == query_labels).numpy()
+    u = uncertainty.double().numpy()
+    order = np.argsort(u, kind="stable")
+    half = len(u) // 2
+    r1 = lambda sel: float(correct[sel].mean()) if len(sel) else float("nan")
+    return UncertaintyReport(
+        uncertainty=u, labels=query_labels.numpy(), neighbour=neighbour.numpy(), correct=correct,
+        auroc=auroc(u, ~correct), recall_at_1_certain_half=r1(order[:half]), recall_at_1_uncertain_half=r1(order[half:]),
+    )
+
+
+def evaluate_uncertainty(
+    model: torch.nn.Module,
+    dataset: RetrievalDataset,
+    gallery: RetrievalDataset | None = None,
+    **embed_kw,
+) -> UncertaintyReport:
+    """Embed ``dataset`` (and ``gallery``) and relate each query's uncertainty to its R@1 hit."""
+    out = embed_fields(model, dataset, fields=("embedding", "uncertainty"), **embed_kw)
+    ref = embed_fields(model, gallery, fields=("embedding",), **embed_kw) if gallery is not None else None
+    return uncertainty_vs_failure(
+        image_uncertainty(out["uncertainty"]), out["embedding"], out["labels"],
+        ref["embedding"] if ref else None, ref["labels"] if ref else None,
+    )
+
+
+def write_csv(report: UncertaintyReport, path, names: list[str] | None = None) -> None:
+    """One row per query: index, name, label, uncertainty, nearest neighbour, hit."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "name", "label", "uncertainty", "nearest_neighbour", "r1_correct"])
+        for i in range(len(report.uncertainty)):
+            w.writerow([i, names[i] if names else "", int(report.labels[i]), f"{report.uncertainty[i]:.6g}",
+                        int(report.neighbour[i]), int(report.correct[i])])

@@ -1,0 +1,65 @@
+"""Uncertainty against retrieval failure: brute-force AUROC and nearest neighbours."""
+
+import numpy as np
+import pytest
+import torch
+
+from glassmetric.explain.uncertainty import extremes, uncertainty_grid_figure
+from glassmetric.retrieval.uncertainty import auroc, uncertainty_vs_failure, write_csv
+
+
+def brute_auroc(scores, positive):
+    """P(score of a random positive > score of a random negative), ties count half."""
+    pos = [s for s, p in zip(scores, positive) if p]
+    neg = [s for s, p in zip(scores, positive) if not p]
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auroc_matches_pair_counting(seed):
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.normal(size=40), 1)  # with ties
+    positive = rng.random(40) < 0.4
+    assert auroc(scores, positive) == pytest.approx(brute_auroc(scores, positive))
+    assert np.isnan(auroc(scores, np.ones(40, bool)))
+
+
+def test_report_nearest_neighbours_and_halves():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(6).repeat_interleave(5)
+    x = torch.nn.functional.normalize(torch.randn(6, 8, generator=g)[labels] + 0.9 * torch.randn(30, 8, generator=g), dim=1)
+    u = torch.rand(30, generator=g)
+    rep = uncertainty_vs_failure(u, x, labels)
+    sims = x @ x.T
+    sims.fill_diagonal_(-2)
+    nn_brute = sims.argmax(1)
+    assert rep.neighbour.tolist() == nn_brute.tolist()
+    correct = (labels[nn_brute] == labels).numpy()
+    assert rep.correct.tolist() == correct.tolist()
+    assert rep.auroc == pytest.approx(brute_auroc(u.tolist(), (~correct).tolist()))
+    order = np.argsort(u.numpy())
+    assert rep.recall_at_1_certain_half == pytest.approx(correct[order[:15]].mean())
+    assert rep.recall_at_1_uncertain_half == pytest.approx(correct[order[15:]].mean())
+
+
+def test_report_with_a_separate_gallery_and_csv(tmp_path):
+    q, g = torch.eye(3), torch.eye(3)[[1, 0, 2]]
+    rep = uncertainty_vs_failure(torch.tensor([0.1, 0.5, 0.9]), q, torch.tensor([0, 1, 2]), g, torch.tensor([1, 0, 5]))
+    assert rep.neighbour.tolist() == [1, 0, 2] and rep.correct.tolist() == [True, True, False]
+    write_csv(rep, tmp_path / "u.csv")
+    lines = (tmp_path / "u.csv").read_text().splitlines()
+    assert lines[0].startswith("index,name,label,uncertainty") and lines[3].endswith(",2,0")
+
+
+def test_extremes_and_grid_figure(tmp_path):
+    u = np.array([0.3, 0.9, 0.1, 0.5, 0.7, 0.2])
+    most, least = extremes(u, 2)
+    assert most.tolist() == [1, 4] and least.tolist() == [2, 5]
+    img = np.zeros((16, 16, 3), np.uint8)
+    fig = uncertainty_grid_figure([img] * 2, u[most], [True, False], [img] * 2, u[least], [True, True], columns=3)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["u = 0.9", "u = 0.7", "u = 0.1", "u = 0.2"]
+    from glassmetric.explain.figures import save_figure
+
+    assert save_figure(fig, tmp_path / "grid.png").stat().st_size > 1000
