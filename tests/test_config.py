@@ -23,6 +23,17 @@ def test_presets_load_and_match_the_papers():
     assert (pa.model.embedding_dim, pa.optim.name, pa.loss.name) == (512, "adamw", "proxyanchor")
     demo = load_config("demo")
     assert demo.data.name == "synthetic" and demo.trainer.select == "val"
+    idml = load_config("idml")
+    assert (idml.model.backbone, idml.model.embedding_dim, idml.model.uncertainty_dim, idml.model.pooling) == ("resnet50", 512, 512, "avgmax")
+    assert (idml.loss.name, idml.loss.similarity, idml.loss.mixup) == ("proxyanchor", "introspective", False)
+    assert (idml.optim.name, idml.optim.warmup_epochs, idml.trainer.gradient_clip_val) == ("adamw", 1, 10.0)
+    cross = load_config("cross_domain")
+    assert (cross.data.synthetic.style, cross.data.synthetic.gallery_style) == ("photo", "painting")
+
+
+def test_every_preset_loads():
+    for name in preset_names():
+        load_config(name)
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
