@@ -220,8 +220,21 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, accepting ``key=value`` overrides anywhere on the line (also after a flag such as
+    ``--overwrite``, where plain argparse would call them unrecognised)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     _quiet_libraries()
     try:
         return COMMANDS[args.command](args)

@@ -166,3 +166,14 @@ def test_structural_training_under_bf16_autocast(tmp_path, loss):
     assert losses and all(np.isfinite(losses))
     state = safe_torch_load(result.checkpoint)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_overrides_may_follow_flags(monkeypatch):
+    from glassmetric import cli
+
+    args = cli._parse(["fit", "--config", "demo", "trainer.max_epochs=2", "--overwrite", "loss.name=margin"])
+    assert args.overwrite and args.overrides == ["trainer.max_epochs=2", "loss.name=margin"]
+    with pytest.raises(SystemExit):
+        cli._parse(["fit", "--config", "demo", "--overwrite", "--no-such-flag"])
+    with pytest.raises(SystemExit):
+        cli._parse(["presets", "a=b"])
