@@ -180,16 +180,23 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from glassmetric.explain.figures import save_figure, structural_pair_figure
+    from glassmetric.explain.figures import format_scores, save_figure, structural_pair_figure
     from glassmetric.explain.pair import explain_files
     from glassmetric.training.module import load_trained
 
     model, cfg = load_trained(args.checkpoint)
     pair = explain_files(model, cfg, args.image_x, args.image_y)
     e = pair.structural
-    fig = structural_pair_figure(*pair.images, e, top_flows=args.top_flows, titles=(Path(args.image_x).name, Path(args.image_y).name))
-    if pair.introspective is not None:
-        fig.text(0.5, 0.005, pair.introspective.describe(), ha="center", va="bottom", fontsize=13)
+    titles = (Path(args.image_x).name, Path(args.image_y).name)
+    intro = pair.introspective
+    # each image's uncertainty over it, the pair's two distances in the title
+    notes = tuple(f"uncertainty {u:.3g}" for u in intro.uncertainty) if intro is not None else None
+    fig = structural_pair_figure(*pair.images, e, top_flows=args.top_flows, titles=titles, notes=notes)
+    if intro is not None:
+        fig.suptitle(
+            f"{format_scores(e)}\nsemantic distance {intro.semantic_distance:.3f}, introspective {intro.introspective_distance:.3f}",
+            fontsize=15, fontweight="bold",
+        )
     path = save_figure(fig, args.output)
     print(f"global {float(e.s_global):.3f} + structural {float(e.ss):.3f} = score {float(e.score):.3f}")
     if pair.introspective is not None:

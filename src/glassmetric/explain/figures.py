@@ -199,6 +199,7 @@ def structural_pair_figure(
     top_flows: int = 12,
     titles: tuple[str, str] = ("query", "candidate"),
     part_names: Sequence[str] | Mapping[Any, str] | None = None,
+    notes: tuple[str, str] | None = None,
 ) -> Figure:
     """The figure that explains why ``image_x`` and ``image_y`` were judged alike.
 
@@ -211,6 +212,7 @@ def structural_pair_figure(
         top_flows: how many of the largest transport flows ``T_ij`` to draw (fewer when ``T``
             has fewer nonzero entries; 0 draws none).
         titles: names of the two images.
+        notes: a short note written after each image's title (e.g. its uncertainty).
         part_names: names for the query's cells in the bar chart, a sequence of ``N`` names or a
             mapping from a cell index / ``(row, col)`` to a name (see :func:`cell_labels`).
 
@@ -268,9 +270,10 @@ def structural_pair_figure(
                     fontsize=fs, color="0.35")
             ax.text(x0 - 0.012 if left else x0 + w + 0.012, (k + 0.5) / g, str(k),
                     ha="right" if left else "left", va="center", fontsize=fs, color="0.35")
-    for (x0, w), title, g in (((0.0, wx), titles[0], gx), ((x0_y, wy), titles[1], gy)):
-        ax.text(x0 + w / 2, -0.06, f"{title}  ({g}x{g} cells)", ha="center", va="bottom",
-                fontsize=12, fontweight="bold")
+    for (x0, w), title, g, note in (((0.0, wx), titles[0], gx, (notes or ("", ""))[0]),
+                                    ((x0_y, wy), titles[1], gy, (notes or ("", ""))[1])):
+        ax.text(x0 + w / 2, -0.06, f"{title}  ({g}x{g} cells)" + (f", {note}" if note else ""), ha="center",
+                va="bottom", fontsize=12, fontweight="bold")
 
     # flow lines (weakest first, so the strongest are drawn on top)
     cx = cell_centres(gx, wx, 1.0)
