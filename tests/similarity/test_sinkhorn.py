@@ -256,6 +256,77 @@ def test_tolerance_stops_early_with_the_promised_error(cost_range):
     assert marginal_error(loose, a, b)[0].max().item() > 1e-6  # it really stopped earlier
 
 
+def _varied_batch(seed=7, batch=40, n=9, m=11):
+    """A float32 batch whose problems converge at very different speeds (cost spreads from 0.1
+    to 1), with zero-mass rows / columns and one all-zero marginal (problem 3)."""
+    rng = np.random.default_rng(seed)
+    C, a, b = problem(rng, n, m, zeros_a=1, zeros_b=2, batch=(batch,))
+    C = C * rng.uniform(0.1, 1.0, size=(batch, 1, 1))
+    a[3] = 0
+    return [torch.from_numpy(x).float() for x in (C, a, b)]
+
+
+def test_per_problem_stopping_equals_solving_each_problem_alone():
+    C, a, b = _varied_batch()
+    kw = dict(epsilon=0.02, max_iter=5000, tol=1e-5, cost_range=1.0)
+    T = sinkhorn(C, a, b, **kw)  # compact=True: each problem stops at its own check
+    assert torch.isfinite(T).all()
+    for i in range(len(C)):  # a batch of one stops exactly when its problem converges
+        Ti = sinkhorn(C[i], a[i], b[i], compact=False, **kw)
+        assert (T[i] - Ti).abs().max().item() <= 1e-6, i
+    live = torch.arange(len(C)) != 3
+    rows, cols = marginal_error(T, a, b)
+    assert rows[live].max().item() <= 1e-5 and cols[live].max().item() <= 1e-6
+    assert T[3].eq(0).all()  # the all-zero marginal gives a zero plan
+    # stopping the whole batch at once meets the same tolerance, but iterates most problems
+    # further, so its plans differ
+    Tb = sinkhorn(C, a, b, compact=False, **kw)
+    rows_b, _ = marginal_error(Tb, a, b)
+    assert rows_b[live].max().item() <= 1e-5
+    assert (Tb - T).abs().amax((-2, -1))[live].gt(1e-6).sum() > len(C) // 2
+
+
+def test_per_problem_stopping_at_max_iter_and_with_fixed_iterations():
+    C, a, b = _varied_batch(seed=8)
+    kw = dict(epsilon=0.02, cost_range=1.0)
+    # an unreachable tolerance: every problem runs max_iter iterations, as with tol=None
+    fixed = sinkhorn(C, a, b, max_iter=23, **kw)
+    capped = sinkhorn(C, a, b, max_iter=23, tol=0.0, check_every=4, **kw)
+    assert torch.equal(capped, fixed)
+    # a tolerance that about half the problems meet at the first check: those stop there,
+    # the others iterate on
+    first = sinkhorn(C, a, b, max_iter=5, **kw)
+    rows, _ = marginal_error(first, a, b)
+    live = torch.arange(len(C)) != 3
+    tol = rows[live].median().item()
+    T = sinkhorn(C, a, b, max_iter=5000, tol=tol, check_every=5, **kw)
+    early, late = live & (rows <= 0.5 * tol), live & (rows > 2 * tol)
+    assert early.sum() >= 5 and late.sum() >= 5
+    assert (T[early] - first[early]).abs().max().item() <= 1e-7
+    assert ((T[late] - first[late]).abs().amax((-2, -1)) > 1e-6).all()
+    assert marginal_error(T, a, b)[0][live].max().item() <= tol
+
+
+def test_per_problem_stopping_syncs_once_per_check(monkeypatch):
+    C, a, b = _varied_batch(seed=9)
+    calls = []
+    orig = torch.nonzero
+
+    def counting_nonzero(*args, **kwargs):
+        calls.append(1)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "nonzero", counting_nonzero)
+    sinkhorn(C, a, b, epsilon=0.02, max_iter=40, cost_range=1.0)
+    assert calls == []  # no tolerance: no host sync at all
+    T = sinkhorn(C, a, b, epsilon=0.02, max_iter=5000, tol=1e-5, check_every=5, cost_range=1.0)
+    checks = len(calls)
+    # one nonzero per check, plus one per compaction and one for the problems left at the end
+    # (the batch here converges in well under 100 checks)
+    assert 0 < checks < 100
+    assert marginal_error(T, a, b)[0][torch.arange(len(C)) != 3].max().item() <= 1e-5
+
+
 def test_bad_arguments():
     C, mu = torch.rand(3, 3), torch.full((3,), 1 / 3)
     with pytest.raises(ValueError):
