@@ -327,6 +327,33 @@ def test_per_problem_stopping_syncs_once_per_check(monkeypatch):
     assert marginal_error(T, a, b)[0][torch.arange(len(C)) != 3].max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("tol", [None, 1e-5])
+def test_plan_from_similarity_equals_the_cost_form(tol):
+    """The structural fast path (kernel straight from S, any strides) solves the same problem
+    with the same iterations as sinkhorn on the cost 1 - clamp(S)."""
+    from glassmetric.similarity.sinkhorn import _plan_from_similarity
+
+    g = torch.Generator().manual_seed(3)
+    SX = torch.rand(6, 5, 10, 8, generator=g) * 2.2 - 1.1  # a few entries outside [-1, 1]
+    S = SX[:, :, :9, :]  # a strided slice, as the fused product gives it
+    mu = torch.rand(6, 5, 9, generator=g)
+    nu = torch.rand(6, 1, 8, generator=g).expand(6, 5, 8)  # broadcast
+    mu[0, 0, :3] = 0
+    nu = nu.clone()
+    nu[1, 2] = 0  # an all-zero marginal: a zero plan
+    mu, nu = mu / mu.sum(-1, keepdim=True), nu / nu.sum(-1, keepdim=True).clamp_min(1e-30)
+    kw = dict(epsilon=0.05, max_iter=5000, tol=tol)
+    T = _plan_from_similarity(S, mu, nu, **kw)
+    ref = sinkhorn(1 - S.clamp(-1, 1), mu, nu, cost_range=2.0, **kw)
+    assert T.shape == (6, 5, 9, 8) and T.is_contiguous() and torch.isfinite(T).all()
+    assert (T - ref).abs().max().item() <= 1e-6
+    assert T[1, 2].eq(0).all() and T[0, 0, :3].eq(0).all()
+    if tol is not None:
+        live = torch.ones(6, 5, dtype=torch.bool)
+        live[1, 2] = False
+        assert marginal_error(T, mu, nu)[0][live].max().item() <= tol
+
+
 def test_bad_arguments():
     C, mu = torch.rand(3, 3), torch.full((3,), 1 / 3)
     with pytest.raises(ValueError):

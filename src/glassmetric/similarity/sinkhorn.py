@@ -427,6 +427,58 @@ def _scaling_iterations(E, a, b, max_iter, tol, check_every, compact) -> tuple[T
     return r_out, c_out
 
 
+def _plan_from_similarity(
+    S: Tensor,
+    mu: Tensor,
+    nu: Tensor,
+    *,
+    epsilon: float,
+    max_iter: int,
+    tol: float | None,
+    check_every: int = 5,
+    compact: bool = True,
+) -> Tensor:
+    r"""Constant (no-graph) plans for the cost ``1 - clamp(S, -1, 1)`` of similarities ``S``.
+
+    The same problem and the same iterations as ``sinkhorn(1 - S.clamp(-1, 1), mu, nu,
+    cost_range=2.0, ...)`` on its plain-scaling path, with the set-up in one pass over ``S``
+    plus two in place: the kernel is ``exp(clamp(S) / eps) = exp(-C / eps) * exp(1 / eps)``,
+    a constant multiple of ``exp(-C / eps)`` (absorbed by the row scaling), whose entries lie
+    in ``[exp(-1/eps), exp(1/eps)]`` because ``C`` lies in ``[0, 2]``: the same spread as the
+    row-shifted kernel of :func:`sinkhorn`, so no row minimum is needed. Valid while
+    ``2 / epsilon <= KERNEL_RANGE_LIMIT[dtype]`` (the caller checks it).
+
+    ``S (..., n, m)`` may have any strides (e.g. a slice of a larger product); ``mu (..., n)``,
+    ``nu (..., m)`` broadcast against it. Returns the contiguous plan ``(batch..., n, m)`` in
+    float32 (float64 if an input is float64). Zero-mass entries and all-zero marginals behave
+    as in :func:`sinkhorn`.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be None or >= 0, got {tol}")
+    n, m = S.shape[-2:]
+    if mu.shape[-1] != n or nu.shape[-1] != m:
+        raise ValueError(
+            f"marginal sizes {tuple(mu.shape)} / {tuple(nu.shape)} do not fit {tuple(S.shape)}"
+        )
+    batch = torch.broadcast_shapes(S.shape[:-2], mu.shape[:-1], nu.shape[:-1])
+    dtype = _compute_dtype(S, mu, nu)
+    with torch.no_grad(), torch.autocast(S.device.type, enabled=False):
+        E = torch.empty(*batch, n, m, dtype=dtype, device=S.device)
+        torch.clamp(S.detach().to(dtype).expand(*batch, n, m), -1.0, 1.0, out=E)
+        E = E.mul_(1.0 / epsilon).exp_().view(-1, n, m)
+        a = mu.detach().to(dtype).expand(*batch, n).reshape(-1, n)
+        b = nu.detach().to(dtype).expand(*batch, m).reshape(-1, m)
+        dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,)
+        if bool(dead.any()):
+            a = torch.where(dead[:, None], torch.full_like(a, 1.0 / n), a)
+            b = torch.where(dead[:, None], torch.full_like(b, 1.0 / m), b)
+        r, c = _scaling_iterations(E, a, b, max_iter, tol, check_every, compact)
+        r = torch.where(dead[:, None], 0.0, r)
+        return E.mul_(r[:, :, None]).mul_(c[:, None, :]).view(*batch, n, m)
+
+
 def marginal_error(plan: Tensor, mu: Tensor, nu: Tensor) -> tuple[Tensor, Tensor]:
     """L1 errors of the row and column sums of ``plan (..., n, m)``.
 

@@ -38,7 +38,10 @@ Precision and gradients
 disabled; results are float32 (float64). ``S`` used for the cost is clamped to ``[-1, 1]`` (the
 inputs are normalised, so this only removes rounding) which bounds the cost spread by 2 and lets
 the solver use its fast shifted-kernel path when ``2 / epsilon <= 50``; ``SS`` uses the
-unclamped ``S``.
+unclamped ``S``. With a constant plan (the default ``grad``) on that path, the kernel
+``exp(clamp(S) / eps)`` (a constant multiple of ``exp(-C / eps)``, entries within
+``exp(+-1/eps)``) is formed straight from ``S`` in one pass plus two in place, with no cost
+matrix and no row minimum (:func:`glassmetric.similarity.sinkhorn._plan_from_similarity`).
 
 With the default ``grad="none_through_plan"`` the plan ``T`` is a constant, so
 ``dSS/dS = T`` and gradients reach the LOCAL embeddings only, through ``S``. The marginals feed
@@ -56,7 +59,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from glassmetric.similarity.sinkhorn import GradMode, _resolve_grad, sinkhorn
+from glassmetric.similarity.sinkhorn import (
+    KERNEL_RANGE_LIMIT,
+    GradMode,
+    _plan_from_similarity,
+    _resolve_grad,
+    sinkhorn,
+)
 
 __all__ = [
     "MIN_MASS",
@@ -211,14 +220,17 @@ def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, margi
     if marginals == "cross_correlation" and grad == "none_through_plan" and x_global is not None \
             and y_global is not None:
         S, mu, nu = _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global)
-        with torch.set_grad_enabled(False):
-            C = 1.0 - S.clamp(-1.0, 1.0)
     else:
         S = local_similarity(x_local, y_local)
-        # with a constant plan, neither the marginals nor the cost need an autograd graph
+        # with a constant plan, the marginals need no autograd graph
         with torch.set_grad_enabled(torch.is_grad_enabled() and grad == "unrolled"):
             mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
-            C = 1.0 - S.clamp(-1.0, 1.0)
+    if grad == "none_through_plan" and epsilon > 0 and \
+            _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[_cdtype(S)]:
+        # a constant plan on the plain-scaling path: the kernel straight from S
+        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+        return S, mu, nu, T
+    C = 1.0 - S.clamp(-1.0, 1.0)
     T = sinkhorn(
         C, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol, grad=grad, cost_range=_COST_RANGE
     )
