@@ -229,8 +229,8 @@ def _solve(
     n, m = cost.shape[-2:]
     # flatten the (broadcast) leading dims into one batch dim B
     C = cost.to(dtype).expand(*batch, n, m).reshape(-1, n, m)
-    a = mu.to(dtype).expand(*batch, n).reshape(-1, n)
-    b = nu.to(dtype).expand(*batch, m).reshape(-1, m)
+    a = mu.to(dtype).expand(*batch, n).reshape(-1, n).contiguous()
+    b = nu.to(dtype).expand(*batch, m).reshape(-1, m).contiguous()
 
     # problems with an all-zero marginal: solve with uniform marginals, zero the plan at the end
     dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,)
@@ -468,8 +468,10 @@ def _plan_from_similarity(
         E = torch.empty(*batch, n, m, dtype=dtype, device=S.device)
         torch.clamp(S.detach().to(dtype).expand(*batch, n, m), -1.0, 1.0, out=E)
         E = E.mul_(1.0 / epsilon).exp_().view(-1, n, m)
-        a = mu.detach().to(dtype).expand(*batch, n).reshape(-1, n)
-        b = nu.detach().to(dtype).expand(*batch, m).reshape(-1, m)
+        # contiguous: the scalings take the layout of the marginals, and a strided scaling
+        # vector makes every bmm of the iterations copy it matrix by matrix
+        a = mu.detach().to(dtype).expand(*batch, n).reshape(-1, n).contiguous()
+        b = nu.detach().to(dtype).expand(*batch, m).reshape(-1, m).contiguous()
         dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,)
         if bool(dead.any()):
             a = torch.where(dead[:, None], torch.full_like(a, 1.0 / n), a)

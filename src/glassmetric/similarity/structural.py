@@ -237,6 +237,67 @@ def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, margi
     return S, mu, nu, T
 
 
+def _gathered_block_scores(
+    x_local: Tensor,
+    x_global: Tensor,
+    gallery_local: Tensor,
+    gallery_global: Tensor,
+    idx: Tensor,
+    *,
+    epsilon: float,
+    iters: int,
+    tol: float | None,
+    marginals: MarginalKind,
+    buffer: Tensor | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """``(cos, SS)``, each ``(c, K)``, of queries ``x (c, N, D) / (c, D)`` with the gallery items
+    ``idx (c, K)``, without autograd; None when this fast path does not apply.
+
+    For each query, its K candidates' locals and globals are gathered into one ``(K M + K, D)``
+    buffer (reused: it stays in the caches) and one matrix product with ``[x_local; x_global]``
+    gives S, nu's correlations, mu's correlations and the global cosines at once. The plans
+    come from :func:`glassmetric.similarity.sinkhorn._plan_from_similarity` (constant plans, the
+    kernel straight from S). The same scores as :func:`structural_similarity` on the gathered
+    candidates (to rounding). Applies when all four inputs share one dtype (float32 or float64)
+    and ``2 / epsilon <= KERNEL_RANGE_LIMIT``.
+    """
+    dt = x_local.dtype
+    if (
+        marginals not in ("cross_correlation", "uniform")
+        or dt not in (torch.float32, torch.float64)
+        or any(t.dtype != dt for t in (x_global, gallery_local, gallery_global))
+        or not (epsilon > 0 and _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[dt])
+    ):
+        return None
+    c, k = idx.shape
+    n, d = x_local.shape[-2:]
+    m = gallery_local.shape[-2]
+    width = k * m + k
+    if buffer is None or buffer.dtype != dt or buffer.numel() < width * d:
+        buffer = torch.empty(width, d, dtype=dt, device=x_local.device)
+    buf = buffer.view(-1)[: width * d].view(width, d)
+    with torch.no_grad(), _no_autocast(x_local):
+        xs = torch.cat([x_local, x_global[:, None, :]], 1)  # (c, N + 1, D)
+        prod = torch.empty(c, n + 1, width, dtype=dt, device=x_local.device)
+        for q in range(c):
+            torch.index_select(gallery_local, 0, idx[q], out=buf[: k * m].view(k, m, d))
+            torch.index_select(gallery_global, 0, idx[q], out=buf[k * m :])
+            torch.mm(xs[q], buf.t(), out=prod[q])
+        # prod[q, :N, :KM] = S, prod[q, N, :KM] = nu's correlations (y's cells vs gx),
+        # prod[q, :N, KM:] = mu's correlations (x's cells vs gy), prod[q, N, KM:] = cos(gx, gy)
+        S = prod[:, :n, : k * m].view(c, n, k, m).permute(0, 2, 1, 3)  # (c, K, N, M), strided
+        cos = prod[:, n, k * m :]
+        if marginals == "cross_correlation":
+            nu = _normalise_correlations(prod[:, n, : k * m].reshape(c, k, m))
+            mu = _normalise_correlations(prod[:, :n, k * m :].transpose(1, 2))
+        else:
+            mu = torch.full((c, k, n), 1.0 / n, dtype=dt, device=x_local.device)
+            nu = torch.full((c, k, m), 1.0 / m, dtype=dt, device=x_local.device)
+        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+        ss = T.mul_(S).sum((-2, -1))
+    return cos.clone(), ss
+
+
 def structural_similarity(
     x_local: Tensor,
     y_local: Tensor,
