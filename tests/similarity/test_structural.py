@@ -364,6 +364,10 @@ def test_gathered_block_scores_equal_the_block_call(marginals, dtype, tol):
     buf = torch.empty(100, 6, dtype=dtype)
     _, ss2 = _gathered_block_scores(ql, qg, gl, gg, idx, buffer=buf, **kw)
     torch.testing.assert_close(ss2, ss, rtol=0, atol=0)
+    # the whole-chunk gather and batched product (the accelerator path) agree
+    cos3, ss3 = _gathered_block_scores(ql, qg, gl, gg, idx, per_query=False, **kw)
+    torch.testing.assert_close(ss3, ss, rtol=0, atol=atol)
+    torch.testing.assert_close(cos3, cos, rtol=0, atol=atol)
     # not applicable: mixed dtypes, or an epsilon too small for the plain kernel
     assert _gathered_block_scores(ql, qg.to(torch.float16), gl, gg, idx, **kw) is None
     assert _gathered_block_scores(ql, qg, gl, gg, idx, **{**kw, "epsilon": 0.001}) is None

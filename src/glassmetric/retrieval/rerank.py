@@ -93,13 +93,18 @@ def default_rerank_chunk_rows(
 ) -> int:
     """Queries per chunk so one chunk's ``k`` candidates fit ``budget_bytes``.
 
-    A query costs about ``4 k N (D + 8 N)`` bytes: its gathered candidate local embeddings
-    (``k N D`` floats) and the Sinkhorn working set (about six ``k N N`` float buffers, plus
-    the local similarities and plan).
+    On accelerators a query costs about ``4 k N (D + 8 N)`` bytes: its gathered candidate
+    local embeddings (``k N D`` floats) and the Sinkhorn working set (about eight ``k N N``
+    float buffers: the product holding S, the kernel and its transpose, the plan, temporaries).
+    On the CPU the candidates are gathered one query at a time into one reused buffer
+    (:func:`glassmetric.similarity.structural._gathered_block_scores`), so a query costs the
+    working set only, ``4 k N (8 N)`` bytes (``bench/structural.py``: 1.0-1.2x over chunks
+    sized with the gathered embeddings counted).
     """
+    is_cpu = torch.device(device).type == "cpu"
     if budget_bytes is None:
-        budget_bytes = RERANK_BUDGET_BYTES_CPU if torch.device(device).type == "cpu" else RERANK_BUDGET_BYTES
-    per_query = 4 * max(1, k) * n_cells * (dim + 8 * n_cells)
+        budget_bytes = RERANK_BUDGET_BYTES_CPU if is_cpu else RERANK_BUDGET_BYTES
+    per_query = 4 * max(1, k) * n_cells * ((0 if is_cpu else dim) + 8 * n_cells)
     return max(1, budget_bytes // per_query)
 
 

@@ -249,6 +249,7 @@ def _gathered_block_scores(
     tol: float | None,
     marginals: MarginalKind,
     buffer: Tensor | None = None,
+    per_query: bool | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """``(cos, SS)``, each ``(c, K)``, of queries ``x (c, N, D) / (c, D)`` with the gallery items
     ``idx (c, K)``, without autograd; None when this fast path does not apply.
@@ -259,7 +260,9 @@ def _gathered_block_scores(
     come from :func:`glassmetric.similarity.sinkhorn._plan_from_similarity` (constant plans, the
     kernel straight from S). The same scores as :func:`structural_similarity` on the gathered
     candidates (to rounding). Applies when all four inputs share one dtype (float32 or float64)
-    and ``2 / epsilon <= KERNEL_RANGE_LIMIT``.
+    and ``2 / epsilon <= KERNEL_RANGE_LIMIT``. ``per_query`` (default: on the CPU only) picks
+    the per-query gather; otherwise the whole chunk is gathered into one ``(c, K M + K, D)``
+    buffer and multiplied in one batched product (what accelerators want).
     """
     dt = x_local.dtype
     if (
@@ -273,16 +276,26 @@ def _gathered_block_scores(
     n, d = x_local.shape[-2:]
     m = gallery_local.shape[-2]
     width = k * m + k
-    if buffer is None or buffer.dtype != dt or buffer.numel() < width * d:
-        buffer = torch.empty(width, d, dtype=dt, device=x_local.device)
-    buf = buffer.view(-1)[: width * d].view(width, d)
+    if per_query is None:
+        per_query = x_local.device.type == "cpu"  # one cached buffer per query on the CPU
+    size = width * d * (1 if per_query else c)
+    if buffer is None or buffer.dtype != dt or buffer.numel() < size:
+        buffer = torch.empty(size, dtype=dt, device=x_local.device)
     with torch.no_grad(), _no_autocast(x_local):
         xs = torch.cat([x_local, x_global[:, None, :]], 1)  # (c, N + 1, D)
-        prod = torch.empty(c, n + 1, width, dtype=dt, device=x_local.device)
-        for q in range(c):
-            torch.index_select(gallery_local, 0, idx[q], out=buf[: k * m].view(k, m, d))
-            torch.index_select(gallery_global, 0, idx[q], out=buf[k * m :])
-            torch.mm(xs[q], buf.t(), out=prod[q])
+        if per_query:
+            buf = buffer.view(-1)[:size].view(width, d)
+            prod = torch.empty(c, n + 1, width, dtype=dt, device=x_local.device)
+            for q in range(c):
+                torch.index_select(gallery_local, 0, idx[q], out=buf[: k * m].view(k, m, d))
+                torch.index_select(gallery_global, 0, idx[q], out=buf[k * m :])
+                torch.mm(xs[q], buf.t(), out=prod[q])
+        else:  # accelerators: one gather and one batched product for the whole chunk
+            buf = buffer.view(-1)[:size].view(c, width, d)
+            flat = idx.reshape(-1)
+            buf[:, : k * m].copy_(gallery_local.index_select(0, flat).view(c, k * m, d))
+            buf[:, k * m :].copy_(gallery_global.index_select(0, flat).view(c, k, d))
+            prod = torch.bmm(xs, buf.transpose(1, 2))
         # prod[q, :N, :KM] = S, prod[q, N, :KM] = nu's correlations (y's cells vs gx),
         # prod[q, :N, KM:] = mu's correlations (x's cells vs gy), prod[q, N, KM:] = cos(gx, gy)
         S = prod[:, :n, : k * m].view(c, n, k, m).permute(0, 2, 1, 3)  # (c, K, N, M), strided
