@@ -354,6 +354,31 @@ def test_plan_from_similarity_equals_the_cost_form(tol):
         assert marginal_error(T, mu, nu)[0][live].max().item() <= tol
 
 
+def test_constant_plan_paths_never_read_back_without_tol(monkeypatch):
+    """tol=None: the structural constant-plan path (the kernel from S) and the re-ranking fast
+    path call nothing that reads a value back to the host (.item(), bool(), nonzero)."""
+    from glassmetric.similarity.sinkhorn import _plan_from_similarity
+    from glassmetric.similarity.structural import _gathered_block_scores
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(3, 9, 8, generator=g), dim=-1)
+    gx = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    idx = torch.randint(0, 3, (2, 3), generator=g)
+    mu = torch.full((3, 9), 1 / 9)
+    mu[0] = 0  # an all-zero marginal: handled without asking whether there is one
+    calls = []
+    for name in ("item", "__bool__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=orig, _n=name: calls.append(_n) or _o(self, *a))
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("nonzero"))
+    _plan_from_similarity(x @ x.transpose(1, 2), mu, mu, epsilon=0.05, max_iter=20, tol=None)
+    structural_similarity(x[:, None], x[None], gx[:, None], gx[None], iters=20)
+    _gathered_block_scores(x[:2], gx[:2], x, gx, idx, epsilon=0.05, iters=20, tol=None,
+                           marginals="cross_correlation", per_query=False)
+    assert calls == []
+
+
 def test_bad_arguments():
     C, mu = torch.rand(3, 3), torch.full((3,), 1 / 3)
     with pytest.raises(ValueError):

@@ -476,10 +476,9 @@ def _plan_from_similarity(
         # vector makes every bmm of the iterations copy it matrix by matrix
         a = mu.detach().to(dtype).expand(*batch, n).reshape(-1, n).contiguous()
         b = nu.detach().to(dtype).expand(*batch, m).reshape(-1, m).contiguous()
-        dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,)
-        if bool(dead.any()):
-            a = torch.where(dead[:, None], torch.full_like(a, 1.0 / n), a)
-            b = torch.where(dead[:, None], torch.full_like(b, 1.0 / m), b)
+        dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,); no `if dead.any()`: no host sync
+        a = torch.where(dead[:, None], 1.0 / n, a)
+        b = torch.where(dead[:, None], 1.0 / m, b)
         r, c = _scaling_iterations(E, a, b, max_iter, tol, check_every, compact)
         r = torch.where(dead[:, None], 0.0, r)
         return E.mul_(r[:, :, None]).mul_(c[:, None, :]).view(*batch, n, m)
