@@ -88,6 +88,38 @@ def test_rerank_chunking_invariance():
         torch.testing.assert_close(res.scores, ref.scores, rtol=0, atol=1e-6)
 
 
+def test_rerank_with_tolerance_is_chunking_invariant_and_converged():
+    """With a tol, each OT problem stops at its own check, so no chunk composition changes a
+    score; and each score is that of a plan within the tolerance."""
+    qg, ql, _ = make_data(11, 3, seed=3, dtype=torch.float32)
+    gg, gl, _ = make_data(20, 3, seed=4, dtype=torch.float32)
+    kw = dict(k=6, epsilon=0.05, iters=2000, tol=1e-5)
+    ref = structural_rerank(qg, ql, gg, gl, **kw)
+    for chunk in (1, 3, 11):
+        res = structural_rerank(qg, ql, gg, gl, chunk_size=chunk, **kw)
+        assert torch.equal(res.indices, ref.indices)
+        torch.testing.assert_close(res.scores, ref.scores, rtol=0, atol=1e-6)
+    exact = structural_rerank(qg, ql, gg, gl, k=6, epsilon=0.05, iters=3000)
+    torch.testing.assert_close(
+        ref.structural_scores, exact.structural_scores.gather(
+            1, (exact.indices[:, :, None] == ref.indices[:, None, :]).float().argmax(1)
+        ), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtypes", [("float32", "float64"), ("float32", "float32")])
+def test_rerank_general_path_matches_brute_force(dtypes):
+    """Mixed query / gallery dtypes, or (float32) an epsilon too small for the plain kernel,
+    take the general block path; it must give the same ranking."""
+    qg, ql, _ = make_data(6, 3, seed=1, dtype=getattr(torch, dtypes[0]))
+    gg, gl, _ = make_data(15, 3, seed=2, dtype=getattr(torch, dtypes[1]))
+    eps = 0.05 if dtypes[0] != dtypes[1] else 0.03  # 2 / 0.03 > 50: the log-domain kernel
+    ot = dict(epsilon=eps, iters=50)
+    res = structural_rerank(qg, ql, gg, gl, k=5, **ot)
+    ranked, scores = brute_rerank(qg.double(), ql.double(), gg.double(), gl.double(), 5, **ot)
+    assert torch.equal(res.indices, ranked[:, :5])
+    torch.testing.assert_close(res.scores.double(), scores, rtol=0, atol=1e-5)
+
+
 def test_rerank_exclude_self():
     glob, local, _ = make_data(14, 3, seed=5)
     res = structural_rerank(glob, local, k=13, **OT)  # same set: self excluded

@@ -256,6 +256,129 @@ def test_tolerance_stops_early_with_the_promised_error(cost_range):
     assert marginal_error(loose, a, b)[0].max().item() > 1e-6  # it really stopped earlier
 
 
+def _varied_batch(seed=7, batch=40, n=9, m=11):
+    """A float32 batch whose problems converge at very different speeds (cost spreads from 0.1
+    to 1), with zero-mass rows / columns and one all-zero marginal (problem 3)."""
+    rng = np.random.default_rng(seed)
+    C, a, b = problem(rng, n, m, zeros_a=1, zeros_b=2, batch=(batch,))
+    C = C * rng.uniform(0.1, 1.0, size=(batch, 1, 1))
+    a[3] = 0
+    return [torch.from_numpy(x).float() for x in (C, a, b)]
+
+
+def test_per_problem_stopping_equals_solving_each_problem_alone():
+    C, a, b = _varied_batch()
+    kw = dict(epsilon=0.02, max_iter=5000, tol=1e-5, cost_range=1.0)
+    T = sinkhorn(C, a, b, **kw)  # compact=True: each problem stops at its own check
+    assert torch.isfinite(T).all()
+    for i in range(len(C)):  # a batch of one stops exactly when its problem converges
+        Ti = sinkhorn(C[i], a[i], b[i], compact=False, **kw)
+        assert (T[i] - Ti).abs().max().item() <= 1e-6, i
+    live = torch.arange(len(C)) != 3
+    rows, cols = marginal_error(T, a, b)
+    assert rows[live].max().item() <= 1e-5 and cols[live].max().item() <= 1e-6
+    assert T[3].eq(0).all()  # the all-zero marginal gives a zero plan
+    # stopping the whole batch at once meets the same tolerance, but iterates most problems
+    # further, so its plans differ
+    Tb = sinkhorn(C, a, b, compact=False, **kw)
+    rows_b, _ = marginal_error(Tb, a, b)
+    assert rows_b[live].max().item() <= 1e-5
+    assert (Tb - T).abs().amax((-2, -1))[live].gt(1e-6).sum() > len(C) // 2
+
+
+def test_per_problem_stopping_at_max_iter_and_with_fixed_iterations():
+    C, a, b = _varied_batch(seed=8)
+    kw = dict(epsilon=0.02, cost_range=1.0)
+    # an unreachable tolerance: every problem runs max_iter iterations, as with tol=None
+    fixed = sinkhorn(C, a, b, max_iter=23, **kw)
+    capped = sinkhorn(C, a, b, max_iter=23, tol=0.0, check_every=4, **kw)
+    assert torch.equal(capped, fixed)
+    # a tolerance that about half the problems meet at the first check: those stop there,
+    # the others iterate on
+    first = sinkhorn(C, a, b, max_iter=5, **kw)
+    rows, _ = marginal_error(first, a, b)
+    live = torch.arange(len(C)) != 3
+    tol = rows[live].median().item()
+    T = sinkhorn(C, a, b, max_iter=5000, tol=tol, check_every=5, **kw)
+    early, late = live & (rows <= 0.5 * tol), live & (rows > 2 * tol)
+    assert early.sum() >= 5 and late.sum() >= 5
+    assert (T[early] - first[early]).abs().max().item() <= 1e-7
+    assert ((T[late] - first[late]).abs().amax((-2, -1)) > 1e-6).all()
+    assert marginal_error(T, a, b)[0][live].max().item() <= tol
+
+
+def test_per_problem_stopping_syncs_once_per_check(monkeypatch):
+    C, a, b = _varied_batch(seed=9)
+    calls = []
+    orig = torch.nonzero
+
+    def counting_nonzero(*args, **kwargs):
+        calls.append(1)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "nonzero", counting_nonzero)
+    sinkhorn(C, a, b, epsilon=0.02, max_iter=40, cost_range=1.0)
+    assert calls == []  # no tolerance: no host sync at all
+    T = sinkhorn(C, a, b, epsilon=0.02, max_iter=5000, tol=1e-5, check_every=5, cost_range=1.0)
+    checks = len(calls)
+    # one nonzero per check, plus one per compaction and one for the problems left at the end
+    # (the batch here converges in well under 100 checks)
+    assert 0 < checks < 100
+    assert marginal_error(T, a, b)[0][torch.arange(len(C)) != 3].max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("tol", [None, 1e-5])
+def test_plan_from_similarity_equals_the_cost_form(tol):
+    """The structural fast path (kernel straight from S, any strides) solves the same problem
+    with the same iterations as sinkhorn on the cost 1 - clamp(S)."""
+    from glassmetric.similarity.sinkhorn import _plan_from_similarity
+
+    g = torch.Generator().manual_seed(3)
+    SX = torch.rand(6, 5, 10, 8, generator=g) * 2.2 - 1.1  # a few entries outside [-1, 1]
+    S = SX[:, :, :9, :]  # a strided slice, as the fused product gives it
+    mu = torch.rand(6, 5, 9, generator=g)
+    nu = torch.rand(6, 1, 8, generator=g).expand(6, 5, 8)  # broadcast
+    mu[0, 0, :3] = 0
+    nu = nu.clone()
+    nu[1, 2] = 0  # an all-zero marginal: a zero plan
+    mu, nu = mu / mu.sum(-1, keepdim=True), nu / nu.sum(-1, keepdim=True).clamp_min(1e-30)
+    kw = dict(epsilon=0.05, max_iter=5000, tol=tol)
+    T = _plan_from_similarity(S, mu, nu, **kw)
+    ref = sinkhorn(1 - S.clamp(-1, 1), mu, nu, cost_range=2.0, **kw)
+    assert T.shape == (6, 5, 9, 8) and T.is_contiguous() and torch.isfinite(T).all()
+    assert (T - ref).abs().max().item() <= 1e-6
+    assert T[1, 2].eq(0).all() and T[0, 0, :3].eq(0).all()
+    if tol is not None:
+        live = torch.ones(6, 5, dtype=torch.bool)
+        live[1, 2] = False
+        assert marginal_error(T, mu, nu)[0][live].max().item() <= tol
+
+
+def test_constant_plan_paths_never_read_back_without_tol(monkeypatch):
+    """tol=None: the structural constant-plan path (the kernel from S) and the re-ranking fast
+    path call nothing that reads a value back to the host (.item(), bool(), nonzero)."""
+    from glassmetric.similarity.sinkhorn import _plan_from_similarity
+    from glassmetric.similarity.structural import _gathered_block_scores
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(3, 9, 8, generator=g), dim=-1)
+    gx = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    idx = torch.randint(0, 3, (2, 3), generator=g)
+    mu = torch.full((3, 9), 1 / 9)
+    mu[0] = 0  # an all-zero marginal: handled without asking whether there is one
+    calls = []
+    for name in ("item", "__bool__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=orig, _n=name: calls.append(_n) or _o(self, *a))
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("nonzero"))
+    _plan_from_similarity(x @ x.transpose(1, 2), mu, mu, epsilon=0.05, max_iter=20, tol=None)
+    structural_similarity(x[:, None], x[None], gx[:, None], gx[None], iters=20)
+    _gathered_block_scores(x[:2], gx[:2], x, gx, idx, epsilon=0.05, iters=20, tol=None,
+                           marginals="cross_correlation", per_query=False)
+    assert calls == []
+
+
 def test_bad_arguments():
     C, mu = torch.rand(3, 3), torch.full((3,), 1 / 3)
     with pytest.raises(ValueError):

@@ -13,7 +13,13 @@ structural ranking.
 Batched and memory-bounded: the ``K`` candidates of a chunk of queries are re-scored at once,
 one ``(chunk, K)`` block of OT problems
 (:func:`glassmetric.similarity.structural.structural_similarity` with query ``(c, N, D)``
-against candidates ``(c, K, N, D)``); the only Python loop is over query chunks.
+against candidates ``(c, K, N, D)``); the only Python loop is over query chunks. On the usual
+path (one float dtype, ``2 / epsilon <= 50`` in float32) the candidates of each query are
+gathered into one reused buffer and a single matrix product with ``[x_local; g_x]`` gives S,
+both marginals' correlations and the cosines
+(:func:`glassmetric.similarity.structural._gathered_block_scores`: a loop over the queries of
+a chunk for the gather and the product only; the OT problems of the chunk are still solved in
+one batched call).
 
 Ordering: the re-ranked candidates are sorted by descending multi-scale score with a stable
 sort, so candidates with equal scores keep their global order (which breaks its own ties
@@ -31,6 +37,7 @@ from torch import Tensor
 
 from glassmetric.similarity.structural import (
     MarginalKind,
+    _gathered_block_scores,
     global_similarity,
     structural_similarity,
 )
@@ -86,13 +93,18 @@ def default_rerank_chunk_rows(
 ) -> int:
     """Queries per chunk so one chunk's ``k`` candidates fit ``budget_bytes``.
 
-    A query costs about ``4 k N (D + 8 N)`` bytes: its gathered candidate local embeddings
-    (``k N D`` floats) and the Sinkhorn working set (about six ``k N N`` float buffers, plus
-    the local similarities and plan).
+    On accelerators a query costs about ``4 k N (D + 8 N)`` bytes: its gathered candidate
+    local embeddings (``k N D`` floats) and the Sinkhorn working set (about eight ``k N N``
+    float buffers: the product holding S, the kernel and its transpose, the plan, temporaries).
+    On the CPU the candidates are gathered one query at a time into one reused buffer
+    (:func:`glassmetric.similarity.structural._gathered_block_scores`), so a query costs the
+    working set only, ``4 k N (8 N)`` bytes (``bench/structural.py``: 1.0-1.2x over chunks
+    sized with the gathered embeddings counted).
     """
+    is_cpu = torch.device(device).type == "cpu"
     if budget_bytes is None:
-        budget_bytes = RERANK_BUDGET_BYTES_CPU if torch.device(device).type == "cpu" else RERANK_BUDGET_BYTES
-    per_query = 4 * max(1, k) * n_cells * (dim + 8 * n_cells)
+        budget_bytes = RERANK_BUDGET_BYTES_CPU if is_cpu else RERANK_BUDGET_BYTES
+    per_query = 4 * max(1, k) * n_cells * ((0 if is_cpu else dim) + 8 * n_cells)
     return max(1, budget_bytes // per_query)
 
 
@@ -282,6 +294,19 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
         empty = torch.empty(q, k, dtype=dtype, device=qg.device)
         return empty, empty.clone()
     rows = chunk_size or default_rerank_chunk_rows(k, ql.shape[1], ql.shape[2], device=ql.device)
+    gs, ss = [], []
+    # fast path: per query, one gather of its candidates into a cached buffer and one product
+    # for S, both marginals' correlations and the cosines
+    buf = torch.empty(k * gl.shape[1] + k, gl.shape[2], dtype=gl.dtype, device=gl.device)
+    for start in range(0, q, rows):
+        sl = slice(start, start + rows)
+        out = _gathered_block_scores(ql[sl], qg[sl], gl, gg, idx[sl], buffer=buf, **kw)
+        if out is None:  # not applicable (mixed dtypes, small epsilon): the general path
+            break
+        gs.append(out[0])
+        ss.append(out[1])
+    else:
+        return torch.cat(gs).to(dtype), torch.cat(ss).to(dtype)
     gs, ss = [], []
     # one buffer for the gathered candidate locals of the largest chunk, filled by
     # index_select (much faster than advanced indexing on CPU); structural_similarity keeps no

@@ -70,6 +70,17 @@ Conventions
   exact after the ``v`` update) is computed on the device and read back with one ``.item()`` (one
   host sync per chunk, never per iteration); the loop stops when it is ``<= tol``. The check
   reuses its log-sum-exp as the next ``u`` update, so it costs almost nothing extra.
+
+  On the no-graph shifted-kernel path (the one structural re-ranking takes) the stopping is
+  per problem by default (``compact=True``): each problem stops at the first check where ITS
+  row error is ``<= tol``, its scalings are recorded there, and the converged problems are
+  dropped from the active batch (index ops on the kernels) once they are 1/8 of it. A problem's
+  plan then does not depend on the rest of the batch (the same plan as solving it alone), and a
+  batch no longer iterates until its slowest problem converges (re-ranking on random data:
+  11 iterations per problem on average where the slowest of a 2,000-problem chunk needed 43).
+  The check reads back the indices of the newly converged problems (one ``nonzero``: one host
+  sync per check, plus one per compaction), never one per iteration; with ``tol=None`` nothing
+  changes and nothing synchronises.
 * Gradients: ``grad="none_through_plan"`` (default, the DIML setting) solves under
   :func:`torch.no_grad` and returns a plan with no graph, so ``sum(T * S)`` back-propagates
   exactly ``T`` into ``S`` and nothing into ``cost``, ``mu`` or ``nu`` through ``T``.
@@ -93,6 +104,10 @@ GradMode = Literal["none_through_plan", "unrolled"]
 #: (the smallest term that matters is ``exp(-limit)``: 2e-22 in float32, 1e-261 in float64,
 #: far above the smallest normal number of each).
 KERNEL_RANGE_LIMIT = {torch.float32: 50.0, torch.float64: 600.0}
+
+#: ``exp(x) = exp2(x * log2(e))``: the kernels are formed with :func:`torch.exp2`, about 4x
+#: faster than :func:`torch.exp` on the CPU (AVX-512, float32) at the same accuracy class.
+_LOG2E = 1.0 / math.log(2.0)
 
 # Finite stand-in for log(0): exp() of it (plus any bounded potential) is exactly 0, and unlike
 # -inf it never creates inf - inf = NaN in the forward pass or in the gradients.
@@ -147,6 +162,7 @@ def sinkhorn(
     grad: GradMode = "none_through_plan",
     differentiable: bool | None = None,
     cost_range: float | None = None,
+    compact: bool = True,
 ) -> Tensor:
     r"""Entropic OT plans ``T (..., n, m)`` for costs ``(..., n, m)`` and marginals ``mu``, ``nu``.
 
@@ -170,6 +186,11 @@ def sinkhorn(
             (2.0 for ``1 - cos``); enables the faster shifted-kernel path when
             ``cost_range / epsilon <= KERNEL_RANGE_LIMIT[dtype]``. Pass it only when it is
             guaranteed: a true spread far above the limit can underflow the kernel (inf/NaN).
+        compact: with a ``tol``, on the no-graph shifted-kernel path (a ``cost_range``, no
+            autograd graph needed): stop each problem at the first check where its own error
+            is ``<= tol`` and drop converged problems from the active batch (default).
+            False: the whole batch iterates until its worst problem is within ``tol``. The
+            log-domain paths always stop the whole batch at once.
 
     Returns:
         The plan, float32 (float64 if any input is float64), shape ``broadcast(...) + (n, m)``.
@@ -198,7 +219,7 @@ def sinkhorn(
     dtype = _compute_dtype(cost, mu, nu)
     use_kernel = cost_range is not None and cost_range / epsilon <= KERNEL_RANGE_LIMIT[dtype]
 
-    args = (cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel)
+    args = (cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel, compact)
     with torch.autocast(cost.device.type, enabled=False):
         if grad == "none_through_plan":
             with torch.no_grad():
@@ -206,12 +227,14 @@ def sinkhorn(
         return _solve(*args)
 
 
-def _solve(cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel) -> Tensor:
+def _solve(
+    cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel, compact
+) -> Tensor:
     n, m = cost.shape[-2:]
     # flatten the (broadcast) leading dims into one batch dim B
     C = cost.to(dtype).expand(*batch, n, m).reshape(-1, n, m)
-    a = mu.to(dtype).expand(*batch, n).reshape(-1, n)
-    b = nu.to(dtype).expand(*batch, m).reshape(-1, m)
+    a = mu.to(dtype).expand(*batch, n).reshape(-1, n).contiguous()
+    b = nu.to(dtype).expand(*batch, m).reshape(-1, m).contiguous()
 
     # problems with an all-zero marginal: solve with uniform marginals, zero the plan at the end
     dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,)
@@ -223,7 +246,7 @@ def _solve(cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_
 
     needs_graph = torch.is_grad_enabled() and (C.requires_grad or a.requires_grad or b.requires_grad)
     if use_kernel and not needs_graph:
-        T = _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every)
+        T = _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every, compact)
         return T.reshape(*batch, n, m)
 
     K = C / (-epsilon)
@@ -292,7 +315,7 @@ def _solve(cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_
 _BMM_MIN_ROWS = 25
 
 
-def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every) -> Tensor:
+def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every, compact) -> Tensor:
     """Plain Sinkhorn scalings on the row-shifted kernel, for the bounded-range, no-graph case.
 
     ``E_ij = exp(-(C_ij - min_j C_ij) / eps)``: every entry lies in ``[exp(-range/eps), 1]``
@@ -304,12 +327,21 @@ def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every) -> Tensor
     Zero-mass rows / columns get a scaling of exactly 0 (the denominators are clamped to the
     smallest normal number, never 0, so there is no 0/0 and no NaN), hence exact zeros in the plan.
     """
-    B, n, m = C.shape
-    dtype = C.dtype
-    E = (C - C.amin(-1, keepdim=True)).mul_(-1.0 / epsilon).exp_()  # new buffer, no graph
-    tiny = torch.finfo(dtype).tiny
-    # both E and E^T are kept so that each product reads its matrix along contiguous rows
-    E_T = E.transpose(-1, -2).contiguous()  # (B, m, n)
+    E = (C - C.amin(-1, keepdim=True)).mul_(-_LOG2E / epsilon).exp2_()  # new buffer, no graph
+    r, c = _scaling_iterations(E, a, b, max_iter, tol, check_every, compact)
+    r = torch.where(dead[:, None], 0.0, r)
+    return E.mul_(r[:, :, None]).mul_(c[:, None, :])
+
+
+#: With per-problem stopping, the converged problems are dropped from the active batch (which
+#: copies the active kernels) once they make up this share of it; until then they are carried
+#: along, their scalings already recorded at the check where they converged.
+_COMPACT_SHARE = 0.125
+
+
+def _kernel_products(E: Tensor, E_T: Tensor):
+    """``(row_dot, col_dot)``: ``c -> E c`` and ``r -> E^T r`` for ``E (B, n, m)``."""
+    B, n, m = E.shape
     if min(n, m) >= _BMM_MIN_ROWS:
 
         def row_dot(c: Tensor) -> Tensor:  # (E c)_i = (c^T E^T)_i -> (B, n)
@@ -326,25 +358,130 @@ def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every) -> Tensor
         def col_dot(r: Tensor) -> Tensor:
             return (E * r[:, :, None]).sum(-2)
 
+    return row_dot, col_dot
+
+
+def _scaling_iterations(E, a, b, max_iter, tol, check_every, compact) -> tuple[Tensor, Tensor]:
+    """Scalings ``(r, c)`` of ``E (B, n, m)`` with ``diag(r) E diag(c)`` matching ``a``, ``b``.
+
+    ``tol`` None: exactly ``max_iter`` iterations, no host sync. With a ``tol``, the row error
+    ``|r * (E c) - a|_1`` (the columns are exact after each ``c`` update) is checked every
+    ``check_every`` iterations, one host sync per check:
+
+    * ``compact`` False: the whole batch stops at the first check where every problem is
+      within ``tol``;
+    * ``compact`` True: each problem stops at the first check where ITS error is within
+      ``tol``; its scalings are recorded then, and converged problems are dropped from the
+      active batch (index ops on the kernels) once they are :data:`_COMPACT_SHARE` of it. The
+      result of a problem does not depend on the rest of the batch.
+    """
+    B, n, m = E.shape
+    dtype = E.dtype
+    tiny = torch.finfo(dtype).tiny
+    # both E and E^T are kept so that each product reads its matrix along contiguous rows
+    E_T = E.transpose(-1, -2).contiguous()  # (B, m, n)
+    row_dot, col_dot = _kernel_products(E, E_T)
     # c = 1 on live columns, 0 on zero-mass ones (v = 0 / log 0 in the log-domain solver)
     c = (b > 0).to(dtype)
     r = torch.zeros_like(a)
+    per_problem = tol is not None and compact
+    if per_problem:
+        r_out, c_out = torch.empty_like(r), torch.empty_like(c)
+        active = torch.arange(B, device=E.device)  # full-batch index of each active problem
+        done = torch.zeros(B, dtype=torch.bool, device=E.device)  # recorded, still carried
+        n_done = 0
     den_next: Tensor | None = None  # E c already computed by the convergence check
     for it in range(max_iter):
         den = den_next if den_next is not None else row_dot(c)
         den_next = None
         r = torch.div(a, den.clamp_min_(tiny))
         c = torch.div(b, col_dot(r).clamp_min_(tiny))
-        if tol is not None and (it + 1) % check_every == 0 and it + 1 < max_iter:
-            den_next = row_dot(c)  # also the next iteration's denominator
-            # row sums of the current plan: (T 1)_i = r_i (E c)_i
-            err = (r * den_next - a).abs().sum(-1).amax()
-            if err.item() <= tol:  # the one host sync of this chunk
+        if tol is None or (it + 1) % check_every != 0 or it + 1 >= max_iter:
+            continue
+        den_next = row_dot(c)  # also the next iteration's denominator
+        # row sums of the current plan: (T 1)_i = r_i (E c)_i
+        err = (r * den_next - a).abs().sum(-1)
+        if not per_problem:
+            if err.amax().item() <= tol:  # the one host sync of this check
                 break
+            continue
+        new = (err <= tol) & ~done
+        new_idx = torch.nonzero(new).squeeze(1)  # the one host sync of this check
+        if len(new_idx) == 0:
+            continue
+        r_out.index_copy_(0, active[new_idx], r[new_idx])
+        c_out.index_copy_(0, active[new_idx], c[new_idx])
+        done |= new
+        n_done += len(new_idx)
+        if n_done == len(active):  # every problem has converged
+            return r_out, c_out
+        if n_done >= _COMPACT_SHARE * len(active):
+            keep = torch.nonzero(~done).squeeze(1)
+            active, a, b, c, den_next = (t[keep] for t in (active, a, b, c, den_next))
+            E, E_T = E.index_select(0, keep), E_T.index_select(0, keep)
+            row_dot, col_dot = _kernel_products(E, E_T)
+            done = torch.zeros(len(active), dtype=torch.bool, device=E.device)
+            n_done = 0
+    if not per_problem:
+        return r, c
+    # max_iter reached: the problems not recorded keep their last scalings
+    rest = torch.nonzero(~done).squeeze(1)
+    r_out.index_copy_(0, active[rest], r[rest])
+    c_out.index_copy_(0, active[rest], c[rest])
+    return r_out, c_out
 
-    del row_dot, col_dot, E_T  # free E^T before the plan is formed in E's memory
-    r = torch.where(dead[:, None], 0.0, r)
-    return E.mul_(r[:, :, None]).mul_(c[:, None, :])
+
+def _plan_from_similarity(
+    S: Tensor,
+    mu: Tensor,
+    nu: Tensor,
+    *,
+    epsilon: float,
+    max_iter: int,
+    tol: float | None,
+    check_every: int = 5,
+    compact: bool = True,
+) -> Tensor:
+    r"""Constant (no-graph) plans for the cost ``1 - clamp(S, -1, 1)`` of similarities ``S``.
+
+    The same problem and the same iterations as ``sinkhorn(1 - S.clamp(-1, 1), mu, nu,
+    cost_range=2.0, ...)`` on its plain-scaling path, with the set-up in one pass over ``S``
+    plus two in place: the kernel is ``exp(clamp(S) / eps) = exp(-C / eps) * exp(1 / eps)``,
+    a constant multiple of ``exp(-C / eps)`` (absorbed by the row scaling), whose entries lie
+    in ``[exp(-1/eps), exp(1/eps)]`` because ``C`` lies in ``[0, 2]``: the same spread as the
+    row-shifted kernel of :func:`sinkhorn`, so no row minimum is needed. Valid while
+    ``2 / epsilon <= KERNEL_RANGE_LIMIT[dtype]`` (the caller checks it).
+
+    ``S (..., n, m)`` may have any strides (e.g. a slice of a larger product); ``mu (..., n)``,
+    ``nu (..., m)`` broadcast against it. Returns the contiguous plan ``(batch..., n, m)`` in
+    float32 (float64 if an input is float64). Zero-mass entries and all-zero marginals behave
+    as in :func:`sinkhorn`.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be None or >= 0, got {tol}")
+    n, m = S.shape[-2:]
+    if mu.shape[-1] != n or nu.shape[-1] != m:
+        raise ValueError(
+            f"marginal sizes {tuple(mu.shape)} / {tuple(nu.shape)} do not fit {tuple(S.shape)}"
+        )
+    batch = torch.broadcast_shapes(S.shape[:-2], mu.shape[:-1], nu.shape[:-1])
+    dtype = _compute_dtype(S, mu, nu)
+    with torch.no_grad(), torch.autocast(S.device.type, enabled=False):
+        E = torch.empty(*batch, n, m, dtype=dtype, device=S.device)
+        torch.clamp(S.detach().to(dtype).expand(*batch, n, m), -1.0, 1.0, out=E)
+        E = E.mul_(_LOG2E / epsilon).exp2_().view(-1, n, m)  # exp2: 4x faster than exp on CPU
+        # contiguous: the scalings take the layout of the marginals, and a strided scaling
+        # vector makes every bmm of the iterations copy it matrix by matrix
+        a = mu.detach().to(dtype).expand(*batch, n).reshape(-1, n).contiguous()
+        b = nu.detach().to(dtype).expand(*batch, m).reshape(-1, m).contiguous()
+        dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,); no `if dead.any()`: no host sync
+        a = torch.where(dead[:, None], 1.0 / n, a)
+        b = torch.where(dead[:, None], 1.0 / m, b)
+        r, c = _scaling_iterations(E, a, b, max_iter, tol, check_every, compact)
+        r = torch.where(dead[:, None], 0.0, r)
+        return E.mul_(r[:, :, None]).mul_(c[:, None, :]).view(*batch, n, m)
 
 
 def marginal_error(plan: Tensor, mu: Tensor, nu: Tensor) -> tuple[Tensor, Tensor]:

@@ -38,7 +38,10 @@ Precision and gradients
 disabled; results are float32 (float64). ``S`` used for the cost is clamped to ``[-1, 1]`` (the
 inputs are normalised, so this only removes rounding) which bounds the cost spread by 2 and lets
 the solver use its fast shifted-kernel path when ``2 / epsilon <= 50``; ``SS`` uses the
-unclamped ``S``.
+unclamped ``S``. With a constant plan (the default ``grad``) on that path, the kernel
+``exp(clamp(S) / eps)`` (a constant multiple of ``exp(-C / eps)``, entries within
+``exp(+-1/eps)``) is formed straight from ``S`` in one pass plus two in place, with no cost
+matrix and no row minimum (:func:`glassmetric.similarity.sinkhorn._plan_from_similarity`).
 
 With the default ``grad="none_through_plan"`` the plan ``T`` is a constant, so
 ``dSS/dS = T`` and gradients reach the LOCAL embeddings only, through ``S``. The marginals feed
@@ -56,7 +59,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from glassmetric.similarity.sinkhorn import GradMode, _resolve_grad, sinkhorn
+from glassmetric.similarity.sinkhorn import (
+    KERNEL_RANGE_LIMIT,
+    GradMode,
+    _plan_from_similarity,
+    _resolve_grad,
+    sinkhorn,
+)
 
 __all__ = [
     "MIN_MASS",
@@ -211,18 +220,95 @@ def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, margi
     if marginals == "cross_correlation" and grad == "none_through_plan" and x_global is not None \
             and y_global is not None:
         S, mu, nu = _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global)
-        with torch.set_grad_enabled(False):
-            C = 1.0 - S.clamp(-1.0, 1.0)
     else:
         S = local_similarity(x_local, y_local)
-        # with a constant plan, neither the marginals nor the cost need an autograd graph
+        # with a constant plan, the marginals need no autograd graph
         with torch.set_grad_enabled(torch.is_grad_enabled() and grad == "unrolled"):
             mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
-            C = 1.0 - S.clamp(-1.0, 1.0)
+    if grad == "none_through_plan" and epsilon > 0 and \
+            _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[_cdtype(S)]:
+        # a constant plan on the plain-scaling path: the kernel straight from S
+        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+        return S, mu, nu, T
+    C = 1.0 - S.clamp(-1.0, 1.0)
     T = sinkhorn(
         C, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol, grad=grad, cost_range=_COST_RANGE
     )
     return S, mu, nu, T
+
+
+def _gathered_block_scores(
+    x_local: Tensor,
+    x_global: Tensor,
+    gallery_local: Tensor,
+    gallery_global: Tensor,
+    idx: Tensor,
+    *,
+    epsilon: float,
+    iters: int,
+    tol: float | None,
+    marginals: MarginalKind,
+    buffer: Tensor | None = None,
+    per_query: bool | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """``(cos, SS)``, each ``(c, K)``, of queries ``x (c, N, D) / (c, D)`` with the gallery items
+    ``idx (c, K)``, without autograd; None when this fast path does not apply.
+
+    For each query, its K candidates' locals and globals are gathered into one ``(K M + K, D)``
+    buffer (reused: it stays in the caches) and one matrix product with ``[x_local; x_global]``
+    gives S, nu's correlations, mu's correlations and the global cosines at once. The plans
+    come from :func:`glassmetric.similarity.sinkhorn._plan_from_similarity` (constant plans, the
+    kernel straight from S). The same scores as :func:`structural_similarity` on the gathered
+    candidates (to rounding). Applies when all four inputs share one dtype (float32 or float64)
+    and ``2 / epsilon <= KERNEL_RANGE_LIMIT``. ``per_query`` (default: on the CPU only) picks
+    the per-query gather; otherwise the whole chunk is gathered into one ``(c, K M + K, D)``
+    buffer and multiplied in one batched product (what accelerators want).
+    """
+    dt = x_local.dtype
+    if (
+        marginals not in ("cross_correlation", "uniform")
+        or dt not in (torch.float32, torch.float64)
+        or any(t.dtype != dt for t in (x_global, gallery_local, gallery_global))
+        or not (epsilon > 0 and _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[dt])
+    ):
+        return None
+    c, k = idx.shape
+    n, d = x_local.shape[-2:]
+    m = gallery_local.shape[-2]
+    width = k * m + k
+    if per_query is None:
+        per_query = x_local.device.type == "cpu"  # one cached buffer per query on the CPU
+    size = width * d * (1 if per_query else c)
+    if buffer is None or buffer.dtype != dt or buffer.numel() < size:
+        buffer = torch.empty(size, dtype=dt, device=x_local.device)
+    with torch.no_grad(), _no_autocast(x_local):
+        xs = torch.cat([x_local, x_global[:, None, :]], 1)  # (c, N + 1, D)
+        if per_query:
+            buf = buffer.view(-1)[:size].view(width, d)
+            prod = torch.empty(c, n + 1, width, dtype=dt, device=x_local.device)
+            for q in range(c):
+                torch.index_select(gallery_local, 0, idx[q], out=buf[: k * m].view(k, m, d))
+                torch.index_select(gallery_global, 0, idx[q], out=buf[k * m :])
+                torch.mm(xs[q], buf.t(), out=prod[q])
+        else:  # accelerators: one gather and one batched product for the whole chunk
+            buf = buffer.view(-1)[:size].view(c, width, d)
+            flat = idx.reshape(-1)
+            buf[:, : k * m].copy_(gallery_local.index_select(0, flat).view(c, k * m, d))
+            buf[:, k * m :].copy_(gallery_global.index_select(0, flat).view(c, k, d))
+            prod = torch.bmm(xs, buf.transpose(1, 2))
+        # prod[q, :N, :KM] = S, prod[q, N, :KM] = nu's correlations (y's cells vs gx),
+        # prod[q, :N, KM:] = mu's correlations (x's cells vs gy), prod[q, N, KM:] = cos(gx, gy)
+        S = prod[:, :n, : k * m].view(c, n, k, m).permute(0, 2, 1, 3)  # (c, K, N, M), strided
+        cos = prod[:, n, k * m :]
+        if marginals == "cross_correlation":
+            nu = _normalise_correlations(prod[:, n, : k * m].reshape(c, k, m))
+            mu = _normalise_correlations(prod[:, :n, k * m :].transpose(1, 2))
+        else:
+            mu = torch.full((c, k, n), 1.0 / n, dtype=dt, device=x_local.device)
+            nu = torch.full((c, k, m), 1.0 / m, dtype=dt, device=x_local.device)
+        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+        ss = T.mul_(S).sum((-2, -1))
+    return cos.clone(), ss
 
 
 def structural_similarity(
