@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write the metrics as JSON to this file")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
 
-    ex = sub.add_parser("explain", help="explain why two images were judged alike (structural matching figure)")
+    ex = sub.add_parser("explain", help="explain why two images were judged alike (structural matching, or per-group attention for model.groups)")
     ex.add_argument("image_x", help="first image (the query)")
     ex.add_argument("image_y", help="second image (the candidate)")
     ex.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
@@ -151,11 +151,27 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from glassmetric.training.module import load_trained
 
     model, cfg = load_trained(args.checkpoint)
+    if "grouping" in model.extra_heads:
+        return _explain_groups(args, model, cfg)
     pair = explain_files(model, cfg, args.image_x, args.image_y)
     e = pair.structural
     fig = structural_pair_figure(*pair.images, e, top_flows=args.top_flows, titles=(Path(args.image_x).name, Path(args.image_y).name))
     path = save_figure(fig, args.output)
     print(f"global {float(e.s_global):.3f} + structural {float(e.ss):.3f} = score {float(e.score):.3f}")
+    print(f"figure written to {path}")
+    return 0
+
+
+def _explain_groups(args: argparse.Namespace, model, cfg) -> int:
+    from glassmetric.explain.figures import group_pair_figure, save_figure
+    from glassmetric.explain.groups import explain_group_files
+
+    pair = explain_group_files(model, cfg, args.image_x, args.image_y)
+    e = pair.groups
+    fig = group_pair_figure(*pair.images, e, titles=(Path(args.image_x).name, Path(args.image_y).name))
+    path = save_figure(fig, args.output)
+    parts = " + ".join(f"{float(s):.3f}" for s in e.group_similarity)
+    print(f"score {float(e.score):.3f} = ({parts}) / {e.groups}  (per-group cosines)")
     print(f"figure written to {path}")
     return 0
 
