@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", default="100", help="shortlist size(s) K for --rerank; a list sweeps K, e.g. 0,5,10,50,100")
     ev.add_argument("--correspondence", type=int, metavar="PAIRS", help="also score the part correspondence of the "
                     "transport plan on PAIRS same-class pairs (data with part keypoints)")
+    ev.add_argument("--groups-parts", type=int, metavar="IMAGES", help="also measure how distinct the attention "
+                    "groups are on IMAGES images (model.groups checkpoints, data with part keypoints): top-region IoU "
+                    "between groups and the ground-truth part nearest each group's attention peak")
+    ev.add_argument("--groups-fraction", type=float, default=0.1, help="share of the positions in a group's top "
+                    "attention region for --groups-parts (default 0.1)")
     ev.add_argument("--out", help="write the metrics as JSON to this file")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
 
@@ -77,6 +82,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if bool(args.query) != bool(args.gallery):
         raise ConfigError("--query and --gallery go together: give both folders")
+    if not 0 < args.groups_fraction <= 1:
+        raise ConfigError(f"--groups-fraction: expected a share in (0, 1], got {args.groups_fraction}")
+    if args.groups_parts is not None and args.groups_parts < 1:
+        raise ConfigError(f"--groups-parts: expected a number of images >= 1, got {args.groups_parts}")
     model, cfg = load_trained(args.checkpoint, args.overrides)
     knn = args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
@@ -129,10 +138,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"uniform plan {corr['uniform']:.3f} (best possible {corr['upper_bound']:.3f})"
         )
         report["correspondence"] = corr
+    if args.groups_parts:
+        report["group_parts"] = _group_parts(args, model, cfg, dataset)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=float))
         print(f"metrics written to {args.out}")
     return 0
+
+
+def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
+    from glassmetric.explain.group_parts import evaluate_group_parts
+
+    out = evaluate_group_parts(
+        model, dataset, images=args.groups_parts, fraction=args.groups_fraction,
+        crop=cfg.data.eval_image_size or cfg.data.image_size, resize=cfg.data.resize, seed=cfg.seed,
+        device=args.device or "cpu", mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
+    )
+    pairs = ", ".join(f"{p} {v:.3f}" for p, v in out["iou_pairs"].items())
+    print(f"group distinctness over {out['n_images']} images: top-{100 * out['fraction']:.0f}% region IoU "
+          f"{out['iou']:.3f} ({pairs}; chance {out['iou_chance']:.3f}, {out['n_top']} of {out['positions']} positions)")
+    for g, v in out["groups"].items():
+        print(f"  group {g}: attention peak nearest the {v['part']} in {100 * v['share']:.1f}% of the images")
+    return out
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:

@@ -1,5 +1,6 @@
 """`glassmetric explain` on a grouping checkpoint: per-group cosines that sum to the score, a figure."""
 
+import json
 import math
 
 import pytest
@@ -73,3 +74,14 @@ def test_explain_cli_draws_the_group_figure_and_prints_the_sum(checkpoint, image
     cosines = [float(v) for v in parts.split(")")[0].split(" + ")]
     assert len(cosines) == 3 and float(score.split()[1]) == pytest.approx(sum(cosines) / 3, abs=2e-3)
     assert math.isfinite(float(score.split()[1]))
+
+
+def test_eval_cli_reports_group_distinctness(checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--groups-parts", "12", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "region IoU" in printed and "group 3: attention peak nearest the" in printed
+    report = json.loads(out.read_text())["group_parts"]
+    assert report["n_images"] == 12 and set(report["groups"]) == {"1", "2", "3"}
+    assert main(["eval", "--checkpoint", str(checkpoint), "--groups-parts", "4", "--groups-fraction", "0"]) == 2
+    assert "--groups-fraction" in capsys.readouterr().err
