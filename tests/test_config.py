@@ -23,6 +23,10 @@ def test_presets_load_and_match_the_papers():
     assert (pa.model.embedding_dim, pa.optim.name, pa.loss.name) == (512, "adamw", "proxyanchor")
     demo = load_config("demo")
     assert demo.data.name == "synthetic" and demo.trainer.select == "val"
+    dgml = load_config("dgml")
+    assert (dgml.model.backbone, dgml.model.groups, dgml.model.embedding_dim, dgml.loss.name) == ("resnet50", 3, 510, "margin")
+    assert (dgml.trainer.batch_size, dgml.trainer.samples_per_class, dgml.loss.diversity_weight) == (112, 2, 0.02)
+    assert (dgml.optim.lr, dgml.optim.grouping_lr, dgml.optim.query_lr) == (1e-5, 1e-4, 1e-3)
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
