@@ -50,10 +50,13 @@ class GroupedLoss(nn.Module):
             out["structural"] = self.structural(output, labels)
         return out
 
+    def combine(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective from its :meth:`terms`."""
+        total = terms["metric"] + self.diversity_weight * terms["diversity"]
+        return total + terms["structural"] if "structural" in terms else total
+
     def forward(self, output: EmbeddingOutput, labels: torch.Tensor) -> torch.Tensor:
-        t = self.terms(output, labels)
-        total = t["metric"] + self.diversity_weight * t["diversity"]
-        return total + t["structural"] if "structural" in t else total
+        return self.combine(self.terms(output, labels))
 
     def learning_rate(self, base_lr: float) -> float:
         return self.per_group[0].learning_rate(base_lr)

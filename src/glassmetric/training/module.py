@@ -84,7 +84,7 @@ class MetricLearner(pl.LightningModule):
         labels = self.label_lookup[batch["label"]]
         if isinstance(self.loss, GroupedLoss):
             terms = self.loss.terms(output, labels)
-            loss = terms["metric"] + self.loss.diversity_weight * terms["diversity"] + terms.get("structural", 0.0)
+            loss = self.loss.combine(terms)
             for name, value in terms.items():
                 self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(labels))
         else:
