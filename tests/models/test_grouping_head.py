@@ -118,3 +118,13 @@ def test_grouping_works_on_every_kind_of_backbone(backbone, kwargs, grid):
     out = model(torch.randn(2, 3, 64, 64))
     assert out.attention.shape == (2, 3, grid, grid) and out.group_embeddings.shape == (2, 3, 4)
     torch.testing.assert_close(out.embedding.norm(dim=1), torch.ones(2))
+
+
+def test_grouping_under_bf16_autocast_stays_normalised():
+    torch.manual_seed(3)
+    head = GroupingHead(16, 12, groups=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _run(head, torch.randn(2, 16, 4, 4))
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
+    torch.testing.assert_close(out["attention"].float().sum((2, 3)), torch.ones(2, 3), atol=2e-2, rtol=0)
+    torch.testing.assert_close(out["embedding"].float().norm(dim=1), torch.ones(2), atol=2e-2, rtol=0)
