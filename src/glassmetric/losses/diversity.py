@@ -1,4 +1,4 @@
-"""The DGML diversity loss (Xu et al. 2020, Sec. 3.3): the groups of one image should differ.
+"""The DGML diversity loss (Xu et al., arXiv 2011.08877): the groups of one image should differ.
 
 For each image, the embeddings f_i, f_j of every pair of two different groups (i < j) form a
 negative pair of a binomial-deviance term (Yi et al. 2014):

@@ -1,4 +1,4 @@
-"""The DGML training objective (Xu et al. 2020, eq. 8): a metric loss on every group, plus diversity.
+"""The DGML training objective (Xu et al., arXiv 2011.08877): a metric loss on every group, plus diversity.
 
     L = 1/k sum_i L_metric(o_i) + w * L_div(o_1 .. o_k)   [+ L_structural]
 

@@ -1,4 +1,4 @@
-"""Attentive grouping (DGML, Xu et al. 2020, Sec. 3.2 "grouping attention").
+"""Attentive grouping (DGML, Xu et al., arXiv 2011.08877): the grouping attention module.
 
 On the last feature map f_p (C channels, p = 1 .. h*w positions):
 
@@ -12,7 +12,7 @@ The retrieval embedding is the concatenation ``[o_1, ..., o_k] / sqrt(k)``: unit
 cosine with another image's is the mean of the k per-group cosines, so ranking by it is
 ranking by the sum of per-group cosines (the decomposition :mod:`glassmetric.explain.groups`
 shows). Every step is per position or a sum over positions, so the group embeddings are
-invariant to any permutation of the spatial positions (the paper's Proposition 1).
+invariant to any permutation of the spatial positions, as the paper states.
 
 The head replaces the global embedding (``embedding``) and adds ``group_embeddings``
 (B, k, D/k) and ``attention`` (B, k, h, w) to the model's output.
