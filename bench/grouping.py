@@ -6,7 +6,7 @@ rates of the run). Both models are built from the same preset by
 :func:`glassmetric.training.module.build_model_from_config` and
 :func:`~glassmetric.training.module.build_training_loss`, differing only in ``model.groups``,
 and run on the same random batch (``batch / samples_per_class`` classes, ``samples_per_class``
-images each). Rounds are interleaved (plain, grouped, plain, grouped, ...) after warm-up steps,
+images each). Rounds are interleaved (plain, grouped, grouped, plain, ...) after warm-up steps,
 so both see the same machine load. Reported: the best step time of each (the least disturbed
 by other jobs), their ratio, and the median and range of the per-round ratios.
 
@@ -63,8 +63,9 @@ def bench(setting: str, loss: str, rounds: int, steps: int, device) -> dict:
     for _, model, criterion, opt, labels in variants.values():  # warm-up
         run_step(model, criterion, opt, images, labels)
     times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, (_, model, criterion, opt, labels) in variants.items():
+    for r in range(rounds):
+        order = list(variants.items()) if r % 2 == 0 else list(variants.items())[::-1]  # ABBA: no order bias
+        for name, (_, model, criterion, opt, labels) in order:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
