@@ -158,7 +158,8 @@ def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
     print(f"group distinctness over {out['n_images']} images: top-{100 * out['fraction']:.0f}% region IoU "
           f"{out['iou']:.3f} ({pairs}; chance {out['iou_chance']:.3f}, {out['n_top']} of {out['positions']} positions)")
     for g, v in out["groups"].items():
-        print(f"  group {g}: attention peak nearest the {v['part']} in {100 * v['share']:.1f}% of the images")
+        print(f"  group {g}: attention peak nearest the {v['part']} in {100 * v['share']:.1f}% of the images "
+              f"(peak at its most frequent position in {100 * v['fixed_position']:.1f}%)")
     return out
 
 

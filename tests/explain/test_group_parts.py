@@ -77,6 +77,27 @@ def test_peaks_nearest_parts_and_assignment_match_loops():
     assert part_assignment(nearest, 5).numpy().tolist() == expected_counts.tolist()
 
 
+def test_a_group_that_always_peaks_at_one_position_is_flagged_as_fixed():
+    class Fixed(torch.nn.Module):
+        """Attention fixed on position 3 (group 1) or moving with the image (group 2)."""
+
+        extra_heads = {"grouping": None}
+
+        def forward(self, images):
+            n = len(images)
+            att = torch.zeros(n, 2, 2, 2)
+            att[:, 0, 1, 1] = 1.0
+            moving = torch.arange(n) % 4
+            att[torch.arange(n), 1, moving // 2, moving % 2] = 1.0
+            return type("Out", (), {"attention": att})()
+
+    data = SyntheticParts("test", num_classes=4, images_per_class=2, image_size=64)
+    out = evaluate_group_parts(Fixed(), data, images=8, crop=64, resize=64, batch_size=8)
+    assert out["groups"]["1"]["fixed_position"] == 1.0
+    assert out["groups"]["2"]["fixed_position"] == pytest.approx(0.25)
+    assert out["iou_pairs"]["1-2"] == pytest.approx(0.25)  # the moving group meets position 3 in 2 of 8 images
+
+
 def test_evaluate_group_parts_end_to_end():
     torch.manual_seed(0)
     model = build_model("resnet18", 12)
@@ -90,5 +111,6 @@ def test_evaluate_group_parts_end_to_end():
     for g in out["groups"].values():
         assert g["part"] in data.part_names and sum(g["counts"].values()) <= 10
         assert g["share"] == pytest.approx(g["counts"][g["part"]] / sum(g["counts"].values()))
+        assert 0.25 <= g["fixed_position"] <= 1.0  # 4 positions: the most frequent holds >= 1/4
     with pytest.raises(ConfigError, match="model.groups"):
         evaluate_group_parts(build_model("resnet18", 8), data, images=2, crop=64, resize=64)

@@ -13,7 +13,10 @@ on images with part keypoints (CUB's 15 parts; the 6 parts of the embedded synth
   peak of a group is the centre of its most attended position (the feature map's cells tile
   the evaluation crop); its part is the visible ground-truth keypoint nearest to the peak
   (Euclidean, in crop pixels). Per group: how often each part is the nearest, the most frequent
-  one, and its share. Distinct groups peak on distinct parts.
+  one, and its share. Distinct groups peak on distinct parts. Since parts sit at typical places
+  in an image, a group that always peaks at the same position also "finds" a part; the share
+  of images in which a group peaks at its most frequent position (``fixed_position``) tells the
+  two apart: near 1, the group is a fixed region of the image rather than a part detector.
 """
 
 from __future__ import annotations
@@ -129,7 +132,8 @@ def evaluate_group_parts(
     Returns a dict: ``iou`` (mean over images and pairs of groups of the top-region IoU),
     ``iou_pairs`` ({"1-2": mean IoU, ...}), ``iou_chance`` (:func:`chance_iou`), ``fraction``,
     ``n_top`` and ``positions`` (h*w); ``groups``: per group (1-based), ``part`` (the most
-    frequent nearest part), ``share`` (how often), ``counts`` ({part: count}); ``distinct_parts``
+    frequent nearest part), ``share`` (how often), ``counts`` ({part: count}), ``fixed_position``
+    (share of the images whose peak is at the group's most frequent position); ``distinct_parts``
     (how many different parts the groups' most frequent parts are); ``n_images``.
     """
     if "grouping" not in getattr(model, "extra_heads", {}):
@@ -158,6 +162,7 @@ def evaluate_group_parts(
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     names = list(getattr(dataset, "part_names", ())) or [str(p) for p in range(kps.shape[1])]
     counts = part_assignment(nearest_parts(attention_peaks(att, crop), kps), kps.shape[1])
+    peak_cells = att.flatten(2).argmax(-1)  # (N, k)
     groups = {}
     for i in range(k):
         total = int(counts[i].sum())
@@ -165,6 +170,7 @@ def evaluate_group_parts(
         groups[str(i + 1)] = {
             "part": names[best], "share": counts[i, best].item() / total if total else math.nan,
             "counts": {names[p]: int(c) for p, c in enumerate(counts[i].tolist())},
+            "fixed_position": torch.bincount(peak_cells[:, i], minlength=h * w).max().item() / len(att),
         }
     n_top = int(masks[0, 0].sum())
     return {
