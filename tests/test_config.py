@@ -29,6 +29,10 @@ def test_presets_load_and_match_the_papers():
     assert (idml.optim.name, idml.optim.warmup_epochs, idml.trainer.gradient_clip_val) == ("adamw", 1, 10.0)
     cross = load_config("cross_domain")
     assert (cross.data.synthetic.style, cross.data.synthetic.gallery_style) == ("photo", "painting")
+    dgml = load_config("dgml")
+    assert (dgml.model.backbone, dgml.model.groups, dgml.model.embedding_dim, dgml.loss.name) == ("resnet50", 3, 510, "margin")
+    assert (dgml.trainer.batch_size, dgml.trainer.samples_per_class, dgml.loss.diversity_weight) == (112, 2, 0.02)
+    assert (dgml.optim.lr, dgml.optim.grouping_lr, dgml.optim.query_lr) == (1e-5, 1e-4, 1e-3)
 
 
 def test_every_preset_loads():

@@ -41,10 +41,15 @@ def _parser() -> argparse.ArgumentParser:
                     "uncertainty head) to its R@1 failure: AUROC, R@1 of the certain and uncertain halves")
     ev.add_argument("--uncertainty-csv", metavar="CSV", help="write every query's uncertainty and R@1 hit (implies --uncertainty)")
     ev.add_argument("--uncertainty-figure", metavar="PNG", help="draw the 12 most and 12 least uncertain queries (implies --uncertainty)")
+    ev.add_argument("--groups-parts", type=int, metavar="IMAGES", help="also measure how distinct the attention "
+                    "groups are on IMAGES images (model.groups checkpoints, data with part keypoints): top-region IoU "
+                    "between groups and the ground-truth part nearest each group's attention peak")
+    ev.add_argument("--groups-fraction", type=float, default=0.1, help="share of the positions in a group's top "
+                    "attention region for --groups-parts (default 0.1)")
     ev.add_argument("--out", help="write the metrics as JSON to this file")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
 
-    ex = sub.add_parser("explain", help="explain why two images were judged alike (structural matching figure)")
+    ex = sub.add_parser("explain", help="explain why two images were judged alike (structural matching, or per-group attention for model.groups)")
     ex.add_argument("image_x", help="first image (the query)")
     ex.add_argument("image_y", help="second image (the candidate)")
     ex.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
@@ -81,6 +86,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if bool(args.query) != bool(args.gallery):
         raise ConfigError("--query and --gallery go together: give both folders")
+    if not 0 < args.groups_fraction <= 1:
+        raise ConfigError(f"--groups-fraction: expected a share in (0, 1], got {args.groups_fraction}")
+    if args.groups_parts is not None and args.groups_parts < 1:
+        raise ConfigError(f"--groups-parts: expected a number of images >= 1, got {args.groups_parts}")
     model, cfg = load_trained(args.checkpoint, args.overrides)
     knn = args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
@@ -135,6 +144,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report["correspondence"] = corr
     if args.uncertainty or args.uncertainty_csv or args.uncertainty_figure:
         report["uncertainty"] = _eval_uncertainty(args, model, dataset, gallery, kw)
+    if args.groups_parts:
+        report["group_parts"] = _group_parts(args, model, cfg, dataset)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=float))
         print(f"metrics written to {args.out}")
@@ -169,6 +180,23 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
     return summary
 
 
+def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
+    from glassmetric.explain.group_parts import evaluate_group_parts
+
+    out = evaluate_group_parts(
+        model, dataset, images=args.groups_parts, fraction=args.groups_fraction,
+        crop=cfg.data.eval_image_size or cfg.data.image_size, resize=cfg.data.resize, seed=cfg.seed,
+        device=args.device or "cpu", mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
+    )
+    pairs = ", ".join(f"{p} {v:.3f}" for p, v in out["iou_pairs"].items())
+    print(f"group distinctness over {out['n_images']} images: top-{100 * out['fraction']:.0f}% region IoU "
+          f"{out['iou']:.3f} ({pairs}; chance {out['iou_chance']:.3f}, {out['n_top']} of {out['positions']} positions)")
+    for g, v in out["groups"].items():
+        print(f"  group {g}: attention peak nearest the {v['part']} in {100 * v['share']:.1f}% of the images "
+              f"(peak at its most frequent position in {100 * v['fixed_position']:.1f}%)")
+    return out
+
+
 def _parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(int(k) for k in text.split(","))
@@ -185,6 +213,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from glassmetric.training.module import load_trained
 
     model, cfg = load_trained(args.checkpoint)
+    if "grouping" in model.extra_heads:
+        return _explain_groups(args, model, cfg)
     pair = explain_files(model, cfg, args.image_x, args.image_y)
     e = pair.structural
     titles = (Path(args.image_x).name, Path(args.image_y).name)
@@ -201,6 +231,20 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     print(f"global {float(e.s_global):.3f} + structural {float(e.ss):.3f} = score {float(e.score):.3f}")
     if pair.introspective is not None:
         print(pair.introspective.describe())
+    print(f"figure written to {path}")
+    return 0
+
+
+def _explain_groups(args: argparse.Namespace, model, cfg) -> int:
+    from glassmetric.explain.figures import group_pair_figure, save_figure
+    from glassmetric.explain.groups import explain_group_files
+
+    pair = explain_group_files(model, cfg, args.image_x, args.image_y)
+    e = pair.groups
+    fig = group_pair_figure(*pair.images, e, titles=(Path(args.image_x).name, Path(args.image_y).name))
+    path = save_figure(fig, args.output)
+    parts = " + ".join(f"{float(s):.3f}" for s in e.group_similarity)
+    print(f"score {float(e.score):.3f} = ({parts}) / {e.groups}  (per-group cosines)")
     print(f"figure written to {path}")
     return 0
 

@@ -177,3 +177,19 @@ def test_overrides_may_follow_flags(monkeypatch):
         cli._parse(["fit", "--config", "demo", "--overwrite", "--no-such-flag"])
     with pytest.raises(SystemExit):
         cli._parse(["presets", "a=b"])
+
+
+@pytest.mark.parametrize("loss", ["multisimilarity", "margin"])
+def test_fit_with_attentive_groups(tmp_path, loss):
+    cfg = tiny_config(tmp_path, "trainer.max_epochs=1", "model.groups=3", "model.embedding_dim=18", f"loss.name={loss}")
+    result = fit(cfg)
+    assert set(result.test_metrics) >= {"recall@1", "nmi", "map_at_r"}
+    state = safe_torch_load(result.checkpoint)["state_dict"]
+    assert state["model.extra_heads.grouping.queries"].shape == (3, 64)  # k queries of C/8 = 512/8
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    diversity = [float(r["train/diversity"]) for r in rows if r.get("train/diversity")]
+    assert diversity and all(np.isfinite(diversity))
+    model, _ = load_trained(str(result.checkpoint))
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.group_embeddings.shape == (2, 3, 6) and out.attention.shape == (2, 3, 2, 2)

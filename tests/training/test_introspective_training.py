@@ -51,3 +51,14 @@ def test_introspective_fit_runs_and_reloads(tmp_path, loss, mixup):
     model, _ = load_trained(str(result.checkpoint))
     out = model(torch.rand(2, 3, 64, 64))
     assert out.uncertainty.shape == (2, 8) and torch.isfinite(out.uncertainty).all()
+
+
+def test_introspection_composes_with_attentive_groups(tmp_path):
+    """Each group's semantic distance meets the image's uncertainty; the model carries both."""
+    cfg = tiny_config(tmp_path, "trainer.max_epochs=1", "model.groups=3", "model.embedding_dim=18",
+                      "model.uncertainty_dim=6", "loss.similarity=introspective", "loss.mixup=true")
+    result = fit(cfg)
+    assert all(0.0 <= v <= 1.0 for v in result.test_metrics.values())
+    model, _ = load_trained(str(result.checkpoint))
+    out = model(torch.rand(2, 3, 64, 64))
+    assert out.group_embeddings.shape == (2, 3, 6) and out.uncertainty.shape == (2, 6)

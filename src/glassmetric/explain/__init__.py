@@ -1,8 +1,10 @@
 """Explanations of learned similarities, and measurements of how faithful they are.
 
 :mod:`.correspondence`: does the DIML transport plan link corresponding parts? Measured with
-ground-truth part keypoints (its public names are re-exported here). The figure and pair
-modules of this package are imported by their own paths.
+ground-truth part keypoints (its public names are re-exported here).
+:mod:`.groups`: a DGML score as the sum of per-group cosines, with each group's attention.
+:mod:`.group_parts`: how distinct the DGML groups are (top-region IoU, peak-to-part).
+The figure, pair, groups and group_parts modules are imported by their own paths.
 """
 
 from glassmetric.explain.correspondence import (

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
-from glassmetric.models.spatial_head import SpatialGridHead
+from glassmetric.models.spatial_head import SpatialGridHead, ensure_spatial_head
 from glassmetric.similarity.structural import MarginalKind, explain_pair
 
 __all__ = [
@@ -308,6 +308,8 @@ def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Ten
             out = model(batch["image"].to(device))
             local = out.local
             if local is None:  # training-free spatial head on the model's own global head
+                if spatial is None and "grouping" in getattr(model, "extra_heads", {}):
+                    ensure_spatial_head(model)  # raises: a grouping model's global head is untrained
                 if spatial is None:
                     spatial = SpatialGridHead.sharing(model.head, grid or 4)
                 local = spatial(out.feature_map, out.pooled, out)["local"]

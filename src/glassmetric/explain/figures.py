@@ -1,4 +1,5 @@
-"""Figures that explain a structural (DIML) match to a person.
+"""Figures that explain a structural (DIML) or a grouping (DGML, :func:`group_pair_figure`) match
+to a person.
 
 :func:`structural_pair_figure` draws why two images were judged alike by the structural
 similarity of :mod:`glassmetric.similarity.structural`:
@@ -41,6 +42,7 @@ __all__ = [
     "cell_centres",
     "cell_labels",
     "format_scores",
+    "group_pair_figure",
     "save_figure",
     "structural_pair_figure",
     "top_flows_of",
@@ -371,3 +373,74 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 120) ->
         FigureCanvasAgg(fig)
     fig.savefig(path, dpi=dpi, format=fmt, facecolor="white")
     return path
+
+
+# ---------------------------------------------------------------------------- attentive grouping
+
+_ATT_CMAP = "jet"
+_ATT_ALPHA = 0.45
+
+
+def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] = ("query", "candidate")) -> Figure:
+    """The figure that explains a grouping (DGML) match: where each group looked, and what it scored.
+
+    Rows: the two images. Columns: the image, then one panel per group with that group's
+    attention map (bilinearly upsampled over the image, its peak marked). Each group's column
+    is headed by its cosine between the two images; the bar chart at the bottom shows each
+    group's contribution ``cos_i / k``, and the title the sum, the cosine of the concatenated
+    embeddings used for ranking.
+
+    Args:
+        explanation: a :class:`glassmetric.explain.groups.GroupExplanation` of one pair.
+
+    Axes: ``fig.axes`` is ``[row x: image, group 1 .. k, row y: image, group 1 .. k, bars]``.
+    """
+    k = explanation.groups
+    att = [_array(explanation.attention_x), _array(explanation.attention_y)]
+    if att[0].ndim != 3 or att[0].shape[0] != k or att[1].shape[0] != k:
+        raise ValueError(f"expected (k={k}, h, w) attention maps, got {att[0].shape} and {att[1].shape}")
+    sim = _array(explanation.group_similarity).reshape(-1)
+    contrib = _array(explanation.contribution).reshape(-1)
+    score = _scalar(explanation.score)
+    images = [_as_image(image_x, "image_x"), _as_image(image_y, "image_y")]
+
+    fig = Figure(figsize=(2.3 * (k + 1) + 0.6, 6.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(3, k + 1, height_ratios=[1.0, 1.0, 0.62])
+    vmax = max(float(a.max()) for a in att)
+    for row, (img, maps, title) in enumerate(zip(images, att, titles)):
+        h, w = img.shape[:2]
+        ax = fig.add_subplot(gs[row, 0])
+        ax.imshow(img)
+        ax.set_title(title, fontsize=10, fontweight="bold")
+        ax.set_axis_off()
+        for i in range(k):
+            ax = fig.add_subplot(gs[row, i + 1])
+            ax.imshow(img, extent=(0, w, h, 0))
+            heat = ax.imshow(maps[i], extent=(0, w, h, 0), cmap=_ATT_CMAP, alpha=_ATT_ALPHA,
+                             interpolation="bilinear", vmin=0.0, vmax=vmax)
+            r, c = np.unravel_index(int(np.argmax(maps[i])), maps[i].shape)
+            ax.plot((c + 0.5) * w / maps[i].shape[1], (r + 0.5) * h / maps[i].shape[0], marker="+",
+                    color="white", markersize=12, mew=2.5)
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(f"group {i + 1}: cos {_signed(float(sim[i]))}", fontsize=10)
+    fig.colorbar(heat, ax=fig.axes[-1], location="right", shrink=0.8, label="attention $a_{ip}$")
+    axb = fig.add_subplot(gs[2, :])
+    pos = np.arange(k)
+    axb.bar(pos, contrib, color=np.where(contrib >= 0, "#2a7f9e", "#d9603b"), width=0.6, zorder=2)
+    axb.axhline(0.0, color="0.3", lw=0.8)
+    for p, v in zip(pos, contrib):
+        axb.text(p, v, f"{v:.3f}", ha="center", va="bottom" if v >= 0 else "top", fontsize=9)
+    axb.set_xticks(pos, [f"group {i + 1}" for i in range(k)])
+    axb.set_ylabel("contribution\n$\\cos_i / k$", fontsize=9)
+    axb.grid(axis="y", color="0.88", zorder=0)
+    axb.margins(y=0.2)
+    for side in ("top", "right"):
+        axb.spines[side].set_visible(False)
+    axb.set_title(f"each group's share of the score (bars sum to {_signed(score)})", fontsize=10, loc="left")
+    parts = " + ".join(_signed(float(s)) for s in sim)
+    fig.suptitle(f"score {_signed(score)} = ({parts}) / {k}", fontsize=14, fontweight="bold")
+    return fig

@@ -91,11 +91,17 @@ class EmbeddingModel(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by part: ``"backbone"``, ``"head"``, then one per extra head.
 
+        An extra head with its own ``parameter_groups()`` (e.g. the grouping head's keys /
+        values and queries) contributes one group per part, named ``"<head>.<part>"``.
         Parameters with ``requires_grad=False`` (e.g. frozen BatchNorm) are left out.
         """
         groups = {"backbone": _trainable(self.backbone), "head": _trainable(self.head)}
         for name, extra in self.extra_heads.items():
-            groups[name] = _trainable(extra)
+            if hasattr(extra, "parameter_groups"):
+                for part, params in extra.parameter_groups().items():
+                    groups[f"{name}.{part}"] = [p for p in params if p.requires_grad]
+            else:
+                groups[name] = _trainable(extra)
         return groups
 
 

@@ -14,9 +14,11 @@ import lightning.pytorch as pl
 import torch
 
 from glassmetric.config import Config
+from glassmetric.losses.grouped import GroupedLoss
 from glassmetric.losses.metric_losses import build_loss
 from glassmetric.losses.structural import StructuralSettings
 from glassmetric.models import build_model
+from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.introspective_head import UncertaintyHead
 from glassmetric.models.spatial_head import SpatialGridHead
 from glassmetric.similarity.introspective import IntrospectiveParams
@@ -28,6 +30,8 @@ def build_model_from_config(cfg: Config):
     model = build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling, head_init=m.head_init)
     if m.trainable_backbone is not None:
         model.backbone.freeze_except(m.trainable_backbone)
+    if m.groups:
+        model.add_head("grouping", GroupingHead(model.backbone.out_channels, m.embedding_dim, m.groups))
     if m.spatial_grid:
         head = (
             SpatialGridHead.sharing(model.head, m.spatial_grid)
@@ -64,6 +68,26 @@ def mixup_loss(model: torch.nn.Module, loss_fn, images: torch.Tensor, labels: to
     return lam * loss_fn(mixed, labels) + (1.0 - lam) * loss_fn(mixed, labels[perm])
 
 
+def build_training_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The loss of ``cfg``: the chosen metric loss (on the global, structural or introspective
+    similarity), or with ``model.groups`` the DGML objective (that loss on every group + the
+    diversity loss, :class:`GroupedLoss`)."""
+    l, m = cfg.loss, cfg.model
+    structural = structural_settings(cfg) if l.similarity in ("structural", "multiscale") else None
+    introspective = introspective_params(cfg) if l.similarity == "introspective" else None
+
+    def make(dim: int, structural_settings_=None):
+        return build_loss(l.name, embedding_dim=dim, num_classes=num_classes, params=l.params,
+                          miner_params=l.miner_params, structural=structural_settings_,
+                          introspective_params=introspective)
+
+    if not m.groups:
+        return make(m.embedding_dim, structural)
+    # with introspection, each group's semantic distance meets the image's uncertainty
+    per_group = [make(m.embedding_dim // m.groups) for _ in range(m.groups)]
+    return GroupedLoss(per_group, l.diversity_weight, make(m.embedding_dim, structural) if structural else None)
+
+
 class MetricLearner(pl.LightningModule):
     def __init__(self, cfg: Config, train_class_ids: np.ndarray, model: torch.nn.Module | None = None):
         super().__init__()
@@ -73,15 +97,7 @@ class MetricLearner(pl.LightningModule):
         lookup = torch.full((int(class_ids.max()) + 1,), -1, dtype=torch.long)
         lookup[torch.from_numpy(class_ids)] = torch.arange(len(class_ids))
         self.register_buffer("label_lookup", lookup)
-        self.loss = build_loss(
-            cfg.loss.name,
-            embedding_dim=cfg.model.embedding_dim,
-            num_classes=len(class_ids),
-            params=cfg.loss.params,
-            miner_params=cfg.loss.miner_params,
-            structural=structural_settings(cfg) if cfg.loss.similarity in ("structural", "multiscale") else None,
-            introspective_params=introspective_params(cfg) if cfg.loss.similarity == "introspective" else None,
-        )
+        self.loss = build_training_loss(cfg, len(class_ids))
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, images: torch.Tensor):
@@ -90,7 +106,14 @@ class MetricLearner(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = batch["image"]
         labels = self.label_lookup[batch["label"]]
-        loss = self.loss(self.model(images), labels)
+        output = self.model(images)
+        if isinstance(self.loss, GroupedLoss):
+            terms = self.loss.terms(output, labels)
+            loss = self.loss.combine(terms)
+            for name, value in terms.items():
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(labels))
+        else:
+            loss = self.loss(output, labels)
         if self.cfg.loss.mixup:
             loss = loss + mixup_loss(self.model, self.loss, images, labels)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
@@ -116,7 +139,7 @@ class MetricLearner(pl.LightningModule):
         for name, params in self.model.parameter_groups().items():
             params = [p for p in params if p.requires_grad]
             if params:
-                lr = o.lr if name == "backbone" else (o.head_lr or o.lr)
+                lr = self._group_lr(name)
                 groups.append({"params": params, "lr": lr, "name": name})
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
         if loss_params:
@@ -131,6 +154,19 @@ class MetricLearner(pl.LightningModule):
         factors = [self._lr_factor(group["name"]) for group in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _group_lr(self, name: str) -> float:
+        """Backbone: optim.lr; grouping keys / values: optim.grouping_lr; grouping queries:
+        optim.query_lr; other heads: optim.head_lr (each defaulting to the one before it)."""
+        o = self.cfg.optim
+        head = o.head_lr or o.lr
+        if name == "backbone":
+            return o.lr
+        if name == "grouping.kv":
+            return o.grouping_lr or head
+        if name == "grouping.queries":
+            return o.query_lr or o.grouping_lr or head
+        return head
 
     def _lr_factor(self, group: str):
         """Epoch -> learning-rate factor of a parameter group: the schedule (none, cosine over

@@ -1,0 +1,181 @@
+r"""How distinct the attention groups of a DGML model are, measured with ground-truth part keypoints.
+
+The paper's claim is that each group attends to its own part of the object. Two measurements,
+on images with part keypoints (CUB's 15 parts; the 6 parts of the embedded synthetic data):
+
+* Overlap (:func:`top_region_masks`, :func:`pairwise_iou`). The top region of group i on an
+  image is the ``ceil(fraction * h * w)`` positions of the feature map with the largest
+  attention (ties: the lower position index first). For every pair of groups, the IoU of their
+  top regions, averaged over images; 0 means the groups look at disjoint places, 1 at the same
+  ones. The reference is :func:`chance_iou`, the expected IoU of two independent uniformly
+  random regions of that size.
+* Peak-to-part (:func:`attention_peaks`, :func:`nearest_parts`, :func:`part_assignment`). The
+  peak of a group is the centre of its most attended position (the feature map's cells tile
+  the evaluation crop); its part is the visible ground-truth keypoint nearest to the peak
+  (Euclidean, in crop pixels). Per group: how often each part is the nearest, the most frequent
+  one, and its share. Distinct groups peak on distinct parts. Since parts sit at typical places
+  in an image, a group that always peaks at the same position also "finds" a part; the share
+  of images in which a group peaks at its most frequent position (``fixed_position``) tells the
+  two apart: near 1, the group is a fixed region of the image rather than a part detector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from glassmetric.data.base import RetrievalDataset
+from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
+from glassmetric.errors import ConfigError
+from glassmetric.explain.correspondence import _EvalImages
+
+__all__ = [
+    "attention_peaks",
+    "chance_iou",
+    "evaluate_group_parts",
+    "nearest_parts",
+    "pairwise_iou",
+    "part_assignment",
+    "top_region_masks",
+]
+
+
+def top_region_masks(attention: Tensor, fraction: float = 0.1) -> Tensor:
+    """``(N, k, h, w)`` attention -> ``(N, k, h*w)`` bool: each group's top ``ceil(fraction*h*w)`` positions."""
+    if attention.ndim != 4:
+        raise ValueError(f"attention must be (N, k, h, w), got shape {tuple(attention.shape)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    flat = attention.flatten(2)
+    n_top = max(1, math.ceil(fraction * flat.shape[-1] - 1e-9))
+    # stable order: the largest first, ties by position index
+    order = torch.sort(-flat, dim=-1, stable=True).indices[..., :n_top]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, order, True)
+
+
+def pairwise_iou(masks: Tensor) -> Tensor:
+    """``(N, k, P)`` bool regions -> ``(N, k, k)`` IoU of every pair of groups (1 on the diagonal)."""
+    m = masks.double()
+    inter = m @ m.transpose(1, 2)
+    size = m.sum(-1)
+    union = size[:, :, None] + size[:, None, :] - inter
+    return inter / union.clamp(min=1.0)
+
+
+def chance_iou(positions: int, n_top: int) -> float:
+    """Expected IoU of two independent uniformly random ``n_top``-subsets of ``positions`` positions.
+
+    The intersection X is hypergeometric: ``P(X = x) = C(n, x) C(P - n, n - x) / C(P, n)``;
+    the IoU is ``X / (2n - X)``.
+    """
+    total = math.comb(positions, n_top)
+    return sum(
+        math.comb(n_top, x) * math.comb(positions - n_top, n_top - x) / total * x / (2 * n_top - x)
+        for x in range(0, n_top + 1)
+    )
+
+
+def attention_peaks(attention: Tensor, crop: int) -> Tensor:
+    """``(N, k, h, w)`` -> ``(N, k, 2)`` float64 ``(x, y)`` of the most attended cell's centre, in
+    pixels of the ``crop x crop`` evaluation image (cell ``(r, c)`` covers ``[c, c+1) * crop / w``
+    by ``[r, r+1) * crop / h``; ties: the first position in row-major order)."""
+    n, k, h, w = attention.shape
+    idx = attention.flatten(2).argmax(-1)
+    r, c = idx // w, idx % w
+    return torch.stack([(c.double() + 0.5) * crop / w, (r.double() + 0.5) * crop / h], dim=-1)
+
+
+def nearest_parts(peaks: Tensor, keypoints: Tensor) -> Tensor:
+    """``(N, k, 2)`` peaks and ``(N, P, 3)`` keypoints (x, y, visible) -> ``(N, k)`` int64 index of
+    the nearest visible part (ties: the lower part index), -1 for an image with none visible."""
+    kp = keypoints.double()
+    d = torch.cdist(peaks.double(), kp[..., :2])  # (N, k, P)
+    visible = kp[..., 2] > 0
+    d = torch.where(visible[:, None, :], d, torch.full_like(d, math.inf))
+    nearest = d.argmin(-1)
+    return torch.where(visible.any(-1)[:, None], nearest, torch.full_like(nearest, -1))
+
+
+def part_assignment(nearest: Tensor, n_parts: int) -> Tensor:
+    """``(N, k)`` nearest part per image and group -> ``(k, n_parts)`` int64 counts (-1 not counted)."""
+    k = nearest.shape[1]
+    counts = torch.zeros(k, n_parts, dtype=torch.long)
+    valid = nearest >= 0
+    group = torch.arange(k).expand_as(nearest)
+    counts.index_put_((group[valid], nearest[valid]), torch.ones(int(valid.sum()), dtype=torch.long), accumulate=True)
+    return counts
+
+
+@torch.inference_mode()
+def evaluate_group_parts(
+    model: torch.nn.Module,
+    dataset: RetrievalDataset,
+    *,
+    images: int = 500,
+    fraction: float = 0.1,
+    crop: int = 224,
+    resize: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> dict:
+    """Group distinctness of a grouping model on ``images`` images of ``dataset`` (seeded sample).
+
+    Returns a dict: ``iou`` (mean over images and pairs of groups of the top-region IoU),
+    ``iou_pairs`` ({"1-2": mean IoU, ...}), ``iou_chance`` (:func:`chance_iou`), ``fraction``,
+    ``n_top`` and ``positions`` (h*w); ``groups``: per group (1-based), ``part`` (the most
+    frequent nearest part), ``share`` (how often), ``counts`` ({part: count}), ``fixed_position``
+    (share of the images whose peak is at the group's most frequent position); ``distinct_parts``
+    (how many different parts the groups' most frequent parts are); ``n_images``.
+    """
+    if "grouping" not in getattr(model, "extra_heads", {}):
+        raise ConfigError("--groups-parts: the checkpoint has no attention groups (train with model.groups > 0)")
+    resize = default_resize(crop) if resize is None else resize
+    transform = build_transforms(False, crop, resize, mean=mean, std=std)
+    n = min(int(images), len(dataset))
+    if n < 1:
+        raise ValueError("--groups-parts: the data set has no image")
+    picked = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+    loader = DataLoader(_EvalImages(dataset, picked, transform, resize, crop), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers)
+    was_training = model.training
+    model.eval().to(device)
+    attention, keypoints = [], []
+    try:
+        for batch in loader:
+            attention.append(model(batch["image"].to(device)).attention.float().cpu())
+            keypoints.append(batch["keypoints"])
+    finally:
+        model.train(was_training)
+    att, kps = torch.cat(attention), torch.cat(keypoints)
+    _, k, h, w = att.shape
+    masks = top_region_masks(att, fraction)
+    iou = pairwise_iou(masks).mean(0)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    names = list(getattr(dataset, "part_names", ())) or [str(p) for p in range(kps.shape[1])]
+    counts = part_assignment(nearest_parts(attention_peaks(att, crop), kps), kps.shape[1])
+    peak_cells = att.flatten(2).argmax(-1)  # (N, k)
+    groups = {}
+    for i in range(k):
+        total = int(counts[i].sum())
+        best = int(counts[i].argmax())
+        groups[str(i + 1)] = {
+            "part": names[best], "share": counts[i, best].item() / total if total else math.nan,
+            "counts": {names[p]: int(c) for p, c in enumerate(counts[i].tolist())},
+            "fixed_position": torch.bincount(peak_cells[:, i], minlength=h * w).max().item() / len(att),
+        }
+    n_top = int(masks[0, 0].sum())
+    return {
+        "iou": float(np.mean([iou[i, j].item() for i, j in pairs])) if pairs else math.nan,
+        "iou_pairs": {f"{i + 1}-{j + 1}": iou[i, j].item() for i, j in pairs},
+        "iou_chance": chance_iou(h * w, n_top), "fraction": fraction, "n_top": n_top, "positions": h * w,
+        "groups": groups, "distinct_parts": len({g["part"] for g in groups.values()}), "n_images": n,
+    }
