@@ -8,11 +8,12 @@ interleaved in ABBA order after a warm-up step, so all variants see the same mac
 Reported: the best step time of each variant (the least disturbed by other jobs), its ratio to
 the plain model's, and the median and range of the per-round ratios.
 
-    python bench/training_step.py --method introspective [--settings demo,idml] [--losses proxyanchor,multisimilarity]
+    python bench/training_step.py --method introspective [--settings demo,paper] [--losses proxyanchor,multisimilarity]
+    python bench/training_step.py --method grouping --losses margin,multisimilarity --rounds 9 --steps 1
 
-Settings: ``demo`` (ResNet-18 from scratch, 64 px, batch 64 = 16 x 4, 64-d) and the method's
-paper setting (ResNet-50 at 224 px without downloading weights, the batch cut to 16 so that a
-step takes seconds on a 2-core CPU; the ratio is what is compared).
+Settings: ``demo`` (ResNet-18 from scratch, 64 px, batch 64 = 16 x 4; 64-d, 96-d for 3 groups)
+and the method's paper setting (``paper``: ResNet-50 at 224 px without downloading weights, the
+batch cut to 16 so that a step takes seconds on a 2-core CPU; the ratio is what is compared).
 """
 
 from __future__ import annotations
@@ -28,15 +29,23 @@ import torch
 from glassmetric.config import load_config
 from glassmetric.training.module import MetricLearner, mixup_loss
 
-#: method -> (paper preset, [(variant name, overrides)]); the first variant is the plain model
+#: method -> paper preset, overrides of its demo setting, [(variant, overrides)] (the first is the
+#: plain model); ``{dim}`` in an override is the setting's embedding size
 METHODS = {
-    "introspective": ("idml", [
-        ("plain", ["model.uncertainty_dim=0", "loss.similarity=global", "loss.mixup=false"]),
-        ("introspective", ["loss.similarity=introspective", "loss.mixup=false"]),
-        ("introspective + mixup", ["loss.similarity=introspective", "loss.mixup=true"]),
-    ]),
+    "introspective": {
+        "paper": "idml", "demo": [],
+        "variants": [
+            ("plain", ["model.uncertainty_dim=0", "loss.similarity=global", "loss.mixup=false"]),
+            ("introspective", ["model.uncertainty_dim={dim}", "loss.similarity=introspective", "loss.mixup=false"]),
+            ("introspective + mixup", ["model.uncertainty_dim={dim}", "loss.similarity=introspective", "loss.mixup=true"]),
+        ],
+    },
+    "grouping": {
+        "paper": "dgml", "demo": ["model.embedding_dim=96"],
+        "variants": [("plain", ["model.groups=0"]), ("grouped, k = 3", ["model.groups=3"])],
+    },
 }
-#: setting -> (preset or None for the method's, extra overrides, image size)
+#: setting -> (preset, or None for the method's paper preset; overrides; image size)
 SETTINGS = {
     "demo": ("demo", [], 64),
     "paper": (None, ["model.pretrained=false", "trainer.batch_size=16"], 224),
@@ -63,14 +72,13 @@ def training_step(learner: MetricLearner, optimizer, images: torch.Tensor, label
 
 
 def bench(method: str, setting: str, loss: str, rounds: int, steps: int, device: torch.device) -> dict:
-    paper, variants = METHODS[method]
+    spec = METHODS[method]
     preset, extra, size = SETTINGS[setting]
-    preset = preset or paper
-    dim = load_config(preset).model.embedding_dim
-    built = {
-        name: build_variant(preset, extra + [f"loss.name={loss}", f"model.uncertainty_dim={dim}"] + over, device)
-        for name, over in variants
-    }
+    extra = extra + (spec["demo"] if preset == "demo" else []) + [f"loss.name={loss}"]
+    preset = preset or spec["paper"]
+    variants = spec["variants"]
+    dim = load_config(preset, extra).model.embedding_dim
+    built = {name: build_variant(preset, extra + [o.format(dim=dim) for o in over], device) for name, over in variants}
     cfg = next(iter(built.values()))[0]
     images = torch.randn(cfg.trainer.batch_size, 3, size, size, device=device)
     for _, learner, opt, labels in built.values():  # warm-up
