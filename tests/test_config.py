@@ -32,7 +32,8 @@ def test_presets_load_and_match_the_papers():
     dgml = load_config("dgml")
     assert (dgml.model.backbone, dgml.model.groups, dgml.model.embedding_dim, dgml.loss.name) == ("resnet50", 3, 510, "margin")
     assert (dgml.trainer.batch_size, dgml.trainer.samples_per_class, dgml.loss.diversity_weight) == (112, 2, 0.02)
-    assert (dgml.optim.lr, dgml.optim.grouping_lr, dgml.optim.query_lr) == (1e-5, 1e-4, 1e-3)
+    assert (dgml.optim.lr, dgml.optim.grouping_lr, dgml.optim.query_lr) == (1e-5, None, None)
+    assert (dgml.optim.weight_decay, dgml.optim.grouping_weight_decay, dgml.optim.query_weight_decay) == (3e-3, 3e-3, 1e-3)
 
 
 def test_every_preset_loads():

@@ -135,6 +135,9 @@ class OptimConfig:
     grouping_lr: float | None = None
     #: learning rate of the grouping head's queries (default: grouping_lr)
     query_lr: float | None = None
+    #: weight decay of the grouping head's keys / values and of its queries (default: weight_decay)
+    grouping_weight_decay: float | None = None
+    query_weight_decay: float | None = None
     weight_decay: float = 4e-4
     momentum: float = 0.9
     scheduler: Literal["none", "cosine", "step"] = "none"
@@ -210,6 +213,8 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("loss.diversity_weight", lambda v: v >= 0, ">= 0"),
     ("optim.grouping_lr", lambda v: v is None or v > 0, "> 0"),
     ("optim.query_lr", lambda v: v is None or v > 0, "> 0"),
+    ("optim.grouping_weight_decay", lambda v: v is None or v >= 0, ">= 0"),
+    ("optim.query_weight_decay", lambda v: v is None or v >= 0, ">= 0"),
     ("structural.epsilon", lambda v: v > 0, "> 0"),
     ("introspective.alpha_scale", lambda v: v > 0, "> 0"),
     ("introspective.alpha_offset", lambda v: v >= 0, ">= 0"),

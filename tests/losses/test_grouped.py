@@ -36,6 +36,13 @@ def test_group_learning_rates_are_separate():
     assert lrs == pytest.approx({"backbone": 1e-5, "head": 5e-5, "grouping.kv": 1e-4, "grouping.queries": 1e-3})
 
 
+def test_group_weight_decays_follow_the_dgml_release():
+    cfg = load_config("dgml", ["model.pretrained=false", "model.backbone=resnet18", "model.embedding_dim=12"])
+    learner = MetricLearner(cfg, np.arange(6))
+    decays = {g["name"]: g["weight_decay"] for g in learner.configure_optimizers()["optimizer"].param_groups}
+    assert decays == pytest.approx({"backbone": 3e-3, "head": 3e-3, "grouping.kv": 3e-3, "grouping.queries": 1e-3, "loss": 0.0})
+
+
 def test_structural_loss_is_added_when_groups_compose_with_a_spatial_head():
     cfg = load_config("demo", ["model.groups=2", "model.embedding_dim=16", "model.spatial_grid=4",
                                "model.spatial_head=own", "loss.similarity=structural"])

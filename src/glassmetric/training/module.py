@@ -139,8 +139,7 @@ class MetricLearner(pl.LightningModule):
         for name, params in self.model.parameter_groups().items():
             params = [p for p in params if p.requires_grad]
             if params:
-                lr = self._group_lr(name)
-                groups.append({"params": params, "lr": lr, "name": name})
+                groups.append({"params": params, "lr": self._group_lr(name), "weight_decay": self._group_decay(name), "name": name})
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
         if loss_params:
             lr = self.cfg.loss.lr or self.loss.learning_rate(o.lr)
@@ -167,6 +166,16 @@ class MetricLearner(pl.LightningModule):
         if name == "grouping.queries":
             return o.query_lr or o.grouping_lr or head
         return head
+
+    def _group_decay(self, name: str) -> float:
+        """optim.grouping_weight_decay for the grouping keys / values, optim.query_weight_decay
+        for its queries (the DGML release decays them differently), else optim.weight_decay."""
+        o = self.cfg.optim
+        if name == "grouping.kv" and o.grouping_weight_decay is not None:
+            return o.grouping_weight_decay
+        if name == "grouping.queries" and o.query_weight_decay is not None:
+            return o.query_weight_decay
+        return o.weight_decay
 
     def _lr_factor(self, group: str):
         """Epoch -> learning-rate factor of a parameter group: the schedule (none, cosine over
