@@ -6,7 +6,9 @@ negative pair of a binomial-deviance term (Yi et al. 2014):
     L_div = mean over images of  sum_{i<j} log(1 + exp(alpha (cos(f_i, f_j) - lambda))) / (k - 1)
 
 with alpha = 50 and lambda = 0.5. Unordered pairs: each pair counts once (the term is symmetric
-in i and j). Computed batched over images, with no loop in Python.
+in i and j). This is the authors' release term for term (DGML-master ``criteria/diversity.py``,
+``dirdiv_bd``: pairs i < j, the same image only, averaged over images, alpha = 2 x C = 2 x 25,
+divided by k - 1). Computed batched over images, with no loop in Python.
 """
 
 from __future__ import annotations
