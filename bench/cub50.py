@@ -1,6 +1,6 @@
 """Real-bird baselines on CUB-50 (../shared/data/cub50, test classes 26-50, 1,487 images).
 
-    python bench/cub50.py [--seeds 0 1 2] [--losses multisimilarity margin] [--epochs N]
+    python bench/cub50.py [--seeds 0 1 2] [--losses multisimilarity margin proxyanchor] [--epochs N]
 
 Rows: random-init EfficientNet-Lite0; ImageNet-pretrained Lite0 with no metric training
 (global-average-pooled 1280-d features, resize 256 / crop 224, as the data README's reference);
@@ -88,7 +88,7 @@ def mean_logged(csv_path: Path, key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--losses", nargs="+", default=["multisimilarity", "margin"])
+    parser.add_argument("--losses", nargs="+", default=["multisimilarity", "margin", "proxyanchor"])
     parser.add_argument("--epochs", type=int, help="override trainer.max_epochs of the preset")
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_cub50"))
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
