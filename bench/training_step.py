@@ -1,8 +1,8 @@
 """Benchmark: the training-step time of a method against the same model without it.
 
 One training step = forward (backbone, heads) + loss + backward + optimiser step (Adam), as
-:meth:`glassmetric.training.module.MetricLearner.training_step` runs it (mixup included when
-the variant switches it on). Every variant is built from the same preset and differs from the
+:meth:`glassmetric.training.module.MetricLearner.objective` computes it for a training step
+(mixup included when the variant switches it on). Every variant is built from the same preset and differs from the
 plain model only by the method's overrides; all run on the same random batch. Rounds are
 interleaved in ABBA order after a warm-up step, so all variants see the same machine load.
 Reported: the best step time of each variant (the least disturbed by other jobs), its ratio to
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from glassmetric.config import load_config
-from glassmetric.training.module import MetricLearner, mixup_loss
+from glassmetric.training.module import MetricLearner
 
 #: method -> paper preset, overrides of its demo setting, [(variant, overrides)] (the first is the
 #: plain model); ``{dim}`` in an override is the setting's embedding size
@@ -64,9 +64,7 @@ def build_variant(preset: str, overrides: list[str], device: torch.device):
 
 def training_step(learner: MetricLearner, optimizer, images: torch.Tensor, labels: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
-    loss = learner.loss(learner.model(images), labels)
-    if learner.cfg.loss.mixup:
-        loss = loss + mixup_loss(learner.model, learner.loss, images, labels)
+    loss, _ = learner.objective(images, labels)
     loss.backward()
     optimizer.step()
 

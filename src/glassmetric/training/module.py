@@ -103,19 +103,25 @@ class MetricLearner(pl.LightningModule):
     def forward(self, images: torch.Tensor):
         return self.model(images)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        images = batch["image"]
-        labels = self.label_lookup[batch["label"]]
+    def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of a batch (contiguous class indices), and its parts to log: the
+        grouped loss's terms, with the mixup terms added when ``loss.mixup`` is on."""
         output = self.model(images)
+        terms: dict[str, torch.Tensor] = {}
         if isinstance(self.loss, GroupedLoss):
             terms = self.loss.terms(output, labels)
             loss = self.loss.combine(terms)
-            for name, value in terms.items():
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(labels))
         else:
             loss = self.loss(output, labels)
         if self.cfg.loss.mixup:
             loss = loss + mixup_loss(self.model, self.loss, images, labels)
+        return loss, terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labels = self.label_lookup[batch["label"]]
+        loss, terms = self.objective(batch["image"], labels)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(labels))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
 
