@@ -3,34 +3,21 @@
 import pytest
 import torch
 
+from tiny_runs import fit_tiny, save_test_images
+
 from glassmetric.cli import main
-from glassmetric.config import load_config
-from glassmetric.data.synthetic import SyntheticParts
 from glassmetric.explain.pair import explain_files
-from glassmetric.training.fit import fit
 from glassmetric.training.module import load_trained
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config("demo", [
-        "data.image_size=64", "data.resize=64", "data.num_workers=0", "data.synthetic.num_classes=8",
-        "data.synthetic.images_per_class=4", "data.val_classes=0", "trainer.select=last", "trainer.max_epochs=1",
-        "model.embedding_dim=16", "trainer.batch_size=8", "trainer.progress_bar=false", f"trainer.output_dir={out}",
-    ])
-    return fit(cfg, run_test=False).checkpoint
+    return fit_tiny(tmp_path_factory.mktemp("run"), "model.embedding_dim=16")
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    data = SyntheticParts("test", num_classes=8, images_per_class=4, image_size=80)
-    paths = []
-    for i in (0, 1):
-        paths.append(folder / f"bird {i}.png")  # a space in the name on purpose
-        data.load(i).image.save(paths[-1])
-    return paths
+    return save_test_images(tmp_path_factory.mktemp("images"), (0, 1))
 
 
 def test_explain_files_matches_the_structural_decomposition(checkpoint, images):

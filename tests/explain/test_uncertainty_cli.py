@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import tiny_runs
 
 from glassmetric.cli import main
 from glassmetric.config import load_config
@@ -16,11 +17,9 @@ from glassmetric.similarity.introspective import IntrospectiveParams, introspect
 from glassmetric.training.fit import fit
 from glassmetric.training.module import load_trained
 
-TINY = [
-    "data.image_size=64", "data.resize=64", "data.num_workers=0", "data.synthetic.num_classes=8",
-    "data.synthetic.images_per_class=4", "data.val_classes=0", "trainer.select=last", "trainer.max_epochs=1",
+TINY = tiny_runs.TINY + [
     "model.embedding_dim=16", "model.uncertainty_dim=8", "model.pooling=avgmax", "loss.similarity=introspective",
-    "trainer.batch_size=8", "trainer.progress_bar=false", "eval.batch_size=16",
+    "eval.batch_size=16",
 ]
 
 
