@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--groups-parts", type=int, metavar="IMAGES", help="also measure how distinct the attention "
                     "groups are on IMAGES images (model.groups checkpoints, data with part keypoints): top-region IoU "
                     "between groups and the ground-truth part nearest each group's attention peak")
+    ev.add_argument("--groups-figure", metavar="PNG", help="draw each attention group's map on 12 images of the "
+                    "split (model.groups checkpoints; with --groups-parts, columns named by each group's part)")
     ev.add_argument("--groups-fraction", type=float, default=0.1, help="share of the positions in a group's top "
                     "attention region for --groups-parts (default 0.1)")
     ev.add_argument("--out", help="write the metrics as JSON to this file")
@@ -141,11 +143,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"learned plan {corr['learned']:.3f}, uniform marginals {corr['uniform_marginals']:.3f}, "
             f"uniform plan {corr['uniform']:.3f} (best possible {corr['upper_bound']:.3f})"
         )
+        if "pck_learned" in corr:
+            print(
+                f"keypoint transfer PCK@{corr['pck_alpha']:g}: learned plan {corr['pck_learned']:.3f}, uniform "
+                f"marginals {corr['pck_uniform_marginals']:.3f}, uniform plan {corr['pck_uniform']:.3f}, nearest cell "
+                f"{corr['pck_nearest']:.3f}, true target cell {corr['pck_oracle_cell']:.3f} (the grid's limit)"
+            )
         report["correspondence"] = corr
     if args.uncertainty or args.uncertainty_csv or args.uncertainty_figure:
         report["uncertainty"] = _eval_uncertainty(args, model, dataset, gallery, kw)
     if args.groups_parts:
         report["group_parts"] = _group_parts(args, model, cfg, dataset)
+    if args.groups_figure:
+        _groups_figure(args, model, cfg, dataset, report.get("group_parts"))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=float))
         print(f"metrics written to {args.out}")
@@ -153,7 +163,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dict) -> dict:
-    from glassmetric.retrieval.uncertainty import evaluate_uncertainty, write_csv
+    from glassmetric.retrieval.uncertainty import (
+        evaluate_uncertainty,
+        object_statistics,
+        uncertainty_vs_ground_truth,
+        write_csv,
+    )
 
     if "uncertainty" not in model.extra_heads:
         raise ConfigError("--uncertainty: this checkpoint has no uncertainty head (train with model.uncertainty_dim > 0)")
@@ -164,6 +179,11 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
         f"R@1 of the certain half {100 * summary['recall@1_certain_half']:.2f}, "
         f"of the uncertain half {100 * summary['recall@1_uncertain_half']:.2f}"
     )
+    stats = object_statistics(dataset)
+    if stats is not None:  # data with boxes and part keypoints (CUB): does doubt follow visibility?
+        summary["spearman"] = uncertainty_vs_ground_truth(rep.uncertainty, stats)
+        print("Spearman rho of the uncertainty with " + ", ".join(
+            f"{name} {v['rho']:+.3f} (p {v['p']:.2g})" for name, v in summary["spearman"].items()))
     if args.uncertainty_csv:
         write_csv(rep, args.uncertainty_csv)
         print(f"per-image uncertainties written to {args.uncertainty_csv}")
@@ -194,7 +214,30 @@ def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
     for g, v in out["groups"].items():
         print(f"  group {g}: attention peak nearest the {v['part']} in {100 * v['share']:.1f}% of the images "
               f"(peak at its most frequent position in {100 * v['fixed_position']:.1f}%)")
+    print(f"  mutual information between group and part {out['mi']:.3f} nats (random maps {out['mi_random']:.3f})")
     return out
+
+
+def _groups_figure(args: argparse.Namespace, model, cfg, dataset, parts: dict | None) -> None:
+    import numpy as np
+    import torch
+
+    from glassmetric.explain.figures import group_attention_grid_figure, save_figure
+    from glassmetric.explain.pair import model_view
+    from glassmetric.training.fit import eval_transform
+
+    if "grouping" not in model.extra_heads:
+        raise ConfigError("--groups-figure: the checkpoint has no attention groups (train with model.groups > 0)")
+    picked = np.sort(np.random.default_rng(cfg.seed).choice(len(dataset), size=min(12, len(dataset)), replace=False))
+    raw = [dataset.load(int(i)).image for i in picked]
+    transform = eval_transform(cfg, model)
+    model.eval()
+    with torch.inference_mode():
+        att = model(torch.stack([transform(img) for img in raw]).to(next(model.parameters()).device)).attention
+    heads = [v["part"] for v in parts["groups"].values()] if parts else None
+    fig = group_attention_grid_figure([model_view(cfg, img) for img in raw], att.float().cpu(), group_parts=heads,
+                                      titles=[f"class {int(dataset.labels[i])}" for i in picked])
+    print(f"figure written to {save_figure(fig, args.groups_figure)}")
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:

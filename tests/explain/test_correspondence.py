@@ -195,14 +195,33 @@ def test_evaluate_correspondence_end_to_end():
                 "learned_empty", "upper_bound"):
         assert 0.0 <= out[key] <= 1.0, key
     assert set(out["per_part"]) == set(data.part_names)
+    # keypoint transfer (the synthetic images carry boxes): PCK in [0, 1]; a uniform plan
+    # sends every part to the crop centre, the oracle cell is the best cell-level guess
+    for key in ("learned", "uniform_marginals", "uniform", "nearest", "oracle_cell"):
+        assert 0.0 <= out[f"pck_{key}"] <= 1.0, key
+    assert out["pck_alpha"] == 0.1
+    assert set(out["per_part_pck_learned"]) == set(data.part_names)
+    masses = [v for v in out["part_mass"].values() if v == v]
+    assert masses and all(-1.0 <= v <= 1.0 for v in masses)
     # batching does not matter (up to float32 rounding of the network's batched convolutions)
     again = evaluate_correspondence(model, data, pairs=5, crop=64, resize=64, seed=0, batch_size=5,
                                     pair_batch=2)
-    assert again.pop("per_part") == pytest.approx(out["per_part"], abs=1e-5)
-    assert again == pytest.approx({k: v for k, v in out.items() if k != "per_part"}, abs=1e-5)
+    nested = [k for k, v in out.items() if isinstance(v, dict)]
+    for key in nested:
+        assert again.pop(key) == pytest.approx(out[key], abs=1e-5, nan_ok=True), key
+    assert again == pytest.approx({k: v for k, v in out.items() if k not in nested}, abs=1e-5)
     # a model with its own spatial head: its grid is used, a different one is refused
     model.add_head("spatial", SpatialGridHead.sharing(model.head, 2))
     out2 = evaluate_correspondence(model, data, pairs=3, crop=64, resize=64, seed=1)
     assert out2["grid"] == 2 and out2["uniform"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="grid"):
         evaluate_correspondence(model, data, pairs=3, crop=64, resize=64, grid=4)
+
+
+def test_box_side_follows_the_resize():
+    from glassmetric.explain.correspondence import box_side_in_eval_frame
+
+    # 200 x 400 (W x H) image, shorter side 200 -> 100: every length halves
+    assert box_side_in_eval_frame((10, 20, 100, 50), (200, 400), 100) == pytest.approx(50.0)
+    assert box_side_in_eval_frame((0, 0, 30, 90), (300, 150), 150) == pytest.approx(90.0)
+    assert math.isnan(box_side_in_eval_frame(None, (300, 150), 150))

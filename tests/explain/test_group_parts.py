@@ -13,6 +13,7 @@ from glassmetric.explain.group_parts import (
     attention_peaks,
     chance_iou,
     evaluate_group_parts,
+    group_part_mutual_information,
     nearest_parts,
     pairwise_iou,
     part_assignment,
@@ -98,6 +99,19 @@ def test_a_group_that_always_peaks_at_one_position_is_flagged_as_fixed():
     assert out["iou_pairs"]["1-2"] == pytest.approx(0.25)  # the moving group meets position 3 in 2 of 8 images
 
 
+def test_mutual_information_matches_the_definition():
+    counts = torch.tensor([[6, 1, 0], [2, 2, 5]])
+    joint = counts.double().numpy() / counts.sum().item()
+    pg, pp = joint.sum(1), joint.sum(0)
+    expect = sum(joint[g, p] * math.log(joint[g, p] / (pg[g] * pp[p]))
+                 for g in range(2) for p in range(3) if joint[g, p] > 0)
+    assert group_part_mutual_information(counts) == pytest.approx(expect)
+    # independent groups and parts: 0; each group its own part: log k
+    assert group_part_mutual_information(torch.tensor([[2, 4], [1, 2]])) == pytest.approx(0.0, abs=1e-12)
+    assert group_part_mutual_information(torch.tensor([[5, 0, 0], [0, 5, 0], [0, 0, 5]])) == pytest.approx(math.log(3))
+    assert math.isnan(group_part_mutual_information(torch.zeros(2, 3, dtype=torch.long)))
+
+
 def test_evaluate_group_parts_end_to_end():
     torch.manual_seed(0)
     model = build_model("resnet18", 12)
@@ -112,5 +126,6 @@ def test_evaluate_group_parts_end_to_end():
         assert g["part"] in data.part_names and sum(g["counts"].values()) <= 10
         assert g["share"] == pytest.approx(g["counts"][g["part"]] / sum(g["counts"].values()))
         assert 0.25 <= g["fixed_position"] <= 1.0  # 4 positions: the most frequent holds >= 1/4
+    assert 0.0 <= out["mi"] <= math.log(3) + 1e-12 and 0.0 <= out["mi_random"] <= math.log(3) + 1e-12
     with pytest.raises(ConfigError, match="model.groups"):
         evaluate_group_parts(build_model("resnet18", 8), data, images=2, crop=64, resize=64)

@@ -69,5 +69,9 @@ def test_eval_cli_reports_group_distinctness(checkpoint, tmp_path, capsys):
     assert "region IoU" in printed and "group 3: attention peak nearest the" in printed
     report = json.loads(out.read_text())["group_parts"]
     assert report["n_images"] == 12 and set(report["groups"]) == {"1", "2", "3"}
+    assert "mutual information between group and part" in printed and report["mi"] >= 0
+    figure = tmp_path / "groups.png"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--groups-parts", "12", "--groups-figure", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
     assert main(["eval", "--checkpoint", str(checkpoint), "--groups-parts", "4", "--groups-fraction", "0"]) == 2
     assert "--groups-fraction" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from glassmetric.explain.uncertainty import extremes, uncertainty_grid_figure
 from glassmetric.retrieval.uncertainty import auroc, uncertainty_vs_failure, write_csv
@@ -63,3 +64,37 @@ def test_extremes_and_grid_figure(tmp_path):
     from glassmetric.explain.figures import save_figure
 
     assert save_figure(fig, tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_object_statistics_and_spearman_against_ranks():
+    from scipy.stats import rankdata
+
+    from glassmetric.data.synthetic import SyntheticParts
+    from glassmetric.retrieval.uncertainty import object_statistics, uncertainty_vs_ground_truth
+
+    data = SyntheticParts("test", num_classes=3, images_per_class=4, image_size=64)
+    stats = object_statistics(data)
+    for i in range(len(data)):
+        s = data.load(i)
+        assert stats["box_area_share"][i] == pytest.approx(s.bbox[2] * s.bbox[3] / (64 * 64))
+        assert stats["visible_parts"][i] == (s.keypoints[:, 2] > 0).sum()
+    u = np.random.default_rng(0).normal(size=len(data))
+    out = uncertainty_vs_ground_truth(u, {"a": stats["box_area_share"], "const": np.ones(len(data))})
+    ru, ra = rankdata(u), rankdata(stats["box_area_share"])
+    assert out["a"]["rho"] == pytest.approx(np.corrcoef(ru, ra)[0, 1]) and out["a"]["n"] == len(data)
+    assert np.isnan(out["const"]["rho"])  # a constant has no ranks
+
+
+def test_object_statistics_without_boxes():
+    from glassmetric.data.base import RetrievalDataset, Sample
+    from glassmetric.retrieval.uncertainty import object_statistics
+
+    class NoBoxes(RetrievalDataset):
+        def __init__(self):
+            super().__init__()
+            self.labels = np.zeros(2, dtype=np.int64)
+
+        def load(self, i):
+            return Sample(image=Image.new("RGB", (8, 8)), label=0)
+
+    assert object_statistics(NoBoxes()) is None

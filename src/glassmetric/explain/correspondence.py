@@ -48,6 +48,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
+from glassmetric.explain.keypoint_transfer import (
+    cell_centre_grid,
+    nearest_cell_transfer,
+    oracle_cell_transfer,
+    pck_hits,
+    plan_transfer,
+)
 from glassmetric.models.spatial_head import SpatialGridHead, ensure_spatial_head
 from glassmetric.similarity.structural import MarginalKind, explain_pair
 
@@ -114,6 +121,18 @@ def keypoints_to_eval_frame(
     out = np.zeros(kp.shape, dtype=np.float32)
     out[visible, 0], out[visible, 1], out[visible, 2] = x[visible], y[visible], 1.0
     return out
+
+
+def box_side_in_eval_frame(bbox, image_size: tuple[int, int], resize: int) -> float:
+    """The larger side of ``bbox`` (x, y, w, h in the raw image) after ``Resize(resize)``; NaN without a box.
+
+    The centre crop does not change lengths, so this is the PCK reference length in the crop.
+    """
+    if bbox is None:
+        return math.nan
+    w, h = (int(v) for v in image_size)
+    new_w, new_h = resized_size((w, h), resize)
+    return float(max(bbox[2] * new_w / w, bbox[3] * new_h / h))
 
 
 def keypoint_cells(keypoints_in_crop: np.ndarray, crop: int, grid: int) -> np.ndarray:
@@ -293,16 +312,17 @@ class _EvalImages(Dataset):
                 "part correspondence needs a data set with part annotations"
             )
         kp = keypoints_to_eval_frame(sample.keypoints, sample.image.size, self.resize, self.crop)
-        return {"image": self.transform(sample.image), "keypoints": torch.from_numpy(kp)}
+        return {"image": self.transform(sample.image), "keypoints": torch.from_numpy(kp),
+                "box_side": box_side_in_eval_frame(sample.bbox, sample.image.size, self.resize)}
 
 
 @torch.inference_mode()
-def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(global (n, D), local (n, N, D), keypoints (n, P, 3), grid) of the loader's images."""
+def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """(global (n, D), local (n, N, D), keypoints (n, P, 3), box sides (n,), grid) of the loader's images."""
     modes = {mod: mod.training for mod in model.modules()}
     model.eval().to(device)
     spatial = None
-    glob, loc, kps = [], [], []
+    glob, loc, kps, sides = [], [], [], []
     try:
         for batch in loader:
             out = model(batch["image"].to(device))
@@ -316,6 +336,7 @@ def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Ten
             glob.append(out.embedding.float())
             loc.append(local.float())
             kps.append(batch["keypoints"])
+            sides.append(batch["box_side"].double())
     finally:
         for mod, training in modes.items():
             mod.training = training
@@ -325,7 +346,7 @@ def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Ten
         raise ValueError(f"the model's local embeddings have {local.shape[1]} cells, not a square grid")
     if grid is not None and g != grid:
         raise ValueError(f"the model's spatial head has a {g} x {g} grid, but grid={grid} was asked")
-    return torch.cat(glob), local, torch.cat(kps), g
+    return torch.cat(glob), local, torch.cat(kps), torch.cat(sides), g
 
 
 def evaluate_correspondence(
@@ -346,6 +367,7 @@ def evaluate_correspondence(
     marginals: MarginalKind = "cross_correlation",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    pck_alpha: float = 0.1,
 ) -> dict:
     """How well the model's transport plans link corresponding parts of same-class pairs.
 
@@ -373,7 +395,13 @@ def evaluate_correspondence(
         :func:`correspondence_upper_bound`: what a perfect plan could reach given the cell
         collisions); ``per_part`` ({part name: mean learned ``a_p`` over its instances});
         ``n_pairs`` (pairs scored), ``n_pairs_sampled``, ``n_parts`` (part instances scored),
-        ``grid`` and ``n_cells``.
+        ``grid`` and ``n_cells``; ``part_mass`` ({part name: mean share of SS contributed by the
+        cell of x holding the part}, against ``1 / n_cells`` for an even spread).
+        Where every image has a bounding box, keypoint transfer
+        (:mod:`glassmetric.explain.keypoint_transfer`) at PCK@``pck_alpha``: ``pck_X`` for the
+        three plans, ``pck_nearest`` (arg-max of the cell similarities) and ``pck_oracle_cell``
+        (the centre of the true target cell: the grid's limit), each a mean over pairs of the
+        pair's mean hit; ``per_part_pck_X`` for ``learned``, ``nearest`` and ``oracle_cell``.
     """
     resize = default_resize(crop) if resize is None else resize
     transform = build_transforms(False, crop, resize, mean=mean, std=std)
@@ -384,26 +412,44 @@ def evaluate_correspondence(
     inverse = torch.from_numpy(inverse.reshape(pair_idx.shape))
     loader = DataLoader(_EvalImages(dataset, images, transform, resize, crop),
                         batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    glob, local, kps, g = _embed(model, loader, grid, device)
+    glob, local, kps, box_sides, g = _embed(model, loader, grid, device)
     cells = torch.from_numpy(np.stack([keypoint_cells(k.numpy(), crop, g) for k in kps]))
     n_cells = g * g
 
     ia, ib = inverse[:, 0], inverse[:, 1]
     names = ("learned", "uniform_marginals", "uniform")
     parts: dict[str, list[CorrespondenceStats]] = {name: [] for name in names}
+    with_pck = bool(torch.isfinite(box_sides).all())
+    pck: dict[str, list[Tensor]] = {name: [] for name in (*names, "nearest", "oracle_cell")}
+    mass: list[Tensor] = []
+    centres = cell_centre_grid(g, crop)
     for start in range(0, len(pair_idx), pair_batch):
         a, b = ia[start : start + pair_batch], ib[start : start + pair_batch]
         xl, yl = local[a].to(device), local[b].to(device)
         xg, yg = glob[a].to(device), glob[b].to(device)
         cx, cy = cells[a], cells[b]
+        learned = explain_pair(xl, yl, xg, yg, epsilon=epsilon, iters=iters, marginals=marginals)
         plans = {
-            "learned": explain_pair(xl, yl, xg, yg, epsilon=epsilon, iters=iters, marginals=marginals).T,
+            "learned": learned.T,
             "uniform_marginals": explain_pair(xl, yl, xg, yg, epsilon=epsilon, iters=iters,
                                               marginals="uniform").T,
             "uniform": torch.full((len(a), n_cells, n_cells), 1.0 / n_cells**2, dtype=torch.float64),
         }
         for name, plan in plans.items():
             parts[name].append(part_correspondence_batch(plan.cpu(), cx, cy))
+        common = (cx >= 0) & (cy >= 0)
+        if with_pck:
+            predictions = {name: plan_transfer(plan.cpu(), cx, centres) for name, plan in plans.items()}
+            predictions["nearest"] = nearest_cell_transfer(learned.S.cpu(), cx, centres)
+            predictions["oracle_cell"] = oracle_cell_transfer(cy, centres)
+            for name, (pred, ok) in predictions.items():
+                pck[name].append(pck_hits(pred, ok, kps[b],
+                                          box_sides[b], common, pck_alpha))
+        # each part's share of SS: what the cell of x holding it contributes, sum_j T_cj S_cj / SS
+        ss = learned.ss.cpu().double()[:, None]
+        share_x = learned.region_contribution_x.cpu().double() / torch.where(ss.abs() < 1e-12, math.nan, ss)
+        cell_share = share_x.gather(1, cx.clamp(min=0))
+        mass.append(torch.where(common, cell_share, torch.full_like(cell_share, math.nan)))
 
     def cat(name: str, field: str) -> Tensor:
         return torch.cat([getattr(s, field) for s in parts[name]])
@@ -422,6 +468,17 @@ def evaluate_correspondence(
     out["per_part"] = {
         name: _mean(share[common[:, p], p]) for p, name in enumerate(part_names[: share.shape[1]])
     }
+    if with_pck:
+        for name, hits in pck.items():
+            hits = torch.cat(hits)
+            out[f"pck_{name}"] = _mean(torch.nanmean(hits[scored], 1))
+            if name in ("learned", "nearest", "oracle_cell"):
+                out[f"per_part_pck_{name}"] = {
+                    part: _mean(hits[common[:, p], p]) for p, part in enumerate(part_names[: hits.shape[1]])
+                }
+        out["pck_alpha"] = pck_alpha
+    mass_share = torch.cat(mass)
+    out["part_mass"] = {part: _mean(mass_share[common[:, p], p]) for p, part in enumerate(part_names[: mass_share.shape[1]])}
     out.update(n_pairs=int(scored.sum()), n_pairs_sampled=len(pair_idx), n_parts=int(common.sum()),
                grid=g, n_cells=n_cells)
     return out

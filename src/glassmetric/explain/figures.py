@@ -381,6 +381,59 @@ _ATT_CMAP = "jet"
 _ATT_ALPHA = 0.45
 
 
+def _attention_panel(ax, img: np.ndarray, amap: np.ndarray, vmax: float, marker_size: float = 12):
+    """``img`` with one attention map bilinearly upsampled over it and its peak marked; returns the heat image."""
+    h, w = img.shape[:2]
+    ax.imshow(img, extent=(0, w, h, 0))
+    heat = ax.imshow(amap, extent=(0, w, h, 0), cmap=_ATT_CMAP, alpha=_ATT_ALPHA,
+                     interpolation="bilinear", vmin=0.0, vmax=vmax)
+    r, c = np.unravel_index(int(np.argmax(amap)), amap.shape)
+    ax.plot((c + 0.5) * w / amap.shape[1], (r + 0.5) * h / amap.shape[0], marker="+",
+            color="white", markersize=marker_size, mew=2.5)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    return heat
+
+
+def group_attention_grid_figure(images, attention, *, titles=None, group_parts=None) -> Figure:
+    """Where each attention group looks, on several images: one row per image, the image then
+    one panel per group (its map over the image, peak marked), every map on one colour scale.
+
+    Args:
+        images: a sequence of images (PIL, arrays or CHW tensors) the maps were computed on.
+        attention: ``(n, k, h, w)`` attention maps (each sums to 1 over positions).
+        titles: optional per-image labels (left column); group_parts: optional per-group
+            column headings, e.g. the part each group most often peaks on.
+
+    Axes: ``fig.axes`` is ``[image 1, group 1 .. k, image 2, ...]`` plus the colour bar.
+    """
+    att = _array(attention)
+    if att.ndim != 4 or att.shape[0] != len(images):
+        raise ValueError(f"attention must be (n={len(images)}, k, h, w), got shape {att.shape}")
+    n, k = att.shape[:2]
+    fig = Figure(figsize=(1.7 * (k + 1) + 0.8, 1.7 * n + 0.7), layout="constrained")
+    FigureCanvasAgg(fig)
+    vmax = float(att.max())
+    heat = None
+    for row in range(n):
+        img = _as_image(images[row], f"image {row}")
+        ax = fig.add_subplot(n, k + 1, row * (k + 1) + 1)
+        ax.imshow(img)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_ylabel(str(titles[row]), fontsize=8)
+        for i in range(k):
+            ax = fig.add_subplot(n, k + 1, row * (k + 1) + i + 2)
+            heat = _attention_panel(ax, img, att[row, i], vmax, marker_size=8)
+            if row == 0:
+                head = f"group {i + 1}" + (f"\n({group_parts[i]})" if group_parts is not None else "")
+                ax.set_title(head, fontsize=9)
+    fig.colorbar(heat, ax=fig.axes, location="right", shrink=0.4, label="attention")
+    return fig
+
+
 def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] = ("query", "candidate")) -> Figure:
     """The figure that explains a grouping (DGML) match: where each group looked, and what it scored.
 
@@ -416,15 +469,7 @@ def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] 
         ax.set_axis_off()
         for i in range(k):
             ax = fig.add_subplot(gs[row, i + 1])
-            ax.imshow(img, extent=(0, w, h, 0))
-            heat = ax.imshow(maps[i], extent=(0, w, h, 0), cmap=_ATT_CMAP, alpha=_ATT_ALPHA,
-                             interpolation="bilinear", vmin=0.0, vmax=vmax)
-            r, c = np.unravel_index(int(np.argmax(maps[i])), maps[i].shape)
-            ax.plot((c + 0.5) * w / maps[i].shape[1], (r + 0.5) * h / maps[i].shape[0], marker="+",
-                    color="white", markersize=12, mew=2.5)
-            ax.set_xlim(0, w)
-            ax.set_ylim(h, 0)
-            ax.set_axis_off()
+            heat = _attention_panel(ax, img, maps[i], vmax)
             if row == 0:
                 ax.set_title(f"group {i + 1}: cos {_signed(float(sim[i]))}", fontsize=10)
     fig.colorbar(heat, ax=fig.axes[-1], location="right", shrink=0.8, label="attention $a_{ip}$")

@@ -89,6 +89,39 @@ def evaluate_uncertainty(
     )
 
 
+def object_statistics(dataset: RetrievalDataset) -> dict[str, np.ndarray] | None:
+    """Per image, from its ground truth: ``box_area_share`` (box area / image area) and
+    ``visible_parts`` (keypoints flagged visible); None when the data set has no boxes."""
+    first = dataset.load(0) if len(dataset) else None
+    if first is None or first.bbox is None:
+        return None
+    share, parts = np.empty(len(dataset)), np.empty(len(dataset))
+    for i in range(len(dataset)):
+        sample = first if i == 0 else dataset.load(i)
+        w, h = sample.image.size
+        share[i] = sample.bbox[2] * sample.bbox[3] / float(w * h)
+        parts[i] = float((sample.keypoints[:, 2] > 0).sum()) if sample.keypoints is not None else np.nan
+    return {"box_area_share": share, "visible_parts": parts}
+
+
+def uncertainty_vs_ground_truth(uncertainty: np.ndarray, stats: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Spearman rank correlation (rho, two-sided p, n) of the uncertainty with each statistic of
+    :func:`object_statistics` (NaN entries left out). A model whose doubt tracks visibility
+    should be more uncertain about small birds and birds with few visible parts (rho < 0)."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    u = np.asarray(uncertainty, dtype=np.float64)
+    for name, values in stats.items():
+        keep = np.isfinite(values) & np.isfinite(u)
+        if keep.sum() < 3 or np.ptp(values[keep]) == 0 or np.ptp(u[keep]) == 0:
+            out[name] = {"rho": float("nan"), "p": float("nan"), "n": int(keep.sum())}
+            continue
+        rho, pvalue = spearmanr(u[keep], values[keep])
+        out[name] = {"rho": float(rho), "p": float(pvalue), "n": int(keep.sum())}
+    return out
+
+
 def write_csv(report: UncertaintyReport, path, names: list[str] | None = None) -> None:
     """One row per query: index, name, label, uncertainty, nearest neighbour, hit."""
     import csv
