@@ -208,43 +208,22 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from glassmetric.explain.figures import format_scores, save_figure, structural_pair_figure
-    from glassmetric.explain.pair import explain_files
+    from glassmetric.explain.figures import save_figure
+    from glassmetric.explain.panels import group_summary, pair_figures, pair_summary
+    from glassmetric.explain.pair import explain_files, explain_images
+    from glassmetric.data.base import open_image
     from glassmetric.training.module import load_trained
 
     model, cfg = load_trained(args.checkpoint)
-    if "grouping" in model.extra_heads:
-        return _explain_groups(args, model, cfg)
-    pair = explain_files(model, cfg, args.image_x, args.image_y)
-    e = pair.structural
     titles = (Path(args.image_x).name, Path(args.image_y).name)
-    intro = pair.introspective
-    # each image's uncertainty over it, the pair's two distances in the title
-    notes = tuple(f"uncertainty {u:.3g}" for u in intro.uncertainty) if intro is not None else None
-    fig = structural_pair_figure(*pair.images, e, top_flows=args.top_flows, titles=titles, notes=notes)
-    if intro is not None:
-        fig.suptitle(
-            f"{format_scores(e)}\nsemantic distance {intro.semantic_distance:.3f}, introspective {intro.introspective_distance:.3f}",
-            fontsize=15, fontweight="bold",
-        )
-    path = save_figure(fig, args.output)
-    print(f"global {float(e.s_global):.3f} + structural {float(e.ss):.3f} = score {float(e.score):.3f}")
-    if pair.introspective is not None:
-        print(pair.introspective.describe())
-    print(f"figure written to {path}")
-    return 0
-
-
-def _explain_groups(args: argparse.Namespace, model, cfg) -> int:
-    from glassmetric.explain.figures import group_pair_figure, save_figure
-    from glassmetric.explain.groups import explain_group_files
-
-    pair = explain_group_files(model, cfg, args.image_x, args.image_y)
-    e = pair.groups
-    fig = group_pair_figure(*pair.images, e, titles=(Path(args.image_x).name, Path(args.image_y).name))
-    path = save_figure(fig, args.output)
-    parts = " + ".join(f"{float(s):.3f}" for s in e.group_similarity)
-    print(f"score {float(e.score):.3f} = ({parts}) / {e.groups}  (per-group cosines)")
+    if "grouping" in model.extra_heads:  # the per-group panels, structural or not
+        pair = explain_images(model, cfg, open_image(args.image_x), open_image(args.image_y))
+        path = save_figure(pair_figures(pair, titles, top_flows=args.top_flows)["groups"], args.output)
+        print(group_summary(pair))
+    else:
+        pair = explain_files(model, cfg, args.image_x, args.image_y)
+        path = save_figure(pair_figures(pair, titles, top_flows=args.top_flows)["flows"], args.output)
+        print("\n".join(pair_summary(pair)))
     print(f"figure written to {path}")
     return 0
 
