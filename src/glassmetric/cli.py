@@ -1,4 +1,4 @@
-"""Command line: ``glassmetric fit | eval | explain | presets``.
+"""Command line: ``glassmetric fit | eval | explain | report | serve | presets``.
 
 Every error the user can fix (a bad config key, a missing file, a truncated checkpoint) ends
 in one line on stderr naming the culprit, and exit status 2; never a traceback.
@@ -56,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", default="pair.png", help="figure file (.png, .svg or .pdf)")
     ex.add_argument("--top-flows", type=int, default=12, help="number of strongest flows drawn")
 
+    rp = sub.add_parser("report", help="write a static HTML retrieval report with explanations (opens offline)")
+    rp.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    rp.add_argument("--data", help="image folder (one sub-folder per class) searched against itself "
+                    "(default: the checkpoint's --split)")
+    rp.add_argument("--split", choices=("test", "val", "train"), default="test")
+    rp.add_argument("--query", help="query image folder; needs --gallery (classes matched by folder name)")
+    rp.add_argument("--gallery", help="gallery image folder")
+    rp.add_argument("-o", "--output", default="report", help="folder for index.html and its images")
+    rp.add_argument("--queries", type=int, default=4, help="queries shown per group: worst, random, best (default 4)")
+    rp.add_argument("--top", type=int, default=10, help="results shown per query (default 10)")
+    rp.add_argument("--k", default="0,5,10,50,100", help="shortlist sizes of the re-ranking K-sweep")
+    rp.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    rp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
+
     sub.add_parser("presets", help="list the shipped configuration presets")
     return parser
 
@@ -79,13 +93,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from glassmetric.retrieval.evaluate import evaluate_model
+    from glassmetric.retrieval.evaluate import eval_datasets, evaluate_model
     from glassmetric.retrieval.metrics import format_metrics_table
-    from glassmetric.training.fit import make_splits, evaluation_recall_ks
+    from glassmetric.training.fit import evaluation_recall_ks
     from glassmetric.training.module import load_trained
 
-    if bool(args.query) != bool(args.gallery):
-        raise ConfigError("--query and --gallery go together: give both folders")
     if not 0 < args.groups_fraction <= 1:
         raise ConfigError(f"--groups-fraction: expected a share in (0, 1], got {args.groups_fraction}")
     if args.groups_parts is not None and args.groups_parts < 1:
@@ -93,20 +105,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, cfg = load_trained(args.checkpoint, args.overrides)
     knn = args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
-    if args.query:
-        from glassmetric.data.folder import build_query_gallery
-        from glassmetric.training.fit import eval_transform
-
-        pair = build_query_gallery(args.query, args.gallery, transform=eval_transform(cfg, model))
-        name, dataset, gallery = f"query {args.query} / gallery {args.gallery}", pair.query, pair.gallery
-    else:
-        splits = make_splits(cfg, model)
-        dataset, gallery = getattr(splits, args.split), (splits.gallery if args.split == "test" else None)
-        if dataset is None:
-            raise ConfigError(f"--split {args.split}: this config has no {args.split} split (data.val_classes = 0)")
-        if args.split == "train":
-            dataset.transform = splits.test.transform  # evaluate without augmentation
-        name = f"{args.split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if gallery is not None else "")
+    name, dataset, gallery = eval_datasets(cfg, model, split=args.split, query=args.query, gallery=args.gallery)
     report: dict = {"checkpoint": args.checkpoint, "data": name}
     title = Path(args.checkpoint).name
     if args.rerank:
@@ -228,6 +227,22 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from glassmetric.report import build_report
+    from glassmetric.retrieval.evaluate import default_device, eval_datasets
+    from glassmetric.training.module import load_trained
+
+    ks = _parse_ks(args.k)
+    model, cfg = load_trained(args.checkpoint, args.overrides)
+    name, dataset, gallery = eval_datasets(cfg, model, split=args.split, query=args.query, gallery=args.gallery, folder=args.data)
+    page = build_report(
+        model, cfg, dataset, gallery, args.output, checkpoint=args.checkpoint, data_name=name, per_group=args.queries,
+        top=args.top, ks=ks, seed=cfg.seed, device=str(args.device or default_device()),
+    )
+    print(f"report written to {page} (open it in a browser; it works offline)")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from glassmetric.config import PRESET_DIR, preset_names
 
@@ -237,7 +252,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets}
+COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets, "report": _cmd_report}
 
 
 def _quiet_libraries() -> None:
