@@ -70,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     rp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
 
+    sv = sub.add_parser("serve", help="a local web explorer: search a gallery by upload or pick, see each result's explanation")
+    sv.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    sv.add_argument("--gallery", help="gallery image folder (one sub-folder per class, or just images); "
+                    "default: the checkpoint's --split")
+    sv.add_argument("--split", choices=("test", "val", "train"), default="test")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--cache-dir", help="where gallery embeddings are cached (default ~/.cache/glassmetric/gallery)")
+    sv.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload in MiB (default 10)")
+    sv.add_argument("--max-megapixels", type=float, default=25.0, help="largest uploaded image in megapixels (default 25)")
+    sv.add_argument("--max-in-flight", type=int, default=32, help="requests served at once; more get 503 (default 32)")
+    sv.add_argument("--workers", type=int, default=1, help="threads doing model work (default 1)")
+
     sub.add_parser("presets", help="list the shipped configuration presets")
     return parser
 
@@ -243,6 +257,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from glassmetric.retrieval.evaluate import default_device
+    from glassmetric.serve.server import serve
+
+    return serve(args.checkpoint, args.gallery, split=args.split, host=args.host, port=args.port, cache_dir=args.cache_dir,
+                 device=str(args.device or default_device()), max_upload_mb=args.max_upload_mb,
+                 max_megapixels=args.max_megapixels, max_in_flight=args.max_in_flight, workers=args.workers)
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from glassmetric.config import PRESET_DIR, preset_names
 
@@ -252,7 +275,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets, "report": _cmd_report}
+COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets, "report": _cmd_report, "serve": _cmd_serve}
 
 
 def _quiet_libraries() -> None:
