@@ -117,3 +117,21 @@ def test_bad_arguments_are_one_line(checkpoint, tmp_path, capsys):
     assert "--top 99" in capsys.readouterr().err
     assert main(["report", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.browser
+def test_the_report_opens_offline_in_chromium(report, chromium_page):
+    page = chromium_page
+    requested = []
+    page.route("**/*", lambda route: (requested.append(route.request.url), route.continue_()
+                                      if route.request.url.startswith("file://") else route.abort()))
+    page.goto((report / "index.html").as_uri())
+    page.wait_for_function("[...document.images].filter(i => !i.loading || i.loading != 'lazy').every(i => i.complete)")
+    assert page.evaluate("[...document.querySelectorAll('button.result img')].every(i => i.naturalWidth > 0)")
+    page.locator("button.result").nth(4).click()
+    page.wait_for_selector("dialog[open] img")
+    page.wait_for_function("[...document.querySelectorAll('dialog[open] img')].every(i => i.complete && i.naturalWidth > 500)")
+    assert "structural" in page.text_content("dialog[open] pre")
+    assert all(u.startswith("file://") for u in requested)
+    page.click("#explain-close")
+    assert not page.evaluate("document.getElementById('explain').open")
