@@ -104,3 +104,12 @@ def test_bad_ids_and_values_are_named(setup):
         assert res.status_code == status and words in res.json()["detail"]
     res = client.get("/api/explain/figure", params={"query": "g1", "result": "g2", "kind": "groups"})
     assert res.status_code == 404 and "groups" in res.json()["detail"]
+
+
+def test_serve_command_checks_its_settings_first(tmp_path, capsys):
+    from glassmetric.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt"), "--max-in-flight", "0"]) == 2
+    assert "--max-in-flight" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
+    assert "none.ckpt" in capsys.readouterr().err

@@ -1,9 +1,5 @@
 """End to end in headless Chromium: load the explorer, upload a query, see the results, open an
-explanation, pick a gallery query, get the message for a refused upload; a screenshot is saved
-(to GLASSMETRIC_SCREENSHOT when set, e.g. docs/explorer.png)."""
-
-import os
-import shutil
+explanation, pick a gallery query, get the message for a refused upload; a screenshot is saved."""
 
 import pytest
 
@@ -19,7 +15,7 @@ pytestmark = pytest.mark.browser
 @pytest.fixture(scope="module")
 def served(browser_available, tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    checkpoint = os.environ.get("GLASSMETRIC_SCREENSHOT_CHECKPOINT") or fit_idml(root / "run")
+    checkpoint = fit_idml(root / "run")
     paths = write_gallery(root / "gallery", 16)
     explorer = Explorer.open(str(checkpoint), root / "gallery", cache_dir=root / "cache", progress=False)
     with ServerThread(create_app(explorer)) as url:
@@ -49,8 +45,6 @@ def test_upload_search_and_explain_in_the_browser(served, chromium_page, tmp_pat
     shot = tmp_path / "explorer.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000
-    if os.environ.get("GLASSMETRIC_SCREENSHOT"):
-        shutil.copy(shot, os.environ["GLASSMETRIC_SCREENSHOT"])
 
     page.locator("#picker button").nth(2).click()  # a gallery query: results are marked
     page.wait_for_function("document.querySelector('#query').textContent.includes('g2')")
