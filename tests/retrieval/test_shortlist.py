@@ -42,3 +42,15 @@ def test_global_only_models_get_global_scores_only():
     assert out.structural_scores is None and out.introspective_distances is None and out.query_uncertainty is None
     with pytest.raises(ValueError, match="indices"):
         score_shortlist(q, ref, torch.tensor([0, 1]))
+
+
+def test_scores_of_a_query_are_its_row_by_name():
+    g = torch.Generator().manual_seed(3)
+    q, ref = _fields(2, g), _fields(5, g)
+    out = score_shortlist(q, ref, torch.tensor([[4, 1], [0, 2]]))
+    rows = out.scores(1)
+    assert [set(r) for r in rows] == [{"global", "structural", "multiscale", "introspective", "uncertainty"}] * 2
+    assert rows[1]["structural"] == pytest.approx(float(out.structural_scores[1, 1]))
+    assert rows[0]["introspective"] == pytest.approx(float(out.introspective_distances[1, 0]))
+    plain = score_shortlist({"embedding": q["embedding"]}, {"embedding": ref["embedding"]}, torch.tensor([[3], [1]]))
+    assert plain.scores(0) == [{"global": pytest.approx(float(q["embedding"][0] @ ref["embedding"][3]))}]

@@ -202,16 +202,9 @@ def build_report(
             )
             q_raw, q_img = thumbnail("query", dataset, qi)
             results = []
-            for r, gi in enumerate(scored.indices[0].tolist()):
+            for r, (gi, scores) in enumerate(zip(scored.indices[0].tolist(), scored.scores(0))):
                 bar.set_postfix_str(f"explaining {group} queries")
                 g_raw, g_img = thumbnail("gallery", ref, gi)
-                scores = {"global": float(scored.global_scores[0, r])}
-                if scored.structural_scores is not None:
-                    scores["structural"] = float(scored.structural_scores[0, r])
-                    scores["multiscale"] = float(scored.multiscale_scores[0, r])
-                if scored.introspective_distances is not None:
-                    scores["introspective"] = float(scored.introspective_distances[0, r])
-                    scores["uncertainty"] = float(scored.result_uncertainty[0, r])
                 pair = explain_images(model, cfg, q_raw, g_raw)
                 figures = {}
                 for kind, fig in pair_figures(pair, ("query", f"result {r + 1}"), top_flows=top_flows).items():

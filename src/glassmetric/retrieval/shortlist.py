@@ -41,6 +41,15 @@ class ScoredShortlist:
     query_uncertainty: Tensor | None = None
     result_uncertainty: Tensor | None = None
 
+    def scores(self, q: int) -> list[dict[str, float]]:
+        """Query ``q``'s results as ``{"global", "structural", "multiscale", "introspective",
+        "uncertainty": value}`` dicts (the keys the model has), in shortlist order."""
+        columns = {"global": self.global_scores, "structural": self.structural_scores,
+                   "multiscale": self.multiscale_scores, "introspective": self.introspective_distances,
+                   "uncertainty": self.result_uncertainty}
+        present = {name: values[q].tolist() for name, values in columns.items() if values is not None}
+        return [{name: float(v[r]) for name, v in present.items()} for r in range(self.indices.shape[1])]
+
 
 @torch.no_grad()
 def score_shortlist(

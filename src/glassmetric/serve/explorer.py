@@ -133,14 +133,7 @@ class Explorer:
         scored = score_shortlist(q.fields, self.gallery.fields, idx[None], epsilon=s.epsilon, iters=s.iters,
                                  marginals=s.marginals, introspective=introspective_params(self.cfg))
         results = []
-        for r, gi in enumerate(idx.tolist()):
-            scores = {"global": float(scored.global_scores[0, r])}
-            if scored.structural_scores is not None:
-                scores["structural"] = float(scored.structural_scores[0, r])
-                scores["multiscale"] = float(scored.multiscale_scores[0, r])
-            if scored.introspective_distances is not None:
-                scores["introspective"] = float(scored.introspective_distances[0, r])
-                scores["uncertainty"] = float(scored.result_uncertainty[0, r])
+        for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0))):
             correct = None
             if q.index is not None and self.gallery.labelled:
                 correct = bool(self.gallery.labels[gi] == self.gallery.labels[q.index])

@@ -99,7 +99,7 @@ def split_source(cfg: Config, model: torch.nn.Module, split: str = "test") -> Ga
     from glassmetric.retrieval.evaluate import eval_datasets
 
     name, data, _ = eval_datasets(cfg, model, split=split)
-    classes = tuple(f"class {c}" for c in range(int(data.labels.max()) + 1)) if len(data) else ()
+    classes = tuple(str(c) for c in range(int(data.labels.max()) + 1)) if len(data) else ()
     fingerprint = json.dumps({"split": split, "data": cfg.to_dict()["data"], "n": len(data)}, sort_keys=True, default=str)
     return GallerySource(name, data, [f"{split} image {i}" for i in range(len(data))], classes, fingerprint)
 

@@ -89,7 +89,7 @@ async function show(pending) {
     const mark = r.correct === null ? '' : (r.correct ? ' &#10003; correct' : ' &#10007; wrong');
     const scores = Object.entries(r.scores).map(([k, v]) => `${NAMES[k] || k} ${fmt(v)}`).join('<br>');
     b.innerHTML = `<img src="/api/images/${r.id}" alt="result ${r.rank}"><span class="mark">#${r.rank}${mark}</span><br>` +
-      `${esc(r.class || r.name)}<br><span class="muted">${scores}</span>`;
+      `${r.class === null ? esc(r.name) : 'class ' + esc(r.class)}<br><span class="muted">${scores}</span>`;
     b.addEventListener('click', () => explain(res.query, r.id, b));
     $('results').appendChild(b);
   }
