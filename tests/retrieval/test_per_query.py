@@ -38,3 +38,13 @@ def test_ap_at_r_by_hand():
 def test_too_short_a_ranking_is_refused():
     with pytest.raises(ValueError, match="R neighbours"):
         per_query_metrics(torch.tensor([[0]]), torch.tensor([0]), torch.tensor([0, 0, 0]))
+
+
+def test_relevant_counts_count_each_querys_class_in_the_gallery():
+    from glassmetric.retrieval.per_query import relevant_counts
+
+    gallery = torch.tensor([3, 1, 3, 3, 7, 1])
+    queries = torch.tensor([3, 1, 7, 5, 0, 9])
+    expected = [(gallery == q).sum().item() for q in queries]
+    assert relevant_counts(queries, gallery).tolist() == expected == [3, 2, 1, 0, 0, 0]
+    assert relevant_counts(queries, torch.tensor([], dtype=torch.long)).tolist() == [0] * 6

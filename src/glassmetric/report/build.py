@@ -25,7 +25,7 @@ from glassmetric.models.spatial_head import ensure_spatial_head
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.retrieval.knn import knn
 from glassmetric.retrieval.metrics import retrieval_metrics
-from glassmetric.retrieval.per_query import per_query_metrics
+from glassmetric.retrieval.per_query import per_query_metrics, relevant_counts
 from glassmetric.retrieval.rerank import rerank_sweep
 from glassmetric.retrieval.shortlist import score_shortlist
 from glassmetric.report.plots import sweep_figure
@@ -166,7 +166,7 @@ def build_report(
     bar.update()
 
     bar.set_postfix_str("per-query AP@R")
-    r_max = int((q["labels"][:, None] == g["labels"][None, :]).sum(1).max()) - int(same)
+    r_max = int(relevant_counts(q["labels"], g["labels"]).max()) - int(same)
     depth = min(max(top, r_max, 1), available)
     _, ranked = knn(q["embedding"], g["embedding"], depth, exclude_self=same)
     pq = per_query_metrics(ranked, q["labels"], g["labels"], exclude_self=same)

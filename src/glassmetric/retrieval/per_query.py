@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PerQuery", "per_query_metrics"]
+__all__ = ["PerQuery", "per_query_metrics", "relevant_counts"]
 
 
 @dataclass
@@ -25,12 +25,21 @@ class PerQuery:
     relevant: np.ndarray  #: (Q,) R
 
 
+def relevant_counts(query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
+    """(Q,) number of gallery items of each query's class (without a Q x G matrix)."""
+    classes, counts = torch.unique(torch.as_tensor(gallery_labels).long(), return_counts=True)
+    q = torch.as_tensor(query_labels).long()
+    pos = torch.searchsorted(classes, q).clamp(max=max(len(classes) - 1, 0))
+    found = (classes[pos] == q) if len(classes) else torch.zeros_like(q, dtype=torch.bool)
+    return torch.where(found, counts[pos] if len(classes) else torch.zeros_like(q), torch.zeros_like(q))
+
+
 def per_query_metrics(neighbour_indices: Tensor, query_labels: Tensor, gallery_labels: Tensor,
                       *, exclude_self: bool = False) -> PerQuery:
     """R@1 hit and AP@R of each query; rows must hold at least R neighbours (and one)."""
     idx = torch.as_tensor(neighbour_indices).long()
     q_lab, g_lab = torch.as_tensor(query_labels).long(), torch.as_tensor(gallery_labels).long()
-    r = (q_lab[:, None] == g_lab[None, :]).sum(1) - int(exclude_self)
+    r = relevant_counts(q_lab, g_lab) - int(exclude_self)
     if len(idx) and idx.shape[1] < max(1, int(r.max())):
         raise ValueError(f"AP@R needs R neighbours per query (R up to {int(r.max())}), got {idx.shape[1]}")
     rel = (g_lab[idx] == q_lab[:, None]).double()  # (Q, L)

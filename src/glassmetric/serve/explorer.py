@@ -12,6 +12,7 @@ import hashlib
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class _Recent:
 
 @dataclass
 class _Query:
-    image: Image.Image  # as read (RGB)
+    load: Callable[[], Image.Image]  # the image as read (RGB); read only when shown or explained
     fields: dict[str, torch.Tensor]  # (1, ...) embeddings
     index: int | None  # gallery index when picked from the gallery
 
@@ -96,7 +97,7 @@ class Explorer:
         digest = hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()[:16]
         qid = f"u{digest}"
         if self.uploads.get(qid) is None:
-            self.uploads.put(qid, _Query(image=image, fields=self._embed(image), index=None))
+            self.uploads.put(qid, _Query(load=lambda: image, fields=self._embed(image), index=None))
         return qid
 
     def gallery_index(self, gid: str) -> int:
@@ -111,13 +112,13 @@ class Explorer:
                 raise UnknownQuery(f"unknown upload {qid!r} (uploads are kept for the last {self.uploads.size} queries)")
             return q
         i = self.gallery_index(qid)
-        return _Query(image=self.gallery.image(i), index=i,
+        return _Query(load=lambda: self.gallery.image(i), index=i,
                       fields={k: v[i : i + 1] for k, v in self.gallery.fields.items()})
 
     def view_png(self, qid: str) -> bytes:
         """The query or gallery image as the model sees it, as PNG."""
         buffer = io.BytesIO()
-        model_view(self.cfg, self.query(qid).image).save(buffer, format="PNG")
+        model_view(self.cfg, self.query(qid).load()).save(buffer, format="PNG")
         return buffer.getvalue()
 
     # ------------------------------------------------------------------------------ answers
@@ -152,7 +153,7 @@ class Explorer:
         cached = self.figures.get(key)
         if cached is None:
             q, gi = self.query(qid), self.gallery_index(gid)
-            pair = explain_images(self.model, self.cfg, q.image, self.gallery.image(gi))
+            pair = explain_images(self.model, self.cfg, q.load(), self.gallery.image(gi))
             pngs = {}
             for kind, fig in pair_figures(pair, ("query", self.gallery.name(gi))).items():
                 buffer = io.BytesIO()
