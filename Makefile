@@ -1,5 +1,7 @@
 # `make demo`: set up .venv and train + evaluate the demo preset on the embedded data.
-# `make test`: set up .venv with the dev extras and run the whole test suite.
+# `make demo` ends with an HTML report: open runs/demo/report/index.html; `make serve-demo` explores it.
+# `make test`: set up .venv with the dev extras and run the whole test suite (browser tests included
+# where /usr/bin/chromium exists); `make test-browser`: the headless-Chromium tests alone.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +9,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow setup setup-dev clean
+DEMO_CKPT := runs/demo/checkpoints/best.ckpt
+
+.PHONY: demo serve-demo test test-slow test-browser setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +34,11 @@ setup-dev: $(VENV)/.setup-dev
 
 demo: setup
 	$(BIN)/glassmetric fit --config demo --baseline --overwrite
+	$(BIN)/glassmetric report --checkpoint $(DEMO_CKPT) -o runs/demo/report --queries 2 --k 0,5,10,50
+	@echo "open runs/demo/report/index.html in a browser; \`make serve-demo\` starts the web explorer"
+
+serve-demo: setup
+	$(BIN)/glassmetric serve --checkpoint $(DEMO_CKPT)
 
 test: setup-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -37,6 +46,9 @@ test: setup-dev
 # exit status 5 means no test is marked slow (yet): not a failure
 test-slow: setup-dev
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-browser: setup-dev
+	$(BIN)/python -m pytest -m browser $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -13,3 +13,28 @@ def cub50_root() -> Path:
     if not (CUB50 / "images.txt").is_file():
         pytest.skip(f"real-data test: {CUB50} not found")
     return CUB50
+
+
+
+@pytest.fixture(scope="session")
+def browser_available() -> None:
+    """Skip where Chromium or Playwright is absent (glassmetric.serve.browser), unless
+    GLASSMETRIC_REQUIRE_BROWSER=1 (CI): there that fails."""
+    import os
+
+    from glassmetric.serve.browser import browser_missing
+
+    missing = browser_missing()
+    if missing:
+        if os.environ.get("GLASSMETRIC_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser test required (GLASSMETRIC_REQUIRE_BROWSER=1) but {missing}")
+        pytest.skip(f"browser test: {missing}")
+
+
+@pytest.fixture
+def chromium_page(browser_available):
+    """A page in a fresh headless Chromium."""
+    from glassmetric.serve.browser import chromium_page as open_page
+
+    with open_page() as page:
+        yield page

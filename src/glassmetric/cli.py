@@ -1,4 +1,4 @@
-"""Command line: ``glassmetric fit | eval | explain | presets``.
+"""Command line: ``glassmetric fit | eval | explain | report | serve | presets``.
 
 Every error the user can fix (a bad config key, a missing file, a truncated checkpoint) ends
 in one line on stderr naming the culprit, and exit status 2; never a traceback.
@@ -58,6 +58,34 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("-o", "--output", default="pair.png", help="figure file (.png, .svg or .pdf)")
     ex.add_argument("--top-flows", type=int, default=12, help="number of strongest flows drawn")
 
+    rp = sub.add_parser("report", help="write a static HTML retrieval report with explanations (opens offline)")
+    rp.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    rp.add_argument("--data", help="image folder (one sub-folder per class) searched against itself "
+                    "(default: the checkpoint's --split)")
+    rp.add_argument("--split", choices=("test", "val", "train"), default="test")
+    rp.add_argument("--query", help="query image folder; needs --gallery (classes matched by folder name)")
+    rp.add_argument("--gallery", help="gallery image folder")
+    rp.add_argument("-o", "--output", default="report", help="folder for index.html and its images")
+    rp.add_argument("--queries", type=int, default=4, help="queries shown per group: worst, random, best (default 4)")
+    rp.add_argument("--top", type=int, default=10, help="results shown per query (default 10)")
+    rp.add_argument("--k", default="0,5,10,50,100", help="shortlist sizes of the re-ranking K-sweep")
+    rp.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    rp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
+
+    sv = sub.add_parser("serve", help="a local web explorer: search a gallery by upload or pick, see each result's explanation")
+    sv.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    sv.add_argument("--gallery", help="gallery image folder (one sub-folder per class, or just images); "
+                    "default: the checkpoint's --split")
+    sv.add_argument("--split", choices=("test", "val", "train"), default="test")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--cache-dir", help="where gallery embeddings are cached (default ~/.cache/glassmetric/gallery)")
+    sv.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload in MiB (default 10)")
+    sv.add_argument("--max-megapixels", type=float, default=25.0, help="largest uploaded image in megapixels (default 25)")
+    sv.add_argument("--max-in-flight", type=int, default=32, help="requests served at once; more get 503 (default 32)")
+    sv.add_argument("--workers", type=int, default=1, help="threads doing model work (default 1)")
+
     sub.add_parser("presets", help="list the shipped configuration presets")
     return parser
 
@@ -81,13 +109,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from glassmetric.retrieval.evaluate import evaluate_model
+    from glassmetric.retrieval.evaluate import eval_datasets, evaluate_model
     from glassmetric.retrieval.metrics import format_metrics_table
-    from glassmetric.training.fit import make_splits, evaluation_recall_ks
+    from glassmetric.training.fit import evaluation_recall_ks
     from glassmetric.training.module import load_trained
 
-    if bool(args.query) != bool(args.gallery):
-        raise ConfigError("--query and --gallery go together: give both folders")
     if not 0 < args.groups_fraction <= 1:
         raise ConfigError(f"--groups-fraction: expected a share in (0, 1], got {args.groups_fraction}")
     if args.groups_parts is not None and args.groups_parts < 1:
@@ -95,20 +121,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, cfg = load_trained(args.checkpoint, args.overrides)
     knn = args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
-    if args.query:
-        from glassmetric.data.folder import build_query_gallery
-        from glassmetric.training.fit import eval_transform
-
-        pair = build_query_gallery(args.query, args.gallery, transform=eval_transform(cfg, model))
-        name, dataset, gallery = f"query {args.query} / gallery {args.gallery}", pair.query, pair.gallery
-    else:
-        splits = make_splits(cfg, model)
-        dataset, gallery = getattr(splits, args.split), (splits.gallery if args.split == "test" else None)
-        if dataset is None:
-            raise ConfigError(f"--split {args.split}: this config has no {args.split} split (data.val_classes = 0)")
-        if args.split == "train":
-            dataset.transform = splits.test.transform  # evaluate without augmentation
-        name = f"{args.split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if gallery is not None else "")
+    name, dataset, gallery = eval_datasets(cfg, model, split=args.split, query=args.query, gallery=args.gallery)
     report: dict = {"checkpoint": args.checkpoint, "data": name}
     title = Path(args.checkpoint).name
     if args.rerank:
@@ -251,45 +264,49 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from glassmetric.explain.figures import format_scores, save_figure, structural_pair_figure
-    from glassmetric.explain.pair import explain_files
+    from glassmetric.explain.figures import save_figure
+    from glassmetric.explain.panels import group_summary, pair_figures, pair_summary
+    from glassmetric.explain.pair import explain_files, explain_images
+    from glassmetric.data.base import open_image
     from glassmetric.training.module import load_trained
 
     model, cfg = load_trained(args.checkpoint)
-    if "grouping" in model.extra_heads:
-        return _explain_groups(args, model, cfg)
-    pair = explain_files(model, cfg, args.image_x, args.image_y)
-    e = pair.structural
     titles = (Path(args.image_x).name, Path(args.image_y).name)
-    intro = pair.introspective
-    # each image's uncertainty over it, the pair's two distances in the title
-    notes = tuple(f"uncertainty {u:.3g}" for u in intro.uncertainty) if intro is not None else None
-    fig = structural_pair_figure(*pair.images, e, top_flows=args.top_flows, titles=titles, notes=notes)
-    if intro is not None:
-        fig.suptitle(
-            f"{format_scores(e)}\nsemantic distance {intro.semantic_distance:.3f}, introspective {intro.introspective_distance:.3f}",
-            fontsize=15, fontweight="bold",
-        )
-    path = save_figure(fig, args.output)
-    print(f"global {float(e.s_global):.3f} + structural {float(e.ss):.3f} = score {float(e.score):.3f}")
-    if pair.introspective is not None:
-        print(pair.introspective.describe())
+    if "grouping" in model.extra_heads:  # the per-group panels, structural or not
+        pair = explain_images(model, cfg, open_image(args.image_x), open_image(args.image_y))
+        path = save_figure(pair_figures(pair, titles, top_flows=args.top_flows)["groups"], args.output)
+        print(group_summary(pair))
+    else:
+        pair = explain_files(model, cfg, args.image_x, args.image_y)
+        path = save_figure(pair_figures(pair, titles, top_flows=args.top_flows)["flows"], args.output)
+        print("\n".join(pair_summary(pair)))
     print(f"figure written to {path}")
     return 0
 
 
-def _explain_groups(args: argparse.Namespace, model, cfg) -> int:
-    from glassmetric.explain.figures import group_pair_figure, save_figure
-    from glassmetric.explain.groups import explain_group_files
+def _cmd_report(args: argparse.Namespace) -> int:
+    from glassmetric.report import build_report
+    from glassmetric.retrieval.evaluate import default_device, eval_datasets
+    from glassmetric.training.module import load_trained
 
-    pair = explain_group_files(model, cfg, args.image_x, args.image_y)
-    e = pair.groups
-    fig = group_pair_figure(*pair.images, e, titles=(Path(args.image_x).name, Path(args.image_y).name))
-    path = save_figure(fig, args.output)
-    parts = " + ".join(f"{float(s):.3f}" for s in e.group_similarity)
-    print(f"score {float(e.score):.3f} = ({parts}) / {e.groups}  (per-group cosines)")
-    print(f"figure written to {path}")
+    ks = _parse_ks(args.k)
+    model, cfg = load_trained(args.checkpoint, args.overrides)
+    name, dataset, gallery = eval_datasets(cfg, model, split=args.split, query=args.query, gallery=args.gallery, folder=args.data)
+    page = build_report(
+        model, cfg, dataset, gallery, args.output, checkpoint=args.checkpoint, data_name=name, per_group=args.queries,
+        top=args.top, ks=ks, seed=cfg.seed, device=str(args.device or default_device()),
+    )
+    print(f"report written to {page} (open it in a browser; it works offline)")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from glassmetric.retrieval.evaluate import default_device
+    from glassmetric.serve.server import serve
+
+    return serve(args.checkpoint, args.gallery, split=args.split, host=args.host, port=args.port, cache_dir=args.cache_dir,
+                 device=str(args.device or default_device()), max_upload_mb=args.max_upload_mb,
+                 max_megapixels=args.max_megapixels, max_in_flight=args.max_in_flight, workers=args.workers)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -301,7 +318,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets}
+COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets, "report": _cmd_report, "serve": _cmd_serve}
 
 
 def _quiet_libraries() -> None:

@@ -66,15 +66,11 @@ class GroupPair:
     groups: GroupExplanation
 
 
-@torch.inference_mode()
 def explain_group_files(model: torch.nn.Module, cfg: Config, path_x: str | Path, path_y: str | Path) -> GroupPair:
     """Embed two image files with a grouping model and decompose their similarity over groups."""
-    from glassmetric.explain.pair import model_view
-    from glassmetric.training.fit import eval_transform
+    from glassmetric.explain.pair import explain_images
 
-    model.eval()
-    raw = [open_image(path_x), open_image(path_y)]
-    transform = eval_transform(cfg, model)
-    device = next(model.parameters()).device
-    out = model(torch.stack([transform(img) for img in raw]).to(device))
-    return GroupPair(images=(model_view(cfg, raw[0]), model_view(cfg, raw[1])), groups=explain_groups(out, out, 0, 1))
+    if "grouping" not in model.extra_heads:
+        raise ConfigError("explaining groups needs a model with attentive grouping (model.groups > 0)")
+    pair = explain_images(model, cfg, open_image(path_x), open_image(path_y))
+    return GroupPair(images=pair.images, groups=pair.groups)

@@ -1,4 +1,11 @@
-"""Explain why two image files were judged alike by a trained model (structural matching)."""
+"""Explain why two images were judged alike by a trained model: every explanation it supports.
+
+:func:`explain_images` embeds the pair once and returns the structural decomposition (DIML;
+training-free when the checkpoint has no spatial head), the per-group cosines and attention
+(DGML, models with ``model.groups``) and the introspective scores (IDML, models with an
+uncertainty head), each None when the model cannot give it. :func:`explain_files` reads the
+two images from files.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from PIL import Image
 from glassmetric.config import Config
 from glassmetric.data.base import open_image
 from glassmetric.data.transforms import eval_geometry
+from glassmetric.explain.groups import GroupExplanation, explain_groups
 from glassmetric.models.spatial_head import ensure_spatial_head
 from glassmetric.similarity.introspective import IntrospectiveParams, image_uncertainty, introspective_distance_matrix
 from glassmetric.similarity.structural import StructuralExplanation, explain_pair
@@ -35,9 +43,18 @@ class IntrospectiveScores:
 @dataclass
 class PairExplanation:
     images: tuple[Image.Image, Image.Image]  # as the model saw them (resized, centre-cropped)
-    structural: StructuralExplanation
+    #: None only for a grouping model without its own spatial head (see :func:`has_structural`)
+    structural: StructuralExplanation | None
     #: present when the model has an uncertainty head (introspective similarity)
     introspective: IntrospectiveScores | None = None
+    #: present when the model has attentive groups (model.groups)
+    groups: GroupExplanation | None = None
+
+
+def has_structural(model: torch.nn.Module) -> bool:
+    """Can the model explain a pair structurally? Yes with a spatial head, or training-free
+    (its global head at every location) unless attentive groups replaced that global head."""
+    return "spatial" in model.extra_heads or "grouping" not in model.extra_heads
 
 
 def model_view(cfg: Config, image: Image.Image) -> Image.Image:
@@ -46,24 +63,37 @@ def model_view(cfg: Config, image: Image.Image) -> Image.Image:
 
 
 @torch.inference_mode()
-def explain_files(model: torch.nn.Module, cfg: Config, path_x: str | Path, path_y: str | Path) -> PairExplanation:
-    """Embed two image files and decompose their structural similarity (training-free when the
-    checkpoint has no spatial head: its global head is applied at every location)."""
-    ensure_spatial_head(model, cfg.model.spatial_grid or 4)
+def explain_images(model: torch.nn.Module, cfg: Config, image_x: Image.Image, image_y: Image.Image) -> PairExplanation:
+    """Embed two RGB images in one batch and explain their similarity in every way the model supports."""
+    structural = has_structural(model)
+    if structural:
+        ensure_spatial_head(model, cfg.model.spatial_grid or 4)
     model.eval()
-    raw = [open_image(path_x), open_image(path_y)]
     transform = eval_transform(cfg, model)
     device = next(model.parameters()).device
-    out = model(torch.stack([transform(img) for img in raw]).to(device))
-    s = cfg.structural
-    explanation = explain_pair(
-        out.local[0], out.local[1], out.embedding[0], out.embedding[1],
-        epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
-    )
+    out = model(torch.stack([transform(img) for img in (image_x, image_y)]).to(device))
+    explanation = None
+    if structural:
+        s = cfg.structural
+        explanation = explain_pair(
+            out.local[0], out.local[1], out.embedding[0], out.embedding[1],
+            epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
+        )
     intro = None
     if out.uncertainty is not None:
         intro = introspective_scores(out.embedding, out.uncertainty, introspective_params(cfg))
-    return PairExplanation(images=(model_view(cfg, raw[0]), model_view(cfg, raw[1])), structural=explanation, introspective=intro)
+    groups = explain_groups(out, out, 0, 1) if out.group_embeddings is not None else None
+    return PairExplanation(
+        images=(model_view(cfg, image_x), model_view(cfg, image_y)), structural=explanation, introspective=intro, groups=groups,
+    )
+
+
+def explain_files(model: torch.nn.Module, cfg: Config, path_x: str | Path, path_y: str | Path) -> PairExplanation:
+    """:func:`explain_images` of two image files; a ConfigError when the model has no
+    structural explanation (a grouping model without its own spatial head)."""
+    if not has_structural(model):
+        ensure_spatial_head(model)  # raises the ConfigError that says how to train one
+    return explain_images(model, cfg, open_image(path_x), open_image(path_y))
 
 
 def introspective_scores(semantic: torch.Tensor, uncertainty: torch.Tensor, params: IntrospectiveParams) -> IntrospectiveScores:

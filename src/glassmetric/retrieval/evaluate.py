@@ -14,6 +14,39 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def eval_datasets(
+    cfg, model: torch.nn.Module, *, split: str = "test", query: str | None = None, gallery: str | None = None,
+    folder: str | None = None,
+) -> tuple[str, RetrievalDataset, RetrievalDataset | None]:
+    """``(description, queries, gallery or None)`` to evaluate ``model`` on, with its evaluation
+    transform: ``folder`` (one sub-folder per class) searched against itself, ``query`` images
+    against ``gallery`` images (classes matched by folder name), or else the ``split`` of the
+    checkpoint's data (the test split with its cross-domain gallery, if the data has one)."""
+    from glassmetric.errors import ConfigError
+    from glassmetric.training.fit import eval_transform, make_splits
+
+    if bool(query) != bool(gallery):
+        raise ConfigError("--query and --gallery go together: give both folders")
+    if folder and query:
+        raise ConfigError("give either --data or --query / --gallery, not both")
+    if folder:
+        from glassmetric.data.folder import ImageFolderDataset
+
+        return f"images of {folder}", ImageFolderDataset(folder, transform=eval_transform(cfg, model)), None
+    if query:
+        from glassmetric.data.folder import build_query_gallery
+
+        pair = build_query_gallery(query, gallery, transform=eval_transform(cfg, model))
+        return f"query {query} / gallery {gallery}", pair.query, pair.gallery
+    splits = make_splits(cfg, model)
+    dataset, ref = getattr(splits, split), (splits.gallery if split == "test" else None)
+    if dataset is None:
+        raise ConfigError(f"--split {split}: this config has no {split} split (data.val_classes = 0)")
+    if split == "train":
+        dataset.transform = splits.test.transform  # evaluate without augmentation
+    return f"{split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if ref is not None else ""), dataset, ref
+
+
 def evaluate_model(
     model: torch.nn.Module,
     dataset: RetrievalDataset,

@@ -1,0 +1,58 @@
+"""The two screenshots of the README, in headless Chromium (glassmetric.serve.browser):
+
+* docs/explorer.png: `glassmetric serve` on CHECKPOINT (its test split as the gallery), a gallery
+  query picked, its first correct result (or its first) explained;
+* docs/report.png: the top of the report page in REPORT_DIR.
+
+    python docs/screenshots.py --checkpoint runs/demo/checkpoints/best.ckpt --report runs/demo/report
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from glassmetric.serve.app import create_app
+from glassmetric.serve.browser import chromium_page
+from glassmetric.serve.explorer import Explorer
+from glassmetric.serve.server import ServerThread
+
+FIGURES_LOADED = "[...document.querySelectorAll('{} img')].every(i => i.complete && i.naturalWidth > 0)"
+
+
+def explorer_shot(checkpoint: str, query: int, out: Path) -> None:
+    explorer = Explorer.open(checkpoint, None)
+    with ServerThread(create_app(explorer)) as url, chromium_page(1400, 1500) as page:
+        page.goto(url + "/")
+        page.wait_for_selector("#picker img")
+        page.locator("#picker button").nth(query).click()
+        page.wait_for_selector("button.result")
+        hits = page.locator("button.result.hit")
+        (hits.first if hits.count() else page.locator("button.result").first).click()
+        page.wait_for_selector("#explanation img.figure")
+        page.wait_for_function(FIGURES_LOADED.format("#explanation"))
+        page.wait_for_function(FIGURES_LOADED.format("#results"))
+        page.screenshot(path=str(out), full_page=False)
+
+
+def report_shot(report: Path, out: Path) -> None:
+    with chromium_page(1400, 1250) as page:
+        page.goto((report / "index.html").resolve().as_uri())
+        page.wait_for_function(FIGURES_LOADED.format("main"))
+        page.screenshot(path=str(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default="runs/demo/checkpoints/best.ckpt")
+    ap.add_argument("--report", type=Path, default=Path("runs/demo/report"))
+    ap.add_argument("--query", type=int, default=14, help="gallery image picked in the explorer (one of the first 60)")
+    args = ap.parse_args()
+    docs = Path(__file__).resolve().parent
+    explorer_shot(args.checkpoint, args.query, docs / "explorer.png")
+    report_shot(args.report, docs / "report.png")
+    print(f"written {docs / 'explorer.png'} and {docs / 'report.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""The static HTML retrieval report (``glassmetric report``): metrics, the re-ranking K-sweep,
+the worst / random / best queries with their top results and each pair's explanation.
+
+:mod:`.build` computes and writes it, :mod:`.html` renders the page, :mod:`.plots` the
+K-sweep figure, :mod:`.queries` picks the queries shown.
+"""
+
+from glassmetric.report.build import build_report
+
+__all__ = ["build_report"]

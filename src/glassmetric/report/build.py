@@ -1,0 +1,231 @@
+"""Compute everything the HTML report shows, and write it to a folder.
+
+The queries are embedded once (global, local and uncertainty embeddings, as the model has
+them); from those come the metrics table, the K-sweep of structural re-ranking, each query's
+R@1 hit and AP@R (to pick the worst, a random sample and the best queries) and the scores of
+their top results. Every shown pair is then explained from its two images
+(:func:`glassmetric.explain.pair.explain_images`), its figures written next to the page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from glassmetric.config import Config
+from glassmetric.data.base import RetrievalDataset
+from glassmetric.errors import ConfigError
+from glassmetric.explain.figures import save_figure
+from glassmetric.explain.pair import explain_images, has_structural, model_view
+from glassmetric.explain.panels import pair_figures, pair_summary
+from glassmetric.models.spatial_head import ensure_spatial_head
+from glassmetric.retrieval.embed import embed_fields
+from glassmetric.retrieval.knn import knn
+from glassmetric.retrieval.metrics import retrieval_metrics
+from glassmetric.retrieval.per_query import per_query_metrics, relevant_counts
+from glassmetric.retrieval.rerank import rerank_sweep
+from glassmetric.retrieval.shortlist import score_shortlist
+from glassmetric.report.plots import sweep_figure
+from glassmetric.report.queries import select_queries
+from glassmetric.training.fit import evaluation_recall_ks
+from glassmetric.training.module import introspective_params
+
+__all__ = ["QueryRow", "ReportData", "Result", "build_report", "model_fields"]
+
+#: the shortlist sizes swept by default (capped at the gallery size)
+REPORT_KS = (0, 5, 10, 50, 100)
+
+
+@dataclass
+class Result:
+    rank: int  #: 1-based, by the global score
+    index: int  #: gallery index
+    image: str  #: path relative to the report folder
+    label: str
+    correct: bool
+    scores: dict[str, float]  #: "global", and "structural", "multiscale", "introspective", "uncertainty" when present
+    figures: dict[str, str] = field(default_factory=dict)  #: kind ("flows", "groups") -> relative path
+    lines: list[str] = field(default_factory=list)  #: the explanation in words
+
+
+@dataclass
+class QueryRow:
+    index: int
+    image: str
+    label: str
+    hit_at_1: bool
+    ap_at_r: float
+    uncertainty: float | None
+    results: list[Result]
+
+
+@dataclass
+class ReportData:
+    title: str
+    checkpoint: str
+    data: str
+    model: str
+    metrics: dict[str, float]
+    sweep: dict[int, dict[str, float]] | None
+    sweep_image: str | None
+    groups: dict[str, list[QueryRow]]
+    n_queries: int
+    n_gallery: int
+
+
+def model_fields(model: torch.nn.Module, cfg: Config) -> tuple[str, ...]:
+    """The embedding fields the report and the explorer read from ``model``: the global
+    embedding, local cells when it can be explained structurally (adding the training-free
+    spatial head if needed), the uncertainty embedding with an uncertainty head."""
+    fields = ["embedding"]
+    if has_structural(model):
+        ensure_spatial_head(model, cfg.model.spatial_grid or 4)
+        fields.append("local")
+    if "uncertainty" in model.extra_heads:
+        fields.append("uncertainty")
+    return tuple(fields)
+
+
+def _describe_model(cfg: Config, fields: tuple[str, ...], model: torch.nn.Module) -> str:
+    m = cfg.model
+    parts = [f"{m.backbone}, {m.embedding_dim}-d, loss {cfg.loss.name} on {cfg.loss.similarity} similarity"]
+    if "local" in fields:
+        parts.append(f"structural {cfg.model.spatial_grid or 4}x{cfg.model.spatial_grid or 4} cells"
+                     + ("" if m.spatial_grid else " (training-free)"))
+    if "grouping" in model.extra_heads:
+        parts.append(f"{m.groups} attention groups")
+    if "uncertainty" in fields:
+        parts.append(f"uncertainty head ({m.uncertainty_dim}-d)")
+    return "; ".join(parts)
+
+
+def _class_name(dataset: RetrievalDataset, label: int) -> str:
+    names = getattr(dataset, "class_names", None)
+    return str(names[label]) if names is not None and 0 <= label < len(names) else f"class {label}"
+
+
+def build_report(
+    model: torch.nn.Module,
+    cfg: Config,
+    dataset: RetrievalDataset,
+    gallery: RetrievalDataset | None,
+    out_dir: str | Path,
+    *,
+    checkpoint: str = "",
+    data_name: str = "",
+    per_group: int = 4,
+    top: int = 10,
+    ks: tuple[int, ...] = REPORT_KS,
+    seed: int = 0,
+    device: str = "cpu",
+    dpi: int = 80,
+    top_flows: int = 12,
+    progress: bool = True,
+) -> Path:
+    """Write ``out_dir/index.html`` (and its ``images/``, ``pairs/`` and ``sweep.png``); returns the page."""
+    from glassmetric.report.html import write_html
+
+    out = Path(out_dir)
+    same = gallery is None
+    ref = dataset if same else gallery
+    available = len(ref) - int(same)
+    if top < 1 or per_group < 0:
+        raise ConfigError(f"--top must be >= 1 and --queries >= 0, got {top} and {per_group}")
+    if available < top:
+        raise ConfigError(f"the gallery has {available} images to rank, fewer than --top {top}")
+    model.eval().to(device)
+    fields = model_fields(model, cfg)
+    n_shown = 3 * min(per_group, max(1, len(dataset) // 3))
+    bar = tqdm(total=4 + n_shown * top, desc="report", unit="step", disable=not progress)
+
+    kw = dict(fields=fields, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device, progress=progress)
+    bar.set_postfix_str("embedding")
+    q = embed_fields(model, dataset, **kw)
+    g = q if same else embed_fields(model, ref, **kw)
+    bar.update()
+
+    bar.set_postfix_str("metrics")
+    recall_ks = evaluation_recall_ks(cfg)
+    ref_args = () if same else (g["embedding"], g["labels"])
+    metrics = retrieval_metrics(q["embedding"], q["labels"], *ref_args, recall_ks=recall_ks, knn_backend=cfg.eval.knn_backend)
+    bar.update()
+
+    sweep = None
+    if "local" in fields:
+        bar.set_postfix_str("re-ranking sweep")
+        s = cfg.structural
+        sweep_ks = tuple(sorted({min(k, available) for k in ks}))
+        sweep = rerank_sweep(
+            q["embedding"], q["local"], None if same else g["embedding"], None if same else g["local"],
+            query_labels=q["labels"], gallery_labels=None if same else g["labels"], ks=sweep_ks, recall_ks=recall_ks,
+            epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
+        )
+    bar.update()
+
+    bar.set_postfix_str("per-query AP@R")
+    r_max = int(relevant_counts(q["labels"], g["labels"]).max()) - int(same)
+    depth = min(max(top, r_max, 1), available)
+    _, ranked = knn(q["embedding"], g["embedding"], depth, exclude_self=same)
+    pq = per_query_metrics(ranked, q["labels"], g["labels"], exclude_self=same)
+    chosen = select_queries(pq.hit_at_1, pq.ap_at_r, per_group, seed=seed)
+    bar.update()
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "pairs").mkdir(parents=True, exist_ok=True)
+    sweep_image = None
+    if sweep is not None:
+        sweep_image = "sweep.png"
+        save_figure(sweep_figure(sweep), out / sweep_image, dpi=100)
+
+    s = cfg.structural
+    written: dict[tuple[str, int], str] = {}
+
+    def thumbnail(side: str, data: RetrievalDataset, i: int):
+        raw = data.load(i).image
+        key = ("item" if same else side, i)
+        if key not in written:
+            written[key] = f"images/{key[0]}-{i}.png"
+            model_view(cfg, raw).save(out / written[key])
+        return raw, written[key]
+
+    groups: dict[str, list[QueryRow]] = {}
+    for group, indices in chosen.items():
+        rows = []
+        for qi in indices:
+            sel = torch.tensor([qi])
+            scored = score_shortlist(
+                {k: v[sel] for k, v in q.items() if k != "labels"}, g, ranked[sel, :top],
+                epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, introspective=introspective_params(cfg),
+            )
+            q_raw, q_img = thumbnail("query", dataset, qi)
+            results = []
+            for r, (gi, scores) in enumerate(zip(scored.indices[0].tolist(), scored.scores(0))):
+                bar.set_postfix_str(f"explaining {group} queries")
+                g_raw, g_img = thumbnail("gallery", ref, gi)
+                pair = explain_images(model, cfg, q_raw, g_raw)
+                figures = {}
+                for kind, fig in pair_figures(pair, ("query", f"result {r + 1}"), top_flows=top_flows).items():
+                    figures[kind] = f"pairs/{'item' if same else 'query'}-{qi}_{gi}_{kind}.png"
+                    save_figure(fig, out / figures[kind], dpi=dpi)
+                results.append(Result(
+                    rank=r + 1, index=gi, image=g_img, label=_class_name(ref, int(g["labels"][gi])),
+                    correct=bool(g["labels"][gi] == q["labels"][qi]), scores=scores, figures=figures,
+                    lines=pair_summary(pair),
+                ))
+                bar.update()
+            rows.append(QueryRow(
+                index=qi, image=q_img, label=_class_name(dataset, int(q["labels"][qi])), hit_at_1=bool(pq.hit_at_1[qi]),
+                ap_at_r=float(pq.ap_at_r[qi]), results=results,
+                uncertainty=None if scored.query_uncertainty is None else float(scored.query_uncertainty[0]),
+            ))
+        groups[group] = rows
+    bar.close()
+    report = ReportData(
+        title=f"glassmetric report: {Path(checkpoint).name or 'model'}", checkpoint=str(checkpoint), data=data_name,
+        model=_describe_model(cfg, fields, model), metrics=metrics, sweep=sweep, sweep_image=sweep_image, groups=groups,
+        n_queries=len(dataset), n_gallery=len(ref),
+    )
+    return write_html(report, out / "index.html")

@@ -1,0 +1,107 @@
+"""The FastAPI app of ``glassmetric serve``: the explorer page and its JSON API.
+
+API (schema at ``/openapi.json``): ``GET /api/info``; ``GET /api/gallery`` (paged list);
+``GET /api/images/{id}`` (PNG); ``POST /api/search`` (upload) or ``GET /api/search?query=g12``
+(a gallery image); ``GET /api/explain?query=..&result=g..`` and its figures
+``GET /api/explain/figure``; ``POST /api/uncertainty`` / ``GET /api/uncertainty?query=..``.
+Model work runs in worker threads, ``workers`` at a time; at most ``limits.max_in_flight``
+requests are served at once (503 beyond), and uploads are checked by
+:func:`glassmetric.serve.limits.read_upload` (413, 415).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import anyio
+from fastapi import FastAPI, File, Form, Query, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from glassmetric.errors import GlassmetricError
+from glassmetric.serve.explorer import Explorer, UnknownQuery
+from glassmetric.serve.limits import Limits, RequestLimits, RequestError, read_upload
+from glassmetric.serve.page import PAGE
+
+__all__ = ["create_app"]
+
+# the multipart framing around an upload: the body limit allows this much over the file limit
+_FORM_OVERHEAD = 64 * 1024
+
+
+def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 1) -> FastAPI:
+    app = FastAPI(title="glassmetric explorer", version="1",
+                  description="Search a gallery with a trained glassmetric checkpoint and see why each result came back.")
+    app.add_middleware(RequestLimits, max_in_flight=limits.max_in_flight,
+                       max_body_bytes=limits.max_upload_bytes + _FORM_OVERHEAD)
+    compute = anyio.CapacityLimiter(workers)
+
+    async def run(fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=compute)
+
+    @app.exception_handler(GlassmetricError)
+    async def _refused(request, err: GlassmetricError):
+        status = err.status if isinstance(err, RequestError) else 404 if isinstance(err, UnknownQuery) else 400
+        return JSONResponse({"detail": str(err)}, status_code=status)
+
+    def check_k(k: int) -> int:
+        if not 1 <= k <= limits.max_k:
+            raise RequestError(422, f"k: expected 1 <= k <= {limits.max_k}, got {k}")
+        return k
+
+    async def upload(image: UploadFile) -> str:
+        data = await image.read(limits.max_upload_bytes + 1)
+        img = read_upload(data, limits, image.filename or "upload")
+        return await run(explorer.add_upload, img)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return PAGE
+
+    @app.get("/api/info", summary="the checkpoint, the gallery and what the model can explain")
+    async def info() -> dict:
+        return {**explorer.info(), "limits": asdict(limits)}
+
+    @app.get("/api/gallery", summary="the gallery images, a page at a time")
+    async def gallery(offset: int = Query(0, ge=0), limit: int = Query(60, ge=1, le=1000)) -> dict:
+        n = len(explorer.gallery)
+        return {"total": n, "offset": offset, "items": [explorer.item(i) for i in range(offset, min(n, offset + limit))]}
+
+    @app.get("/api/images/{qid}", summary="a gallery image or an upload as the model sees it (PNG)",
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def image(qid: str) -> Response:
+        return Response(await run(explorer.view_png, qid), media_type="image/png",
+                        headers={"cache-control": "max-age=3600"})
+
+    @app.post("/api/search", summary="upload a query image: its nearest gallery images with their scores")
+    async def search_upload(image: UploadFile = File(...), k: int = Form(10)) -> dict:
+        check_k(k)
+        return await run(explorer.search, await upload(image), k)
+
+    @app.get("/api/search", summary="search with a gallery image (g<i>) or an earlier upload (u<hash>)")
+    async def search(query: str, k: int = 10) -> dict:
+        return await run(explorer.search, query, check_k(k))
+
+    @app.get("/api/explain", summary="why a result came back for a query: the explanation and its figures")
+    async def explain(query: str, result: str) -> dict:
+        return await run(explorer.explain, query, result)
+
+    @app.get("/api/explain/figure", summary="one figure of a pair's explanation (PNG): kind flows or groups",
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def figure(query: str, result: str, kind: str = "flows") -> Response:
+        return Response(await run(explorer.figure_png, query, result, kind), media_type="image/png")
+
+    def _uncertainty(qid: str) -> dict:
+        u = explorer.uncertainty(qid)
+        if u is None:
+            raise GlassmetricError("this checkpoint has no uncertainty head (train with model.uncertainty_dim > 0)")
+        return {"query": qid, "uncertainty": u}
+
+    @app.post("/api/uncertainty", summary="upload an image: its uncertainty ||u|| (IDML models)")
+    async def uncertainty_upload(image: UploadFile = File(...)) -> dict:
+        return await run(_uncertainty, await upload(image))
+
+    @app.get("/api/uncertainty", summary="the uncertainty ||u|| of a gallery image or an earlier upload")
+    async def uncertainty(query: str) -> dict:
+        return await run(_uncertainty, query)
+
+    return app

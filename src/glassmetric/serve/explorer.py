@@ -1,0 +1,183 @@
+"""What the web explorer computes, independent of HTTP: embed a query, search the gallery,
+score and explain its results, the uncertainty of an image.
+
+Queries are named by ids: ``g<i>`` for gallery image ``i``, ``u<hash>`` for an uploaded image
+(kept in a bounded most-recently-used store, so its results can be explained later). Figures
+are cached the same way. Methods are safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from glassmetric.config import Config
+from glassmetric.errors import GlassmetricError
+from glassmetric.explain.pair import explain_images, model_view
+from glassmetric.explain.panels import pair_figures, pair_summary
+from glassmetric.report.build import model_fields
+from glassmetric.retrieval.shortlist import score_shortlist
+from glassmetric.serve.gallery import Gallery, folder_source, load_gallery, split_source
+from glassmetric.serve.search import ExactSearch, GallerySearch, top_k
+from glassmetric.training.fit import eval_transform
+from glassmetric.training.module import introspective_params, load_trained
+
+__all__ = ["Explorer", "UnknownQuery"]
+
+
+class UnknownQuery(GlassmetricError):
+    """A query or gallery id the explorer does not know (any more)."""
+
+
+class _Recent:
+    """A bounded most-recently-used mapping, guarded by a lock."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+            return self.items.get(key)
+
+    def put(self, key, value):
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+@dataclass
+class _Query:
+    load: Callable[[], Image.Image]  # the image as read (RGB); read only when shown or explained
+    fields: dict[str, torch.Tensor]  # (1, ...) embeddings
+    index: int | None  # gallery index when picked from the gallery
+
+
+class Explorer:
+    def __init__(self, model: torch.nn.Module, cfg: Config, gallery: Gallery, search: GallerySearch | None = None, *,
+                 fields: tuple[str, ...], checkpoint: str = "", recent: int = 64, device: str = "cpu"):
+        self.model, self.cfg, self.gallery, self.fields = model.eval(), cfg, gallery, fields
+        self.search_index = search or ExactSearch(gallery.fields["embedding"])
+        self.checkpoint, self.device = checkpoint, device
+        self.transform = eval_transform(cfg, model)
+        self.uploads, self.figures = _Recent(recent), _Recent(4 * recent)
+
+    @classmethod
+    def open(cls, checkpoint: str, gallery_root: str | Path | None = None, *, split: str = "test", cache_dir=None,
+             device: str = "cpu", progress: bool = True) -> "Explorer":
+        """Load the checkpoint and embed (or load the cached embeddings of) the gallery folder,
+        or without one the ``split`` of the checkpoint's own data."""
+        model, cfg = load_trained(checkpoint)
+        model.to(device)
+        fields = model_fields(model, cfg)
+        source = folder_source(gallery_root) if gallery_root is not None else split_source(cfg, model, split)
+        gallery = load_gallery(model, cfg, checkpoint, source, fields, cache_dir=cache_dir, device=device, progress=progress)
+        return cls(model, cfg, gallery, fields=fields, checkpoint=str(checkpoint), device=device)
+
+    # ------------------------------------------------------------------------------ queries
+    @torch.inference_mode()
+    def _embed(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        out = self.model(self.transform(image)[None].to(self.device))
+        return {name: getattr(out, name).float().cpu() for name in self.fields}
+
+    def add_upload(self, image: Image.Image) -> str:
+        """Embed an uploaded image and return its query id."""
+        digest = hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()[:16]
+        qid = f"u{digest}"
+        if self.uploads.get(qid) is None:
+            self.uploads.put(qid, _Query(load=lambda: image, fields=self._embed(image), index=None))
+        return qid
+
+    def gallery_index(self, gid: str) -> int:
+        if not (gid.startswith("g") and gid[1:].isdigit() and int(gid[1:]) < len(self.gallery)):
+            raise UnknownQuery(f"unknown gallery image {gid!r}: ids are g0 .. g{len(self.gallery) - 1}")
+        return int(gid[1:])
+
+    def query(self, qid: str) -> _Query:
+        if qid.startswith("u"):
+            q = self.uploads.get(qid)
+            if q is None:
+                raise UnknownQuery(f"unknown upload {qid!r} (uploads are kept for the last {self.uploads.size} queries)")
+            return q
+        i = self.gallery_index(qid)
+        return _Query(load=lambda: self.gallery.image(i), index=i,
+                      fields={k: v[i : i + 1] for k, v in self.gallery.fields.items()})
+
+    def view_png(self, qid: str) -> bytes:
+        """The query or gallery image as the model sees it, as PNG."""
+        buffer = io.BytesIO()
+        model_view(self.cfg, self.query(qid).load()).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    # ------------------------------------------------------------------------------ answers
+    def item(self, i: int) -> dict:
+        return {"id": f"g{i}", "name": self.gallery.name(i), "class": self.gallery.class_name(i)}
+
+    def search(self, qid: str, k: int) -> dict:
+        """The ``k`` nearest gallery images of query ``qid`` with their scores (and, for a
+        query picked from a labelled gallery, whether each is of its class)."""
+        q = self.query(qid)
+        _, idx = top_k(self.search_index, q.fields["embedding"], k, exclude=q.index)
+        s = self.cfg.structural
+        scored = score_shortlist(q.fields, self.gallery.fields, idx[None], epsilon=s.epsilon, iters=s.iters,
+                                 marginals=s.marginals, introspective=introspective_params(self.cfg))
+        results = []
+        for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0))):
+            correct = None
+            if q.index is not None and self.gallery.labelled:
+                correct = bool(self.gallery.labels[gi] == self.gallery.labels[q.index])
+            results.append({"rank": r + 1, **self.item(gi), "correct": correct, "scores": scores})
+        return {"query": qid, "query_class": None if q.index is None else self.gallery.class_name(q.index),
+                "uncertainty": None if scored.query_uncertainty is None else float(scored.query_uncertainty[0]),
+                "results": results}
+
+    def uncertainty(self, qid: str) -> float | None:
+        """``||u||`` of the query image; None when the model has no uncertainty head."""
+        u = self.query(qid).fields.get("uncertainty")
+        return None if u is None else float(u.float().norm())
+
+    def _figures(self, qid: str, gid: str) -> tuple[list[str], dict[str, bytes]]:
+        key = (qid, gid)
+        cached = self.figures.get(key)
+        if cached is None:
+            q, gi = self.query(qid), self.gallery_index(gid)
+            pair = explain_images(self.model, self.cfg, q.load(), self.gallery.image(gi))
+            pngs = {}
+            for kind, fig in pair_figures(pair, ("query", self.gallery.name(gi))).items():
+                buffer = io.BytesIO()
+                fig.savefig(buffer, format="png", dpi=90, facecolor="white")
+                pngs[kind] = buffer.getvalue()
+            cached = (pair_summary(pair), pngs)
+            self.figures.put(key, cached)
+        return cached
+
+    def explain(self, qid: str, gid: str) -> dict:
+        """Why gallery image ``gid`` came back for query ``qid``: the explanation in words and
+        the URLs of its figures."""
+        lines, pngs = self._figures(qid, gid)
+        figures = {kind: f"/api/explain/figure?query={qid}&result={gid}&kind={kind}" for kind in pngs}
+        return {"query": qid, "result": self.item(self.gallery_index(gid)), "lines": lines, "figures": figures}
+
+    def figure_png(self, qid: str, gid: str, kind: str) -> bytes:
+        _, pngs = self._figures(qid, gid)
+        if kind not in pngs:
+            raise UnknownQuery(f"no {kind!r} figure for this model: it has {sorted(pngs)}")
+        return pngs[kind]
+
+    def info(self) -> dict:
+        heads = sorted(self.model.extra_heads)
+        return {"checkpoint": self.checkpoint, "gallery": self.gallery.source.description, "gallery_size": len(self.gallery),
+                "labelled": self.gallery.labelled, "classes": int(len(np.unique(self.gallery.labels))) if self.gallery.labelled else 0, "fields": list(self.fields),
+                "heads": heads, "embedding_cache": str(self.gallery.cache_file), "from_cache": self.gallery.from_cache}

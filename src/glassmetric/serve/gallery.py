@@ -1,0 +1,133 @@
+"""The explorer's gallery: images embedded once, the embeddings cached on disk.
+
+Either a folder (one sub-folder per class, or just images at any depth: unlabelled) or the
+split of the checkpoint's own data set. With class labels, results of a query picked from
+the gallery are marked correct or wrong. The cache file is named by a hash of everything the
+embeddings depend on: the checkpoint's bytes, the embedding fields, the glassmetric version
+and the gallery's fingerprint (for a folder: the relative path, size and modification time of
+every image; for a split: the data config); a changed gallery or checkpoint gets a new file,
+an unchanged one is loaded instead of embedded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from glassmetric import __version__
+from glassmetric.config import Config
+from glassmetric.data.base import RetrievalDataset
+from glassmetric.data.folder import ImageFolderDataset, _image_files, _PathDataset, class_folders
+from glassmetric.errors import DataError
+from glassmetric.retrieval.embed import embed_fields
+from glassmetric.training.checkpoint_io import atomic_torch_save, safe_torch_load
+from glassmetric.training.fit import eval_transform
+
+__all__ = ["Gallery", "GallerySource", "default_cache_dir", "folder_source", "load_gallery", "split_source"]
+
+
+@dataclass
+class GallerySource:
+    """What to embed: a data set, its image names and class names (empty: unlabelled), and a
+    fingerprint that changes whenever its images do."""
+
+    description: str
+    dataset: RetrievalDataset
+    names: list[str]
+    class_names: tuple[str, ...]
+    fingerprint: str
+
+
+@dataclass
+class Gallery:
+    source: GallerySource
+    labels: np.ndarray  #: (N,) int64
+    fields: dict[str, torch.Tensor]  #: embed_fields outputs: "embedding" (N, D) and the model's others
+    cache_file: Path
+    from_cache: bool
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.source.class_names)
+
+    def name(self, i: int) -> str:
+        return self.source.names[i]
+
+    def class_name(self, i: int) -> str | None:
+        return self.source.class_names[int(self.labels[i])] if self.labelled else None
+
+    def image(self, i: int) -> Image.Image:
+        return self.source.dataset.load(i).image
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/glassmetric/gallery`` (``~/.cache/glassmetric/gallery``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glassmetric" / "gallery"
+
+
+def folder_source(root: str | Path, transform=None) -> GallerySource:
+    """The class sub-folders of ``root``, or (with none) all its images, unlabelled."""
+    root = Path(root)
+    if class_folders(root):
+        data = ImageFolderDataset(root, transform=transform)
+        classes = data.class_names
+    else:
+        files = _image_files(root)
+        if not files:
+            raise DataError(f"no images under the gallery folder {root}")
+        data, classes = _PathDataset(files, [0] * len(files), (), transform), ()
+    lines = []
+    for path, label in zip(data.paths, data.labels):
+        st = path.stat()
+        lines.append(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}")
+    names = [p.relative_to(root).as_posix() for p in data.paths]
+    return GallerySource(str(root), data, names, tuple(classes), "\n".join(lines))
+
+
+def split_source(cfg: Config, model: torch.nn.Module, split: str = "test") -> GallerySource:
+    """The ``split`` of the checkpoint's data set (its class labels as class names)."""
+    from glassmetric.retrieval.evaluate import eval_datasets
+
+    name, data, _ = eval_datasets(cfg, model, split=split)
+    classes = tuple(str(c) for c in range(int(data.labels.max()) + 1)) if len(data) else ()
+    fingerprint = json.dumps({"split": split, "data": cfg.to_dict()["data"], "n": len(data)}, sort_keys=True, default=str)
+    return GallerySource(name, data, [f"{split} image {i}" for i in range(len(data))], classes, fingerprint)
+
+
+def _cache_key(checkpoint: Path, source: GallerySource, fields: tuple[str, ...]) -> str:
+    h = hashlib.sha256(f"glassmetric {__version__} fields {','.join(fields)}\n".encode())
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(source.fingerprint.encode())
+    return h.hexdigest()[:32]
+
+
+def load_gallery(
+    model: torch.nn.Module, cfg: Config, checkpoint: str | Path, source: GallerySource, fields: tuple[str, ...], *,
+    cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
+) -> Gallery:
+    """Embed ``source`` with ``model`` (``fields`` of its output), or load the embeddings from
+    ``cache_dir`` when neither the gallery nor the checkpoint changed."""
+    source.dataset.transform = eval_transform(cfg, model)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache / f"{_cache_key(Path(checkpoint), source, fields)}.pt"
+    from_cache = cache_file.is_file()
+    if from_cache:
+        stored = safe_torch_load(cache_file)
+        out = {k: stored[k] for k in (*fields, "labels")}
+    else:
+        out = embed_fields(model, source.dataset, fields=fields, batch_size=cfg.eval.batch_size, device=device, progress=progress)
+        atomic_torch_save(out, cache_file)
+    return Gallery(source=source, labels=out["labels"].numpy(), fields={k: out[k] for k in fields},
+                   cache_file=cache_file, from_cache=from_cache)

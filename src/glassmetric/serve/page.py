@@ -1,0 +1,120 @@
+"""The explorer's single page: inline CSS and JavaScript over the JSON API, nothing from the network."""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>glassmetric explorer</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0; color: #222; background: #f6f6f4; }
+header { background: #253746; color: #fff; padding: 12px 22px; }
+header h1 { margin: 0; font-size: 19px; } header p { margin: 3px 0 0; font-size: 12.5px; opacity: .85; }
+main { display: grid; grid-template-columns: 330px 1fr; gap: 14px; padding: 14px 22px; }
+section { background: #fff; border-radius: 6px; padding: 10px 14px; box-shadow: 0 1px 2px #0002; }
+h2 { font-size: 15px; margin: 4px 0 8px; }
+#picker { display: flex; flex-wrap: wrap; gap: 4px; max-height: 420px; overflow-y: auto; }
+#picker button { all: unset; cursor: pointer; } #picker img { width: 56px; height: 56px; object-fit: cover; display: block; border: 2px solid #ddd; }
+#picker button:hover img { border-color: #2a7f9e; }
+#query img { width: 150px; height: 150px; object-fit: cover; border: 3px solid #253746; }
+#error { color: #b2182b; font-weight: bold; min-height: 1.2em; font-size: 13px; }
+#results { display: flex; flex-wrap: wrap; gap: 8px; }
+button.result { all: unset; cursor: pointer; width: 112px; font-size: 11px; line-height: 1.3; }
+button.result img { width: 106px; height: 106px; object-fit: cover; border: 3px solid #999; display: block; }
+button.result.hit img { border-color: #1a9850; } button.result.miss img { border-color: #d73027; }
+button.result.selected img { outline: 3px solid #2a7f9e; }
+.hit .mark { color: #1a9850; font-weight: bold; } .miss .mark { color: #d73027; font-weight: bold; }
+#explanation img { max-width: 100%; display: block; margin: 6px 0; }
+#explanation pre { background: #f3f3f3; padding: 6px 10px; font-size: 13px; white-space: pre-wrap; }
+.muted { color: #666; font-size: 12px; }
+</style></head>
+<body>
+<header><h1>glassmetric explorer</h1><p id="info">loading...</p></header>
+<main>
+<div>
+<section><h2>Upload a query image</h2>
+<form id="upload-form"><input type="file" id="upload" name="image" accept="image/*"> <button type="submit" id="search-upload">Search</button></form>
+<p id="error" role="alert"></p></section>
+<section><h2>... or pick one from the gallery</h2><div id="picker"></div>
+<button id="more" hidden>more</button></section>
+</div>
+<div>
+<section><h2>Query</h2><div id="query" class="muted">no query yet</div></section>
+<section><h2>Results</h2><p class="muted">green: same class as the query, red: another class (gallery queries of a labelled gallery). Click a result to see why it came back.</p><div id="results"></div></section>
+<section><h2>Explanation</h2><div id="explanation" class="muted">click a result</div></section>
+</div>
+</main>
+<script>
+const $ = id => document.getElementById(id);
+const K = 10;
+let offset = 0;
+const fmt = v => (v === null || v === undefined) ? '' : v.toFixed(3);
+const NAMES = {global: 'global cos', structural: 'structural SS', multiscale: 'cos + SS',
+               introspective: 'introspective D', uncertainty: 'uncertainty ||u||'};
+function esc(s) { const d = document.createElement('div'); d.textContent = s ?? ''; return d.innerHTML; }
+async function api(url, options) {
+  const r = await fetch(url, options);
+  const body = await r.json().catch(() => ({detail: r.statusText}));
+  if (!r.ok) throw new Error(`${r.status}: ${body.detail}`);
+  return body;
+}
+async function loadInfo() {
+  const i = await api('/api/info');
+  $('info').textContent = `checkpoint ${i.checkpoint}; gallery ${i.gallery}: ${i.gallery_size} images` +
+    (i.labelled ? `, ${i.classes} classes` : ', unlabelled') + `; explanations: ${i.fields.join(', ')}${i.heads.includes('grouping') ? ', groups' : ''}`;
+}
+async function loadGallery() {
+  const g = await api(`/api/gallery?offset=${offset}&limit=60`);
+  for (const item of g.items) {
+    const b = document.createElement('button');
+    b.title = item.name; b.dataset.id = item.id;
+    b.innerHTML = `<img src="/api/images/${item.id}" alt="${esc(item.name)}" loading="lazy">`;
+    b.addEventListener('click', () => show(api(`/api/search?query=${item.id}&k=${K}`)));
+    $('picker').appendChild(b);
+  }
+  offset += g.items.length;
+  $('more').hidden = offset >= g.total;
+}
+async function show(pending) {
+  $('error').textContent = '';
+  let res;
+  try { res = await pending; } catch (e) { $('error').textContent = e.message; return; }
+  const u = res.uncertainty === null ? '' : `<br>uncertainty ${fmt(res.uncertainty)}`;
+  $('query').innerHTML = `<img src="/api/images/${res.query}" alt="query"><br><span class="muted">${res.query}` +
+    `${res.query_class ? ', class ' + esc(res.query_class) : ''}${u}</span>`;
+  $('results').innerHTML = '';
+  $('explanation').innerHTML = 'click a result';
+  for (const r of res.results) {
+    const b = document.createElement('button');
+    const cls = r.correct === null ? '' : (r.correct ? 'hit' : 'miss');
+    b.className = `result ${cls}`;
+    b.dataset.id = r.id;
+    const mark = r.correct === null ? '' : (r.correct ? ' &#10003; correct' : ' &#10007; wrong');
+    const scores = Object.entries(r.scores).map(([k, v]) => `${NAMES[k] || k} ${fmt(v)}`).join('<br>');
+    b.innerHTML = `<img src="/api/images/${r.id}" alt="result ${r.rank}"><span class="mark">#${r.rank}${mark}</span><br>` +
+      `${r.class === null ? esc(r.name) : 'class ' + esc(r.class)}<br><span class="muted">${scores}</span>`;
+    b.addEventListener('click', () => explain(res.query, r.id, b));
+    $('results').appendChild(b);
+  }
+}
+async function explain(query, result, button) {
+  document.querySelectorAll('button.result.selected').forEach(b => b.classList.remove('selected'));
+  button.classList.add('selected');
+  $('explanation').textContent = 'explaining...';
+  try {
+    const e = await api(`/api/explain?query=${query}&result=${result}`);
+    const figs = Object.entries(e.figures).map(([k, url]) => `<img class="figure" data-kind="${k}" src="${url}" alt="${k} explanation">`).join('');
+    $('explanation').innerHTML = `<pre>${esc(e.lines.join('\\n'))}</pre>${figs}`;
+  } catch (err) { $('explanation').textContent = err.message; }
+}
+$('upload-form').addEventListener('submit', ev => {
+  ev.preventDefault();
+  const file = $('upload').files[0];
+  if (!file) { $('error').textContent = 'choose an image file first'; return; }
+  const form = new FormData();
+  form.append('image', file);
+  form.append('k', K);
+  show(api('/api/search', {method: 'POST', body: form}));
+});
+$('more').addEventListener('click', loadGallery);
+loadInfo().catch(e => $('info').textContent = e.message);
+loadGallery().catch(e => $('error').textContent = e.message);
+</script></body></html>
+"""

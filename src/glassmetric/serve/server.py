@@ -1,0 +1,69 @@
+"""``glassmetric serve``: check the settings, open the explorer, run uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+from glassmetric.errors import ConfigError
+
+__all__ = ["serve"]
+
+
+def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: str = "127.0.0.1", port: int = 8000,
+          cache_dir: str | None = None, device: str = "cpu", max_upload_mb: float = 10.0, max_megapixels: float = 25.0,
+          max_in_flight: int = 32, workers: int = 1) -> int:
+    import uvicorn
+
+    from glassmetric.serve.app import create_app
+    from glassmetric.serve.explorer import Explorer
+    from glassmetric.serve.limits import Limits
+
+    for name, value in (("--max-upload-mb", max_upload_mb), ("--max-megapixels", max_megapixels),
+                        ("--max-in-flight", max_in_flight), ("--workers", workers)):
+        if not value > 0:
+            raise ConfigError(f"{name}: expected a positive number, got {value}")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port: expected 0..65535, got {port}")
+    limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6), max_in_flight=max_in_flight)
+    explorer = Explorer.open(checkpoint, gallery, split=split, cache_dir=cache_dir, device=device)
+    g = explorer.gallery
+    print(f"gallery {g.source.description}: {len(g)} images, embeddings "
+          f"{'loaded from' if g.from_cache else 'cached in'} {g.cache_file}", flush=True)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        print(f"warning: binding {host}: the explorer is reachable from other machines", file=sys.stderr)
+    print(f"glassmetric explorer on http://{host}:{port}/ (API schema: /openapi.json; Ctrl-C stops it)", flush=True)
+    uvicorn.run(create_app(explorer, limits, workers=workers), host=host, port=port, log_level="warning")
+    return 0
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 (a free port by default) in a background thread,
+    for tests and scripts: ``with ServerThread(app) as url: ...``."""
+
+    def __init__(self, app, port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+
+    def __enter__(self) -> str:
+        import threading
+        import time
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the explorer did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

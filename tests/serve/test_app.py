@@ -1,0 +1,115 @@
+"""The explorer's JSON API through FastAPI's test client, against brute-force references."""
+
+import io
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from serve_runs import fit_idml, write_gallery
+
+from glassmetric.data.folder import ImageFolderDataset
+from glassmetric.retrieval.embed import embed_fields
+from glassmetric.serve.app import create_app
+from glassmetric.serve.explorer import Explorer
+from glassmetric.serve.limits import Limits
+from glassmetric.training.fit import eval_transform
+from glassmetric.training.module import load_trained
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = fit_idml(root / "run")
+    paths = write_gallery(root / "gallery", 16)
+    explorer = Explorer.open(str(checkpoint), root / "gallery", cache_dir=root / "cache", progress=False)
+    client = TestClient(create_app(explorer, Limits(max_upload_bytes=200_000, max_pixels=400 * 400, max_k=12)))
+    model, cfg = load_trained(str(checkpoint))
+    ref = embed_fields(model, ImageFolderDataset(root / "gallery", transform=eval_transform(cfg, model)),
+                       fields=("embedding", "uncertainty"))
+    return client, paths, ref
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_info_gallery_and_schema(setup):
+    client, paths, _ = setup
+    info = client.get("/api/info").json()
+    assert info["gallery_size"] == 16 and info["labelled"] and info["fields"] == ["embedding", "local", "uncertainty"]
+    page = client.get("/api/gallery", params={"offset": 10, "limit": 4}).json()
+    assert page["total"] == 16 and [i["id"] for i in page["items"]] == ["g10", "g11", "g12", "g13"]
+    assert page["items"][0]["name"] == paths[10].relative_to(paths[10].parents[1]).as_posix()
+    paths_in_schema = set(client.get("/openapi.json").json()["paths"])
+    assert {"/api/search", "/api/explain", "/api/uncertainty", "/api/info"} <= paths_in_schema
+    assert client.get("/").headers["content-type"].startswith("text/html")
+
+
+def test_search_with_a_gallery_image_matches_brute_force(setup):
+    client, _, ref = setup
+    res = client.get("/api/search", params={"query": "g3", "k": 5}).json()
+    sims = ref["embedding"] @ ref["embedding"][3]
+    sims[3] = -float("inf")  # the query is not its own result
+    expected = torch.argsort(sims, descending=True, stable=True)[:5].tolist()
+    assert [r["id"] for r in res["results"]] == [f"g{i}" for i in expected]
+    for r, i in zip(res["results"], expected):
+        assert r["scores"]["global"] == pytest.approx(float(sims[i]), abs=1e-5)
+        assert r["correct"] == bool(ref["labels"][i] == ref["labels"][3])
+        assert r["scores"]["multiscale"] == pytest.approx(r["scores"]["global"] + r["scores"]["structural"], abs=1e-5)
+        assert r["scores"]["uncertainty"] == pytest.approx(float(ref["uncertainty"][i].norm()), rel=1e-4)
+    assert res["uncertainty"] == pytest.approx(float(ref["uncertainty"][3].norm()), rel=1e-4)
+
+
+def test_upload_search_explain_and_uncertainty(setup):
+    client, paths, ref = setup
+    data = paths[7].read_bytes()
+    res = client.post("/api/search", files={"image": ("mine.png", data, "image/png")}, data={"k": "3"})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    top = body["results"][0]
+    assert top["id"] == "g7" and top["scores"]["global"] == pytest.approx(1.0, abs=1e-4)  # the same image
+    assert top["correct"] is None  # an upload has no class
+    qid = body["query"]
+    e = client.get("/api/explain", params={"query": qid, "result": "g2"}).json()
+    assert any(line.startswith("global") for line in e["lines"]) and set(e["figures"]) == {"flows"}
+    fig = client.get(e["figures"]["flows"])
+    assert fig.headers["content-type"] == "image/png" and Image.open(io.BytesIO(fig.content)).size[0] > 500
+    assert client.get(f"/api/images/{qid}").content[:8] == b"\x89PNG\r\n\x1a\n"
+    u = client.post("/api/uncertainty", files={"image": ("x.png", data, "image/png")}).json()["uncertainty"]
+    assert u == pytest.approx(float(ref["uncertainty"][7].norm()), rel=1e-4)
+    assert client.get("/api/uncertainty", params={"query": qid}).json()["uncertainty"] == pytest.approx(u)
+
+
+@pytest.mark.parametrize("name, data, status, words", [
+    ("big.png", b"\x89PNG" + b"0" * 250_000, 413, "over the limit"),
+    ("wide.png", _png(Image.new("RGB", (500, 400))), 413, "pixels"),
+    ("notes.txt", b"just some text", 415, "not an image"),
+])
+def test_refused_uploads_get_4xx_and_the_server_keeps_serving(setup, name, data, status, words):
+    client, _, _ = setup
+    res = client.post("/api/search", files={"image": (name, data, "application/octet-stream")})
+    assert res.status_code == status and words in res.json()["detail"]
+    assert client.get("/api/search", params={"query": "g0", "k": 2}).status_code == 200
+
+
+def test_bad_ids_and_values_are_named(setup):
+    client, _, _ = setup
+    for params, status, words in (({"query": "g99"}, 404, "g99"), ({"query": "u0000"}, 404, "u0000"),
+                                  ({"query": "g1", "k": 13}, 422, "k"), ({"query": "nonsense"}, 404, "nonsense")):
+        res = client.get("/api/search", params=params)
+        assert res.status_code == status and words in res.json()["detail"]
+    res = client.get("/api/explain/figure", params={"query": "g1", "result": "g2", "kind": "groups"})
+    assert res.status_code == 404 and "groups" in res.json()["detail"]
+
+
+def test_serve_command_checks_its_settings_first(tmp_path, capsys):
+    from glassmetric.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt"), "--max-in-flight", "0"]) == 2
+    assert "--max-in-flight" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
+    assert "none.ckpt" in capsys.readouterr().err

@@ -1,0 +1,54 @@
+"""The gallery is embedded once: the cache is reused while nothing changed, renewed when it did."""
+
+import os
+
+import pytest
+import torch
+
+from serve_runs import fit_idml, write_gallery
+
+from glassmetric.data.folder import ImageFolderDataset
+from glassmetric.errors import DataError
+from glassmetric.report.build import model_fields
+from glassmetric.retrieval.embed import embed_fields
+from glassmetric.serve.gallery import folder_source, load_gallery
+from glassmetric.training.fit import eval_transform
+from glassmetric.training.module import load_trained
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return fit_idml(tmp_path_factory.mktemp("run"))
+
+
+def test_cache_is_reused_until_the_gallery_changes(checkpoint, tmp_path):
+    model, cfg = load_trained(str(checkpoint))
+    fields = model_fields(model, cfg)
+    paths = write_gallery(tmp_path / "gallery", 8)
+    load = lambda: load_gallery(model, cfg, checkpoint, folder_source(tmp_path / "gallery"), fields,
+                                cache_dir=tmp_path / "cache", progress=False)
+    first = load()
+    assert not first.from_cache and first.cache_file.is_file()
+    expected = embed_fields(model, ImageFolderDataset(tmp_path / "gallery", transform=eval_transform(cfg, model)), fields=fields)
+    for name in fields:
+        torch.testing.assert_close(first.fields[name], expected[name])
+    assert first.labelled and first.class_name(0) == paths[0].parent.name and first.name(0) == "c04/00.png"
+    again = load()
+    assert again.from_cache and again.cache_file == first.cache_file
+    for name in fields:
+        torch.testing.assert_close(again.fields[name], first.fields[name])
+    st = paths[3].stat()
+    os.utime(paths[3], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # an edited image
+    changed = load()
+    assert not changed.from_cache and changed.cache_file != first.cache_file
+
+
+def test_a_folder_without_classes_is_an_unlabelled_gallery(tmp_path):
+    (tmp_path / "flat").mkdir()
+    for p in write_gallery(tmp_path / "g", 2):
+        p.rename(tmp_path / "flat" / p.name)
+    source = folder_source(tmp_path / "flat")
+    assert source.class_names == () and source.names == ["00.png", "01.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        folder_source(tmp_path / "empty")
