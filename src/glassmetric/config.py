@@ -155,7 +155,14 @@ class TrainerConfig:
     #: images per class in a batch (the m of the m-per-class sampler)
     samples_per_class: int = 2
     accelerator: str = "auto"
+    #: devices per node (an int, a list such as "0,1", or "auto"); the losses see devices x num_nodes x batch_size
     devices: Union[int, str] = 1
+    num_nodes: int = 1
+    #: "auto" (one device: none; several: Lightning's DDP) or "ddp" (processes started by
+    #: Lightning or by torchrun), "ddp_spawn"; see README "Training on several GPUs"
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    #: one BatchNorm statistic over the global batch (SyncBatchNorm) instead of one per device
+    sync_batchnorm: bool = False
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
     output_dir: str = "runs/default"
     #: ``val``: keep the epoch with the best validation ``monitor`` (needs data.val_classes > 0); ``last``
@@ -230,6 +237,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("optim.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("trainer.max_epochs", lambda v: v >= 1, ">= 1"),
     ("trainer.batch_size", lambda v: v >= 2, ">= 2"),
+    ("trainer.num_nodes", lambda v: v >= 1, ">= 1"),
     ("trainer.samples_per_class", lambda v: v >= 2, ">= 2 (metric losses need positive pairs)"),
     ("trainer.val_every", lambda v: v >= 1, ">= 1"),
     ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
