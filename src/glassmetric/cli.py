@@ -31,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("test", "val", "train"), default="test")
     ev.add_argument("--query", help="query image folder (one sub-folder per class); needs --gallery")
     ev.add_argument("--gallery", help="gallery image folder; classes matched to --query by folder name")
-    ev.add_argument("--knn", choices=("torch", "faiss"), help="kNN backend (default: the config's)")
+    ev.add_argument("--knn", choices=("torch", "faiss", "index"), help="kNN backend (default: the config's); index: "
+                    "the faiss gallery index of eval.index (exact below eval.index.exact_below images, HNSW / IVF above)")
+    ev.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when there, else build "
+                    "it and save it there (implies --knn index)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ev.add_argument("--rerank", choices=("structural",), help="re-rank each query's global top-K by s_global + SS")
     ev.add_argument("--k", default="100", help="shortlist size(s) K for --rerank; a list sweeps K, e.g. 0,5,10,50,100")
@@ -79,7 +82,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from glassmetric.retrieval.evaluate import evaluate_model
+    from glassmetric.retrieval.evaluate import default_device, evaluate_model
     from glassmetric.retrieval.metrics import format_metrics_table
     from glassmetric.training.fit import make_splits, evaluation_recall_ks
     from glassmetric.training.module import load_trained
@@ -91,8 +94,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.groups_parts is not None and args.groups_parts < 1:
         raise ConfigError(f"--groups-parts: expected a number of images >= 1, got {args.groups_parts}")
     model, cfg = load_trained(args.checkpoint, args.overrides)
-    knn = args.knn or cfg.eval.knn_backend
+    knn = "index" if args.index_dir else args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
+    index_kw = dict(index_settings=cfg.eval.index, index_dir=args.index_dir)
     if args.query:
         from glassmetric.data.folder import build_query_gallery
         from glassmetric.training.fit import eval_transform
@@ -116,14 +120,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         s = cfg.structural
         sweep = evaluate_rerank_sweep(
             model, dataset, gallery, ks=ks, grid=cfg.model.spatial_grid or 4, recall_ks=evaluation_recall_ks(cfg),
-            epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, **{k: v for k, v in kw.items() if k != "knn_backend"},
+            epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, **kw, **index_kw,
         )
         print(f"{name} ({args.checkpoint}), structural re-ranking of the global top-K:")
         print(format_metrics_table({f"K={k}" if k else "K=0 (global)": m for k, m in sweep.items()}))
         report["rerank"] = {str(k): m for k, m in sweep.items()}
         report["metrics"] = sweep[max(ks)]
     else:
-        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), **kw)
+        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), **kw, **index_kw)
         print(f"{name} ({args.checkpoint}):")
         print(format_metrics_table({title: report["metrics"]}))
     if args.correspondence:
@@ -133,7 +137,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         s = cfg.structural
         corr = evaluate_correspondence(
             model, dataset, pairs=args.correspondence, grid=cfg.model.spatial_grid or 4, crop=size, resize=cfg.data.resize,
-            seed=cfg.seed, device=args.device or "cpu", epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
+            seed=cfg.seed, device=args.device or default_device(), epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
             mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
         )
         print(
@@ -182,11 +186,12 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
 
 def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
     from glassmetric.explain.group_parts import evaluate_group_parts
+    from glassmetric.retrieval.evaluate import default_device
 
     out = evaluate_group_parts(
         model, dataset, images=args.groups_parts, fraction=args.groups_fraction,
         crop=cfg.data.eval_image_size or cfg.data.image_size, resize=cfg.data.resize, seed=cfg.seed,
-        device=args.device or "cpu", mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
+        device=args.device or default_device(), mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
     )
     pairs = ", ".join(f"{p} {v:.3f}" for p, v in out["iou_pairs"].items())
     print(f"group distinctness over {out['n_images']} images: top-{100 * out['fraction']:.0f}% region IoU "

@@ -177,11 +177,30 @@ class TrainerConfig:
 
 
 @dataclass
+class IndexConfig:
+    """The faiss gallery index of ``eval.knn_backend: index`` (:mod:`glassmetric.retrieval.index`)."""
+
+    #: "auto": exact below exact_below items, HNSW below hnsw_below, IVF above
+    kind: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    exact_below: int = 50_000
+    hnsw_below: int = 500_000
+    #: HNSW: links per node, build and search beam widths
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    #: IVF: inverted lists (None: 4 sqrt(N)) and lists probed per query
+    nlist: int | None = None
+    nprobe: int = 32
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 128
     #: R@K cut-offs (default: 1, 2, 4, 8; SOP: 1, 10, 100, 1000)
     recall_ks: tuple[int, ...] | None = None
-    knn_backend: Literal["torch", "faiss"] = "torch"
+    #: exact torch or faiss search, or the faiss gallery index of eval.index (approximate above its thresholds)
+    knn_backend: Literal["torch", "faiss", "index"] = "torch"
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 @dataclass
@@ -243,6 +262,13 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
     ("trainer.gradient_clip_val", lambda v: v is None or v > 0, "> 0"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.index.exact_below", lambda v: v >= 0, ">= 0"),
+    ("eval.index.hnsw_below", lambda v: v >= 0, ">= 0"),
+    ("eval.index.hnsw_m", lambda v: 2 <= v <= 256, "between 2 and 256"),
+    ("eval.index.ef_construction", lambda v: v >= 1, ">= 1"),
+    ("eval.index.ef_search", lambda v: v >= 1, ">= 1"),
+    ("eval.index.nlist", lambda v: v is None or v >= 1, ">= 1"),
+    ("eval.index.nprobe", lambda v: v >= 1, ">= 1"),
     ("eval.recall_ks", lambda v: v is None or (len(v) > 0 and all(k >= 1 for k in v)), "positive integers"),
 ]
 
