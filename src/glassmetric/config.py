@@ -188,7 +188,7 @@ class IndexConfig:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
-    #: IVF: inverted lists (None: 4 sqrt(N)) and lists probed per query
+    #: IVF: inverted lists (None: 4 sqrt(N), at most 1024) and lists probed per query
     nlist: int | None = None
     nprobe: int = 32
 

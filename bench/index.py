@@ -1,0 +1,124 @@
+"""Benchmark: the faiss gallery index (HNSW, IVF) against exact search, same data, same run.
+
+Data: a mixture of Gaussians, not uniform noise (in which nearest neighbours are nearly
+arbitrary and recall means little): ``--clusters`` random centres, each vector a centre plus
+isotropic noise scaled so that vectors of one cluster have a mean cosine of about 0.5,
+L2-normalised; queries are fresh draws from the same mixture. For each gallery size and
+dimension:
+
+* exact: glassmetric's chunked torch kNN (:func:`glassmetric.retrieval.knn.knn`) and faiss
+  ``IndexFlatIP`` (the ``exact`` kind of the index); the top 10 of the torch search is the
+  ground truth;
+* ``hnsw`` (built where N <= ``--hnsw-max``: graph construction is the slow part on few
+  cores) and ``ivf`` with the library defaults (:class:`glassmetric.config.IndexConfig`), then
+  searched again with other ``ef_search`` / ``nprobe`` values on the same index.
+
+Reported: build seconds, queries per second (``--queries`` queries in one batch, best of
+``--repeat``), recall@10 = the share of the exact top 10 found in the index's top 10.
+
+    python bench/index.py [--sizes 100000,1000000] [--dims 128,512] [--queries 500] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from glassmetric.config import IndexConfig
+from glassmetric.retrieval.index import GalleryIndex
+from glassmetric.retrieval.knn import knn
+
+
+def mixture(n: int, dim: int, centres: np.ndarray, rng: np.random.Generator, chunk: int = 200_000) -> np.ndarray:
+    """``n`` unit vectors: a random centre + noise of norm ~1 (cosine to the centre ~0.7)."""
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def best_time(fn, repeat: int):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
+    hits = (found[:, :, None] == truth[:, None, :]).any(2).sum()
+    return float(hits) / truth.numel()
+
+
+def run(n: int, dim: int, args) -> list[dict]:
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((args.clusters, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = mixture(n, dim, centres, rng)
+    q = mixture(args.queries, dim, centres, rng)
+    xt, qt = torch.from_numpy(x), torch.from_numpy(q)
+    rows = []
+    t, (_, truth) = best_time(lambda: knn(qt, xt, args.k), args.repeat)
+    rows.append(dict(method="exact: torch kNN", build=0.0, qps=len(q) / t, recall=1.0))
+    plans = [("exact", {})]
+    if n <= args.hnsw_max:
+        plans.append(("hnsw", {"ef_search": [32, 128, 512]}))
+    plans.append(("ivf", {"nprobe": [8, 32, 128]}))
+    for kind, sweep in plans:
+        settings = IndexConfig(kind=kind)
+        t0 = time.perf_counter()
+        index = GalleryIndex.build(x, settings)
+        build = time.perf_counter() - t0
+        variants = [settings] + [dataclasses.replace(settings, **{key: v}) for key, vals in sweep.items() for v in vals
+                                 if v != getattr(settings, key)]
+        for s in variants:
+            index.set_search_params(s)
+            t, (_, ids) = best_time(lambda: index.search(qt, args.k), args.repeat)
+            knobs = ", ".join(f"{k} {v}" for k, v in index.params.items())
+            label = f"{kind}" + (f" ({knobs})" if knobs else " (faiss IndexFlatIP)")
+            rows.append(dict(method=label + (" [default]" if s is settings and kind != "exact" else ""),
+                             build=build, qps=len(q) / t, recall=recall(ids, truth)))
+        del index
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--dims", default="128,512")
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--hnsw-max", type=int, default=200_000, help="build HNSW only up to this gallery size")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch and faiss threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+          f"torch {torch.__version__}, faiss {faiss.__version__}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{args.queries} queries, k = {args.k}, {args.clusters}-component mixture\n")
+    print("| N | dim | method | build s | queries/s | recall@10 |")
+    print("|---|---|---|---|---|---|")
+    for n in (int(s) for s in args.sizes.split(",")):
+        for dim in (int(d) for d in args.dims.split(",")):
+            for r in run(n, dim, args):
+                print(f"| {n:,} | {dim} | {r['method']} | {r['build']:.1f} | {r['qps']:,.0f} | {r['recall']:.3f} |", flush=True)
+    load = os.getloadavg()
+    print(f"\nload average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
