@@ -1,4 +1,4 @@
-"""Command line: ``glassmetric fit | eval | explain | presets``.
+"""Command line: ``glassmetric fit | eval | explain | export | presets``.
 
 Every error the user can fix (a bad config key, a missing file, a truncated checkpoint) ends
 in one line on stderr naming the culprit, and exit status 2; never a traceback.
@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
     ex.add_argument("-o", "--output", default="pair.png", help="figure file (.png, .svg or .pdf)")
     ex.add_argument("--top-flows", type=int, default=12, help="number of strongest flows drawn")
+
+    exp = sub.add_parser("export", help="export a checkpoint's embedding model (all its heads' outputs) to ONNX")
+    exp.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    exp.add_argument("--format", choices=("onnx",), default="onnx")
+    exp.add_argument("-o", "--output", default="model.onnx", help="file to write")
+    exp.add_argument("--image-size", type=int, help="input height = width (default: the config's evaluation size)")
+    exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs torch comparison")
 
     sub.add_parser("presets", help="list the shipped configuration presets")
     return parser
@@ -254,6 +261,22 @@ def _explain_groups(args: argparse.Namespace, model, cfg) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from glassmetric.export.onnx import compare_with_torch, export_onnx
+    from glassmetric.training.module import load_trained
+
+    model, cfg = load_trained(args.checkpoint)
+    size = args.image_size or cfg.data.eval_image_size or cfg.data.image_size
+    if size < 16:
+        raise ConfigError(f"--image-size: expected >= 16, got {size}")
+    names = export_onnx(model, args.output, size)
+    print(f"{args.output}: input images (batch, 3, {size}, {size}); outputs {', '.join(names)}")
+    if not args.no_check:
+        diffs = compare_with_torch(model, args.output, size)
+        print("onnxruntime vs torch, max abs diff: " + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()))
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from glassmetric.config import PRESET_DIR, preset_names
 
@@ -263,7 +286,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets}
+COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "export": _cmd_export, "presets": _cmd_presets}
 
 
 def _quiet_libraries() -> None:
