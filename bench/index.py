@@ -1,10 +1,11 @@
 """Benchmark: the faiss gallery index (HNSW, IVF) against exact search, same data, same run.
 
 Data: a mixture of Gaussians, not uniform noise (in which nearest neighbours are nearly
-arbitrary and recall means little): ``--clusters`` random centres, each vector a centre plus
-isotropic noise scaled so that vectors of one cluster have a mean cosine of about 0.5,
-L2-normalised; queries are fresh draws from the same mixture. For each gallery size and
-dimension:
+arbitrary and recall means little): N / ``--per-cluster`` random unit centres, each vector a
+centre plus isotropic noise of norm about ``--noise`` (1.5: cosine ~0.55 to its centre, ~0.3
+between two vectors of one cluster, so clusters overlap and an IVF cell does not hold a whole
+neighbourhood), L2-normalised; queries are fresh draws from the same mixture. For each gallery
+size and dimension:
 
 * exact: glassmetric's chunked torch kNN (:func:`glassmetric.retrieval.knn.knn`) and faiss
   ``IndexFlatIP`` (the ``exact`` kind of the index); the top 10 of the torch search is the
@@ -35,12 +36,12 @@ from glassmetric.retrieval.index import GalleryIndex
 from glassmetric.retrieval.knn import knn
 
 
-def mixture(n: int, dim: int, centres: np.ndarray, rng: np.random.Generator, chunk: int = 200_000) -> np.ndarray:
-    """``n`` unit vectors: a random centre + noise of norm ~1 (cosine to the centre ~0.7)."""
+def mixture(n: int, dim: int, centres: np.ndarray, noise: float, rng: np.random.Generator, chunk: int = 200_000) -> np.ndarray:
+    """``n`` unit vectors: a random centre + Gaussian noise of norm about ``noise``."""
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim)
+        x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, dim), dtype=np.float32) * (noise / np.sqrt(dim))
         out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -61,10 +62,10 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
 
 def run(n: int, dim: int, args) -> list[dict]:
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((args.clusters, dim), dtype=np.float32)
+    centres = rng.standard_normal((max(1, n // args.per_cluster), dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    x = mixture(n, dim, centres, rng)
-    q = mixture(args.queries, dim, centres, rng)
+    x = mixture(n, dim, centres, args.noise, rng)
+    q = mixture(args.queries, dim, centres, args.noise, rng)
     xt, qt = torch.from_numpy(x), torch.from_numpy(q)
     rows = []
     t, (_, truth) = best_time(lambda: knn(qt, xt, args.k), args.repeat)
@@ -96,7 +97,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--dims", default="128,512")
     parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--per-cluster", type=int, default=100, help="gallery vectors per mixture component")
+    parser.add_argument("--noise", type=float, default=1.5, help="norm of the noise around a centre")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="build HNSW only up to this gallery size")
     parser.add_argument("--repeat", type=int, default=2)
@@ -109,7 +111,7 @@ def main() -> None:
     load = os.getloadavg()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
           f"torch {torch.__version__}, faiss {faiss.__version__}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"{args.queries} queries, k = {args.k}, {args.clusters}-component mixture\n")
+    print(f"{args.queries} queries, k = {args.k}, mixture of N / {args.per_cluster} components, noise {args.noise}\n")
     print("| N | dim | method | build s | queries/s | recall@10 |")
     print("|---|---|---|---|---|---|")
     for n in (int(s) for s in args.sizes.split(",")):
