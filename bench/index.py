@@ -67,9 +67,13 @@ def run(n: int, dim: int, args) -> list[dict]:
     x = mixture(n, dim, centres, args.noise, rng)
     q = mixture(args.queries, dim, centres, args.noise, rng)
     xt, qt = torch.from_numpy(x), torch.from_numpy(q)
+    xd, qd = xt.to(args.device), qt.to(args.device)
+    sync = torch.cuda.synchronize if xd.is_cuda else (lambda: None)
     rows = []
-    t, (_, truth) = best_time(lambda: knn(qt, xt, args.k), args.repeat)
-    rows.append(dict(method="exact: torch kNN", build=0.0, qps=len(q) / t, recall=1.0))
+    t, (_, truth) = best_time(lambda: (knn(qd, xd, args.k), sync())[0], args.repeat)
+    truth = truth.cpu()
+    del xd, qd
+    rows.append(dict(method=f"exact: torch kNN ({args.device})", build=0.0, qps=len(q) / t, recall=1.0))
     plans = [("exact", {})]
     if n <= args.hnsw_max:
         plans.append(("hnsw", {"ef_search": [32, 128, 512]}))
@@ -103,13 +107,15 @@ def main() -> None:
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="build HNSW only up to this gallery size")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch and faiss threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of the torch kNN (faiss-cpu runs on the CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
     load = os.getloadavg()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, {args.threads} threads; "
           f"torch {torch.__version__}, faiss {faiss.__version__}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"{args.queries} queries, k = {args.k}, mixture of N / {args.per_cluster} components, noise {args.noise}\n")
     print("| N | dim | method | build s | queries/s | recall@10 |")

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from glassmetric.config import load_config
 from glassmetric.retrieval.embed import embed_dataset
 from glassmetric.retrieval.metrics import retrieval_metrics
-from glassmetric.training.distributed import IndexedDataset, ddp_strategy, gather_unique, world
+from glassmetric.training.distributed import IndexedDataset, ddp_strategy, device_count, gather_unique, world
 from glassmetric.training.fit import make_splits
 from glassmetric.training.module import load_trained
 
@@ -90,11 +91,16 @@ def test_indexed_dataset_adds_the_index():
 
 
 def test_strategy_from_config():
-    from lightning.pytorch.strategies import DDPStrategy
-
     assert ddp_strategy(load_config("demo")) == "auto"
     plain = ddp_strategy(load_config("demo", ["trainer.devices=4"]))
     assert isinstance(plain, DDPStrategy) and not plain._ddp_kwargs.get("find_unused_parameters")
     grouped = ddp_strategy(load_config("demo", ["trainer.strategy=ddp", "model.groups=2"]))
     assert grouped._ddp_kwargs["find_unused_parameters"] is True
     assert isinstance(ddp_strategy(load_config("demo", ["trainer.num_nodes=2"])), DDPStrategy)
+
+
+def test_device_count_reads_lightnings_devices():
+    assert [device_count(d) for d in (1, 3, "2", "0,1", "0,")] == [1, 3, 2, 2, 1]
+    assert device_count("auto", "cpu") == 1
+    assert device_count("auto", "gpu") == max(1, torch.cuda.device_count())
+    assert isinstance(ddp_strategy(load_config("demo", ["trainer.devices=0,1"])), DDPStrategy)

@@ -19,6 +19,7 @@ Outside a process group (one process) every function here is the identity.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -62,10 +63,13 @@ def gather_batch(output: EmbeddingOutput, labels: Tensor) -> tuple[EmbeddingOutp
         return output, labels
     from torch.distributed.nn.functional import all_gather
 
-    fields = {
-        name: torch.cat(all_gather(value.contiguous()), dim=0)
-        for name, value in output.present().items() if name in LOSS_FIELDS
-    }
+    with warnings.catch_warnings():
+        # deprecated in torch 2.14 for a private functional API; Lightning's all_gather uses it too
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
+        fields = {
+            name: torch.cat(all_gather(value.contiguous()), dim=0)
+            for name, value in output.present().items() if name in LOSS_FIELDS
+        }
     gathered = [torch.empty_like(labels) for _ in range(size)]
     dist.all_gather(gathered, labels.contiguous())
     return EmbeddingOutput(**fields), torch.cat(gathered)
@@ -150,13 +154,26 @@ def distributed_embed(
     return gather_unique(local, torch.tensor(indices), len(dataset))
 
 
+def device_count(devices: int | str, accelerator: str = "auto") -> int:
+    """How many devices per node Lightning's ``devices`` asks for: an int, ``"auto"`` / ``"-1"``
+    (every GPU, 1 on the CPU), a count ``"2"`` or a list ``"0,1"``."""
+    if isinstance(devices, int):
+        return torch.cuda.device_count() if devices == -1 else devices
+    text = devices.strip()
+    if text in ("auto", "-1"):
+        return max(1, torch.cuda.device_count()) if accelerator not in ("cpu",) else 1
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    return int(text) if text.isdigit() else 1
+
+
 def ddp_strategy(cfg):
     """Lightning's strategy for ``cfg.trainer``: ``ddp`` / ``ddp_spawn`` (and ``auto`` with
     several devices or nodes: ``ddp``) as a ``DDPStrategy``, finding unused parameters where a
     head may get no gradient (:func:`has_extra_heads`); ``auto`` on one device as it is."""
     t = cfg.trainer
     strategy = t.strategy
-    if strategy == "auto" and ((isinstance(t.devices, int) and t.devices > 1) or t.num_nodes > 1):
+    if strategy == "auto" and (device_count(t.devices, t.accelerator) > 1 or t.num_nodes > 1):
         strategy = "ddp"
     if strategy == "auto":
         return strategy
