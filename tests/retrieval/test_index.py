@@ -125,9 +125,9 @@ def _local(glob, seed=0, cells=4):
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_rerank_on_an_exact_enough_index_equals_the_exact_shortlist(kind):
-    x, labels = clustered(400, spread=0.8)
+    x, labels = clustered(150, clusters=10, spread=0.8)
     local = _local(x)
-    settings = IndexConfig(kind=kind, nlist=4, nprobe=4, hnsw_m=32, ef_construction=200, ef_search=400)
+    settings = IndexConfig(kind=kind, nlist=3, nprobe=3, hnsw_m=32, ef_construction=200, ef_search=400)
     index = GalleryIndex.build(x, settings)
     ot = dict(epsilon=0.05, iters=30)
     exact = structural_rerank(x, local, k=10, n_neighbours=20, **ot)
@@ -142,7 +142,7 @@ def test_rerank_refuses_a_shortlist_with_empty_slots():
     x, _ = clustered(400, spread=0.8)
     index = GalleryIndex.build(x, IndexConfig(kind="ivf", nlist=10, nprobe=1))
     with pytest.raises(ValueError, match="fewer than 390 neighbours"):
-        structural_rerank(x, _local(x), k=390, index=index, iters=5)
+        structural_rerank(x[:2], _local(x[:2]), x, _local(x), k=390, index=index, iters=5)
 
 
 def test_eval_cli_builds_then_reuses_the_index_cache(tmp_path, make_checkpoint, capsys):
