@@ -32,9 +32,10 @@ def test_method_trains_on_cuda_and_evaluates_like_the_cpu(tmp_path, method):
     assert result.test_metrics and all(0 <= v <= 1 for v in result.test_metrics.values())
     model, _ = load_trained(str(result.checkpoint))
     data = SyntheticParts("test", num_classes=12, images_per_class=4, image_size=64, transform=build_transforms(False, 64, 64))
+    # float32 convolutions and Sinkhorn on another device: allow one near-tied query of the 24 to flip
+    one_query = 1 / 24 + 1e-6
     cpu = evaluate_model(model, data, device="cpu")
-    assert evaluate_model(model, data, device="cuda") == pytest.approx(cpu, abs=1e-6)
+    assert evaluate_model(model, data, device="cuda") == pytest.approx(cpu, abs=one_query)
     if method != "groups":
         kw = dict(ks=(0, 5), grid=2)
-        # float32 Sinkhorn on another device: allow one near-tied query of the 24 to flip
-        assert evaluate_rerank_sweep(model, data, device="cuda", **kw) == pytest.approx(evaluate_rerank_sweep(model, data, device="cpu", **kw), abs=1 / 24 + 1e-6)
+        assert evaluate_rerank_sweep(model, data, device="cuda", **kw) == pytest.approx(evaluate_rerank_sweep(model, data, device="cpu", **kw), abs=one_query)
