@@ -26,7 +26,7 @@ $(VENV)/.setup: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.setup-dev: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e ".[weights,dev]"
+	$(BIN)/pip install --quiet -e ".[weights,dev,export]"
 	touch $@ $(VENV)/.setup
 
 setup: $(VENV)/.setup

@@ -38,3 +38,26 @@ def chromium_page(browser_available):
 
     with open_page() as page:
         yield page
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    """``make_checkpoint(*overrides) -> path``: an untrained ``demo`` model on tiny embedded data,
+    saved in the layout ``glassmetric fit`` writes (weights + config), without training."""
+    import torch
+
+    from glassmetric.config import load_config
+    from glassmetric.training.module import build_model_from_config
+
+    def make(*overrides: str, name: str = "untrained.ckpt"):
+        cfg = load_config("demo", [
+            "data.num_workers=0", "data.synthetic.num_classes=8", "data.synthetic.images_per_class=4",
+            "data.val_classes=0", "trainer.select=last", "model.embedding_dim=16", "eval.batch_size=16", *overrides,
+        ])
+        torch.manual_seed(0)
+        model = build_model_from_config(cfg)
+        path = tmp_path / name
+        torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                    "glassmetric": {"config": cfg.to_dict()}}, path)
+        return path
+
+    return make

@@ -1,4 +1,4 @@
-"""Command line: ``glassmetric fit | eval | explain | report | serve | presets``.
+"""Command line: ``glassmetric fit | eval | explain | report | serve | export | presets``.
 
 Every error the user can fix (a bad config key, a missing file, a truncated checkpoint) ends
 in one line on stderr naming the culprit, and exit status 2; never a traceback.
@@ -31,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("test", "val", "train"), default="test")
     ev.add_argument("--query", help="query image folder (one sub-folder per class); needs --gallery")
     ev.add_argument("--gallery", help="gallery image folder; classes matched to --query by folder name")
-    ev.add_argument("--knn", choices=("torch", "faiss"), help="kNN backend (default: the config's)")
+    ev.add_argument("--knn", choices=("torch", "faiss", "index"), help="kNN backend (default: the config's); index: "
+                    "the faiss gallery index of eval.index (exact below eval.index.exact_below images, HNSW / IVF above)")
+    ev.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when there, else build "
+                    "it and save it there (implies --knn index)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ev.add_argument("--rerank", choices=("structural",), help="re-rank each query's global top-K by s_global + SS")
     ev.add_argument("--k", default="100", help="shortlist size(s) K for --rerank; a list sweeps K, e.g. 0,5,10,50,100")
@@ -86,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-in-flight", type=int, default=32, help="requests served at once; more get 503 (default 32)")
     sv.add_argument("--workers", type=int, default=1, help="threads doing model work (default 1)")
 
+    exp = sub.add_parser("export", help="export a checkpoint's embedding model (all its heads' outputs) to ONNX")
+    exp.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    exp.add_argument("--format", choices=("onnx",), default="onnx")
+    exp.add_argument("-o", "--output", default="model.onnx", help="file to write")
+    exp.add_argument("--image-size", type=int, help="input height = width (default: the config's evaluation size)")
+    exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs torch comparison")
+
     sub.add_parser("presets", help="list the shipped configuration presets")
     return parser
 
@@ -109,7 +119,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from glassmetric.retrieval.evaluate import eval_datasets, evaluate_model
+    from glassmetric.retrieval.evaluate import default_device, eval_datasets, evaluate_model
     from glassmetric.retrieval.metrics import format_metrics_table
     from glassmetric.training.fit import evaluation_recall_ks
     from glassmetric.training.module import load_trained
@@ -119,8 +129,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.groups_parts is not None and args.groups_parts < 1:
         raise ConfigError(f"--groups-parts: expected a number of images >= 1, got {args.groups_parts}")
     model, cfg = load_trained(args.checkpoint, args.overrides)
-    knn = args.knn or cfg.eval.knn_backend
+    knn = "index" if args.index_dir else args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
+    index_kw = dict(index_settings=cfg.eval.index, index_dir=args.index_dir)
     name, dataset, gallery = eval_datasets(cfg, model, split=args.split, query=args.query, gallery=args.gallery)
     report: dict = {"checkpoint": args.checkpoint, "data": name}
     title = Path(args.checkpoint).name
@@ -131,14 +142,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         s = cfg.structural
         sweep = evaluate_rerank_sweep(
             model, dataset, gallery, ks=ks, grid=cfg.model.spatial_grid or 4, recall_ks=evaluation_recall_ks(cfg),
-            epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, **{k: v for k, v in kw.items() if k != "knn_backend"},
+            epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, **kw, **index_kw,
         )
         print(f"{name} ({args.checkpoint}), structural re-ranking of the global top-K:")
         print(format_metrics_table({f"K={k}" if k else "K=0 (global)": m for k, m in sweep.items()}))
         report["rerank"] = {str(k): m for k, m in sweep.items()}
         report["metrics"] = sweep[max(ks)]
     else:
-        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), **kw)
+        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), **kw, **index_kw)
         print(f"{name} ({args.checkpoint}):")
         print(format_metrics_table({title: report["metrics"]}))
     if args.correspondence:
@@ -148,7 +159,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         s = cfg.structural
         corr = evaluate_correspondence(
             model, dataset, pairs=args.correspondence, grid=cfg.model.spatial_grid or 4, crop=size, resize=cfg.data.resize,
-            seed=cfg.seed, device=args.device or "cpu", epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
+            seed=cfg.seed, device=args.device or default_device(), epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
             mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
         )
         print(
@@ -215,11 +226,12 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
 
 def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
     from glassmetric.explain.group_parts import evaluate_group_parts
+    from glassmetric.retrieval.evaluate import default_device
 
     out = evaluate_group_parts(
         model, dataset, images=args.groups_parts, fraction=args.groups_fraction,
         crop=cfg.data.eval_image_size or cfg.data.image_size, resize=cfg.data.resize, seed=cfg.seed,
-        device=args.device or "cpu", mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
+        device=args.device or default_device(), mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
     )
     pairs = ", ".join(f"{p} {v:.3f}" for p, v in out["iou_pairs"].items())
     print(f"group distinctness over {out['n_images']} images: top-{100 * out['fraction']:.0f}% region IoU "
@@ -308,6 +320,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  device=str(args.device or default_device()), max_upload_mb=args.max_upload_mb,
                  max_megapixels=args.max_megapixels, max_in_flight=args.max_in_flight, workers=args.workers)
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from glassmetric.export.onnx import compare_with_torch, export_onnx
+    from glassmetric.training.module import load_trained
+
+    model, cfg = load_trained(args.checkpoint)
+    size = args.image_size or cfg.data.eval_image_size or cfg.data.image_size
+    if size < 16:
+        raise ConfigError(f"--image-size: expected >= 16, got {size}")
+    names = export_onnx(model, args.output, size)
+    print(f"{args.output}: input images (batch, 3, {size}, {size}); outputs {', '.join(names)}")
+    if not args.no_check:
+        diffs = compare_with_torch(model, args.output, size)
+        print("onnxruntime vs torch, max abs diff: " + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()))
+    return 0
+
 
 def _cmd_presets(args: argparse.Namespace) -> int:
     from glassmetric.config import PRESET_DIR, preset_names
@@ -318,7 +345,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "presets": _cmd_presets, "report": _cmd_report, "serve": _cmd_serve}
+COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "export": _cmd_export,
+            "presets": _cmd_presets, "report": _cmd_report, "serve": _cmd_serve}
 
 
 def _quiet_libraries() -> None:

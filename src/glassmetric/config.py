@@ -155,7 +155,14 @@ class TrainerConfig:
     #: images per class in a batch (the m of the m-per-class sampler)
     samples_per_class: int = 2
     accelerator: str = "auto"
+    #: devices per node (an int, a list such as "0,1", or "auto"); the losses see devices x num_nodes x batch_size
     devices: Union[int, str] = 1
+    num_nodes: int = 1
+    #: "auto" (one device: none; several: Lightning's DDP) or "ddp" (processes started by
+    #: Lightning or by torchrun), "ddp_spawn"; see README "Training on several GPUs"
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
+    #: one BatchNorm statistic over the global batch (SyncBatchNorm) instead of one per device
+    sync_batchnorm: bool = False
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
     output_dir: str = "runs/default"
     #: ``val``: keep the epoch with the best validation ``monitor`` (needs data.val_classes > 0); ``last``
@@ -170,11 +177,31 @@ class TrainerConfig:
 
 
 @dataclass
+class IndexConfig:
+    """The faiss gallery index of ``eval.knn_backend: index`` (:mod:`glassmetric.retrieval.index`)."""
+
+    #: "auto": exact below exact_below items, HNSW below hnsw_below, IVF above
+    kind: Literal["auto", "exact", "hnsw", "ivf"] = "auto"
+    exact_below: int = 50_000
+    #: HNSW recalls far better than IVF at equal speed but builds ~35x slower (BENCHMARKS.md)
+    hnsw_below: int = 2_000_000
+    #: HNSW: links per node, build and search beam widths
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    #: IVF: inverted lists (None: 4 sqrt(N), at most 4096) and lists probed per query
+    nlist: int | None = None
+    nprobe: int = 32
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 128
     #: R@K cut-offs (default: 1, 2, 4, 8; SOP: 1, 10, 100, 1000)
     recall_ks: tuple[int, ...] | None = None
-    knn_backend: Literal["torch", "faiss"] = "torch"
+    #: exact torch or faiss search, or the faiss gallery index of eval.index (approximate above its thresholds)
+    knn_backend: Literal["torch", "faiss", "index"] = "torch"
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 @dataclass
@@ -230,11 +257,19 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("optim.gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("trainer.max_epochs", lambda v: v >= 1, ">= 1"),
     ("trainer.batch_size", lambda v: v >= 2, ">= 2"),
+    ("trainer.num_nodes", lambda v: v >= 1, ">= 1"),
     ("trainer.samples_per_class", lambda v: v >= 2, ">= 2 (metric losses need positive pairs)"),
     ("trainer.val_every", lambda v: v >= 1, ">= 1"),
     ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
     ("trainer.gradient_clip_val", lambda v: v is None or v > 0, "> 0"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.index.exact_below", lambda v: v >= 0, ">= 0"),
+    ("eval.index.hnsw_below", lambda v: v >= 0, ">= 0"),
+    ("eval.index.hnsw_m", lambda v: 2 <= v <= 256, "between 2 and 256"),
+    ("eval.index.ef_construction", lambda v: v >= 1, ">= 1"),
+    ("eval.index.ef_search", lambda v: v >= 1, ">= 1"),
+    ("eval.index.nlist", lambda v: v is None or v >= 1, ">= 1"),
+    ("eval.index.nprobe", lambda v: v >= 1, ">= 1"),
     ("eval.recall_ks", lambda v: v is None or (len(v) > 0 and all(k >= 1 for k in v)), "positive integers"),
 ]
 

@@ -23,3 +23,7 @@ class WeightsError(GlassmetricError):
 
 class CheckpointError(GlassmetricError):
     """A checkpoint is missing, truncated or does not fit the model."""
+
+
+class IndexFileError(GlassmetricError):
+    """A saved gallery index is missing, malformed or does not fit the gallery."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from glassmetric.data.base import RetrievalDataset
@@ -47,6 +49,23 @@ def eval_datasets(
     return f"{split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if ref is not None else ""), dataset, ref
 
 
+def cached_gallery_index(gallery: torch.Tensor, settings=None, folder: str | Path | None = None):
+    """The :class:`.index.GalleryIndex` of ``gallery`` embeddings: read from ``folder`` when it
+    holds one (it must fit the gallery), else built with ``settings`` (and saved there)."""
+    from glassmetric.config import IndexConfig
+    from glassmetric.retrieval.index import MANIFEST, GalleryIndex
+
+    settings = settings or IndexConfig()
+    if folder is not None and (Path(folder) / MANIFEST).exists():
+        index = GalleryIndex.load(folder, settings)
+        index.check_fits(gallery)
+        return index
+    index = GalleryIndex.build(gallery, settings)
+    if folder is not None:
+        index.save(folder)
+    return index
+
+
 def evaluate_model(
     model: torch.nn.Module,
     dataset: RetrievalDataset,
@@ -58,15 +77,25 @@ def evaluate_model(
     knn_backend: str = "torch",
     device: str | torch.device | None = None,
     progress: bool = False,
+    index_settings=None,
+    index_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """Retrieval metrics of ``model`` on ``dataset`` (or ``dataset`` as queries against ``gallery``)."""
+    """Retrieval metrics of ``model`` on ``dataset`` (or ``dataset`` as queries against ``gallery``).
+
+    The kNN runs on ``device`` (torch backend). With ``knn_backend="index"`` the neighbours
+    come from the faiss gallery index of ``index_settings`` (:class:`glassmetric.config.IndexConfig`),
+    cached in ``index_dir`` (see :func:`cached_gallery_index`).
+    """
     device = device or default_device()
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
     query, query_labels = embed_dataset(model, dataset, **kw)
-    if gallery is None:
-        return retrieval_metrics(query, query_labels, recall_ks=recall_ks, knn_backend=knn_backend)
-    ref, ref_labels = embed_dataset(model, gallery, **kw)
-    return retrieval_metrics(query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend)
+    ref, ref_labels = embed_dataset(model, gallery, **kw) if gallery is not None else (None, None)
+    index = cached_gallery_index(query if ref is None else ref, index_settings, index_dir) if knn_backend == "index" else None
+    if knn_backend == "torch":  # the exact search on the GPU when there is one
+        query, ref = query.to(device), None if ref is None else ref.to(device)
+    return retrieval_metrics(
+        query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend, knn_index=index,
+    )
 
 
 def evaluate_rerank_sweep(
@@ -84,10 +113,16 @@ def evaluate_rerank_sweep(
     num_workers: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    knn_backend: str = "torch",
+    index_settings=None,
+    index_dir: str | Path | None = None,
 ) -> dict[int, dict[str, float]]:
     """R@K / R-Precision / MAP@R after structural re-ranking of each query's global top-K, for
     every K of ``ks`` (K = 0: the global ranking). Training-free on any model: without a spatial
-    head, its global head is applied at every location (DIML, Zhao et al. 2021, Sec. 3.5)."""
+    head, its global head is applied at every location (DIML, Zhao et al. 2021, Sec. 3.5).
+
+    Embeddings, shortlist and optimal transport on ``device``; with ``knn_backend="index"``
+    the shortlist comes from the faiss gallery index (as in :func:`evaluate_model`)."""
     from glassmetric.models.spatial_head import ensure_spatial_head
     from glassmetric.retrieval.embed import embed_fields
     from glassmetric.retrieval.rerank import rerank_sweep
@@ -96,9 +131,15 @@ def evaluate_rerank_sweep(
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device or default_device(), progress=progress)
     query = embed_fields(model, dataset, **kw)
     ref = embed_fields(model, gallery, **kw) if gallery is not None else None
+    index = None
+    if knn_backend == "index":
+        index = cached_gallery_index((query if ref is None else ref)["embedding"], index_settings, index_dir)
+    for fields in filter(None, (query, ref)):
+        for name in ("embedding", "local"):
+            fields[name] = fields[name].to(kw["device"])
     return rerank_sweep(
         query["embedding"], query["local"],
         None if ref is None else ref["embedding"], None if ref is None else ref["local"],
         query_labels=query["labels"], gallery_labels=None if ref is None else ref["labels"],
-        ks=ks, recall_ks=recall_ks, epsilon=epsilon, iters=iters, marginals=marginals,
+        ks=ks, recall_ks=recall_ks, epsilon=epsilon, iters=iters, marginals=marginals, index=index,
     )

@@ -1,8 +1,10 @@
-"""Exact k-nearest-neighbour search by inner product, chunked over queries.
+"""k-nearest-neighbour search by inner product, chunked over queries.
 
 Embeddings in glassmetric are L2-normalised, so the inner product is the cosine similarity.
-The search is exact and never builds the full ``Q x N`` score matrix: queries are processed
-in chunks whose score buffer fits a memory budget (:data:`SCORE_BUDGET_BYTES`).
+The torch and faiss backends are exact and never build the full ``Q x N`` score matrix:
+queries are processed in chunks whose score buffer fits a memory budget
+(:data:`SCORE_BUDGET_BYTES`). The ``index`` backend searches a :class:`.index.GalleryIndex`
+(exact for small galleries, HNSW or IVF for large ones).
 
 Tie-breaking is deterministic: among equal scores the lower gallery index comes first, both
 inside the returned list and at its boundary (which of several tied items makes the cut).
@@ -16,13 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SCORE_BUDGET_BYTES", "default_chunk_rows", "iter_knn", "knn"]
+__all__ = ["SCORE_BUDGET_BYTES", "default_chunk_rows", "iter_faiss_index", "iter_knn", "knn"]
 
 #: Upper bound on the float32 score buffer of one query chunk when ``chunk_size`` is None.
 #: The working memory of a chunk is a small multiple of this (top-k buffers, tie masks).
 SCORE_BUDGET_BYTES = 256 * 2**20
 
-_BACKENDS = ("torch", "faiss")
+_BACKENDS = ("torch", "faiss", "index")
 
 
 def default_chunk_rows(gallery_size: int, budget_bytes: int | None = None) -> int:
@@ -50,6 +52,7 @@ def knn(
     exclude_self: bool = False,
     chunk_size: int | None = None,
     backend: str = "torch",
+    index=None,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` gallery items of each query by inner product.
 
@@ -61,8 +64,10 @@ def knn(
             as its own neighbour. Its diagonal score is masked, so duplicates of it are still
             found.
         chunk_size: queries per chunk; None picks it from :data:`SCORE_BUDGET_BYTES`.
-        backend: ``"torch"`` (on the inputs' device) or ``"faiss"`` (``IndexFlatIP`` on CPU,
-            needs ``faiss-cpu``).
+        backend: ``"torch"`` (on the inputs' device), ``"faiss"`` (``IndexFlatIP`` on CPU,
+            needs ``faiss-cpu``) or ``"index"``: the :class:`.index.GalleryIndex` ``index``
+            built over ``gallery`` (None: one built with the default settings, exact below
+            their size threshold, approximate above it, where some slots may hold index -1).
 
     Returns:
         ``(similarities, indices)``, both ``(Q, k)`` on the inputs' device: float32 scores in
@@ -72,7 +77,7 @@ def knn(
     """
     sims, idx = [], []
     for _, s, i in iter_knn(
-        query, gallery, k, exclude_self=exclude_self, chunk_size=chunk_size, backend=backend
+        query, gallery, k, exclude_self=exclude_self, chunk_size=chunk_size, backend=backend, index=index
     ):
         sims.append(s)
         idx.append(i)
@@ -93,6 +98,7 @@ def iter_knn(
     exclude_self: bool = False,
     chunk_size: int | None = None,
     backend: str = "torch",
+    index=None,
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     """Like :func:`knn`, but yield ``(start, similarities, indices)`` per chunk of queries.
 
@@ -101,7 +107,13 @@ def iter_knn(
     """
     query, gallery = _check_inputs(query, gallery, k, exclude_self, chunk_size, backend)
     rows = chunk_size if chunk_size is not None else default_chunk_rows(len(gallery))
-    if backend == "faiss":
+    if backend == "index":
+        from .index import GalleryIndex
+
+        index = index if index is not None else GalleryIndex.build(gallery)
+        index.check_fits(gallery)
+        yield from iter_faiss_index(index.faiss_index, query, k, exclude_self=exclude_self, rows=rows)
+    elif backend == "faiss":
         yield from _iter_faiss(query, gallery, k, exclude_self, rows)
     else:
         yield from _iter_torch(query, gallery, k, exclude_self, rows)
@@ -198,12 +210,24 @@ def _order_ties(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 def _iter_faiss(query, gallery, k, exclude_self, rows):
     faiss = import_faiss()
-    device = query.device
     g = np.ascontiguousarray(gallery.detach().float().cpu().numpy())
-    q = np.ascontiguousarray(query.detach().float().cpu().numpy())
     index = faiss.IndexFlatIP(g.shape[1])
     index.add(g)
+    yield from iter_faiss_index(index, query, k, exclude_self=exclude_self, rows=rows)
+
+
+def iter_faiss_index(index, query: Tensor, k: int, *, exclude_self: bool = False, rows: int | None = None):
+    """Search a faiss index by chunks of ``rows`` queries: yield ``(start, similarities, indices)``
+    on the query's device, ties ordered by ascending index.
+
+    With ``exclude_self`` (query ``i`` is indexed item ``i``) the query is removed from its own
+    results. An approximate index may find fewer than ``k`` items: those slots hold index -1
+    and score ``-inf``.
+    """
+    device = query.device
+    q = np.ascontiguousarray(query.detach().float().cpu().numpy())
     k_search = k + int(exclude_self)
+    rows = rows or default_chunk_rows(index.ntotal)
     for start in range(0, q.shape[0], rows):
         sims, idx = index.search(q[start : start + rows], k_search)
         if exclude_self:
@@ -213,5 +237,6 @@ def _iter_faiss(query, gallery, k, exclude_self, rows):
             is_self[~is_self.any(1), -1] = True
             sims = sims[~is_self].reshape(-1, k)
             idx = idx[~is_self].reshape(-1, k)
+        sims = np.where(idx < 0, -np.inf, sims).astype(np.float32)
         vals, ids = _order_ties(torch.from_numpy(sims), torch.from_numpy(idx).long())
         yield start, vals.to(device), ids.to(device)

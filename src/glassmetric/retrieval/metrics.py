@@ -63,6 +63,7 @@ def retrieval_metrics(
     recall_ks: Sequence[int] = (1, 2, 4, 8),
     include: Iterable[str] = METRICS,
     knn_backend: str = "torch",
+    knn_index=None,
     nmi_backend: str = "faiss",
     chunk_size: int | None = None,
     seed: int = 0,
@@ -77,7 +78,9 @@ def retrieval_metrics(
         recall_ks: cut-offs K of ``recall@K``; a K beyond the gallery means the whole
             gallery.
         include: subset of :data:`METRICS`.
-        knn_backend: ``"torch"`` or ``"faiss"``, see :func:`.knn.knn`.
+        knn_backend: ``"torch"``, ``"faiss"`` or ``"index"``, see :func:`.knn.knn`.
+        knn_index: for ``"index"``: a :class:`.index.GalleryIndex` over the gallery (None:
+            one built with the default settings).
         nmi_backend: ``"faiss"`` (default: faiss k-means with 20 iterations, as
             AccuracyCalculator runs it) or ``"sklearn"`` (``KMeans(n_init=10)``).
         chunk_size: queries per kNN chunk; None picks it from a memory budget.
@@ -114,7 +117,7 @@ def retrieval_metrics(
         out.update(
             _knn_metrics(
                 query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r,
-                knn_backend, chunk_size,
+                knn_backend, chunk_size, knn_index,
             )
         )
     if "nmi" in include:
@@ -140,7 +143,8 @@ def ranking_metrics(
 
     Args:
         neighbour_indices: ``(Q, k)`` gallery indices, best first, one row per query. With
-            ``exclude_self`` the rows must not contain the query itself.
+            ``exclude_self`` the rows must not contain the query itself. -1 marks an empty
+            slot (an approximate index found fewer items): never relevant.
         query_labels: ``(Q,)`` integer class labels.
         gallery_labels: ``(G,)`` integer class labels (the query labels again in same-set mode).
         recall_ks: cut-offs K of ``recall@K``.
@@ -183,8 +187,8 @@ def ranking_metrics(
             "exclude_self=True needs query and gallery to be the same set, got "
             f"{len(q_lab)} queries and {n_gallery} gallery items"
         )
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_gallery):
-        raise ValueError(f"neighbour_indices must lie in [0, {n_gallery})")
+    if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= n_gallery):
+        raise ValueError(f"neighbour_indices must lie in [0, {n_gallery}) or be -1 (an empty slot)")
     q_cls, g_cls, r = _classes_and_r(q_lab, g_lab, exclude_self)
     if relevant_counts is not None:
         r = _labels(relevant_counts, len(q_lab), "relevant_counts", device)
@@ -246,7 +250,7 @@ def _labels(labels, n: int, name: str, device) -> Tensor:
 
 
 def _knn_metrics(
-    query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r, backend, chunk_size
+    query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r, backend, chunk_size, index=None
 ) -> dict[str, float]:
     """Recall@K, R-Precision and MAP@R from one chunked kNN pass over the queries."""
     valid = r > 0  # not lone
@@ -257,7 +261,7 @@ def _knn_metrics(
     k = min(k_needed, available)
     stats = _RankStats(len(query), k, recall_ks, needs_r, query.device)
     chunks = iter_knn(
-        query, gallery, k, exclude_self=same_set, chunk_size=chunk_size, backend=backend
+        query, gallery, k, exclude_self=same_set, chunk_size=chunk_size, backend=backend, index=index
     )
     for start, _, idx in chunks:
         stats.add(start, idx, q_cls, g_cls, r)
@@ -286,7 +290,8 @@ class _RankStats:
     def add(self, start: int, idx: Tensor, q_cls: Tensor, g_cls: Tensor, r: Tensor) -> None:
         """Statistics of queries ``start : start + len(idx)`` from their ``(rows, k)`` lists."""
         stop, k = start + len(idx), self.k
-        same = g_cls[idx] == q_cls[start:stop, None]  # (rows, k) relevance of each rank
+        # (rows, k) relevance of each rank; -1: a slot an approximate index left empty
+        same = (g_cls[idx.clamp(min=0)] == q_cls[start:stop, None]) & (idx >= 0)
         if self.recall_ks:
             self.first_hit[start:stop] = torch.where(same.any(1), same.int().argmax(1), k)
         if self.needs_r:

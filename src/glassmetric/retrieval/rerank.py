@@ -123,6 +123,7 @@ def structural_rerank(
     iters: int = 100,
     tol: float | None = None,
     marginals: MarginalKind = "cross_correlation",
+    index=None,
 ) -> RerankResult:
     """Global top-``k`` shortlist re-ranked by the multi-scale score ``cos + SS``.
 
@@ -141,6 +142,8 @@ def structural_rerank(
         knn_chunk_size: queries per chunk of the global kNN (see :func:`.knn.knn`).
         epsilon, iters, tol, marginals: of the OT problem, see
             :func:`glassmetric.similarity.structural.structural_similarity`.
+        index: a :class:`.index.GalleryIndex` over ``gallery_global`` that draws the shortlist
+            (an approximate one for large galleries); None: exact kNN.
 
     The re-scored global term is recomputed from the embeddings in their own precision, so the
     scores are exactly the block form of ``multiscale_score``; the global kNN that draws the
@@ -159,7 +162,7 @@ def structural_rerank(
         empty = torch.empty(len(qg), 0, dtype=dtype, device=qg.device)
         return RerankResult(empty.long(), empty, empty.clone(), empty.clone(), 0)
 
-    sims, idx = knn(qg, gg, n, exclude_self=exclude_self, chunk_size=knn_chunk_size)
+    sims, idx = _shortlist(qg, gg, n, exclude_self, knn_chunk_size, index)
     gs_short, ss_short = _rescore(
         qg, ql, gg, gl, idx[:, :k], chunk_size,
         dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals),
@@ -194,6 +197,7 @@ def rerank_sweep(
     iters: int = 100,
     tol: float | None = None,
     marginals: MarginalKind = "cross_correlation",
+    index=None,
 ) -> dict[int, dict[str, float]]:
     """Recall@K, R-Precision and MAP@R after re-ranking the top ``K`` for each ``K`` in ``ks``.
 
@@ -207,7 +211,7 @@ def rerank_sweep(
 
     Args:
         query_global, query_local, gallery_global, gallery_local, exclude_self, chunk_size,
-        knn_chunk_size, epsilon, iters, tol, marginals: as for :func:`structural_rerank`
+        knn_chunk_size, epsilon, iters, tol, marginals, index: as for :func:`structural_rerank`
             (gallery None: the query set against itself).
         query_labels, gallery_labels: ``(Q,)`` and ``(G,)`` integer labels (gallery labels
             must be None exactly when the gallery is).
@@ -259,7 +263,7 @@ def rerank_sweep(
         metrics = ranking_metrics(idx, q_lab, g_lab, **metric_kw)
         return {K: dict(metrics) for K in ks}
 
-    _, idx = knn(qg, gg, depth, exclude_self=exclude_self, chunk_size=knn_chunk_size)
+    _, idx = _shortlist(qg, gg, depth, exclude_self, knn_chunk_size, index)
     gs, ss = _rescore(
         qg, ql, gg, gl, idx[:, :k_max], chunk_size,
         dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals),
@@ -278,6 +282,19 @@ def rerank_sweep(
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _shortlist(qg, gg, n: int, exclude_self: bool, chunk_size, index) -> tuple[Tensor, Tensor]:
+    """The global top-``n``: exact kNN, or the gallery ``index``'s (which must fill every slot)."""
+    if index is None:
+        return knn(qg, gg, n, exclude_self=exclude_self, chunk_size=chunk_size)
+    sims, idx = knn(qg, gg, n, exclude_self=exclude_self, chunk_size=chunk_size, backend="index", index=index)
+    if bool((idx < 0).any()):
+        raise ValueError(
+            f"the {index.kind} gallery index found fewer than {n} neighbours for some queries: "
+            "search wider (eval.index.nprobe, eval.index.ef_search) or shorten the shortlist"
+        )
+    return sims, idx
 
 
 def _stable_descending(scores: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from glassmetric.errors import CheckpointError
 from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.retrieval.metrics import recall_ks_for
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO, safe_torch_load
+from glassmetric.training.distributed import IndexedDataset, ddp_strategy, eval_sampler
 from glassmetric.training.module import MetricLearner, build_model_from_config
 from glassmetric.training.throughput import ThroughputMonitor
 
@@ -88,7 +89,11 @@ class MetricDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.splits.val is None:
             return []
-        return DataLoader(self.splits.val, batch_size=self.cfg.eval.batch_size, shuffle=False, num_workers=self.cfg.data.num_workers)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        val = IndexedDataset(self.splits.val)  # each rank a shard; on_validation_epoch_end gathers them
+        return DataLoader(
+            val, batch_size=self.cfg.eval.batch_size, sampler=eval_sampler(val, world, rank), num_workers=self.cfg.data.num_workers,
+        )
 
 
 @dataclass
@@ -163,6 +168,9 @@ def fit(
         max_epochs=cfg.trainer.max_epochs,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=ddp_strategy(cfg),
+        sync_batchnorm=cfg.trainer.sync_batchnorm,
         precision=cfg.trainer.precision,
         # each (re)start logs into a new logs/version_N, so a resume never overwrites old logs
         logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],

@@ -22,6 +22,7 @@ from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.introspective_head import UncertaintyHead
 from glassmetric.models.spatial_head import SpatialGridHead
 from glassmetric.similarity.introspective import IntrospectiveParams
+from glassmetric.training.distributed import gather_batch, gather_unique, world
 from glassmetric.retrieval.metrics import retrieval_metrics
 
 
@@ -106,15 +107,15 @@ class MetricLearner(pl.LightningModule):
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss of a batch (contiguous class indices), and its parts to log: the
         grouped loss's terms, with the mixup terms added when ``loss.mixup`` is on."""
-        output = self.model(images)
+        output, all_labels = gather_batch(self.model(images), labels)  # under DDP: the global batch
         terms: dict[str, torch.Tensor] = {}
         if isinstance(self.loss, GroupedLoss):
-            terms = self.loss.terms(output, labels)
+            terms = self.loss.terms(output, all_labels)
             loss = self.loss.combine(terms)
         else:
-            loss = self.loss(output, labels)
+            loss = self.loss(output, all_labels)
         if self.cfg.loss.mixup:
-            loss = loss + mixup_loss(self.model, self.loss, images, labels)
+            loss = loss + mixup_loss(self.model, lambda out, y: self.loss(*gather_batch(out, y)), images, labels)
         return loss, terms
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -127,17 +128,22 @@ class MetricLearner(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         output = self.model(batch["image"])
-        self._val_outputs.append((output.embedding.float().cpu(), batch["label"].cpu()))
+        # the data set index of each row (IndexedDataset), to undo the DDP shards; else the order seen
+        seen = sum(len(y) for _, y, _ in self._val_outputs)
+        index = batch.get("index", torch.arange(seen, seen + len(batch["label"])))
+        self._val_outputs.append((output.embedding.float().cpu(), batch["label"].cpu(), index.cpu()))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:
             return
-        embeddings = torch.cat([e for e, _ in self._val_outputs])
-        labels = torch.cat([y for _, y in self._val_outputs])
+        parts = {"embedding": torch.cat([e for e, _, _ in self._val_outputs]), "label": torch.cat([y for _, y, _ in self._val_outputs])}
+        index = torch.cat([i for _, _, i in self._val_outputs])
         self._val_outputs.clear()
-        metrics = retrieval_metrics(embeddings, labels, recall_ks=(1, 2, 4, 8), include=("recall", "r_precision", "map_at_r"))
+        # under DDP each rank embedded a shard: every rank gathers the whole split, in data set order
+        parts = gather_unique(parts, index)
+        metrics = retrieval_metrics(parts["embedding"], parts["label"], recall_ks=(1, 2, 4, 8), include=("recall", "r_precision", "map_at_r"))
         for name, value in metrics.items():
-            self.log(f"val/{name}", value, prog_bar=name == "recall@1")
+            self.log(f"val/{name}", value, prog_bar=name == "recall@1", sync_dist=world()[0] > 1)
 
     def configure_optimizers(self):
         o = self.cfg.optim
