@@ -56,6 +56,9 @@ class DataConfig:
     #: shorter side before the centre crop at evaluation (default eval_image_size * 256 / 224)
     resize: int | None = None
     num_workers: int = 2
+    #: an unreadable image (truncated, not an image, too large, deleted): ``error`` stops with a
+    #: message naming the file; ``skip`` leaves it out of its batch, logged and counted
+    on_bad_image: Literal["error", "skip"] = "error"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -167,6 +170,12 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = None
     progress_bar: bool = True
+    #: also rewrite checkpoints/last.ckpt every n training steps (0: at the end of each epoch
+    #: only), so that a crash loses at most n steps; ``--resume`` continues mid-epoch exactly
+    checkpoint_every_n_steps: int = 0
+    #: a NaN or infinite loss or gradient: ``stop`` (save the state before that step in
+    #: last.ckpt, then stop with a message) or ``skip`` (leave that step out, logged and counted)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -175,6 +184,9 @@ class EvalConfig:
     #: R@K cut-offs (default: 1, 2, 4, 8; SOP: 1, 10, 100, 1000)
     recall_ks: tuple[int, ...] | None = None
     knn_backend: Literal["torch", "faiss"] = "torch"
+    #: neighbours retrieved per query (null: as many as the metrics need, so they are exact);
+    #: fewer than the largest class makes R-Precision and MAP@R too low, with a warning
+    knn_k: int | None = None
 
 
 @dataclass
@@ -234,6 +246,8 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("trainer.val_every", lambda v: v >= 1, ">= 1"),
     ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
     ("trainer.gradient_clip_val", lambda v: v is None or v > 0, "> 0"),
+    ("trainer.checkpoint_every_n_steps", lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
+    ("eval.knn_k", lambda v: v is None or v >= 1, ">= 1"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.recall_ks", lambda v: v is None or (len(v) > 0 and all(k >= 1 for k in v)), "positive integers"),
 ]

@@ -25,15 +25,17 @@ def evaluate_model(
     knn_backend: str = "torch",
     device: str | torch.device | None = None,
     progress: bool = False,
+    max_k: int | None = None,
 ) -> dict[str, float]:
-    """Retrieval metrics of ``model`` on ``dataset`` (or ``dataset`` as queries against ``gallery``)."""
+    """Retrieval metrics of ``model`` on ``dataset`` (or ``dataset`` as queries against ``gallery``);
+    ``max_k`` caps the kNN depth (see :func:`~glassmetric.retrieval.metrics.retrieval_metrics`)."""
     device = device or default_device()
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
     query, query_labels = embed_dataset(model, dataset, **kw)
     if gallery is None:
-        return retrieval_metrics(query, query_labels, recall_ks=recall_ks, knn_backend=knn_backend)
+        return retrieval_metrics(query, query_labels, recall_ks=recall_ks, knn_backend=knn_backend, max_k=max_k)
     ref, ref_labels = embed_dataset(model, gallery, **kw)
-    return retrieval_metrics(query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend)
+    return retrieval_metrics(query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend, max_k=max_k)
 
 
 def evaluate_rerank_sweep(
