@@ -61,7 +61,7 @@ class NonFiniteGuard(Callback):
             f"training images {_describe(indices)}"
         )
         # running statistics change in the forward pass: keep them to put back on a skip
-        self._buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers() if b.is_floating_point()}
+        self._buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if not bool(torch.isfinite(loss.detach()).all()):
