@@ -52,15 +52,17 @@ def embed_fields(
     was_training = model.training
     model.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_readable)
+    iterator = iter(loader)
+    batches = iterator
     if progress:
         from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc="embedding", unit="batch", leave=False)
+        batches = tqdm(iterator, total=len(loader), desc="embedding", unit="batch", leave=False)
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in fields}
     labels = []
     skipped = 0
     try:
-        for batch in loader:
+        for batch in batches:
             skipped += int(batch["skipped"])
             if "image" not in batch:  # every image of the batch unreadable (data.on_bad_image: skip)
                 continue
@@ -76,6 +78,9 @@ def embed_fields(
             labels.append(batch["label"])
     finally:
         model.train(was_training)
+        # stop the workers now, also after an error (left to the garbage collector, their
+        # shutdown can wait seconds)
+        getattr(iterator, "_shutdown_workers", lambda: None)()
     if skipped:
         log.warning("embedding: skipped %d unreadable image(s) of %d (data.on_bad_image: skip)", skipped, len(dataset))
     if not labels:
