@@ -14,8 +14,16 @@ from pathlib import Path
 from glassmetric.errors import ConfigError, GlassmetricError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``glassmetric eval: error: argument --k: ...``),
+    like every other error, instead of the usage text and the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glassmetric", description="Interpretable deep metric learning.")
+    parser = _Parser(prog="glassmetric", description="Interpretable deep metric learning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="train a model from a preset or YAML config")
@@ -90,6 +98,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--groups-fraction: expected a share in (0, 1], got {args.groups_fraction}")
     if args.groups_parts is not None and args.groups_parts < 1:
         raise ConfigError(f"--groups-parts: expected a number of images >= 1, got {args.groups_parts}")
+    if args.correspondence is not None and args.correspondence < 1:
+        raise ConfigError(f"--correspondence: expected a number of pairs >= 1, got {args.correspondence}")
+    if args.rerank:
+        _parse_ks(args.k)
     model, cfg = load_trained(args.checkpoint, args.overrides)
     knn = args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
@@ -98,6 +110,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from glassmetric.training.fit import eval_transform
 
         pair = build_query_gallery(args.query, args.gallery, transform=eval_transform(cfg, model))
+        pair.query.set_bad_image_policy(cfg.data.on_bad_image)
+        pair.gallery.set_bad_image_policy(cfg.data.on_bad_image)
         name, dataset, gallery = f"query {args.query} / gallery {args.gallery}", pair.query, pair.gallery
     else:
         splits = make_splits(cfg, model)
@@ -123,7 +137,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report["rerank"] = {str(k): m for k, m in sweep.items()}
         report["metrics"] = sweep[max(ks)]
     else:
-        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), **kw)
+        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), max_k=cfg.eval.knn_k, **kw)
         print(f"{name} ({args.checkpoint}):")
         print(format_metrics_table({title: report["metrics"]}))
     if args.correspondence:
@@ -212,6 +226,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from glassmetric.explain.pair import explain_files
     from glassmetric.training.module import load_trained
 
+    if args.top_flows < 0:
+        raise ConfigError(f"--top-flows: expected a number of flows >= 0, got {args.top_flows}")
     model, cfg = load_trained(args.checkpoint)
     if "grouping" in model.extra_heads:
         return _explain_groups(args, model, cfg)

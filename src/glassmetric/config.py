@@ -366,6 +366,13 @@ def validate(cfg: Config) -> Config:
             "model.spatial_head: 'shared' applies the global head at every location, but model.groups "
             "replaces (and leaves untrained) the global head: use model.spatial_head=own"
         )
+    if cfg.data.name == "synthetic":
+        from glassmetric.data.synthetic import MAX_CLASSES
+
+        if not 64 <= cfg.data.image_size <= 224:
+            raise ConfigError(f"data.image_size: the embedded synthetic data is drawn at 64 to 224 px, got {cfg.data.image_size}")
+        if cfg.data.synthetic.num_classes > MAX_CLASSES:
+            raise ConfigError(f"data.synthetic.num_classes: expected <= {MAX_CLASSES}, got {cfg.data.synthetic.num_classes}")
     if cfg.data.name != "synthetic" and cfg.data.root is None:
         raise ConfigError(f"data.root: data set {cfg.data.name!r} needs a root folder")
     return cfg

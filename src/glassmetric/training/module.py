@@ -216,8 +216,9 @@ def load_trained(path: str, overrides: list[str] = ()) -> tuple[torch.nn.Module,
     from glassmetric.errors import CheckpointError, ConfigError
     from glassmetric.training.checkpoint_io import safe_torch_load
 
-    if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
-        raise ConfigError("model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint")
+    fixed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith("model.")]
+    if fixed:
+        raise ConfigError(f"{fixed[0]}: model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint")
     ckpt = safe_torch_load(path)
     meta = ckpt.get("glassmetric")
     if not isinstance(meta, dict) or "config" not in meta or "state_dict" not in ckpt:
