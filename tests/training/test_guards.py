@@ -95,14 +95,14 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_step_before_and_resumes_with_sk
 
 def test_a_skipped_step_changes_nothing(tmp_path, caplog):
     snaps = Snapshots()
-    fit(tiny(tmp_path, "trainer.on_nonfinite=skip", "trainer.max_epochs=2"), run_test=False, callbacks=[InfGradAt(5), snaps])
-    before, after = snaps.states[5], snaps.states[6]
+    fit(tiny(tmp_path, "trainer.on_nonfinite=skip"), run_test=False, callbacks=[InfGradAt(2), snaps])
+    before, after = snaps.states[2], snaps.states[3]
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
-    assert not all(torch.equal(snaps.states[4][k], before[k]) for k in before)  # other steps do train
-    assert _adam_steps(tmp_path / "checkpoints" / "last.ckpt") == {7}
-    assert _logged(tmp_path, "train/skipped_steps") == [0.0, 1.0]
+    assert not all(torch.equal(snaps.states[1][k], before[k]) for k in before)  # other steps do train
+    assert _adam_steps(tmp_path / "checkpoints" / "last.ckpt") == {3}
+    assert _logged(tmp_path, "train/skipped_steps") == [1.0]
     warning = next(r.getMessage() for r in caplog.records if "non-finite" in r.getMessage())
-    assert "gradient of model.backbone" in warning and "epoch 1, step 5 (batch 1 of the epoch)" in warning
+    assert "gradient of model.backbone" in warning and "epoch 0, step 2 (batch 2 of the epoch)" in warning
 
 
 def test_cli_reports_a_diverging_run_on_one_line(tmp_path, capsys):
@@ -126,9 +126,9 @@ METHODS = {
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_autocast_runs_of_every_method_stay_finite(tmp_path, method, precision):
     # a NaN would stop the run (trainer.on_nonfinite: stop), so finishing is the first check
-    result = fit(tiny(tmp_path, f"trainer.precision={precision}", *METHODS[method]))
+    result = fit(tiny(tmp_path, f"trainer.precision={precision}", *METHODS[method]), run_test=False)
     losses = _logged(tmp_path, "train/loss_step")
     assert len(losses) == 4 and all(map(math.isfinite, losses))
     state = safe_torch_load(result.checkpoint)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    assert result.test_metrics and all(map(math.isfinite, result.test_metrics.values()))
+    assert _logged(tmp_path, "train/skipped_steps") == [0.0]

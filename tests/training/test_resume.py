@@ -180,3 +180,16 @@ def test_resume_checkpoint_choices(tmp_path, capsys):
     (ckpt / "last.prev.ckpt").write_bytes(b"garbage too")
     with pytest.raises(CheckpointError, match="no readable checkpoint to resume"):
         resume_checkpoint(ckpt)
+
+
+def test_overwrite_discards_the_earlier_runs_checkpoints(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    for name in ("last.ckpt", "last.prev.ckpt", "last.damaged.ckpt"):
+        torch.save({"global_step": 99}, ckpt / name)
+    fit(load_config("demo", RUN + [f"trainer.output_dir={tmp_path}", "data.num_workers=0", "trainer.max_epochs=1",
+                                   "trainer.checkpoint_every_n_steps=0", "trainer.select=last", "data.val_classes=0"]),
+        overwrite=True, run_test=False)
+    # one checkpoint of the new run at the epoch's end; nothing of the old one to fall back to
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
+    assert safe_torch_load(ckpt / "last.ckpt")["global_step"] == 6

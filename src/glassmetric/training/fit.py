@@ -35,7 +35,7 @@ from glassmetric.retrieval.metrics import recall_ks_for
 from glassmetric.data.image_io import collate_readable
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO, safe_torch_load
 from glassmetric.training.guards import reliability_callbacks
-from glassmetric.training.resume import resumable_train_loader, resume_checkpoint
+from glassmetric.training.resume import discard_resume_checkpoints, resumable_train_loader, resume_checkpoint
 from glassmetric.training.module import MetricLearner, build_model_from_config
 from glassmetric.training.throughput import ThroughputMonitor
 
@@ -142,6 +142,8 @@ def fit(
     last = ckpt_dir / "last.ckpt"
     if last.exists() and not (resume or overwrite):
         raise CheckpointError(f"{last} exists: pass --resume to continue that run, or --overwrite to start again")
+    if not resume:
+        discard_resume_checkpoints(ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 

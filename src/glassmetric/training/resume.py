@@ -185,3 +185,11 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
             print(f"{reason}: resuming from the previous checkpoint {path} (step {step})")
         return path
     raise CheckpointError(f"no readable checkpoint to resume in {ckpt_dir}: {problem}")
+
+
+def discard_resume_checkpoints(ckpt_dir: Path) -> None:
+    """A fresh start (``--overwrite``): remove the last checkpoints of an earlier run, so that
+    a later ``--resume`` can never fall back to one of them."""
+    last = Path(ckpt_dir) / "last.ckpt"
+    for path in (last, previous_path(last), last.with_name("last.damaged.ckpt")):
+        path.unlink(missing_ok=True)
