@@ -9,7 +9,6 @@ dictionary the training and evaluation loops batch together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
