@@ -14,8 +14,16 @@ from pathlib import Path
 from glassmetric.errors import ConfigError, GlassmetricError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``glassmetric eval: error: argument --k: ...``),
+    like every other error, instead of the usage text and the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glassmetric", description="Interpretable deep metric learning.")
+    parser = _Parser(prog="glassmetric", description="Interpretable deep metric learning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="train a model from a preset or YAML config")
@@ -128,6 +136,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--groups-fraction: expected a share in (0, 1], got {args.groups_fraction}")
     if args.groups_parts is not None and args.groups_parts < 1:
         raise ConfigError(f"--groups-parts: expected a number of images >= 1, got {args.groups_parts}")
+    if args.correspondence is not None and args.correspondence < 1:
+        raise ConfigError(f"--correspondence: expected a number of pairs >= 1, got {args.correspondence}")
+    if args.rerank:
+        _parse_ks(args.k)
     model, cfg = load_trained(args.checkpoint, args.overrides)
     knn = "index" if args.index_dir else args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
@@ -149,7 +161,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report["rerank"] = {str(k): m for k, m in sweep.items()}
         report["metrics"] = sweep[max(ks)]
     else:
-        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), **kw, **index_kw)
+        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), max_k=cfg.eval.knn_k,
+                                           **kw, **index_kw)
         print(f"{name} ({args.checkpoint}):")
         print(format_metrics_table({title: report["metrics"]}))
     if args.correspondence:
@@ -282,6 +295,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from glassmetric.data.base import open_image
     from glassmetric.training.module import load_trained
 
+    if args.top_flows < 0:
+        raise ConfigError(f"--top-flows: expected a number of flows >= 0, got {args.top_flows}")
     model, cfg = load_trained(args.checkpoint)
     titles = (Path(args.image_x).name, Path(args.image_y).name)
     if "grouping" in model.extra_heads:  # the per-group panels, structural or not

@@ -56,6 +56,9 @@ class DataConfig:
     #: shorter side before the centre crop at evaluation (default eval_image_size * 256 / 224)
     resize: int | None = None
     num_workers: int = 2
+    #: an unreadable image (truncated, not an image, too large, deleted): ``error`` stops with a
+    #: message naming the file; ``skip`` leaves it out of its batch, logged and counted
+    on_bad_image: Literal["error", "skip"] = "error"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -174,6 +177,12 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = None
     progress_bar: bool = True
+    #: also rewrite checkpoints/last.ckpt every n training steps (0: at the end of each epoch
+    #: only), so that a crash loses at most n steps; ``--resume`` continues mid-epoch exactly
+    checkpoint_every_n_steps: int = 0
+    #: a NaN or infinite loss or gradient: ``stop`` (save the state before that step in
+    #: last.ckpt, then stop with a message) or ``skip`` (leave that step out, logged and counted)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -202,6 +211,9 @@ class EvalConfig:
     #: exact torch or faiss search, or the faiss gallery index of eval.index (approximate above its thresholds)
     knn_backend: Literal["torch", "faiss", "index"] = "torch"
     index: IndexConfig = field(default_factory=IndexConfig)
+    #: neighbours retrieved per query (null: as many as the metrics need, so they are exact);
+    #: fewer than the largest class makes R-Precision and MAP@R too low, with a warning
+    knn_k: int | None = None
 
 
 @dataclass
@@ -262,6 +274,8 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("trainer.val_every", lambda v: v >= 1, ">= 1"),
     ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
     ("trainer.gradient_clip_val", lambda v: v is None or v > 0, "> 0"),
+    ("trainer.checkpoint_every_n_steps", lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
+    ("eval.knn_k", lambda v: v is None or v >= 1, ">= 1"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.index.exact_below", lambda v: v >= 0, ">= 0"),
     ("eval.index.hnsw_below", lambda v: v >= 0, ">= 0"),
@@ -387,6 +401,13 @@ def validate(cfg: Config) -> Config:
             "model.spatial_head: 'shared' applies the global head at every location, but model.groups "
             "replaces (and leaves untrained) the global head: use model.spatial_head=own"
         )
+    if cfg.data.name == "synthetic":
+        from glassmetric.data.synthetic import MAX_CLASSES
+
+        if not 64 <= cfg.data.image_size <= 224:
+            raise ConfigError(f"data.image_size: the embedded synthetic data is drawn at 64 to 224 px, got {cfg.data.image_size}")
+        if cfg.data.synthetic.num_classes > MAX_CLASSES:
+            raise ConfigError(f"data.synthetic.num_classes: expected <= {MAX_CLASSES}, got {cfg.data.synthetic.num_classes}")
     if cfg.data.name != "synthetic" and cfg.data.root is None:
         raise ConfigError(f"data.root: data set {cfg.data.name!r} needs a root folder")
     return cfg

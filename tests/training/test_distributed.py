@@ -83,6 +83,9 @@ def test_gather_unique_on_one_process_places_rows_and_drops_repeats():
     assert torch.equal(out["x"][:, 0], torch.arange(4.0)) and torch.equal(out["y"], torch.arange(4))
     with pytest.raises(ValueError, match="1 of 5 items are on no rank"):
         gather_unique({"x": rows}, index, size=5)
+    # images skipped under data.on_bad_image: skip are on no rank: left out, order kept
+    kept = gather_unique({"x": rows}, index, size=5, drop_missing=True)["x"]
+    assert torch.equal(kept, out["x"])
 
 
 def test_indexed_dataset_adds_the_index():

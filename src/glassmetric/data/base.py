@@ -9,13 +9,13 @@ dictionary the training and evaluation loops batch together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from glassmetric.data.image_io import check_policy, open_image, skip_bad
 from glassmetric.errors import DataError
 
 
@@ -32,19 +32,6 @@ class Sample:
     keypoints: np.ndarray | None = None
     bbox: tuple[float, float, float, float] | None = None
     meta: dict = field(default_factory=dict)
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file when it cannot be read."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except FileNotFoundError as e:
-        raise DataError(f"image file not found: {path}") from e
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
 
 
 class RetrievalDataset(torch.utils.data.Dataset):
@@ -68,8 +55,22 @@ class RetrievalDataset(torch.utils.data.Dataset):
         """Sorted distinct class labels."""
         return np.unique(self.labels)
 
-    def __getitem__(self, index: int) -> dict:
-        sample = self.load(index)
+    #: what ``__getitem__`` does with an unreadable image: ``error`` raises a DataError naming
+    #: the file, ``skip`` logs it and returns None (see :mod:`glassmetric.data.image_io`)
+    on_bad_image: str = "error"
+
+    def set_bad_image_policy(self, policy: str) -> "RetrievalDataset":
+        self.on_bad_image = check_policy(policy)
+        return self
+
+    def __getitem__(self, index: int) -> dict | None:
+        try:
+            sample = self.load(index)
+        except DataError as e:
+            if self.on_bad_image != "skip":
+                raise
+            skip_bad(e)
+            return None
         image = self.transform(sample.image) if self.transform is not None else sample.image
         return {"image": image, "label": int(sample.label), "index": int(index)}
 

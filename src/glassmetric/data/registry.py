@@ -93,9 +93,18 @@ def build_gallery(cfg: DataConfig, eval_transform: Callable | None) -> Retrieval
 
 
 def build_splits(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None, seed: int = 0) -> Splits:
+    """The splits of ``cfg``, checked to have disjoint train and test classes, each reading
+    bad images by ``cfg.on_bad_image``."""
+    from glassmetric.data.integrity import check_disjoint_classes
+
     train, test = build_base_splits(cfg, train_transform, eval_transform)
+    check_disjoint_classes(cfg, train, test)
     train, val = carve_validation(train, cfg.val_classes, seed, eval_transform)
-    return Splits(train=train, val=val, test=test, gallery=build_gallery(cfg, eval_transform))
+    splits = Splits(train=train, val=val, test=test, gallery=build_gallery(cfg, eval_transform))
+    for dataset in (splits.train, splits.val, splits.test, splits.gallery):
+        if dataset is not None:
+            dataset.set_bad_image_policy(cfg.on_bad_image)
+    return splits
 
 
 __all__ = ["Splits", "build_splits", "build_base_splits", "carve_validation", "split_by_classes"]

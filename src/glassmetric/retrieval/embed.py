@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from glassmetric.data.base import RetrievalDataset
+from glassmetric.data.image_io import collate_readable, log
 from glassmetric.models.output import EmbeddingOutput
 
 __all__ = ["OUTPUT_FIELDS", "embed_dataset", "embed_fields"]
@@ -36,7 +37,8 @@ def embed_fields(
     of large local embeddings), plus ``"labels"`` (N,) int64. The model runs in eval mode and
     its training flag is restored. A field the model does not produce (None in its output,
     e.g. ``"local"`` without a spatial head) raises a ValueError naming it. For an empty data
-    set every field is a ``(0, 0)`` tensor.
+    set every field is a ``(0, 0)`` tensor. Images skipped as unreadable (``data.on_bad_image:
+    skip``) are left out, and counted in a logged warning.
     """
     fields = tuple(fields)
     if not fields:
@@ -49,15 +51,21 @@ def embed_fields(
 
     was_training = model.training
     model.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_readable)
+    iterator = iter(loader)
+    batches = iterator
     if progress:
         from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc="embedding", unit="batch", leave=False)
+        batches = tqdm(iterator, total=len(loader), desc="embedding", unit="batch", leave=False)
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in fields}
     labels = []
+    skipped = 0
     try:
-        for batch in loader:
+        for batch in batches:
+            skipped += int(batch["skipped"])
+            if "image" not in batch:  # every image of the batch unreadable (data.on_bad_image: skip)
+                continue
             output = model(batch["image"].to(device, non_blocking=True))
             for name in fields:
                 value = getattr(output, name)
@@ -70,6 +78,11 @@ def embed_fields(
             labels.append(batch["label"])
     finally:
         model.train(was_training)
+        # stop the workers now, also after an error (left to the garbage collector, their
+        # shutdown can wait seconds)
+        getattr(iterator, "_shutdown_workers", lambda: None)()
+    if skipped:
+        log.warning("embedding: skipped %d unreadable image(s) of %d (data.on_bad_image: skip)", skipped, len(dataset))
     if not labels:
         out = {name: torch.zeros(0, 0, dtype=dtype) for name in fields}
         out["labels"] = torch.zeros(0, dtype=torch.long)

@@ -34,11 +34,14 @@ def eval_datasets(
     if folder:
         from glassmetric.data.folder import ImageFolderDataset
 
-        return f"images of {folder}", ImageFolderDataset(folder, transform=eval_transform(cfg, model)), None
+        images = ImageFolderDataset(folder, transform=eval_transform(cfg, model))
+        return f"images of {folder}", images.set_bad_image_policy(cfg.data.on_bad_image), None
     if query:
         from glassmetric.data.folder import build_query_gallery
 
         pair = build_query_gallery(query, gallery, transform=eval_transform(cfg, model))
+        pair.query.set_bad_image_policy(cfg.data.on_bad_image)
+        pair.gallery.set_bad_image_policy(cfg.data.on_bad_image)
         return f"query {query} / gallery {gallery}", pair.query, pair.gallery
     splits = make_splits(cfg, model)
     dataset, ref = getattr(splits, split), (splits.gallery if split == "test" else None)
@@ -79,12 +82,14 @@ def evaluate_model(
     progress: bool = False,
     index_settings=None,
     index_dir: str | Path | None = None,
+    max_k: int | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics of ``model`` on ``dataset`` (or ``dataset`` as queries against ``gallery``).
 
     The kNN runs on ``device`` (torch backend). With ``knn_backend="index"`` the neighbours
     come from the faiss gallery index of ``index_settings`` (:class:`glassmetric.config.IndexConfig`),
-    cached in ``index_dir`` (see :func:`cached_gallery_index`).
+    cached in ``index_dir`` (see :func:`cached_gallery_index`). ``max_k`` caps the kNN depth
+    (see :func:`~glassmetric.retrieval.metrics.retrieval_metrics`).
     """
     device = device or default_device()
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
@@ -94,7 +99,7 @@ def evaluate_model(
     if knn_backend == "torch":  # the exact search on the GPU when there is one
         query, ref = query.to(device), None if ref is None else ref.to(device)
     return retrieval_metrics(
-        query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend, knn_index=index,
+        query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend, knn_index=index, max_k=max_k,
     )
 
 

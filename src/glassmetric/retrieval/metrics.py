@@ -20,6 +20,7 @@ Conventions follow pytorch-metric-learning's ``AccuracyCalculator`` so the numbe
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from torch import Tensor
 from .knn import import_faiss, iter_knn
 
 __all__ = [
+    "KnnDepthWarning",
     "METRICS",
     "RANKING_METRICS",
     "format_metrics_table",
@@ -67,6 +69,7 @@ def retrieval_metrics(
     nmi_backend: str = "faiss",
     chunk_size: int | None = None,
     seed: int = 0,
+    max_k: int | None = None,
 ) -> dict[str, float]:
     """Recall@K, NMI, R-Precision and MAP@R of a retrieval problem.
 
@@ -86,6 +89,9 @@ def retrieval_metrics(
         chunk_size: queries per kNN chunk; None picks it from a memory budget.
         seed: k-means seed. AccuracyCalculator's default k-means uses faiss' default seed
             1234; pass ``seed=1234`` to reproduce its NMI exactly.
+        max_k: at most this many neighbours per query, but never fewer than the largest
+            Recall@K cut-off (None: as many as the metrics need, so they are exact). Below the largest R, R-Precision and MAP@R only count the
+            first ``max_k`` ranks and come out too low: a :class:`KnnDepthWarning` says so.
 
     Returns:
         Plain floats keyed ``recall@K`` (one per K), ``nmi``, ``r_precision`` and
@@ -117,7 +123,7 @@ def retrieval_metrics(
         out.update(
             _knn_metrics(
                 query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r,
-                knn_backend, chunk_size, knn_index,
+                knn_backend, chunk_size, knn_index, max_k,
             )
         )
     if "nmi" in include:
@@ -249,8 +255,12 @@ def _labels(labels, n: int, name: str, device) -> Tensor:
     return labels.long()
 
 
+class KnnDepthWarning(UserWarning):
+    """The kNN depth is below the largest class: R-Precision and MAP@R are too low."""
+
+
 def _knn_metrics(
-    query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r, backend, chunk_size, index=None
+    query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r, backend, chunk_size, index=None, max_k=None
 ) -> dict[str, float]:
     """Recall@K, R-Precision and MAP@R from one chunked kNN pass over the queries."""
     valid = r > 0  # not lone
@@ -259,6 +269,18 @@ def _knn_metrics(
     available = len(gallery) - int(same_set)
     k_needed = max(max(recall_ks, default=0), int(r.max()) if needs_r else 0)
     k = min(k_needed, available)
+    if max_k is not None:
+        if isinstance(max_k, bool) or not isinstance(max_k, (int, np.integer)) or max_k < 1:
+            raise ValueError(f"max_k must be a positive integer, got {max_k!r}")
+        # Recall@K stays exact: the depth never drops below the largest cut-off
+        k = max(min(k, int(max_k)), min(max(recall_ks, default=0), available))
+        if needs_r and k < int(r.max()):
+            warnings.warn(
+                f"the kNN retrieves k={k} neighbours per query, fewer than the largest class "
+                f"(R up to {int(r.max())}): R-Precision and MAP@R only count the first {k} ranks "
+                "and are too low; raise eval.knn_k or leave it unset",
+                KnnDepthWarning, stacklevel=3,
+            )
     stats = _RankStats(len(query), k, recall_ks, needs_r, query.device)
     chunks = iter_knn(
         query, gallery, k, exclude_self=same_set, chunk_size=chunk_size, backend=backend, index=index

@@ -2,14 +2,21 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then
 renamed over the target (``os.replace`` is atomic on POSIX), and the folder is fsync'ed: a crash
-leaves either the old checkpoint or the new one, never a truncated file. Reading never executes
-pickled code (``torch.load(weights_only=True)``).
+leaves either the old checkpoint or the new one, never a truncated file. With ``keep_previous``
+the checkpoint it replaces stays beside it as ``<name>.prev.ckpt`` (a hard link, so no copy),
+for when the newest one is damaged after all (a full disk, a copy cut short): see
+:func:`glassmetric.training.resume.resume_checkpoint`. Reading never executes pickled code
+(``torch.load(weights_only=True)``): a checkpoint that holds anything but tensors and plain
+containers is refused.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,8 +27,27 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from glassmetric.errors import CheckpointError
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename, fsync folder)."""
+def previous_path(path: str | Path) -> Path:
+    """Where ``keep_previous`` keeps the checkpoint that ``path`` replaced: ``last.prev.ckpt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _keep_previous(path: Path) -> None:
+    """Hard-link (or, where links fail, copy) ``path`` to its previous_path, atomically."""
+    prev = previous_path(path)
+    tmp = path.with_name(f".{prev.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, prev)
+
+
+def atomic_torch_save(obj: Any, path: str | Path, keep_previous: bool = False) -> None:
+    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename, fsync folder);
+    with ``keep_previous``, the file it replaces becomes ``previous_path(path)``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -32,6 +58,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            _keep_previous(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,15 +78,29 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # the weights-only unpickler met a class or function: loading it could run any code
+        culprit = re.search(r"GLOBAL [\w.]+|Unsupported operand \S+", str(e))
+        detail = f" ({culprit.group(0).strip()})" if culprit else ""
+        raise CheckpointError(
+            f"refused to load checkpoint {path}: it holds pickled objects beyond tensors and plain "
+            f"containers{detail}, which could run code; glassmetric loads weights only"
+        ) from e
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
+        raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}: {first}") from e
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO whose writes are atomic and whose reads are weights-only."""
+    """Lightning checkpoint IO whose writes are atomic and whose reads are weights-only; the
+    files named in ``keep_previous`` keep their previous version (``last.prev.ckpt``)."""
+
+    def __init__(self, keep_previous: tuple[str, ...] = ("last.ckpt",)):
+        super().__init__()
+        self.keep_previous = tuple(keep_previous)
 
     def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: Any = None) -> None:
-        atomic_torch_save(checkpoint, path)
+        atomic_torch_save(checkpoint, path, keep_previous=Path(path).name in self.keep_previous)
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return safe_torch_load(path, map_location=map_location or "cpu")

@@ -90,12 +90,15 @@ def _all_gather_rows(tensor: Tensor) -> list[Tensor]:
     return [o[: int(s.item())].to(tensor.device) for o, s in zip(out, sizes)]
 
 
-def gather_unique(values: Mapping[str, Tensor], index: Tensor, size: int | None = None) -> dict[str, Tensor]:
+def gather_unique(values: Mapping[str, Tensor], index: Tensor, size: int | None = None,
+                  drop_missing: bool = False) -> dict[str, Tensor]:
     """Rows of every rank placed at their data-set ``index`` (``(n,)`` int64, one per row).
 
     Returns ``{name: (size, ...)}`` in data-set order (``size`` default: the largest index + 1):
     items a sampler repeated to pad the shards land on the same row, so each item appears once.
-    Raises a ValueError when some index in ``0 .. size - 1`` is on no rank.
+    Raises a ValueError when some index in ``0 .. size - 1`` is on no rank, unless
+    ``drop_missing`` (images skipped under ``data.on_bad_image: skip``): then those rows are left
+    out and the rest keep data-set order.
     """
     index = torch.as_tensor(index, dtype=torch.long).cpu()
     if world()[0] > 1:
@@ -104,13 +107,13 @@ def gather_unique(values: Mapping[str, Tensor], index: Tensor, size: int | None 
     size = int(index.max()) + 1 if size is None and len(index) else int(size or 0)
     seen = torch.zeros(size, dtype=torch.bool)
     seen[index] = True
-    if not bool(seen.all()):
+    if not bool(seen.all()) and not drop_missing:
         raise ValueError(f"gather_unique: {int((~seen).sum())} of {size} items are on no rank")
     out = {}
     for name, v in values.items():
         placed = torch.empty((size, *v.shape[1:]), dtype=v.dtype, device=v.device)
         placed[index.to(v.device)] = v
-        out[name] = placed
+        out[name] = placed if bool(seen.all()) else placed[seen.to(v.device)]
     return out
 
 
@@ -123,8 +126,9 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict:
-        return {**self.dataset[i], "index": i}
+    def __getitem__(self, i: int) -> dict | None:
+        item = self.dataset[i]
+        return None if item is None else {**item, "index": i}  # None: skipped (data.on_bad_image: skip)
 
 
 def eval_sampler(dataset: Dataset, num_replicas: int, rank: int) -> DistributedSampler | None:

@@ -3,7 +3,9 @@
 Layout of ``trainer.output_dir``::
 
     config.yaml               the resolved configuration
-    checkpoints/last.ckpt     written atomically at the end of every epoch (``--resume`` reads it)
+    checkpoints/last.ckpt     written atomically at the end of every epoch and every
+                              trainer.checkpoint_every_n_steps steps (``--resume`` reads it)
+    checkpoints/last.prev.ckpt  the one before (``--resume`` falls back to it when last.ckpt is damaged)
     checkpoints/best.ckpt     best validation ``trainer.monitor`` (when ``trainer.select: val``)
     logs/version_N/           CSV and TensorBoard logs of the N-th (re)start
     metrics.json              test metrics of the selected model (and of the untrained one)
@@ -30,8 +32,11 @@ from glassmetric.data.transforms import build_transforms
 from glassmetric.errors import CheckpointError
 from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.retrieval.metrics import recall_ks_for
+from glassmetric.data.image_io import collate_readable
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO, safe_torch_load
 from glassmetric.training.distributed import IndexedDataset, ddp_strategy, eval_sampler
+from glassmetric.training.guards import reliability_callbacks
+from glassmetric.training.resume import discard_resume_checkpoints, resumable_train_loader, resume_checkpoint
 from glassmetric.training.module import MetricLearner, build_model_from_config
 from glassmetric.training.throughput import ThroughputMonitor
 
@@ -78,8 +83,8 @@ class MetricDataModule(pl.LightningDataModule):
             self.splits.train.labels, t.samples_per_class, t.batch_size,
             seed=self.cfg.seed, num_replicas=world, rank=rank,
         )
-        loader = DataLoader(
-            self.splits.train, batch_sampler=sampler, num_workers=self.cfg.data.num_workers, generator=torch.Generator()
+        loader = resumable_train_loader(
+            self.splits.train, sampler, seed=self.cfg.seed, num_workers=self.cfg.data.num_workers, trainer=self.trainer
         )
         # on resume the first iterator is built before the epoch hooks run: seed it here too,
         # with the epoch Lightning is about to run (current_epoch may still be the last one)
@@ -93,6 +98,7 @@ class MetricDataModule(pl.LightningDataModule):
         val = IndexedDataset(self.splits.val)  # each rank a shard; on_validation_epoch_end gathers them
         return DataLoader(
             val, batch_size=self.cfg.eval.batch_size, sampler=eval_sampler(val, world, rank), num_workers=self.cfg.data.num_workers,
+            collate_fn=collate_readable,
         )
 
 
@@ -141,6 +147,8 @@ def fit(
     last = ckpt_dir / "last.ckpt"
     if last.exists() and not (resume or overwrite):
         raise CheckpointError(f"{last} exists: pass --resume to continue that run, or --overwrite to start again")
+    if not resume:
+        discard_resume_checkpoints(ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
@@ -149,7 +157,8 @@ def fit(
     splits = make_splits(cfg, model)
     module = MetricLearner(cfg, splits.train.labels, model=model)
     ks = evaluation_recall_ks(cfg)
-    eval_kw = dict(recall_ks=ks, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=cfg.eval.knn_backend)
+    eval_kw = dict(recall_ks=ks, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=cfg.eval.knn_backend,
+                   max_k=cfg.eval.knn_k)
 
     baseline_metrics = None
     if baseline:
@@ -174,7 +183,7 @@ def fit(
         precision=cfg.trainer.precision,
         # each (re)start logs into a new logs/version_N, so a resume never overwrites old logs
         logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],
-        callbacks=[*filter(None, [best_cb, last_cb]), EpochSeed(cfg.seed), throughput, *callbacks],
+        callbacks=[*filter(None, [best_cb, last_cb]), EpochSeed(cfg.seed), throughput, *reliability_callbacks(cfg, last), *callbacks],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         check_val_every_n_epoch=cfg.trainer.val_every,
@@ -187,9 +196,10 @@ def fit(
     )
     ckpt_path = None
     if resume:
-        if last.exists():
-            ckpt_path = str(last)
-            print(f"resuming from {last}")
+        found = resume_checkpoint(ckpt_dir)
+        if found is not None:
+            ckpt_path = str(found)
+            print(f"resuming from {found}")
         else:
             print(f"no checkpoint at {last}: starting from scratch")
     trainer.fit(module, datamodule=MetricDataModule(cfg, splits), ckpt_path=ckpt_path)

@@ -140,7 +140,7 @@ class MetricLearner(pl.LightningModule):
         index = torch.cat([i for _, _, i in self._val_outputs])
         self._val_outputs.clear()
         # under DDP each rank embedded a shard: every rank gathers the whole split, in data set order
-        parts = gather_unique(parts, index)
+        parts = gather_unique(parts, index, drop_missing=True)  # skipped images are on no rank
         metrics = retrieval_metrics(parts["embedding"], parts["label"], recall_ks=(1, 2, 4, 8), include=("recall", "r_precision", "map_at_r"))
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name == "recall@1", sync_dist=world()[0] > 1)
@@ -222,8 +222,9 @@ def load_trained(path: str, overrides: list[str] = ()) -> tuple[torch.nn.Module,
     from glassmetric.errors import CheckpointError, ConfigError
     from glassmetric.training.checkpoint_io import safe_torch_load
 
-    if any(o.split("=", 1)[0].startswith("model.") for o in overrides):
-        raise ConfigError("model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint")
+    fixed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith("model.")]
+    if fixed:
+        raise ConfigError(f"{fixed[0]}: model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint")
     ckpt = safe_torch_load(path)
     meta = ckpt.get("glassmetric")
     if not isinstance(meta, dict) or "config" not in meta or "state_dict" not in ckpt:

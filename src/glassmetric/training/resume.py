@@ -1,0 +1,195 @@
+"""Exact resume, also from the middle of an epoch.
+
+A resumed run repeats the uninterrupted one step for step when every random choice of a step
+depends only on the seed and the step's position, never on what ran before in this process:
+
+* the batch order is a function of (seed, epoch) (:class:`MPerClassBatchSampler`), and after
+  a mid-epoch restart :class:`ResumableBatches` skips the batches already trained on, the
+  count of which the :class:`ResumableLoader` stores in the checkpoint (Lightning saves and
+  restores the state of a DataLoader that has ``state_dict`` / ``load_state_dict``);
+* each image's augmentation is drawn from RNGs seeded by (seed, epoch, batch, slot)
+  (:class:`SeededSamples`), whichever worker loads it and however many workers there are;
+* the main process's RNGs (dropout, mixup) are reseeded from (seed, epoch, batch) before
+  every step (:class:`StepSeed`);
+* the weights, optimizer, scheduler and loop counters are Lightning's checkpoint, written
+  atomically every ``trainer.checkpoint_every_n_steps`` steps (:class:`StepCheckpoint`) and at
+  the end of each epoch, the previous one kept as ``last.prev.ckpt``.
+
+:func:`resume_checkpoint` picks the checkpoint to resume: ``last.ckpt``, or when that one is
+unreadable (truncated, foreign) the previous one, with a message.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable, Iterator
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from glassmetric.data.image_io import collate_training
+from glassmetric.errors import CheckpointError
+from glassmetric.training.checkpoint_io import previous_path, safe_torch_load
+
+
+def derived_seed(*key: int) -> int:
+    """A 32-bit seed that depends on every integer of ``key`` (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ResumableBatches(Sampler[list]):
+    """Wraps a batch sampler with ``set_epoch`` / ``epoch``: yields each batch as a list of
+    ``(index, sample_seed)`` pairs for :class:`SeededSamples`, and can start the current epoch
+    at a later batch (:meth:`resume_at`) to continue it from its middle."""
+
+    def __init__(self, batches: Sampler, seed: int):
+        self.batches = batches
+        self.seed = seed
+        self._resume: tuple[int, int] | None = None  # (epoch, first batch)
+
+    @property
+    def epoch(self) -> int:
+        return self.batches.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None  # a later epoch starts at its beginning
+        self.batches.set_epoch(epoch)
+
+    def resume_at(self, batch: int) -> None:
+        """Iterations of the current epoch start at ``batch`` (torch's multi-worker loader
+        calls ``iter`` twice per epoch, so this lasts until the epoch changes)."""
+        self._resume = (self.epoch, int(batch))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        return self._seeded(self.epoch, skip)
+
+    def _seeded(self, epoch: int, skip: int) -> Iterator[list[tuple[int, int]]]:
+        for b, batch in enumerate(self.batches):
+            if b >= skip:
+                yield [(int(i), derived_seed(self.seed, epoch, b, slot)) for slot, i in enumerate(batch)]
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with the global RNGs seeded first by the key's sample seed."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        seed_all(seed)
+        return self.dataset[index]
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader over :class:`ResumableBatches` whose state (epoch, batches done,
+    read from ``progress``) travels in Lightning's checkpoint and is restored on resume."""
+
+    def __init__(self, *args, progress: Callable[[], int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.batch_sampler.epoch), "batches_done": int(self._progress())}
+
+    def load_state_dict(self, state: dict) -> None:
+        done = int(state.get("batches_done", 0))
+        if int(state.get("epoch", -1)) == self.batch_sampler.epoch and 0 < done < len(self.batch_sampler):
+            print(f"resuming epoch {self.batch_sampler.epoch} at batch {done} of {len(self.batch_sampler)}")
+            self.batch_sampler.resume_at(done)
+
+
+def resumable_train_loader(dataset: Dataset, batch_sampler: Sampler, *, seed: int, num_workers: int,
+                           trainer: pl.Trainer | None) -> ResumableLoader:
+    """The training loader of ``fit``: seeded samples, resumable batches, unreadable images
+    left out (``data.on_bad_image: skip``)."""
+
+    def progress() -> int:
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+    return ResumableLoader(
+        SeededSamples(dataset), batch_sampler=ResumableBatches(batch_sampler, seed), num_workers=num_workers,
+        collate_fn=collate_training, generator=torch.Generator(), progress=progress,
+    )
+
+
+class StepSeed(Callback):
+    """Reseeds the global RNGs from (seed, epoch, batch) before every training step."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        seed_all(derived_seed(self.seed, trainer.current_epoch, batch_idx, 1))
+
+
+class StepCheckpoint(Callback):
+    """Saves the trainer's checkpoint to ``path`` every ``every_n`` training steps; not after an
+    epoch's last step, whose checkpoint is written after its validation."""
+
+    def __init__(self, path: Path, every_n: int):
+        self.path = Path(path)
+        self.every_n = every_n
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if self.every_n and trainer.global_step % self.every_n == 0 and not last_of_epoch:
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+
+def resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from: ``last.ckpt``, else (unreadable: truncated, foreign,
+    unsafe) ``last.prev.ckpt``, with a message; the unreadable one is moved aside as
+    ``last.damaged.ckpt``. None when there is none; a CheckpointError when none is readable."""
+    last = Path(ckpt_dir) / "last.ckpt"
+    prev = previous_path(last)
+    for stale in Path(ckpt_dir).glob(".*.tmp"):  # a write cut short by the crash
+        stale.unlink(missing_ok=True)
+    if not last.exists() and not prev.exists():
+        return None
+    problem = None
+    for path in (last, prev):
+        if not path.exists():
+            continue
+        try:
+            step = safe_torch_load(path).get("global_step")
+        except CheckpointError as e:
+            problem = problem or e
+            print(f"{e}: trying the previous checkpoint" if path == last else str(e))
+            continue
+        if path != last:
+            reason = f"{last} is missing"
+            if last.exists():  # keep it for a look, out of the way of the next checkpoint
+                damaged = last.with_name("last.damaged.ckpt")
+                last.replace(damaged)
+                reason = f"{last} is unreadable (moved to {damaged.name})"
+            print(f"{reason}: resuming from the previous checkpoint {path} (step {step})")
+        return path
+    raise CheckpointError(f"no readable checkpoint to resume in {ckpt_dir}: {problem}")
+
+
+def discard_resume_checkpoints(ckpt_dir: Path) -> None:
+    """A fresh start (``--overwrite``): remove the last checkpoints of an earlier run, so that
+    a later ``--resume`` can never fall back to one of them."""
+    last = Path(ckpt_dir) / "last.ckpt"
+    for path in (last, previous_path(last), last.with_name("last.damaged.ckpt")):
+        path.unlink(missing_ok=True)

@@ -1,0 +1,195 @@
+"""Exact resume: SIGKILL at a random step, --resume, and the same weights, optimizer state and
+metrics as the uninterrupted run; a damaged last checkpoint falls back to the previous one."""
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from glassmetric.config import load_config
+from glassmetric.errors import CheckpointError
+from glassmetric.training.checkpoint_io import previous_path, safe_torch_load
+from glassmetric.training.fit import fit
+from glassmetric.training.resume import resume_checkpoint
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+#: 12 classes x 12 images at 64 px (6 train classes, 2 of them for validation: 4 batches of 12
+#: per epoch), the 0.5M-parameter timm test ResNet, mixup on (RNG in the step), a checkpoint every step
+RUN = [
+    "data.image_size=64", "data.resize=64", "data.synthetic.num_classes=12", "data.synthetic.images_per_class=12",
+    "data.val_classes=2", "model.backbone=timm:test_resnet", "model.embedding_dim=16", "trainer.batch_size=12",
+    "trainer.samples_per_class=3", "trainer.max_epochs=3", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
+    "trainer.checkpoint_every_n_steps=1", "eval.batch_size=64", "optim.lr=1e-3", "loss.mixup=true",
+]
+STEPS = 12
+
+
+def _config(out: Path, *extra: str):
+    return load_config("demo", RUN + [f"trainer.output_dir={out}", "data.num_workers=0", *extra])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run, in this process on one thread (as the subprocesses run)."""
+    out = tmp_path_factory.mktemp("straight")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(_config(out))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _assert_close(a, b, where="checkpoint"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{where}: {m}")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _step_losses(out: Path) -> dict[int, float]:
+    """train/loss_step by global step over every (re)start's log; a later start wins."""
+    losses = {}
+    for log in sorted((out / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        with open(log) as f:
+            losses.update({int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")})
+    return losses
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ca, cb = (safe_torch_load(p / "checkpoints" / "last.ckpt") for p in (a, b))
+    assert (ca["global_step"], ca["epoch"]) == (cb["global_step"], cb["epoch"])
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        _assert_close(ca[key], cb[key], key)
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
+    assert ma["test"] == pytest.approx(mb["test"], abs=1e-6)
+    la, lb = _step_losses(a), _step_losses(b)
+    assert len(la) == STEPS and lb and set(lb) <= set(la)
+    assert [lb[s] for s in sorted(lb)] == pytest.approx([la[s] for s in sorted(lb)], abs=1e-6)
+
+
+def _cli(out: Path, *flags: str) -> list[str]:
+    # 2 workers here, none in the uninterrupted run: the augmentations do not depend on them
+    return [sys.executable, "-m", "glassmetric.cli", "fit", "--config", "demo", *flags, *RUN,
+            f"trainer.output_dir={out}", "data.num_workers=2"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(safe_torch_load(path)["global_step"])
+    except CheckpointError:  # not written yet
+        return -1
+
+
+def test_sigkill_at_a_random_step_then_resume_repeats_the_uninterrupted_run(straight, tmp_path):
+    seed = int(os.environ.get("GLASSMETRIC_KILL_SEED", time.time_ns() % 10**6))
+    rng = random.Random(seed)
+    kill_after, delay = rng.randint(1, STEPS - 3), rng.uniform(0.0, 0.15)
+    note = f"(kill seed {seed}: SIGKILL once step {kill_after} is checkpointed, after {delay:.3f} s more; GLASSMETRIC_KILL_SEED={seed} repeats it)"
+    print(note)
+    out = tmp_path / "killed"
+    last = out / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(_cli(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _step_of(last) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill {note}: {err[-2000:]}"
+    killed_at = _step_of(last)
+    assert 0 < killed_at < STEPS, note
+
+    resumed = subprocess.run(_cli(out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, f"{note}\n{resumed.stderr[-3000:]}"
+    assert f"resuming from {last}" in resumed.stdout
+    if killed_at % 4:  # 4 steps per epoch: the kill left an epoch unfinished
+        assert f"resuming epoch {killed_at // 4} at batch {killed_at % 4} of 4" in resumed.stdout, note
+    assert_same_run(straight, out)
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            fit(_config(out), callbacks=[CrashAtStep(7)])
+        last = out / "checkpoints" / "last.ckpt"
+        prev = previous_path(last)
+        assert safe_torch_load(last)["global_step"] == 7 and safe_torch_load(prev)["global_step"] == 6
+        data = last.read_bytes()
+        last.write_bytes(data[: len(data) // 2])  # e.g. a disk that filled up, a copy cut short
+        capsys.readouterr()
+        fit(_config(out), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "last.ckpt is unreadable (moved to last.damaged.ckpt): resuming from the previous checkpoint" in printed
+    assert "(step 6)" in printed and "resuming epoch 1 at batch 2 of 4" in printed
+    assert (out / "checkpoints" / "last.damaged.ckpt").is_file()
+    assert_same_run(straight, out)
+
+
+def test_resume_checkpoint_choices(tmp_path, capsys):
+    ckpt = tmp_path / "checkpoints"
+    assert resume_checkpoint(ckpt) is None  # nothing to resume: start from scratch
+    ckpt.mkdir()
+    (ckpt / ".last.ckpt.abc.tmp").write_bytes(b"half a write")
+    torch.save({"global_step": 3}, ckpt / "last.prev.ckpt")
+    assert resume_checkpoint(ckpt) == ckpt / "last.prev.ckpt"  # last.ckpt missing
+    assert not (ckpt / ".last.ckpt.abc.tmp").exists()
+    assert "last.ckpt is missing" in capsys.readouterr().out
+    torch.save({"global_step": 4}, ckpt / "last.ckpt")
+    assert resume_checkpoint(ckpt) == ckpt / "last.ckpt"
+    (ckpt / "last.ckpt").write_bytes(b"garbage")
+    (ckpt / "last.prev.ckpt").write_bytes(b"garbage too")
+    with pytest.raises(CheckpointError, match="no readable checkpoint to resume"):
+        resume_checkpoint(ckpt)
+
+
+def test_overwrite_discards_the_earlier_runs_checkpoints(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    for name in ("last.ckpt", "last.prev.ckpt", "last.damaged.ckpt"):
+        torch.save({"global_step": 99}, ckpt / name)
+    fit(load_config("demo", RUN + [f"trainer.output_dir={tmp_path}", "data.num_workers=0", "trainer.max_epochs=1",
+                                   "trainer.checkpoint_every_n_steps=0", "trainer.select=last", "data.val_classes=0"]),
+        overwrite=True, run_test=False)
+    # one checkpoint of the new run at the epoch's end; nothing of the old one to fall back to
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
+    assert safe_torch_load(ckpt / "last.ckpt")["global_step"] == 6
