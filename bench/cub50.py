@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from markdown_block import write_block
+
 from glassmetric.config import load_config
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.retrieval.evaluate import evaluate_model
@@ -31,7 +33,6 @@ from glassmetric.training.module import build_model_from_config, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 CUB50 = ROOT.parent / "shared" / "data" / "cub50"
-MARK_BEGIN, MARK_END = "<!-- cub50:begin -->", "<!-- cub50:end -->"
 COLUMNS = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi", "r_precision", "map_at_r"]
 
 
@@ -128,20 +129,8 @@ def main() -> None:
     )
     print("\n" + text)
     if not args.no_write:
-        write_block(text)
+        write_block("cub50", text, "CUB-50 real birds: baselines")
 
-
-def write_block(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in current:
-        before, rest = current.split(MARK_BEGIN, 1)
-        current = before + block + rest.split(MARK_END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n## CUB-50 real birds: baselines\n\n" + block + "\n"
-    path.write_text(current)
-    print(f"table written to {path}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from markdown_block import write_block
+
 from glassmetric.cli import main as cli_main
 from glassmetric.config import load_config
 from glassmetric.explain.correspondence import evaluate_correspondence
@@ -57,7 +59,6 @@ from glassmetric.training.module import load_trained
 ROOT = Path(__file__).resolve().parents[1]
 CUB50 = ROOT.parent / "shared" / "data" / "cub50"
 DOCS = ROOT / "docs"
-MARK_BEGIN, MARK_END = "<!-- birds:begin -->", "<!-- birds:end -->"
 METHODS = {
     "baseline": [],
     "structural": ["model.spatial_grid=4", "loss.similarity=structural"],
@@ -308,20 +309,8 @@ def main() -> None:
     text = "\n".join(sections)
     print("\n" + text)
     if not args.no_write:
-        write_block(text)
+        write_block("birds", text, "CUB-50 real birds: each method's gain and its explanations (`python bench/real_birds.py`)")
 
-
-def write_block(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text()
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in current:
-        before, rest = current.split(MARK_BEGIN, 1)
-        current = before + block + rest.split(MARK_END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n## CUB-50 real birds: each method's gain and its explanations (`python bench/real_birds.py`)\n\n" + block + "\n"
-    path.write_text(current)
-    print(f"tables written to {path}")
 
 
 if __name__ == "__main__":
