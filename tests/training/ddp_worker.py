@@ -23,7 +23,7 @@ from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.training.distributed import distributed_embed, world
 from glassmetric.training.module import MetricLearner
 
-BASE = ["model.backbone=resnet18", "model.frozen_bn=true", "model.embedding_dim=16", "data.image_size=32"]
+BASE = ["model.backbone=resnet18", "model.frozen_bn=true", "model.embedding_dim=16"]  # images are made here at 32 px
 VARIANTS = {
     "multisimilarity": [],
     "structural_contrastive": ["model.spatial_grid=2", "loss.similarity=structural", "loss.name=contrastive"],
