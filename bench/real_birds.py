@@ -95,16 +95,41 @@ def train_images_per_s(folder: Path) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
-def evaluate(ckpt: Path, ks: list[int]) -> dict:
-    """:func:`evaluate_once`, cached next to the checkpoint (recomputed when the checkpoint or the Ks change)."""
-    cache = ckpt.parents[1] / "bench_eval.json"
+def cached(ckpt: Path, name: str, key, compute):
+    """``compute()``, cached as ``name`` next to the checkpoint's run (recomputed when the
+    checkpoint is newer or ``key``, the settings it depends on, differs)."""
+    cache = ckpt.parents[1] / name
     if cache.is_file() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
-        cached = json.loads(cache.read_text())
-        if cached.get("ks") == ks:
-            return cached["result"]
-    result = evaluate_once(ckpt, ks)
-    cache.write_text(json.dumps({"ks": ks, "result": result}, default=float))
+        stored = json.loads(cache.read_text())
+        if stored.get("ks", stored.get("key")) == key:
+            return stored["result"]
+    result = compute()
+    cache.write_text(json.dumps({"key": key, "result": result}, default=float))
     return result
+
+
+def evaluate(ckpt: Path, ks: list[int]) -> dict:
+    """:func:`evaluate_once`, cached next to the checkpoint."""
+    return cached(ckpt, "bench_eval.json", ks, lambda: evaluate_once(ckpt, ks))
+
+
+def correspondence(ckpt: Path, pairs: int) -> dict:
+    """Keypoint transfer and part correspondence of ``pairs`` same-class test pairs (seed 0)."""
+    model, cfg = load_trained(str(ckpt), [f"data.root={CUB50}"])
+    test = make_splits(cfg, model).test
+    s = cfg.structural
+    return evaluate_correspondence(model, test, pairs=pairs, grid=cfg.model.spatial_grid or 4, crop=224,
+                                   resize=cfg.data.resize, seed=0, epsilon=s.epsilon, iters=s.iters,
+                                   marginals=s.marginals, mean=model.backbone.mean, std=model.backbone.std,
+                                   num_workers=cfg.data.num_workers)
+
+
+def group_parts(ckpt: Path) -> dict:
+    """Group-to-part statistics of a grouping checkpoint on every test image."""
+    model, cfg = load_trained(str(ckpt), [f"data.root={CUB50}"])
+    test = make_splits(cfg, model).test
+    return evaluate_group_parts(model, test, images=len(test), crop=224, resize=cfg.data.resize, seed=0,
+                                mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers)
 
 
 def evaluate_once(ckpt: Path, ks: list[int]) -> dict:
@@ -246,13 +271,7 @@ def main() -> None:
     for m in ("baseline", "structural"):
         if m not in ckpts:
             continue
-        model, cfg = load_trained(str(first[m]), [f"data.root={CUB50}"])
-        test = make_splits(cfg, model).test
-        s = cfg.structural
-        corr = evaluate_correspondence(model, test, pairs=args.pairs, grid=cfg.model.spatial_grid or 4, crop=224,
-                                       resize=cfg.data.resize, seed=0, epsilon=s.epsilon, iters=s.iters,
-                                       marginals=s.marginals, mean=model.backbone.mean, std=model.backbone.std,
-                                       num_workers=cfg.data.num_workers)
+        corr = cached(first[m], "bench_correspondence.json", args.pairs, lambda: correspondence(first[m], args.pairs))
         print(json.dumps({"correspondence": m, **corr}, default=float), flush=True)
         label = "baseline checkpoint, training-free" if m == "baseline" else "structurally trained checkpoint"
         sections += ["", correspondence_section(f"{label} ({first[m].parents[1].name})", corr)]
@@ -271,10 +290,7 @@ def main() -> None:
     if "grouping" in ckpts:
         rows = []
         for s, ckpt in ckpts["grouping"].items():
-            model, cfg = load_trained(str(ckpt), [f"data.root={CUB50}"])
-            test = make_splits(cfg, model).test
-            g = evaluate_group_parts(model, test, images=len(test), crop=224, resize=cfg.data.resize, seed=0,
-                                     mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers)
+            g = cached(ckpt, "bench_groups.json", "all", lambda: group_parts(ckpt))
             rows.append(g)
             print(json.dumps({"groups": s, **g}, default=float), flush=True)
         sections += ["", f"**Attention groups** (4 groups, all {rows[0]['n_images']} test images, "
