@@ -95,6 +95,12 @@ def train_images_per_s(folder: Path) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
+def trained_and_test(ckpt: Path):
+    """``(model, cfg, test split)`` of a checkpoint, its data root pointed at the CUB-50 subset."""
+    model, cfg = load_trained(str(ckpt), [f"data.root={CUB50}"])
+    return model, cfg, make_splits(cfg, model).test
+
+
 def cached(ckpt: Path, name: str, key, compute):
     """``compute()``, cached as ``name`` next to the checkpoint's run (recomputed when the
     checkpoint is newer or ``key``, the settings it depends on, differs)."""
@@ -115,8 +121,7 @@ def evaluate(ckpt: Path, ks: list[int]) -> dict:
 
 def correspondence(ckpt: Path, pairs: int) -> dict:
     """Keypoint transfer and part correspondence of ``pairs`` same-class test pairs (seed 0)."""
-    model, cfg = load_trained(str(ckpt), [f"data.root={CUB50}"])
-    test = make_splits(cfg, model).test
+    model, cfg, test = trained_and_test(ckpt)
     s = cfg.structural
     return evaluate_correspondence(model, test, pairs=pairs, grid=cfg.model.spatial_grid or 4, crop=224,
                                    resize=cfg.data.resize, seed=0, epsilon=s.epsilon, iters=s.iters,
@@ -126,16 +131,14 @@ def correspondence(ckpt: Path, pairs: int) -> dict:
 
 def group_parts(ckpt: Path) -> dict:
     """Group-to-part statistics of a grouping checkpoint on every test image."""
-    model, cfg = load_trained(str(ckpt), [f"data.root={CUB50}"])
-    test = make_splits(cfg, model).test
+    model, cfg, test = trained_and_test(ckpt)
     return evaluate_group_parts(model, test, images=len(test), crop=224, resize=cfg.data.resize, seed=0,
                                 mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers)
 
 
 def evaluate_once(ckpt: Path, ks: list[int]) -> dict:
     """Global metrics, the re-ranking sweep and (introspective) the uncertainty report, from one embedding pass."""
-    model, cfg = load_trained(str(ckpt), [f"data.root={CUB50}"])
-    test = make_splits(cfg, model).test
+    model, cfg, test = trained_and_test(ckpt)
     test.transform = eval_transform(cfg, model)
     grouping = "grouping" in model.extra_heads
     if not grouping:

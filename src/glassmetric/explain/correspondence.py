@@ -437,7 +437,7 @@ def evaluate_correspondence(
         }
         for name, plan in plans.items():
             parts[name].append(part_correspondence_batch(plan.cpu(), cx, cy))
-        common = (cx >= 0) & (cy >= 0)
+        common = parts["learned"][-1].common  # parts visible in both images
         if with_pck:
             predictions = {name: plan_transfer(plan.cpu(), cx, centres) for name, plan in plans.items()}
             predictions["nearest"] = nearest_cell_transfer(learned.S.cpu(), cx, centres)
