@@ -64,6 +64,10 @@ METHODS = {
     "structural": ["model.spatial_grid=4", "loss.similarity=structural"],
     "grouping": ["model.groups=4"],
     "introspective": ["model.uncertainty_dim=1280", "loss.similarity=introspective"],
+    # the combinations the design allows: groups give the global embedding, a DIML head of its own the
+    # local ones (a groups checkpoint has no global head to share) or an uncertainty head beside them
+    "grouping+structural": ["model.groups=4", "model.spatial_grid=4", "model.spatial_head=own", "loss.similarity=structural"],
+    "grouping+introspective": ["model.groups=4", "model.uncertainty_dim=1280", "loss.similarity=introspective"],
 }
 GLOBAL_COLUMNS = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi", "r_precision", "map_at_r"]
 
@@ -140,15 +144,15 @@ def evaluate_once(ckpt: Path, ks: list[int]) -> dict:
     """Global metrics, the re-ranking sweep and (introspective) the uncertainty report, from one embedding pass."""
     model, cfg, test = trained_and_test(ckpt)
     test.transform = eval_transform(cfg, model)
-    grouping = "grouping" in model.extra_heads
-    if not grouping:
+    local = "spatial" in model.extra_heads or "grouping" not in model.extra_heads  # groups alone: no locals
+    if local:
         ensure_spatial_head(model, cfg.model.spatial_grid or 4)
-    fields = ["embedding"] + ([] if grouping else ["local"]) + (["uncertainty"] if cfg.model.uncertainty_dim else [])
+    fields = ["embedding"] + (["local"] if local else []) + (["uncertainty"] if cfg.model.uncertainty_dim else [])
     start = time.perf_counter()
     emb = embed_fields(model, test, fields=fields, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
     out = {"embed_seconds": time.perf_counter() - start}
     out["global"] = retrieval_metrics(emb["embedding"], emb["labels"], seed=cfg.seed)
-    if not grouping:
+    if local:
         s = cfg.structural
         sweep = rerank_sweep(emb["embedding"], emb["local"], query_labels=emb["labels"], ks=ks,
                              epsilon=s.epsilon, iters=s.iters, marginals=s.marginals)
