@@ -12,7 +12,6 @@ import argparse
 import resource
 import time
 
-import numpy as np
 import torch
 
 from glassmetric.retrieval.knn import default_chunk_rows, knn

@@ -292,7 +292,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from glassmetric.explain.figures import save_figure
     from glassmetric.explain.panels import group_summary, pair_figures, pair_summary
     from glassmetric.explain.pair import explain_files, explain_images
-    from glassmetric.data.base import open_image
+    from glassmetric.data.image_io import open_image
     from glassmetric.training.module import load_trained
 
     if args.top_flows < 0:

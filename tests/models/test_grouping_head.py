@@ -13,7 +13,7 @@ from glassmetric.errors import ConfigError
 from glassmetric.models import build_model
 from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.models.spatial_head import SpatialGridHead, ensure_spatial_head
+from glassmetric.models.spatial_head import ensure_spatial_head
 from glassmetric.training.module import build_model_from_config
 
 

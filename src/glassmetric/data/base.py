@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from glassmetric.data.image_io import check_policy, open_image, skip_bad
+from glassmetric.data.image_io import check_policy, skip_bad
 from glassmetric.errors import DataError
 
 

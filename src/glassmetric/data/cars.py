@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import scipy.io
 
-from glassmetric.data.base import RetrievalDataset, Sample, open_image
+from glassmetric.data.base import RetrievalDataset, Sample
+from glassmetric.data.image_io import open_image
 from glassmetric.data.cub import SPLITS, class_range
 from glassmetric.errors import ConfigError, DataError
 

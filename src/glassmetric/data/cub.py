@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from glassmetric.data.base import RetrievalDataset, Sample, open_image
+from glassmetric.data.base import RetrievalDataset, Sample
+from glassmetric.data.image_io import open_image
 from glassmetric.errors import ConfigError, DataError
 
 SPLITS = ("train", "test", "all")

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from glassmetric.data.base import RetrievalDataset, Sample, open_image
+from glassmetric.data.base import RetrievalDataset, Sample
+from glassmetric.data.image_io import open_image
 from glassmetric.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})

@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from glassmetric.data.base import RetrievalDataset, Sample, open_image
+from glassmetric.data.base import RetrievalDataset, Sample
+from glassmetric.data.image_io import open_image
 from glassmetric.data.cub import read_table
 from glassmetric.errors import ConfigError, DataError
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from glassmetric.config import Config
-from glassmetric.data.base import open_image
+from glassmetric.data.image_io import open_image
 from glassmetric.errors import ConfigError
 from glassmetric.models.output import EmbeddingOutput
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from glassmetric.config import Config
-from glassmetric.data.base import open_image
+from glassmetric.data.image_io import open_image
 from glassmetric.data.transforms import eval_geometry
 from glassmetric.explain.groups import GroupExplanation, explain_groups
 from glassmetric.models.spatial_head import ensure_spatial_head
