@@ -59,6 +59,16 @@ from glassmetric.training.module import load_trained
 ROOT = Path(__file__).resolve().parents[1]
 CUB50 = ROOT.parent / "shared" / "data" / "cub50"
 DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+#: the README's name of each method (its table is the ``birds-readme`` block)
+LABELS = {
+    "baseline": "baseline (MultiSimilarity)",
+    "structural": "+ structural loss (`loss.similarity=structural`, 4x4)",
+    "grouping": "+ attentive groups (`model.groups=4`)",
+    "introspective": "+ introspective (`loss.similarity=introspective`)",
+    "grouping+structural": "+ groups and structural loss (own 4x4 DIML head)",
+    "grouping+introspective": "+ groups and introspective",
+}
 METHODS = {
     "baseline": [],
     "structural": ["model.spatial_grid=4", "loss.similarity=structural"],
@@ -165,6 +175,38 @@ def evaluate_once(ckpt: Path, ks: list[int]) -> dict:
     return out
 
 
+def pretrained_reference(out: Path) -> dict:
+    """Test metrics of the ImageNet Lite0 features with no metric training (cached in ``out``)."""
+    cache = out / "pretrained.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from cub50 import PooledFeatures, score
+
+    from glassmetric.training.module import build_model_from_config
+
+    cfg = load_config("cub50", [f"data.root={CUB50}"])
+    metrics = score(PooledFeatures(build_model_from_config(cfg).backbone), cfg)["metrics"]
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(metrics))
+    return metrics
+
+
+def readme_table(results: dict, reference: dict, k: int = 10) -> str:
+    """The README's summary: global metrics and the re-ranked top ``k`` of every method."""
+    lines = [f"| model (`cub50` preset) | seeds | R@1 | NMI | RP | MAP@R | re-ranked top {k}: R@1 | MAP@R |",
+             "|---|---|---|---|---|---|---|---|",
+             "| Lite0 ImageNet features, no metric training | - | "
+             + " | ".join(f"{100 * reference[c]:.2f}" for c in ("recall@1", "nmi", "r_precision", "map_at_r")) + " | - | - |"]
+    for method, runs in results.items():
+        cells = [mean_std([r["global"][c] for r in runs]) for c in ("recall@1", "nmi", "r_precision", "map_at_r")]
+        if "rerank" in runs[0] and str(k) in runs[0]["rerank"]:
+            cells += [mean_std([r["rerank"][str(k)][c] for r in runs]) for c in ("recall@1", "map_at_r")]
+        else:
+            cells += ["-", "-"]
+        lines.append(f"| {LABELS.get(method, method)} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     values = [v for v in values if v == v]
     if not values:
@@ -269,7 +311,7 @@ def main() -> None:
                 f"({seeds}).", "", accuracy_tables(results, args.ks, speed)]
 
     if args.accuracy_only:
-        print("\n" + "\n".join(sections))
+        print("\n" + "\n".join(sections) + "\n\n" + readme_table(results, pretrained_reference(out)))
         return
     seed0 = args.seeds[0]
     first = {m: c.get(seed0, next(iter(c.values()))) for m, c in ckpts.items()}  # the figures' checkpoint
@@ -294,45 +336,51 @@ def main() -> None:
         b = test_dir / "036.Northern_Flicker" / sorted(os.listdir(test_dir / "036.Northern_Flicker"))[1]
         cli_main(["explain", str(a), str(b), "--checkpoint", str(ck), "-o", str(figures / "birds_pair.png")])
 
+    grouped = [m for m in ckpts if m.startswith("grouping")]
+    if grouped:
+        sections += ["", "**Attention groups** (4 groups, all test images): most frequent nearest part of each "
+                         "group's attention peak (share of images), how often the peak sits at the group's most frequent "
+                         "position, and the mutual information between group and part, against i.i.d. random maps on the "
+                         "same images.", "",
+                     "| model | seed | group 1 | group 2 | group 3 | group 4 | distinct parts | MI (nats) | MI random maps | top-10% IoU (chance) |",
+                     "|---|---|---|---|---|---|---|---|---|---|"]
+        for m in grouped:
+            for s, ckpt in ckpts[m].items():
+                g = cached(ckpt, "bench_groups.json", "all", lambda: group_parts(ckpt))
+                print(json.dumps({"groups": m, "seed": s, **g}, default=float), flush=True)
+                cells = [f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%)" for v in g["groups"].values()]
+                sections.append(f"| {m} | {s} | " + " | ".join(cells) + f" | {g['distinct_parts']} | {g['mi']:.3f} | "
+                                f"{g['mi_random']:.3f} | {g['iou']:.3f} ({g['iou_chance']:.3f}) |")
     if "grouping" in ckpts:
-        rows = []
-        for s, ckpt in ckpts["grouping"].items():
-            g = cached(ckpt, "bench_groups.json", "all", lambda: group_parts(ckpt))
-            rows.append(g)
-            print(json.dumps({"groups": s, **g}, default=float), flush=True)
-        sections += ["", f"**Attention groups** (4 groups, all {rows[0]['n_images']} test images, "
-                         f"{rows[0]['positions']} positions): most frequent nearest part of each group's attention peak "
-                         "(share of images), how often the peak sits at the group's most frequent position, and the "
-                         "mutual information between group and part, against i.i.d. random maps on the same images.", "",
-                     "| seed | group 1 | group 2 | group 3 | group 4 | distinct parts | MI (nats) | MI random maps | top-10% IoU (chance) |",
-                     "|---|---|---|---|---|---|---|---|---|"]
-        for s, g in zip(ckpts["grouping"], rows):
-            cells = [f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%)" for v in g["groups"].values()]
-            sections.append(f"| {s} | " + " | ".join(cells) + f" | {g['distinct_parts']} | {g['mi']:.3f} | "
-                            f"{g['mi_random']:.3f} | {g['iou']:.3f} ({g['iou_chance']:.3f}) |")
         cli_main(["eval", "--checkpoint", str(first["grouping"]), "--groups-parts", "500", "--groups-figure",
                   str(figures / "birds_groups.png"), f"data.root={CUB50}"])
 
-    if "introspective" in ckpts:
+    uncertain = [m for m in results if "uncertainty" in results[m][0]]
+    if uncertain:
         sections += ["", "**Uncertainty** (introspective checkpoints, test images as queries): AUROC of ||u|| for an R@1 "
                          "failure; R@1 of the certain and uncertain halves; Spearman rho with the box's share of the image "
                          "and with the number of visible parts.", "",
-                     "| seed | AUROC | R@1 certain half | R@1 uncertain half | rho(box area share) | rho(visible parts) |",
-                     "|---|---|---|---|---|---|"]
-        for s, r in zip(ckpts["introspective"], results["introspective"]):
-            u = r["uncertainty"]
-            sp = u["spearman"]
-            sections.append(f"| {s} | {u['auroc_uncertainty_vs_r1_failure']:.3f} | {100 * u['recall@1_certain_half']:.2f} | "
-                            f"{100 * u['recall@1_uncertain_half']:.2f} | {sp['box_area_share']['rho']:+.3f} "
-                            f"(p {sp['box_area_share']['p']:.2g}) | {sp['visible_parts']['rho']:+.3f} (p {sp['visible_parts']['p']:.2g}) |")
+                     "| model | seed | AUROC | R@1 certain half | R@1 uncertain half | rho(box area share) | rho(visible parts) |",
+                     "|---|---|---|---|---|---|---|"]
+        for m in uncertain:
+            for s, r in zip(ckpts[m], results[m]):
+                u = r["uncertainty"]
+                sp = u["spearman"]
+                sections.append(f"| {m} | {s} | {u['auroc_uncertainty_vs_r1_failure']:.3f} | {100 * u['recall@1_certain_half']:.2f} | "
+                                f"{100 * u['recall@1_uncertain_half']:.2f} | {sp['box_area_share']['rho']:+.3f} "
+                                f"(p {sp['box_area_share']['p']:.2g}) | {sp['visible_parts']['rho']:+.3f} (p {sp['visible_parts']['p']:.2g}) |")
+    if "introspective" in ckpts:
         cli_main(["eval", "--checkpoint", str(first["introspective"]), "--uncertainty-figure",
                   str(figures / "birds_uncertainty.png"), f"data.root={CUB50}"])
 
     sections += ["", f"Total {(time.perf_counter() - started) / 60:.0f} min (training reused where a finished run was found)."]
     text = "\n".join(sections)
     print("\n" + text)
+    summary = readme_table(results, pretrained_reference(out))
+    print("\n" + summary)
     if not args.no_write:
         write_block("birds", text, "CUB-50 real birds: each method's gain and its explanations (`python bench/real_birds.py`)")
+        write_block("birds-readme", summary, "Real birds: each method measured (CUB-50)", path=README)
 
 
 
