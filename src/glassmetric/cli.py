@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-megapixels", type=float, default=25.0, help="largest uploaded image in megapixels (default 25)")
     sv.add_argument("--max-in-flight", type=int, default=32, help="requests served at once; more get 503 (default 32)")
     sv.add_argument("--workers", type=int, default=1, help="threads doing model work (default 1)")
+    sv.add_argument("--knn", choices=("exact", "index"), default="exact", help="gallery search: exact kNN (default) or a "
+                    "faiss index (exact below 50k images, HNSW below 2M, IVF above; eval.index.* overrides shape it)")
+    sv.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when it fits the gallery, "
+                    "else build it and save it there (implies --knn index)")
+    sv.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.index.kind=hnsw")
 
     exp = sub.add_parser("export", help="export a checkpoint's embedding model (all its heads' outputs) to ONNX")
     exp.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
@@ -333,7 +338,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     return serve(args.checkpoint, args.gallery, split=args.split, host=args.host, port=args.port, cache_dir=args.cache_dir,
                  device=str(args.device or default_device()), max_upload_mb=args.max_upload_mb,
-                 max_megapixels=args.max_megapixels, max_in_flight=args.max_in_flight, workers=args.workers)
+                 max_megapixels=args.max_megapixels, max_in_flight=args.max_in_flight, workers=args.workers,
+                 knn=args.knn, index_dir=args.index_dir, overrides=args.overrides)
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from glassmetric.export.onnx import compare_with_torch, export_onnx

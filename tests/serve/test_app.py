@@ -1,6 +1,7 @@
 """The explorer's JSON API through FastAPI's test client, against brute-force references."""
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +20,20 @@ from glassmetric.training.module import load_trained
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def files(tmp_path_factory):
+    """``(root, checkpoint, gallery image paths)``: a tiny IDML run and a gallery folder."""
     root = tmp_path_factory.mktemp("serve")
-    checkpoint = fit_idml(root / "run")
-    paths = write_gallery(root / "gallery", 16)
+    return root, fit_idml(root / "run"), write_gallery(root / "gallery", 16)
+
+
+def setup_paths(files) -> tuple[str, Path]:
+    root, checkpoint, _ = files
+    return str(checkpoint), root / "gallery"
+
+
+@pytest.fixture(scope="module")
+def setup(files):
+    root, checkpoint, paths = files
     explorer = Explorer.open(str(checkpoint), root / "gallery", cache_dir=root / "cache", progress=False)
     client = TestClient(create_app(explorer, Limits(max_upload_bytes=200_000, max_pixels=400 * 400, max_k=12)))
     model, cfg = load_trained(str(checkpoint))
@@ -113,3 +124,45 @@ def test_serve_command_checks_its_settings_first(tmp_path, capsys):
     assert "--max-in-flight" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
     assert "none.ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_explorer_on_a_faiss_index_matches_brute_force(setup, files, tmp_path, kind):
+    """`serve --knn index`: the explorer searches a faiss gallery index (saved to and read back
+    from --index-dir) and returns the brute-force top k."""
+    _, _, ref = setup
+    checkpoint, gallery = setup_paths(files)
+    opened = []
+    for _ in range(2):  # built and saved, then read back from the folder
+        explorer = Explorer.open(checkpoint, gallery, cache_dir=gallery.parent / "cache", progress=False,
+                                 index_dir=tmp_path / "index", overrides=[f"eval.index.kind={kind}"])
+        opened.append(explorer)
+        client = TestClient(create_app(explorer, Limits(max_k=12)))
+        res = client.get("/api/search", params={"query": "g3", "k": 5}).json()
+        sims = ref["embedding"] @ ref["embedding"][3]
+        sims[3] = -float("inf")
+        expected = torch.argsort(sims, descending=True, stable=True)[:5].tolist()
+        assert [r["id"] for r in res["results"]] == [f"g{i}" for i in expected]
+    assert (tmp_path / "index" / "index.json").is_file()
+    assert f"kind='{kind}'" in repr(opened[1].search_index)
+
+
+def test_top_k_drops_the_missing_hits_of_an_approximate_index():
+    from glassmetric.serve.search import top_k
+
+    class Sparse:  # found 2 of the 4 asked for, as a small HNSW / IVF search may
+        size = 10
+
+        def search(self, query, k):
+            return torch.tensor([[0.9, 0.8, -float("inf"), -float("inf")]])[:, :k], torch.tensor([[4, 7, -1, -1]])[:, :k]
+
+    scores, idx = top_k(Sparse(), torch.zeros(3), 3, exclude=7)
+    assert idx.tolist() == [4] and scores.tolist() == [pytest.approx(0.9)]
+
+
+def test_serve_refuses_an_unknown_search(files):
+    checkpoint, gallery = setup_paths(files)
+    from glassmetric.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="knn"):
+        Explorer.open(checkpoint, gallery, cache_dir=gallery.parent / "cache", progress=False, knn="faiss")

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 
 from glassmetric.config import Config
-from glassmetric.errors import GlassmetricError
+from glassmetric.errors import ConfigError, GlassmetricError
 from glassmetric.explain.pair import explain_images, model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
 from glassmetric.report.build import model_fields
 from glassmetric.retrieval.shortlist import score_shortlist
 from glassmetric.serve.gallery import Gallery, folder_source, load_gallery, split_source
-from glassmetric.serve.search import ExactSearch, GallerySearch, top_k
+from glassmetric.serve.search import ExactSearch, GallerySearch, IndexSearch, top_k
 from glassmetric.training.fit import eval_transform
 from glassmetric.training.module import introspective_params, load_trained
 
@@ -76,15 +76,28 @@ class Explorer:
 
     @classmethod
     def open(cls, checkpoint: str, gallery_root: str | Path | None = None, *, split: str = "test", cache_dir=None,
-             device: str = "cpu", progress: bool = True) -> "Explorer":
+             device: str = "cpu", progress: bool = True, knn: str = "exact", index_dir: str | Path | None = None,
+             overrides: list[str] = ()) -> "Explorer":
         """Load the checkpoint and embed (or load the cached embeddings of) the gallery folder,
-        or without one the ``split`` of the checkpoint's own data."""
-        model, cfg = load_trained(checkpoint)
+        or without one the ``split`` of the checkpoint's own data.
+
+        ``knn="index"`` (or an ``index_dir``) searches a faiss gallery index, shaped by the
+        checkpoint's ``eval.index`` settings (``overrides`` such as ``eval.index.kind=hnsw``),
+        read from ``index_dir`` when it holds one for this gallery, else built (and saved there).
+        """
+        from glassmetric.retrieval.evaluate import cached_gallery_index
+
+        if knn not in ("exact", "index"):
+            raise ConfigError(f"knn: expected 'exact' or 'index', got {knn!r}")
+        model, cfg = load_trained(checkpoint, list(overrides))
         model.to(device)
         fields = model_fields(model, cfg)
         source = folder_source(gallery_root) if gallery_root is not None else split_source(cfg, model, split)
         gallery = load_gallery(model, cfg, checkpoint, source, fields, cache_dir=cache_dir, device=device, progress=progress)
-        return cls(model, cfg, gallery, fields=fields, checkpoint=str(checkpoint), device=device)
+        search = None
+        if knn == "index" or index_dir is not None:
+            search = IndexSearch(cached_gallery_index(gallery.fields["embedding"], cfg.eval.index, index_dir))
+        return cls(model, cfg, gallery, search, fields=fields, checkpoint=str(checkpoint), device=device)
 
     # ------------------------------------------------------------------------------ queries
     @torch.inference_mode()
