@@ -225,3 +225,33 @@ def test_box_side_follows_the_resize():
     assert box_side_in_eval_frame((10, 20, 100, 50), (200, 400), 100) == pytest.approx(50.0)
     assert box_side_in_eval_frame((0, 0, 30, 90), (300, 150), 150) == pytest.approx(90.0)
     assert math.isnan(box_side_in_eval_frame(None, (300, 150), 150))
+
+
+def test_unreadable_images_are_skipped_or_named(monkeypatch):
+    """Under data.on_bad_image: skip the pairs with an unreadable image are left out (and
+    counted); under the default the error names the file."""
+    from glassmetric.errors import DataError
+
+    torch.manual_seed(0)
+    data = SyntheticParts("test", num_classes=4, images_per_class=3, image_size=64)
+    model = build_model("resnet18", 16)
+    kw = dict(pairs=12, crop=64, resize=64, seed=0, batch_size=4)
+    full = evaluate_correspondence(model, data, **kw)
+    pairs = sample_same_class_pairs(data.labels, 12, 0)
+    bad = int(pairs[0, 0])
+    load = data.load
+
+    def flaky(i):
+        if i == bad:
+            raise DataError(f"cannot read image /data/bird_{i}.jpg: truncated")
+        return load(i)
+
+    monkeypatch.setattr(data, "load", flaky)
+    with pytest.raises(DataError, match=f"bird_{bad}.jpg"):
+        evaluate_correspondence(model, data, **kw)
+    data.set_bad_image_policy("skip")
+    out = evaluate_correspondence(model, data, **kw)
+    lost = int((pairs == bad).any(1).sum())
+    assert out["n_pairs_unreadable"] == lost and full["n_pairs_unreadable"] == 0
+    assert out["n_pairs_sampled"] == len(pairs) and out["n_pairs"] <= len(pairs) - lost and lost > 0
+

@@ -129,3 +129,26 @@ def test_evaluate_group_parts_end_to_end():
     assert 0.0 <= out["mi"] <= math.log(3) + 1e-12 and 0.0 <= out["mi_random"] <= math.log(3) + 1e-12
     with pytest.raises(ConfigError, match="model.groups"):
         evaluate_group_parts(build_model("resnet18", 8), data, images=2, crop=64, resize=64)
+
+
+def test_unreadable_images_are_left_out_under_skip(monkeypatch):
+    from glassmetric.errors import DataError
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 12)
+    model.add_head("grouping", GroupingHead(512, 12, 3))
+    data = SyntheticParts("test", num_classes=4, images_per_class=3, image_size=64)
+    load = data.load
+
+    def flaky(i):
+        if i in (0, 5):
+            raise DataError(f"cannot read image /data/bird_{i}.jpg: truncated")
+        return load(i)
+
+    monkeypatch.setattr(data, "load", flaky)
+    with pytest.raises(DataError, match="bird_0.jpg"):
+        evaluate_group_parts(model, data, images=len(data), crop=64, resize=64, batch_size=4)
+    data.set_bad_image_policy("skip")
+    out = evaluate_group_parts(model, data, images=len(data), crop=64, resize=64, batch_size=4)
+    assert out["n_images"] == len(data) - 2
+    assert all(sum(g["counts"].values()) <= len(data) - 2 for g in out["groups"].values())

@@ -47,7 +47,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from glassmetric.data.base import RetrievalDataset
+from glassmetric.data.image_io import collate_readable, skip_bad
 from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
+from glassmetric.errors import DataError
 from glassmetric.explain.keypoint_transfer import (
     cell_centre_grid,
     nearest_cell_transfer,
@@ -304,8 +306,14 @@ class _EvalImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
-        sample = self.dataset.load(int(self.indices[i]))
+    def __getitem__(self, i: int) -> dict | None:
+        try:
+            sample = self.dataset.load(int(self.indices[i]))
+        except DataError as e:  # an unreadable image: left out under data.on_bad_image: skip
+            if getattr(self.dataset, "on_bad_image", "error") != "skip":
+                raise
+            skip_bad(e)
+            return None
         if sample.keypoints is None:
             raise ValueError(
                 f"{type(self.dataset).__name__}.load({int(self.indices[i])}) gives no keypoints; "
@@ -313,18 +321,27 @@ class _EvalImages(Dataset):
             )
         kp = keypoints_to_eval_frame(sample.keypoints, sample.image.size, self.resize, self.crop)
         return {"image": self.transform(sample.image), "keypoints": torch.from_numpy(kp),
-                "box_side": box_side_in_eval_frame(sample.bbox, sample.image.size, self.resize)}
+                "box_side": box_side_in_eval_frame(sample.bbox, sample.image.size, self.resize), "position": i}
+
+    def loader(self, batch_size: int, num_workers: int) -> DataLoader:
+        """In order; a batch holds the images that were read, their ``position`` in ``indices``."""
+        return DataLoader(self, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          collate_fn=collate_readable)
 
 
 @torch.inference_mode()
-def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    """(global (n, D), local (n, N, D), keypoints (n, P, 3), box sides (n,), grid) of the loader's images."""
+def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Tensor, Tensor, int, Tensor]:
+    """(global (n, D), local (n, N, D), keypoints (n, P, 3), box sides (n,), grid, positions (n,))
+    of the loader's images that were read (``positions``: their place in the loader's ``indices``)."""
     modes = {mod: mod.training for mod in model.modules()}
     model.eval().to(device)
     spatial = None
-    glob, loc, kps, sides = [], [], [], []
+    glob, loc, kps, sides, read = [], [], [], [], []
     try:
         for batch in loader:
+            if "image" not in batch:  # every image of the batch was skipped
+                continue
+            read.append(batch["position"])
             out = model(batch["image"].to(device))
             local = out.local
             if local is None:  # training-free spatial head on the model's own global head
@@ -340,13 +357,15 @@ def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Ten
     finally:
         for mod, training in modes.items():
             mod.training = training
+    if not loc:
+        raise DataError("part correspondence: no image could be read (all skipped under data.on_bad_image: skip)")
     local = torch.cat(loc)
     g = math.isqrt(local.shape[1])
     if g * g != local.shape[1]:
         raise ValueError(f"the model's local embeddings have {local.shape[1]} cells, not a square grid")
     if grid is not None and g != grid:
         raise ValueError(f"the model's spatial head has a {g} x {g} grid, but grid={grid} was asked")
-    return torch.cat(glob), local, torch.cat(kps), torch.cat(sides), g
+    return torch.cat(glob), local, torch.cat(kps), torch.cat(sides), g, torch.cat(read)
 
 
 def evaluate_correspondence(
@@ -394,7 +413,8 @@ def evaluate_correspondence(
         learned row has no mass); ``upper_bound`` (mean over pairs of
         :func:`correspondence_upper_bound`: what a perfect plan could reach given the cell
         collisions); ``per_part`` ({part name: mean learned ``a_p`` over its instances});
-        ``n_pairs`` (pairs scored), ``n_pairs_sampled``, ``n_parts`` (part instances scored),
+        ``n_pairs`` (pairs scored), ``n_pairs_sampled``, ``n_pairs_unreadable`` (left out: an image
+        skipped under ``data.on_bad_image: skip``), ``n_parts`` (part instances scored),
         ``grid`` and ``n_cells``; ``part_mass`` ({part name: mean share of SS contributed by the
         cell of x holding the part}, against ``1 / n_cells`` for an even spread).
         Where every image has a bounding box, keypoint transfer
@@ -410,20 +430,26 @@ def evaluate_correspondence(
         raise ValueError("the data set has no same-class pair")
     images, inverse = np.unique(pair_idx, return_inverse=True)
     inverse = torch.from_numpy(inverse.reshape(pair_idx.shape))
-    loader = DataLoader(_EvalImages(dataset, images, transform, resize, crop),
-                        batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    glob, local, kps, box_sides, g = _embed(model, loader, grid, device)
+    loader = _EvalImages(dataset, images, transform, resize, crop).loader(batch_size, num_workers)
+    glob, local, kps, box_sides, g, read = _embed(model, loader, grid, device)
     cells = torch.from_numpy(np.stack([keypoint_cells(k.numpy(), crop, g) for k in kps]))
     n_cells = g * g
 
-    ia, ib = inverse[:, 0], inverse[:, 1]
+    # rows of the images that were read; a pair with a skipped (unreadable) image is left out
+    row = torch.full((len(images),), -1, dtype=torch.long)
+    row[read] = torch.arange(len(read))
+    ia, ib = row[inverse[:, 0]], row[inverse[:, 1]]
+    readable = (ia >= 0) & (ib >= 0)
+    ia, ib = ia[readable], ib[readable]
+    if len(ia) == 0:
+        raise DataError(f"part correspondence: each of the {len(pair_idx)} sampled pairs has an unreadable image")
     names = ("learned", "uniform_marginals", "uniform")
     parts: dict[str, list[CorrespondenceStats]] = {name: [] for name in names}
     with_pck = bool(torch.isfinite(box_sides).all())
     pck: dict[str, list[Tensor]] = {name: [] for name in (*names, "nearest", "oracle_cell")}
     mass: list[Tensor] = []
     centres = cell_centre_grid(g, crop)
-    for start in range(0, len(pair_idx), pair_batch):
+    for start in range(0, len(ia), pair_batch):
         a, b = ia[start : start + pair_batch], ib[start : start + pair_batch]
         xl, yl = local[a].to(device), local[b].to(device)
         xg, yg = glob[a].to(device), glob[b].to(device)
@@ -479,7 +505,8 @@ def evaluate_correspondence(
         out["pck_alpha"] = pck_alpha
     mass_share = torch.cat(mass)
     out["part_mass"] = {part: _mean(mass_share[common[:, p], p]) for p, part in enumerate(part_names[: mass_share.shape[1]])}
-    out.update(n_pairs=int(scored.sum()), n_pairs_sampled=len(pair_idx), n_parts=int(common.sum()),
+    out.update(n_pairs=int(scored.sum()), n_pairs_sampled=len(pair_idx), n_pairs_unreadable=int((~readable).sum()),
+               n_parts=int(common.sum()),
                grid=g, n_cells=n_cells)
     return out
 

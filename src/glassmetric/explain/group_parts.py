@@ -27,11 +27,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
-from glassmetric.errors import ConfigError
+from glassmetric.errors import ConfigError, DataError
 from glassmetric.explain.correspondence import _EvalImages
 
 __all__ = [
@@ -170,17 +169,20 @@ def evaluate_group_parts(
     if n < 1:
         raise ValueError("--groups-parts: the data set has no image")
     picked = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
-    loader = DataLoader(_EvalImages(dataset, picked, transform, resize, crop), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers)
+    loader = _EvalImages(dataset, picked, transform, resize, crop).loader(batch_size, num_workers)
     was_training = model.training
     model.eval().to(device)
     attention, keypoints = [], []
     try:
         for batch in loader:
+            if "image" not in batch:  # all skipped under data.on_bad_image: skip
+                continue
             attention.append(model(batch["image"].to(device)).attention.float().cpu())
             keypoints.append(batch["keypoints"])
     finally:
         model.train(was_training)
+    if not attention:
+        raise DataError("--groups-parts: no image could be read (all skipped under data.on_bad_image: skip)")
     att, kps = torch.cat(attention), torch.cat(keypoints)
     _, k, h, w = att.shape
     masks = top_region_masks(att, fraction)
@@ -211,5 +213,5 @@ def evaluate_group_parts(
         "iou": float(np.mean([iou[i, j].item() for i, j in pairs])) if pairs else math.nan,
         "iou_pairs": {f"{i + 1}-{j + 1}": iou[i, j].item() for i, j in pairs},
         "iou_chance": chance_iou(h * w, n_top), "fraction": fraction, "n_top": n_top, "positions": h * w,
-        "groups": groups, "distinct_parts": len({g["part"] for g in groups.values()}), "n_images": n,
+        "groups": groups, "distinct_parts": len({g["part"] for g in groups.values()}), "n_images": len(att),
     }
