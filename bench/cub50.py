@@ -57,6 +57,8 @@ def score(model: torch.nn.Module, cfg) -> dict:
 
 
 def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± std`` of the finite ``values`` (NaN ones left out), scaled; ``-`` when none."""
+    values = [v for v in values if v == v]
     if not values:
         return "-"
     if len(values) == 1:

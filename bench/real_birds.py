@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cub50 import mean_std
 from markdown_block import write_block
 
 from glassmetric.cli import main as cli_main
@@ -207,15 +208,6 @@ def readme_table(results: dict, reference: dict, k: int = 10) -> str:
     return "\n".join(lines)
 
 
-def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{scale * values[0]:.{digits}f}"
-    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
-
-
 def accuracy_tables(results: dict, ks: list[int], speed: dict) -> str:
     lines = ["| model | seeds | R@1 | R@2 | R@4 | R@8 | NMI | RP | MAP@R | train time / epoch vs baseline |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -347,7 +339,7 @@ def main() -> None:
         for m in grouped:  # every seed of the groups alone, the first seed of each combination
             for s, ckpt in list(ckpts[m].items())[: None if m == "grouping" else 1]:
                 g = cached(ckpt, "bench_groups.json", "all", lambda: group_parts(ckpt))
-                print(json.dumps({"groups": m, "seed": s, **g}, default=float), flush=True)
+                print(json.dumps({"method": m, "seed": s, **g}, default=float), flush=True)
                 cells = [f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%)" for v in g["groups"].values()]
                 sections.append(f"| {m} | {s} | " + " | ".join(cells) + f" | {g['distinct_parts']} | {g['mi']:.3f} | "
                                 f"{g['mi_random']:.3f} | {g['iou']:.3f} ({g['iou_chance']:.3f}) |")

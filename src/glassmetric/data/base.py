@@ -63,13 +63,19 @@ class RetrievalDataset(torch.utils.data.Dataset):
         self.on_bad_image = check_policy(policy)
         return self
 
-    def __getitem__(self, index: int) -> dict | None:
+    def load_readable(self, index: int) -> Sample | None:
+        """``load(index)``; None for an unreadable image under ``on_bad_image: skip`` (logged)."""
         try:
-            sample = self.load(index)
+            return self.load(index)
         except DataError as e:
             if self.on_bad_image != "skip":
                 raise
             skip_bad(e)
+            return None
+
+    def __getitem__(self, index: int) -> dict | None:
+        sample = self.load_readable(index)
+        if sample is None:
             return None
         image = self.transform(sample.image) if self.transform is not None else sample.image
         return {"image": image, "label": int(sample.label), "index": int(index)}

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from glassmetric.data.base import RetrievalDataset
-from glassmetric.data.image_io import collate_readable, skip_bad
+from glassmetric.data.image_io import collate_readable
 from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
 from glassmetric.errors import DataError
 from glassmetric.explain.keypoint_transfer import (
@@ -307,12 +307,8 @@ class _EvalImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict | None:
-        try:
-            sample = self.dataset.load(int(self.indices[i]))
-        except DataError as e:  # an unreadable image: left out under data.on_bad_image: skip
-            if getattr(self.dataset, "on_bad_image", "error") != "skip":
-                raise
-            skip_bad(e)
+        sample = self.dataset.load_readable(int(self.indices[i]))
+        if sample is None:  # unreadable, left out under data.on_bad_image: skip
             return None
         if sample.keypoints is None:
             raise ValueError(
@@ -469,8 +465,7 @@ def evaluate_correspondence(
             predictions["nearest"] = nearest_cell_transfer(learned.S.cpu(), cx, centres)
             predictions["oracle_cell"] = oracle_cell_transfer(cy, centres)
             for name, (pred, ok) in predictions.items():
-                pck[name].append(pck_hits(pred, ok, kps[b],
-                                          box_sides[b], common, pck_alpha))
+                pck[name].append(pck_hits(pred, ok, kps[b], box_sides[b], common, pck_alpha))
         # each part's share of SS: what the cell of x holding it contributes, sum_j T_cj S_cj / SS
         ss = learned.ss.cpu().double()[:, None]
         share_x = learned.region_contribution_x.cpu().double() / torch.where(ss.abs() < 1e-12, math.nan, ss)
