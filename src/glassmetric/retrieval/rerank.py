@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from glassmetric.similarity import lane_sinkhorn
 from glassmetric.similarity.structural import (
     MarginalKind,
     _gathered_block_scores,
@@ -89,7 +90,12 @@ class RerankResult:
 
 
 def default_rerank_chunk_rows(
-    k: int, n_cells: int, dim: int, budget_bytes: int | None = None, device: torch.device | str = "cpu"
+    k: int,
+    n_cells: int,
+    dim: int,
+    budget_bytes: int | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> int:
     """Queries per chunk so one chunk's ``k`` candidates fit ``budget_bytes``.
 
@@ -98,13 +104,19 @@ def default_rerank_chunk_rows(
     float buffers: the product holding S, the kernel and its transpose, the plan, temporaries).
     On the CPU the candidates are gathered one query at a time into one reused buffer
     (:func:`glassmetric.similarity.structural._gathered_block_scores`), so a query costs the
-    working set only, ``4 k N (8 N)`` bytes (``bench/structural.py``: 1.0-1.2x over chunks
-    sized with the gathered embeddings counted).
+    torch solver's working set only, ``4 k N (8 N)`` bytes (``bench/structural.py``: 1.0-1.2x
+    over chunks sized with the gathered embeddings counted); with the native lane kernel
+    (float32, :func:`glassmetric.similarity.lane_sinkhorn.available`), which works in per-block
+    buffers, only the product holding S, ``4 k (N + 1)^2`` bytes: larger chunks give its
+    threads more blocks to balance (1.1-1.25x at 7x7 on 2 threads).
     """
     is_cpu = torch.device(device).type == "cpu"
     if budget_bytes is None:
         budget_bytes = RERANK_BUDGET_BYTES_CPU if is_cpu else RERANK_BUDGET_BYTES
-    per_query = 4 * max(1, k) * n_cells * ((0 if is_cpu else dim) + 8 * n_cells)
+    if is_cpu and dtype == torch.float32 and lane_sinkhorn.available():
+        per_query = 4 * max(1, k) * (n_cells + 1) ** 2
+    else:
+        per_query = 4 * max(1, k) * n_cells * ((0 if is_cpu else dim) + 8 * n_cells)
     return max(1, budget_bytes // per_query)
 
 
@@ -310,7 +322,9 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
     if k == 0 or q == 0:
         empty = torch.empty(q, k, dtype=dtype, device=qg.device)
         return empty, empty.clone()
-    rows = chunk_size or default_rerank_chunk_rows(k, ql.shape[1], ql.shape[2], device=ql.device)
+    rows = chunk_size or default_rerank_chunk_rows(
+        k, ql.shape[1], ql.shape[2], device=ql.device, dtype=dtype
+    )
     gs, ss = [], []
     # fast path: per query, one gather of its candidates into a cached buffer and one product
     # for S, both marginals' correlations and the cosines

@@ -59,6 +59,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from glassmetric.similarity import lane_sinkhorn
 from glassmetric.similarity.sinkhorn import (
     KERNEL_RANGE_LIMIT,
     GradMode,
@@ -250,6 +251,7 @@ def _gathered_block_scores(
     marginals: MarginalKind,
     buffer: Tensor | None = None,
     per_query: bool | None = None,
+    native: bool | None = None,
 ) -> tuple[Tensor, Tensor] | None:
     """``(cos, SS)``, each ``(c, K)``, of queries ``x (c, N, D) / (c, D)`` with the gallery items
     ``idx (c, K)``, without autograd; None when this fast path does not apply.
@@ -262,7 +264,10 @@ def _gathered_block_scores(
     candidates (to rounding). Applies when all four inputs share one dtype (float32 or float64)
     and ``2 / epsilon <= KERNEL_RANGE_LIMIT``. ``per_query`` (default: on the CPU only) picks
     the per-query gather; otherwise the whole chunk is gathered into one ``(c, K M + K, D)``
-    buffer and multiplied in one batched product (what accelerators want).
+    buffer and multiplied in one batched product (what accelerators want). ``native`` (default:
+    float32 on the CPU when :func:`glassmetric.similarity.lane_sinkhorn.available`) solves the
+    plans and sums SS on the native lane kernel, the same iterations and stops to float
+    rounding; False keeps the torch solver.
     """
     dt = x_local.dtype
     if (
@@ -306,8 +311,15 @@ def _gathered_block_scores(
         else:
             mu = torch.full((c, k, n), 1.0 / n, dtype=dt, device=x_local.device)
             nu = torch.full((c, k, m), 1.0 / m, dtype=dt, device=x_local.device)
-        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
-        ss = T.mul_(S).sum((-2, -1))
+        if native is None:
+            native = dt == torch.float32 and S.device.type == "cpu" and lane_sinkhorn.available()
+        if native:  # the same plans, 16 problems per SIMD lane, never written out
+            ss = lane_sinkhorn.lane_structural_similarity(
+                S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol
+            )
+        else:
+            T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+            ss = T.mul_(S).sum((-2, -1))
     return cos.clone(), ss
 
 
