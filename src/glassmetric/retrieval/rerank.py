@@ -328,7 +328,8 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
     gs, ss = [], []
     # fast path: per query, one gather of its candidates into a cached buffer and one product
     # for S, both marginals' correlations and the cosines
-    buf = torch.empty(k * gl.shape[1] + k, gl.shape[2], dtype=gl.dtype, device=gl.device)
+    group = max(1, min(torch.get_num_threads(), rows, q))  # queries per batched product
+    buf = torch.empty(group * (k * gl.shape[1] + k), gl.shape[2], dtype=gl.dtype, device=gl.device)
     for start in range(0, q, rows):
         sl = slice(start, start + rows)
         out = _gathered_block_scores(ql[sl], qg[sl], gl, gg, idx[sl], buffer=buf, **kw)

@@ -13,8 +13,9 @@
  *
  * Layout: a block holds LANES problems with the problem index innermost, E[i][j][lane], so
  * that every product of an iteration is a vector operation over the block with no horizontal
- * sums and no transposed copy. Each block is gathered from the caller's strided tensors
- * into a buffer that stays in the caches, and its kernel is formed there.
+ * sums and no transposed copy, and one pass over E does a whole iteration (fused_pass). Each
+ * block is gathered from the caller's strided tensors into buffers that stay in the caches
+ * (16 x 16 register transposes), and its kernel is formed there.
  * Built by glassmetric/similarity/lane_sinkhorn.py at first use (gcc -O3 -march=native). */
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,70 +28,105 @@ typedef float vfu __attribute__((vector_size(LANES * sizeof(float)), aligned(4))
 
 static inline vf load(const float *p) { return *(const vfu *)p; }
 
-/* den[i] = sum_j E[i][j] * c[j]: 4 rows at a time, so 4 accumulation chains interleave */
-static void row_dot(const float *restrict E, const vf *restrict c, vf *restrict den, int n, int m) {
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+static inline vf at_least_tiny(vf d) {  /* max(d, smallest normal float), lane-wise */
+    const vf tiny = (vf){0} + 1.17549435e-38f;
+    const vi keep = d > tiny;
+    return (vf)(((vi)d & keep) | ((vi)tiny & ~keep));
+}
+
+static inline vf clamp_unit(vf x) {  /* min(max(x, -1), 1), lane-wise */
+    const vf one = (vf){0} + 1.0f;
+    const vi hi = x > one, lo = x < -one;
+    x = (vf)(((vi)x & ~hi) | ((vi)one & hi));
+    return (vf)(((vi)x & ~lo) | ((vi)(-one) & lo));
+}
+
+static inline vf absolute(vf x) { return (vf)((vi)x & 0x7fffffff); }
+
+/* E[i] . c over the m columns of row e, in 4 interleaved chains */
+static inline vf row_dot(const float *restrict e, const vf *restrict c, int m) {
+    vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    int j = 0;
+    for (; j + 4 <= m; j += 4) {
+        s0 += load(e + (size_t)j * LANES) * c[j];
+        s1 += load(e + (size_t)(j + 1) * LANES) * c[j + 1];
+        s2 += load(e + (size_t)(j + 2) * LANES) * c[j + 2];
+        s3 += load(e + (size_t)(j + 3) * LANES) * c[j + 3];
+    }
+    for (; j < m; j++) s0 += load(e + (size_t)j * LANES) * c[j];
+    return (s0 + s1) + (s2 + s3);
+}
+
+/* One Sinkhorn iteration in ONE pass over E: for each row i, den_i = (E c)_i, the new
+ * r_i = a_i / den_i, and at once cs += E[i] r_i (the column sums E^T r the c update needs),
+ * while the rows are in L1; 4 rows at a time, so that their dot products, divisions and
+ * updates of cs interleave. With `check`, also the L1 row error of the previous iteration's
+ * plan, sum_i |r_prev_i den_i - a_i| (den = E c with the current c: its row sums). */
+static void fused_pass(const float *restrict E, const vf *restrict c, const vf *restrict a,
+                       const vf *restrict r_prev, vf *restrict r, vf *restrict cs, vf *err,
+                       int n, int m, int check) {
     const size_t row = (size_t)m * LANES;
+    for (int j = 0; j < m; j++) cs[j] = (vf){0};
+    vf e_sum = {0};
     int i = 0;
     for (; i + 4 <= n; i += 4) {
-        const float *e = E + (size_t)i * row;
-        vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        const float *e0 = E + (size_t)i * row, *e1 = e0 + row, *e2 = e1 + row, *e3 = e2 + row;
+        vf d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};
         for (int j = 0; j < m; j++) {
             const vf cj = c[j];
             const size_t o = (size_t)j * LANES;
-            s0 += load(e + o) * cj;
-            s1 += load(e + row + o) * cj;
-            s2 += load(e + 2 * row + o) * cj;
-            s3 += load(e + 3 * row + o) * cj;
+            d0 += load(e0 + o) * cj;
+            d1 += load(e1 + o) * cj;
+            d2 += load(e2 + o) * cj;
+            d3 += load(e3 + o) * cj;
         }
-        den[i] = s0; den[i + 1] = s1; den[i + 2] = s2; den[i + 3] = s3;
+        if (check)
+            e_sum += (absolute(r_prev[i] * d0 - a[i]) + absolute(r_prev[i + 1] * d1 - a[i + 1])) +
+                     (absolute(r_prev[i + 2] * d2 - a[i + 2]) + absolute(r_prev[i + 3] * d3 - a[i + 3]));
+        const vf r0 = a[i] / at_least_tiny(d0), r1 = a[i + 1] / at_least_tiny(d1);
+        const vf r2 = a[i + 2] / at_least_tiny(d2), r3 = a[i + 3] / at_least_tiny(d3);
+        r[i] = r0; r[i + 1] = r1; r[i + 2] = r2; r[i + 3] = r3;
+        for (int j = 0; j < m; j++) {
+            const size_t o = (size_t)j * LANES;
+            cs[j] += (load(e0 + o) * r0 + load(e1 + o) * r1) + (load(e2 + o) * r2 + load(e3 + o) * r3);
+        }
     }
     for (; i < n; i++) {
         const float *e = E + (size_t)i * row;
-        vf s = {0};
-        for (int j = 0; j < m; j++) s += load(e + (size_t)j * LANES) * c[j];
-        den[i] = s;
+        const vf den = row_dot(e, c, m);
+        if (check) e_sum += absolute(r_prev[i] * den - a[i]);
+        const vf ri = a[i] / at_least_tiny(den);
+        r[i] = ri;
+        for (int j = 0; j < m; j++) cs[j] += load(e + (size_t)j * LANES) * ri;
     }
+    *err = e_sum;
 }
 
-/* cs[j] = sum_i E[i][j] * r[i]: 8 columns at a time */
-static void col_dot(const float *restrict E, const vf *restrict r, vf *restrict cs, int n, int m) {
-    const size_t row = (size_t)m * LANES;
-    int j = 0;
-    for (; j + 8 <= m; j += 8) {
-        vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
-        for (int i = 0; i < n; i++) {
-            const float *e = E + (size_t)i * row + (size_t)j * LANES;
-            const vf ri = r[i];
-            s0 += load(e) * ri;
-            s1 += load(e + LANES) * ri;
-            s2 += load(e + 2 * LANES) * ri;
-            s3 += load(e + 3 * LANES) * ri;
-            s4 += load(e + 4 * LANES) * ri;
-            s5 += load(e + 5 * LANES) * ri;
-            s6 += load(e + 6 * LANES) * ri;
-            s7 += load(e + 7 * LANES) * ri;
+/* transposes the 16 x 16 floats r[row][lane] in place: 4 rounds that swap the off-diagonal
+ * h x h sub-blocks (h = 8, 4, 2, 1), each 16 two-source shuffles */
+static inline void transpose16(vf *r) {
+    static const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    static const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    static const vi lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    static const vi hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    static const vi lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    static const vi hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    static const vi lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    static const vi hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    const vi *lo[4] = {&lo8, &lo4, &lo2, &lo1}, *hi[4] = {&hi8, &hi4, &hi2, &hi1};
+    for (int s = 0, h = 8; s < 4; s++, h >>= 1)
+        for (int p = 0; p < LANES; p++) {
+            if (p & h) continue;
+            const vf x = r[p], y = r[p + h];
+            r[p] = __builtin_shuffle(x, y, *lo[s]);
+            r[p + h] = __builtin_shuffle(x, y, *hi[s]);
         }
-        cs[j] = s0; cs[j + 1] = s1; cs[j + 2] = s2; cs[j + 3] = s3;
-        cs[j + 4] = s4; cs[j + 5] = s5; cs[j + 6] = s6; cs[j + 7] = s7;
-    }
-    for (; j < m; j++) {
-        vf s = {0};
-        for (int i = 0; i < n; i++) s += load(E + (size_t)i * row + (size_t)j * LANES) * r[i];
-        cs[j] = s;
-    }
-}
-
-/* out = num / max(den, tiny), lane-wise (vectorised by the compiler) */
-static void divide(const float *restrict num, const vf *restrict den, vf *restrict out, int rows) {
-    const float tiny = 1.17549435e-38f;
-    const float *d = (const float *)den;
-    float *o = (float *)out;
-    for (int x = 0; x < rows * LANES; x++) o[x] = num[x] / (d[x] > tiny ? d[x] : tiny);
 }
 
 /* 2^x for |x| <= 60, lane-wise: 2^round(x) (exponent bits) times a degree-7 Taylor
  * polynomial of 2^f on f in [-1/2, 1/2] (relative error 1e-7, float rounding included) */
-typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 static inline vf exp2_lanes(vf x) {
     const vi k = __builtin_convertvector(x + 64.5f, vi) - 64;  /* round(x), as x + 64.5 > 0 */
     const vf f = x - __builtin_convertvector(k, vf);
@@ -123,62 +159,71 @@ int glassmetric_lane_sinkhorn(const float *S, int64_t sg, int64_t sk, int64_t si
                               float *ss_out, int32_t *iters_out) {
     const size_t nv = (size_t)n, mv = (size_t)m, cells = nv * mv;
     const int64_t kb = (K + LANES - 1) / LANES;
-    vf *buf = aligned_alloc(64, sizeof(vf) * (2 * cells + 4 * nv + 4 * mv));
+    vf *buf = aligned_alloc(64, sizeof(vf) * (3 * cells + 4 * nv + 4 * mv));
     if (!buf) return -1;
     vf *E = buf, *Sl = E + cells;
-    vf *a = Sl + cells, *r = a + nv, *den = r + nv, *r_kept = den + nv;
+    float *scratch = (float *)(Sl + cells);  /* LANES x cells: one problem's S a row */
+    vf *a = Sl + 2 * cells, *r = a + nv, *r_prev = r + nv, *r_kept = r_prev + nv;
     vf *b = r_kept + nv, *c = b + mv, *cs = c + mv, *c_kept = cs + mv;
     float *e = (float *)E, *sl = (float *)Sl, *af = (float *)a, *bf = (float *)b;
     for (int64_t blk = begin; blk < end; blk++) {
         const int64_t g = blk / kb, k0 = (blk % kb) * LANES;
         const int live = K - k0 < LANES ? (int)(K - k0) : LANES;
-        /* gather the block: S into lane layout (raw, for SS) and its kernel */
+        /* gather the block: each problem's S into a row of the scratch, then 16 x 16 tiles
+         * transposed in registers give the lane layout (raw S, for SS) */
         for (int l = 0; l < LANES; l++) {
+            float *dst = scratch + (size_t)l * cells;
             const float *src = S + g * sg + (k0 + l) * sk;
-            const float *pa = mu + g * ag + (k0 + l) * ak, *pb = nu + g * bg + (k0 + l) * bk;
             for (size_t i = 0; i < nv; i++) {
-                for (size_t j = 0; j < mv; j++)
-                    sl[(i * mv + j) * LANES + l] = l < live ? src[i * si + j * sj] : 0.0f;
-                af[i * LANES + l] = l < live ? pa[i * ai] : 1.0f / (float)n;
+                if (l >= live)
+                    memset(dst + i * mv, 0, mv * sizeof(float));
+                else if (sj == 1)
+                    memcpy(dst + i * mv, src + i * si, mv * sizeof(float));
+                else
+                    for (size_t j = 0; j < mv; j++) dst[i * mv + j] = src[i * si + j * sj];
             }
+        }
+        size_t x0 = 0;
+        for (; x0 + LANES <= cells; x0 += LANES) {
+            vf t[LANES];
+            for (int l = 0; l < LANES; l++) t[l] = load(scratch + (size_t)l * cells + x0);
+            transpose16(t);
+            for (int q = 0; q < LANES; q++) Sl[x0 + q] = t[q];
+        }
+        for (size_t x = x0; x < cells; x++)
+            for (int l = 0; l < LANES; l++) sl[x * LANES + l] = scratch[(size_t)l * cells + x];
+        for (int l = 0; l < LANES; l++) {
+            const float *pa = mu + g * ag + (k0 + l) * ak, *pb = nu + g * bg + (k0 + l) * bk;
+            for (size_t i = 0; i < nv; i++) af[i * LANES + l] = l < live ? pa[i * ai] : 1.0f / (float)n;
             for (size_t j = 0; j < mv; j++) bf[j * LANES + l] = l < live ? pb[j * bj] : 1.0f / (float)m;
         }
-        for (size_t x = 0; x < cells * LANES; x++) {  /* clamp: the cost 1 - S is in [0, 2] */
-            const float v = sl[x] < -1.0f ? -1.0f : (sl[x] > 1.0f ? 1.0f : sl[x]);
-            e[x] = v * scale;
-        }
-        for (size_t x = 0; x < cells; x++) E[x] = exp2_lanes(E[x]);
+        for (size_t x = 0; x < cells; x++)  /* clamp: the cost 1 - S lies in [0, 2] */
+            E[x] = exp2_lanes(clamp_unit(Sl[x]) * scale);
         int32_t *iters = iters_out + g * K + k0;
         int kept[LANES], n_kept = 0;
         for (int l = 0; l < LANES; l++) kept[l] = 0;
         /* c = 1 on live columns, 0 on zero-mass ones */
         for (size_t x = 0; x < mv * LANES; x++) ((float *)c)[x] = bf[x] > 0.0f ? 1.0f : 0.0f;
         for (int it = 1; it <= max_iter; it++) {
-            row_dot(e, c, den, n, m);
-            divide(af, den, r, n);
-            col_dot(e, r, cs, n, m);
-            divide(bf, cs, c, m);
-            if (tol < 0.0f || it % check_every != 0 || it >= max_iter) continue;
-            row_dot(e, c, den, n, m);
-            float err[LANES];
-            for (int l = 0; l < LANES; l++) err[l] = 0.0f;
-            for (size_t i = 0; i < nv; i++) {
-                const float *ri = (const float *)(r + i), *di = (const float *)(den + i);
-                const float *ai_ = af + i * LANES;
+            /* the check of iteration it - 1 reads this pass's row sums (E c_{it-1}) */
+            const int check = tol >= 0.0f && it - 1 >= check_every && (it - 1) % check_every == 0;
+            vf *t = r_prev; r_prev = r; r = t;  /* r_prev: the scalings of iteration it - 1 */
+            vf err;
+            fused_pass(e, c, a, r_prev, r, cs, &err, n, m, check);
+            if (check) {
+                float ef[LANES];
+                memcpy(ef, &err, sizeof(ef));
                 for (int l = 0; l < LANES; l++) {
-                    const float d = ri[l] * di[l] - ai_[l];
-                    err[l] += d < 0.0f ? -d : d;
+                    if (kept[l] || !(ef[l] <= tol)) continue;
+                    kept[l] = 1;
+                    n_kept++;
+                    if (l < live) iters[l] = it - 1;
+                    for (size_t i = 0; i < nv; i++) ((float *)(r_kept + i))[l] = ((float *)(r_prev + i))[l];
+                    for (size_t j = 0; j < mv; j++) ((float *)(c_kept + j))[l] = ((float *)(c + j))[l];
                 }
+                if (n_kept == LANES) break;
             }
-            for (int l = 0; l < LANES; l++) {
-                if (kept[l] || !(err[l] <= tol)) continue;
-                kept[l] = 1;
-                n_kept++;
-                if (l < live) iters[l] = it;
-                for (size_t i = 0; i < nv; i++) ((float *)(r_kept + i))[l] = ((float *)(r + i))[l];
-                for (size_t j = 0; j < mv; j++) ((float *)(c_kept + j))[l] = ((float *)(c + j))[l];
-            }
-            if (n_kept == LANES) break;
+            for (size_t j = 0; j < mv; j++) c[j] = b[j] / at_least_tiny(cs[j]);
         }
         for (int l = 0; l < LANES; l++) {  /* not converged (or no tol): the last scalings */
             if (kept[l]) continue;

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 #: Problems per block (the vector width of the kernel, in float32 lanes).
 LANES = 16
 _SOURCE = Path(__file__).with_name("lane_sinkhorn.c")
-_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
+_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared", "-Werror=implicit-function-declaration")
 _LOG2E = 1.0 / math.log(2.0)
 #: Block ranges per thread of a multi-threaded call (dynamic balance: blocks stop at
 #: different iterations).

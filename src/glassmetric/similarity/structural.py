@@ -90,6 +90,10 @@ MIN_MASS = 1e-8
 #: Spread bound of the cost ``1 - S`` with ``S`` clamped to [-1, 1].
 _COST_RANGE = 2.0
 
+#: Queries per batched product on the CPU path of :func:`_gathered_block_scores`; None: one per
+#: torch thread.
+_PRODUCT_GROUP: int | None = None
+
 
 def _cdtype(*tensors: Tensor | None) -> torch.dtype:
     return (
@@ -258,7 +262,8 @@ def _gathered_block_scores(
 
     For each query, its K candidates' locals and globals are gathered into one ``(K M + K, D)``
     buffer (reused: it stays in the caches) and one matrix product with ``[x_local; x_global]``
-    gives S, nu's correlations, mu's correlations and the global cosines at once. The plans
+    gives S, nu's correlations, mu's correlations and the global cosines at once (with T torch
+    threads, T queries at a time in one batched product). The plans
     come from :func:`glassmetric.similarity.sinkhorn._plan_from_similarity` (constant plans, the
     kernel straight from S). The same scores as :func:`structural_similarity` on the gathered
     candidates (to rounding). Applies when all four inputs share one dtype (float32 or float64)
@@ -283,44 +288,62 @@ def _gathered_block_scores(
     width = k * m + k
     if per_query is None:
         per_query = x_local.device.type == "cpu"  # one cached buffer per query on the CPU
-    size = width * d * (1 if per_query else c)
+    # per query on the CPU, but as many queries at once as there are threads: one batched
+    # product then gives each thread a whole query's product (1.1-1.4x over splitting each)
+    group = max(1, min(_PRODUCT_GROUP or torch.get_num_threads(), c))
+    size = width * d * (group if per_query else c)
     if buffer is None or buffer.dtype != dt or buffer.numel() < size:
         buffer = torch.empty(size, dtype=dt, device=x_local.device)
+    if native is None:
+        native = dt == torch.float32 and x_local.device.type == "cpu" and lane_sinkhorn.available()
     with torch.no_grad(), _no_autocast(x_local):
         xs = torch.cat([x_local, x_global[:, None, :]], 1)  # (c, N + 1, D)
         if per_query:
-            buf = buffer.view(-1)[:size].view(width, d)
+            buf = buffer.view(-1)[:size].view(group, width, d)
             prod = torch.empty(c, n + 1, width, dtype=dt, device=x_local.device)
-            for q in range(c):
-                torch.index_select(gallery_local, 0, idx[q], out=buf[: k * m].view(k, m, d))
-                torch.index_select(gallery_global, 0, idx[q], out=buf[k * m :])
-                torch.mm(xs[q], buf.t(), out=prod[q])
+            for q0 in range(0, c, group):
+                g = min(group, c - q0)
+                for b, q in enumerate(range(q0, q0 + g)):
+                    torch.index_select(gallery_local, 0, idx[q], out=buf[b, : k * m].view(k, m, d))
+                    torch.index_select(gallery_global, 0, idx[q], out=buf[b, k * m :])
+                if g == 1:
+                    torch.mm(xs[q0], buf[0].t(), out=prod[q0])
+                else:
+                    torch.bmm(xs[q0 : q0 + g], buf[:g].transpose(1, 2), out=prod[q0 : q0 + g])
         else:  # accelerators: one gather and one batched product for the whole chunk
             buf = buffer.view(-1)[:size].view(c, width, d)
             flat = idx.reshape(-1)
             buf[:, : k * m].copy_(gallery_local.index_select(0, flat).view(c, k * m, d))
             buf[:, k * m :].copy_(gallery_global.index_select(0, flat).view(c, k, d))
             prod = torch.bmm(xs, buf.transpose(1, 2))
-        # prod[q, :N, :KM] = S, prod[q, N, :KM] = nu's correlations (y's cells vs gx),
-        # prod[q, :N, KM:] = mu's correlations (x's cells vs gy), prod[q, N, KM:] = cos(gx, gy)
-        S = prod[:, :n, : k * m].view(c, n, k, m).permute(0, 2, 1, 3)  # (c, K, N, M), strided
-        cos = prod[:, n, k * m :]
-        if marginals == "cross_correlation":
-            nu = _normalise_correlations(prod[:, n, : k * m].reshape(c, k, m))
-            mu = _normalise_correlations(prod[:, :n, k * m :].transpose(1, 2))
-        else:
-            mu = torch.full((c, k, n), 1.0 / n, dtype=dt, device=x_local.device)
-            nu = torch.full((c, k, m), 1.0 / m, dtype=dt, device=x_local.device)
-        if native is None:
-            native = dt == torch.float32 and S.device.type == "cpu" and lane_sinkhorn.available()
-        if native:  # the same plans, 16 problems per SIMD lane, never written out
-            ss = lane_sinkhorn.lane_structural_similarity(
-                S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol
-            )
-        else:
-            T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
-            ss = T.mul_(S).sum((-2, -1))
+        cos, ss = _scores_from_products(
+            prod, n, m, k, marginals, epsilon=epsilon, iters=iters, tol=tol, native=native
+        )
     return cos.clone(), ss
+
+
+def _scores_from_products(prod: Tensor, n: int, m: int, k: int, marginals: MarginalKind, *,
+                          epsilon: float, iters: int, tol: float | None, native: bool):
+    """``(cos, SS)`` from the products ``prod (c, N + 1, K M + K)`` of :func:`_gathered_block_scores`.
+
+    ``prod[q, :N, :KM]`` = S, ``prod[q, N, :KM]`` = nu's correlations (y's cells vs gx),
+    ``prod[q, :N, KM:]`` = mu's correlations (x's cells vs gy), ``prod[q, N, KM:]`` = cos(gx, gy).
+    """
+    c = prod.shape[0]
+    S = prod[:, :n, : k * m].view(c, n, k, m).permute(0, 2, 1, 3)  # (c, K, N, M), strided
+    cos = prod[:, n, k * m :]
+    if marginals == "cross_correlation":
+        nu = _normalise_correlations(prod[:, n, : k * m].reshape(c, k, m))
+        mu = _normalise_correlations(prod[:, :n, k * m :].transpose(1, 2))
+    else:
+        mu = torch.full((c, k, n), 1.0 / n, dtype=prod.dtype, device=prod.device)
+        nu = torch.full((c, k, m), 1.0 / m, dtype=prod.dtype, device=prod.device)
+    if native:  # the same plans, 16 problems per SIMD lane, never written out
+        ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+    else:
+        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+        ss = T.mul_(S).sum((-2, -1))
+    return cos, ss
 
 
 def structural_similarity(
