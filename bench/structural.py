@@ -4,12 +4,16 @@ What is timed, for each grid (4x4, 7x7) and dimension (128, 512), on the same ra
 L2-normalised local and global embeddings (a query set searched against a separate gallery):
 
 * ours:  :func:`glassmetric.retrieval.rerank.structural_rerank` (global kNN; per query, a
-  gather of the K candidates into one reused buffer and one product for S, the marginals'
-  correlations and the cosines; batched Sinkhorn over ``(chunk, K)`` blocks in which each
-  problem stops at its own check (every 5 iterations) and converged problems are dropped;
-  stable sort), run to a marginal error <= 1e-4 (``tol=1e-4``). Falls back to the block
-  :func:`~glassmetric.similarity.structural.structural_similarity` if the re-ranking module is
-  missing.
+  gather of the K candidates into one reused buffer, and one product, for T threads one
+  batched product of T queries, for S, the marginals' correlations and the cosines; the plans
+  and SS of all the chunk's problems on the native lane kernel
+  (:mod:`glassmetric.similarity.lane_sinkhorn`: 16 problems per SIMD lane, each stops at its
+  own check, every 5 iterations); stable sort), run to a marginal error <= 1e-4
+  (``tol=1e-4``). "ours, torch solver" is the same pipeline with the kernel switched off
+  (:func:`~glassmetric.similarity.lane_sinkhorn.disabled`): batched torch Sinkhorn with
+  per-problem stops and compaction, what runs where no C compiler is found. Falls back to the
+  block :func:`~glassmetric.similarity.structural.structural_similarity` if the re-ranking
+  module is missing.
 * (a)  REFERENCE: a faithful re-implementation of the original DIML evaluation
   (``evaluation/eval_diml.py`` + ``utilities/diml.py`` of wl-zhao/DIML): a Python loop over
   queries, a full argsort of the global similarities per query, then for the top K a plain
@@ -39,7 +43,9 @@ public argument; ~2 MiB per N x N buffer of a chunk) to show what the chunk size
 Timings are the best of ``--repeat`` rounds; within a round the solvers run interleaved, so a
 ratio compares runs taken under the same load. One torch thread by default: on a 2-core machine
 shared with another job, 2 OpenMP threads made every solver 10-20x slower (each parallel op
-waits for a descheduled thread), which measures the scheduler, not the solvers. On CUDA
+waits for a descheduled thread), which measures the scheduler, not the solvers. On a machine
+with nothing else running, ``--threads 2`` measures the 2-core targets: every solver then gets
+both cores (ours and POT's torch backend use them; (a)'s per-query loop of small ops barely). On CUDA
 (used automatically when available) the device is named in the output.
 
     python bench/structural.py [--queries 100] [--gallery 4000] [--repeat 3] [--threads 1]
@@ -66,6 +72,8 @@ from glassmetric.similarity.structural import (
     local_similarity,
     structural_similarity,
 )
+
+from glassmetric.similarity import lane_sinkhorn
 
 try:
     from glassmetric.retrieval.rerank import default_rerank_chunk_rows, structural_rerank
@@ -213,6 +221,33 @@ def ours_rerank(qg, ql, gg, gl, k, tol=TOL, max_iter=2000, chunk_size=None):
     return torch.cat(out)
 
 
+def no_ot_rerank(qg, ql, gg, gl, k):
+    """Ours without the OT: kNN, the per-query gather and batched products (S, both
+    marginals' correlations, the cosines), the marginals, a sort of the cosines. What any
+    Sinkhorn on this pipeline, POT's too, is added to."""
+    from glassmetric.similarity.structural import _normalise_correlations
+
+    _, idx = knn(qg, gg, k)
+    n, d = ql.shape[1:]
+    m = gl.shape[1]
+    width = k * m + k
+    group = max(1, min(torch.get_num_threads(), len(qg)))
+    buf = torch.empty(group, width, d)
+    xs = torch.cat([ql, qg[:, None]], 1)
+    prod = torch.empty(len(qg), n + 1, width)
+    for q0 in range(0, len(qg), group):
+        g = min(group, len(qg) - q0)
+        for b, q in enumerate(range(q0, q0 + g)):
+            torch.index_select(gl, 0, idx[q], out=buf[b, : k * m].view(k, m, d))
+            torch.index_select(gg, 0, idx[q], out=buf[b, k * m :])
+        torch.bmm(xs[q0 : q0 + g], buf[:g].transpose(1, 2), out=prod[q0 : q0 + g])
+    c = len(qg)
+    _normalise_correlations(prod[:, n, : k * m].reshape(c, k, m))
+    _normalise_correlations(prod[:, :n, k * m :].transpose(1, 2))
+    cos = prod[:, n, k * m :]
+    return idx.gather(1, cos.sort(dim=1, descending=True, stable=True).indices)
+
+
 def pot_solve(C, mu, nu, method, tol):
     import ot
 
@@ -265,10 +300,16 @@ def ours_iterations_and_error(qg, ql, gg, gl, k):
     :func:`explain_pair`, the same constant-plan path as re-ranking), their worst marginal error
     and SS, and the mean number of iterations per problem. Each problem stops at the first
     check (every 5 iterations) where its own row error is <= tol; the count is replayed here
-    with fixed iteration counts 5, 10, ... (untimed)."""
+    with fixed iteration counts 5, 10, ... (untimed). Also, when the native lane kernel is
+    there, its mean iterations, the worst marginal error of the plans at its stops (replayed
+    with the torch solver at the counts it reports) and its largest SS difference from the
+    torch solver's."""
     _, idx = knn(qg, gg, k)
     rows = default_rerank_chunk_rows(k, ql.shape[1], ql.shape[2])
     total_iter_pairs, worst, ss_all = 0, 0.0, []
+    native = dict(iters=0.0, err=float("nan"), dss=float("nan"))
+    if lane_sinkhorn.available():
+        native.update(err=0.0, dss=0.0)
     for s in range(0, len(qg), rows):
         c_idx = idx[s : s + rows]
         xl, yl = ql[s : s + rows, None], gl[c_idx]
@@ -286,7 +327,19 @@ def ours_iterations_and_error(qg, ql, gg, gl, k):
             it += 5
         stop[stop == 0] = 2000
         total_iter_pairs += int(stop.sum())
-    return total_iter_pairs / idx.numel(), worst, torch.cat(ss_all)
+        if lane_sinkhorn.available():  # the native kernel's stops, replayed the same way
+            ss_n, its_n = lane_sinkhorn.lane_structural_similarity(
+                ex.S, ex.mu, ex.nu, epsilon=EPS, max_iter=2000, tol=TOL, return_iterations=True
+            )
+            native["iters"] += int(its_n.sum())
+            native["dss"] = max(native["dss"], (ss_n - ex.ss).abs().max().item())
+            for it in its_n.unique().tolist():
+                sel = its_n == it
+                T = sinkhorn(C[sel], ex.mu[sel], ex.nu[sel], epsilon=EPS, max_iter=it,
+                             cost_range=2.0)
+                native["err"] = max(native["err"], err_of(T, ex.mu[sel], ex.nu[sel]))
+    native["iters"] /= idx.numel()
+    return total_iter_pairs / idx.numel(), worst, torch.cat(ss_all), native
 
 
 def matmul_flops(device, n=2048, repeat=3):
@@ -369,6 +422,10 @@ def profile_ours(qg, ql, gg, gl, k, iters, device, repeat):
     stage(f"sinkhorn, tol {TOL:g}",
           lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, max_iter=2000, tol=TOL))
     stage("SS = sum T*S", lambda: (t1 * S).sum((-2, -1)))
+    if lane_sinkhorn.available():
+        stage(f"native lanes: plans + SS, tol {TOL:g}",
+              lambda: lane_sinkhorn.lane_structural_similarity(
+                  S, mu, nu, epsilon=EPS, max_iter=2000, tol=TOL))
     pairs = idx.numel()
     per_it = (stages[f"sinkhorn, {iters} iterations"] - stages["sinkhorn, 1 iteration"]) / max(
         1, iters - 1
@@ -406,6 +463,9 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}")
     print(f"load average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
           f"(the machine is shared and was loaded: compare ratios, not absolute numbers)")
+    native = lane_sinkhorn.available()
+    print(f"ours solves on the {'native lane kernel' if native else 'torch solver (no C compiler)'}"
+          f"; 'ours, torch solver' is the same pipeline on the torch solver")
     print(f"Q = {args.queries} queries vs a gallery of {args.gallery}, K = {K}, eps = {EPS}, "
           f"cross-correlation marginals; best of {args.repeat} interleaved rounds; "
           f"ours = {'structural_rerank' if structural_rerank else 'block structural_similarity'}")
@@ -422,7 +482,7 @@ def main() -> None:
 
         # --- accuracy (untimed; doubles as the warm-up): our iterations, each solver's
         # marginal error, SS agreement
-        iters, ours_err, ss_ours = ours_iterations_and_error(qg, ql, gg, gl, K)
+        iters, ours_err, ss_ours, native = ours_iterations_and_error(qg, ql, gg, gl, K)
         keep_a, keep_b = [], []
         rows_small = cache_chunk_rows(K, n)
         diml_rerank(q_bank, qg, bank, gg, K, diml_sinkhorn, keep_a)
@@ -444,8 +504,14 @@ def main() -> None:
         pot = choose_pot(qg, ql, gg, gl, K, n)
         pot_method, pot_tol = (pot[1], pot[2]) if pot else (None, None)
 
+        def ours_torch():
+            with lane_sinkhorn.disabled():
+                return ours_rerank(qg, ql, gg, gl, K)
+
         solvers = {
             "ours": lambda: ours_rerank(qg, ql, gg, gl, K),
+            "ours_torch": ours_torch,
+            "no_ot": lambda: no_ot_rerank(qg, ql, gg, gl, K),
             "ours_small": lambda: ours_rerank(qg, ql, gg, gl, K, chunk_size=rows_small),
             "a": lambda: diml_rerank(q_bank, qg, bank, gg, K, diml_sinkhorn),
             "a2": lambda: diml_rerank(q_bank, qg, bank, gg, K, diml_sinkhorn_to_tol, None, True),
@@ -454,6 +520,7 @@ def main() -> None:
             solvers["pot"] = lambda: pot_rerank(qg, ql, gg, gl, K, pot_method, pot_tol)
         best = {k: float("inf") for k in solvers}
         solvers["ours"]()  # warm-up (the others ran above)
+        solvers["ours_torch"]()
         solvers["ours_small"]()
         for _ in range(args.repeat):
             for name, fn in solvers.items():
@@ -465,12 +532,13 @@ def main() -> None:
             cfg=f"{grid}x{grid}, D={dim}", pairs=pairs, best=best, iters=iters,
             a_iters=a_iters, b_iters=b_iters, errs=(ours_err, a_err, b_err,
                                                     pot[3] if pot else float("nan")),
-            pot=(pot_method, pot_tol), floor=floor_s, rows_small=rows_small, a_nan=a_nan,
+            pot=(pot_method, pot_tol), floor=floor_s, native=native, rows_small=rows_small, a_nan=a_nan,
             dss=((ss_o - ss_b).abs().max().item(),
                  (ss_o - ss_a)[ok_a].abs().max().item() if ok_a.any() else float("nan"),
                  (ss_ours - pot[4]).abs().max().item() if pot else float("nan")),
         ))
-        print(f"  done {cfg}: ours {best['ours']:.3f}s (cache-sized chunks of {rows_small}: "
+        print(f"  done {cfg}: ours {best['ours']:.3f}s (torch solver {best['ours_torch']:.3f}s; "
+              f"cache-sized chunks of {rows_small}: "
               f"{best['ours_small']:.3f}s), (a) {best['a']:.3f}s, "
               f"(a') {best['a2']:.3f}s, POT {best.get('pot', float('nan')):.3f}s "
               f"[{time.perf_counter() - t_start:.0f}s elapsed]", flush=True)
@@ -489,6 +557,26 @@ def main() -> None:
         print(f"| {r['cfg']} | {p / b['ours']:,.0f} | {p / b['a']:,.0f} | {p / b['a2']:,.0f}"
               f" | {p / pot_s:,.0f} | {b['a'] / b['ours']:.1f}x | {b['a2'] / b['ours']:.1f}x"
               f" | {pot_s / b['ours']:.1f}x | {r['floor'] / b['ours']:.3f} |")
+    print("\nOurs on the native lane kernel against the same pipeline on the torch solver:\n")
+    print("| config | ours pairs/s | ours, torch solver pairs/s | native/torch | "
+          "torch solver/(a) | torch solver/POT |")
+    print("|---|---|---|---|---|---|")
+    for r in rows_out:
+        b, p = r["best"], r["pairs"]
+        o = b["ours_torch"]
+        print(f"| {r['cfg']} | {p / b['ours']:,.0f} | {p / o:,.0f} | {o / b['ours']:.2f}x "
+              f"| {b['a'] / o:.1f}x | {b.get('pot', float('nan')) / o:.1f}x |")
+    print("\nWhat the 5x-over-POT target leaves for the whole re-ranking, against our pipeline "
+          "without the OT (kNN, gather, S and marginals, sort: what any Sinkhorn, POT's too, is "
+          "added to here):\n")
+    print("| config | POT / 5 (us a pair) | no-OT pipeline (us a pair) | ours (us a pair) "
+          "| no-OT / (POT / 5) |")
+    print("|---|---|---|---|---|")
+    for r in rows_out:
+        b, p = r["best"], r["pairs"]
+        budget = b.get("pot", float("nan")) / 5
+        print(f"| {r['cfg']} | {budget / p * 1e6:.2f} | {b['no_ot'] / p * 1e6:.2f} "
+              f"| {b['ours'] / p * 1e6:.2f} | {b['no_ot'] / budget:.2f} |")
     print("\nThe same, ours with cache-sized chunks (structural_rerank(..., chunk_size="
           "max(1, 2 MiB // (4 K N^2))), a public argument):\n")
     print("| config | chunk (queries) | ours pairs/s | ours/(a) | ours/(a') | ours/POT |")
@@ -498,6 +586,13 @@ def main() -> None:
         o = b["ours_small"]
         print(f"| {r['cfg']} | {r['rows_small']} | {p / o:,.0f} | {b['a'] / o:.1f}x "
               f"| {b['a2'] / o:.1f}x | {b.get('pot', float('nan')) / o:.1f}x |")
+    print("\nThe native lane kernel's plans (untimed replay of its stops with the torch solver):\n")
+    print("| config | native iters (mean per problem) | marginal error at its stops "
+          "| max abs dSS vs the torch solver |")
+    print("|---|---|---|---|")
+    for r in rows_out:
+        nat = r["native"]
+        print(f"| {r['cfg']} | {nat['iters']:.1f} | {nat['err']:.3e} | {nat['dss']:.1e} |")
     print("\n| config | ours iters (mean per problem) | (a) iters (mean) | (a') iters (mean) "
           "| POT method, tol (L2) | marginal error ours / (a) / (a') / POT "
           "| max abs dSS vs (a') / (a) / POT | (a) pairs with NaN |")

@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from glassmetric.similarity.sinkhorn import KERNEL_RANGE_LIMIT
 
-__all__ = ["LANES", "available", "lane_structural_similarity", "library_path"]
+__all__ = ["LANES", "available", "disabled", "lane_structural_similarity", "library_path"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,19 @@ def _load():
 
 def available() -> bool:
     """Whether the native kernel could be built and loaded (False: use the torch solver)."""
-    return _load() is not None
+    return not _state.get("disabled") and _load() is not None
+
+
+@contextmanager
+def disabled():
+    """Within the block :func:`available` is False, so callers take the torch solver (A/B runs,
+    tests). Not thread-safe: it switches the kernel off for the whole process."""
+    before = _state.get("disabled", False)
+    _state["disabled"] = True
+    try:
+        yield
+    finally:
+        _state["disabled"] = before
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
