@@ -159,39 +159,34 @@ int glassmetric_lane_sinkhorn(const float *S, int64_t sg, int64_t sk, int64_t si
                               float *ss_out, int32_t *iters_out) {
     const size_t nv = (size_t)n, mv = (size_t)m, cells = nv * mv;
     const int64_t kb = (K + LANES - 1) / LANES;
-    vf *buf = aligned_alloc(64, sizeof(vf) * (3 * cells + 4 * nv + 4 * mv));
+    vf *buf = aligned_alloc(64, sizeof(vf) * (2 * cells + 4 * nv + 4 * mv));
     if (!buf) return -1;
     vf *E = buf, *Sl = E + cells;
-    float *scratch = (float *)(Sl + cells);  /* LANES x cells: one problem's S a row */
-    vf *a = Sl + 2 * cells, *r = a + nv, *r_prev = r + nv, *r_kept = r_prev + nv;
+    vf *a = Sl + cells, *r = a + nv, *r_prev = r + nv, *r_kept = r_prev + nv;
     vf *b = r_kept + nv, *c = b + mv, *cs = c + mv, *c_kept = cs + mv;
     float *e = (float *)E, *sl = (float *)Sl, *af = (float *)a, *bf = (float *)b;
     for (int64_t blk = begin; blk < end; blk++) {
         const int64_t g = blk / kb, k0 = (blk % kb) * LANES;
         const int live = K - k0 < LANES ? (int)(K - k0) : LANES;
-        /* gather the block: each problem's S into a row of the scratch, then 16 x 16 tiles
-         * transposed in registers give the lane layout (raw S, for SS) */
-        for (int l = 0; l < LANES; l++) {
-            float *dst = scratch + (size_t)l * cells;
-            const float *src = S + g * sg + (k0 + l) * sk;
-            for (size_t i = 0; i < nv; i++) {
-                if (l >= live)
-                    memset(dst + i * mv, 0, mv * sizeof(float));
-                else if (sj == 1)
-                    memcpy(dst + i * mv, src + i * si, mv * sizeof(float));
-                else
-                    for (size_t j = 0; j < mv; j++) dst[i * mv + j] = src[i * si + j * sj];
+        /* gather the block into lane layout (raw S, for SS): for each row i, tiles of 16
+         * lanes x 16 columns are read as 16 vectors and transposed in registers */
+        const float *src[LANES];
+        for (int l = 0; l < LANES; l++) src[l] = S + g * sg + (k0 + l) * sk;
+        for (size_t i = 0; i < nv; i++) {
+            size_t j0 = 0;
+            if (sj == 1) {
+                for (; j0 + LANES <= mv; j0 += LANES) {
+                    vf t[LANES];
+                    for (int l = 0; l < LANES; l++)
+                        t[l] = l < live ? load(src[l] + i * si + j0) : (vf){0};
+                    transpose16(t);
+                    for (int q = 0; q < LANES; q++) Sl[i * mv + j0 + q] = t[q];
+                }
             }
+            for (size_t j = j0; j < mv; j++)
+                for (int l = 0; l < LANES; l++)
+                    sl[(i * mv + j) * LANES + l] = l < live ? src[l][i * si + j * sj] : 0.0f;
         }
-        size_t x0 = 0;
-        for (; x0 + LANES <= cells; x0 += LANES) {
-            vf t[LANES];
-            for (int l = 0; l < LANES; l++) t[l] = load(scratch + (size_t)l * cells + x0);
-            transpose16(t);
-            for (int q = 0; q < LANES; q++) Sl[x0 + q] = t[q];
-        }
-        for (size_t x = x0; x < cells; x++)
-            for (int l = 0; l < LANES; l++) sl[x * LANES + l] = scratch[(size_t)l * cells + x];
         for (int l = 0; l < LANES; l++) {
             const float *pa = mu + g * ag + (k0 + l) * ak, *pb = nu + g * bg + (k0 + l) * bk;
             for (size_t i = 0; i < nv; i++) af[i * LANES + l] = l < live ? pa[i * ai] : 1.0f / (float)n;
