@@ -104,25 +104,36 @@ static void fused_pass(const float *restrict E, const vf *restrict c, const vf *
     *err = e_sum;
 }
 
+/* two-source shuffle with constant indices, in GCC's and in clang's spelling */
+#if defined(__clang__)
+#define SHUFFLE(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#else
+#define SHUFFLE(x, y, ...) __builtin_shuffle(x, y, (vi){__VA_ARGS__})
+#endif
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+/* rows p and p + h: swap the off-diagonal h x h sub-blocks of their 2 x 2 block */
+#define ROUND(h, LO, HI)                                    \
+    for (int p = 0; p < LANES; p++) {                       \
+        if (p & (h)) continue;                              \
+        const vf x = r[p], y = r[p + (h)];                  \
+        r[p] = SHUFFLE(x, y, LO);                           \
+        r[p + (h)] = SHUFFLE(x, y, HI);                     \
+    }
+
 /* transposes the 16 x 16 floats r[row][lane] in place: 4 rounds that swap the off-diagonal
  * h x h sub-blocks (h = 8, 4, 2, 1), each 16 two-source shuffles */
 static inline void transpose16(vf *r) {
-    static const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    static const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-    static const vi lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-    static const vi hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-    static const vi lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-    static const vi hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-    static const vi lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-    static const vi hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-    const vi *lo[4] = {&lo8, &lo4, &lo2, &lo1}, *hi[4] = {&hi8, &hi4, &hi2, &hi1};
-    for (int s = 0, h = 8; s < 4; s++, h >>= 1)
-        for (int p = 0; p < LANES; p++) {
-            if (p & h) continue;
-            const vf x = r[p], y = r[p + h];
-            r[p] = __builtin_shuffle(x, y, *lo[s]);
-            r[p + h] = __builtin_shuffle(x, y, *hi[s]);
-        }
+    ROUND(8, LO8, HI8)
+    ROUND(4, LO4, HI4)
+    ROUND(2, LO2, HI2)
+    ROUND(1, LO1, HI1)
 }
 
 /* 2^x for |x| <= 60, lane-wise: 2^round(x) (exponent bits) times a degree-7 Taylor
