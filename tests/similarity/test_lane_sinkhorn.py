@@ -190,6 +190,8 @@ def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(lane_sinkhorn, "_state", {})
     assert lane_sinkhorn.available() and path.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    monkeypatch.setenv("CC", "/opt/other/cc")
+    assert lane_sinkhorn.library_path() != path  # another compiler, another build
 
 
 def test_pads_odd_shortlists_with_problems_that_never_leak():

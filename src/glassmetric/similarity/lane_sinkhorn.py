@@ -9,10 +9,10 @@ copy of the kernel and no per-op dispatch, and the plan is never written out. Fo
 cell grids of re-ranking that is several times faster than batched torch ops, whose cost at
 these sizes is memory traffic and dispatch, not arithmetic (``bench/structural.py``).
 
-The kernel is compiled at first use with the system C compiler (``$CC``, else ``cc``;
-``-O3 -march=native``) into ``$GLASSMETRIC_CACHE/native`` (default
-``~/.cache/glassmetric/native``), under a name that hashes the source, the flags and the CPU, and
-written atomically. Without a compiler, or with ``GLASSMETRIC_NATIVE=0``, :func:`available` is
+The kernel is compiled at first use with the system C compiler (``$CC``, else ``cc``; GCC or
+clang, ``-O3 -march=native``) into ``$GLASSMETRIC_CACHE/native`` (default
+``~/.cache/glassmetric/native``), under a name that hashes the source, the compiler, the flags
+and the CPU, and written atomically. Without a compiler, or with ``GLASSMETRIC_NATIVE=0``, :func:`available` is
 False and callers use the torch solver (same results to float rounding). The blocks of a call
 are split over ``torch.get_num_threads()`` threads (the call releases the GIL).
 """
@@ -68,17 +68,22 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def library_path() -> Path:
-    """Where the compiled kernel for this source, compiler flags and CPU lives."""
+    """Where the compiled kernel for this source, compiler, flags and CPU lives."""
     root = Path(os.environ.get("GLASSMETRIC_CACHE", Path.home() / ".cache" / "glassmetric"))
     key = hashlib.sha256(
-        _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_signature().encode()
+        _SOURCE.read_bytes()
+        + f"{_compiler()}|{' '.join(_FLAGS)}|{_cpu_signature()}".encode()
     ).hexdigest()[:16]
     return root / "native" / f"lane_sinkhorn-{key}.so"
 
 
 def _build(target: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = _compiler()
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
     target.parent.mkdir(parents=True, exist_ok=True)
