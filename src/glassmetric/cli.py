@@ -221,7 +221,7 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
         f"R@1 of the certain half {100 * summary['recall@1_certain_half']:.2f}, "
         f"of the uncertain half {100 * summary['recall@1_uncertain_half']:.2f}"
     )
-    stats = object_statistics(dataset)
+    stats = object_statistics(dataset, rep.index)
     if stats is not None:  # data with boxes and part keypoints (CUB): does doubt follow visibility?
         summary["spearman"] = uncertainty_vs_ground_truth(rep.uncertainty, stats)
         print("Spearman rho of the uncertainty with " + ", ".join(
@@ -234,7 +234,7 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
         from glassmetric.explain.uncertainty import extremes, uncertainty_grid_figure
 
         most, least = extremes(rep.uncertainty, 12)
-        show = lambda idx: [dataset.load(int(i)).image for i in idx]
+        show = lambda rows: [dataset.load(int(rep.index[i])).image for i in rows]
         fig = uncertainty_grid_figure(
             show(most), rep.uncertainty[most], rep.correct[most], show(least), rep.uncertainty[least], rep.correct[least],
         )

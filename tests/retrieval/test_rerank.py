@@ -243,7 +243,8 @@ def test_embed_fields_and_sweep_end_to_end():
                           transform=build_transforms(False, 64, 64))
     model = build_model("resnet18", 16)
     only = embed_fields(model, data, fields=("embedding",), batch_size=4)
-    assert set(only) == {"embedding", "labels"}
+    assert set(only) == {"embedding", "labels", "index"}
+    assert only["index"].tolist() == list(range(len(data)))  # nothing skipped: every position
     with pytest.raises(ValueError, match="local"):  # no spatial head yet
         embed_fields(model, data, fields=("embedding", "local"), batch_size=6)
     with pytest.raises(ValueError, match="unknown"):

@@ -98,3 +98,71 @@ def test_object_statistics_without_boxes():
             return Sample(image=Image.new("RGB", (8, 8)), label=0)
 
     assert object_statistics(NoBoxes()) is None
+
+
+# --------------------------------------------------------------------------- unreadable images
+
+
+def _with_a_bad_image(policy):
+    """The embedded data (boxes and part keypoints) with image 5 unreadable."""
+    from glassmetric.data.synthetic import SyntheticParts
+    from glassmetric.errors import DataError
+
+    class WithABadImage(SyntheticParts):
+        def load(self, i):
+            if i == 5:
+                raise DataError("cannot read image /data/bad five.png: truncated")
+            return super().load(i)
+
+    data = WithABadImage("test", num_classes=3, images_per_class=4, image_size=64)
+    data.set_bad_image_policy(policy)
+    return data
+
+
+def test_object_statistics_follow_the_indices_and_the_skip_policy():
+    from glassmetric.errors import DataError
+    from glassmetric.retrieval.uncertainty import object_statistics
+
+    data = _with_a_bad_image("skip")
+    stats = object_statistics(data, [7, 5, 0])
+    for row, i in ((0, 7), (2, 0)):
+        s = data.load(i)
+        assert stats["box_area_share"][row] == pytest.approx(s.bbox[2] * s.bbox[3] / (64 * 64))
+        assert stats["visible_parts"][row] == (s.keypoints[:, 2] > 0).sum()
+    assert np.isnan(stats["box_area_share"][1]) and np.isnan(stats["visible_parts"][1])
+    with pytest.raises(DataError, match="bad five.png"):
+        object_statistics(_with_a_bad_image("error"), [0, 5])
+
+
+def test_an_uncertainty_report_names_the_images_it_kept(tmp_path):
+    """Under skip the unreadable image is left out, and the report's index and neighbours are
+    data-set positions, brute-force checked against the embeddings of the readable images."""
+    from glassmetric.models.output import EmbeddingOutput
+    from glassmetric.retrieval.uncertainty import evaluate_uncertainty, object_statistics
+
+    class Colour(torch.nn.Module):  # embedding: the mean colour; uncertainty: its spread
+        def forward(self, x):
+            mean = x.mean((2, 3))
+            return EmbeddingOutput(embedding=torch.nn.functional.normalize(mean, dim=1),
+                                   uncertainty=x.std((2, 3)))
+
+    from torchvision.transforms.functional import to_tensor
+
+    data = _with_a_bad_image("skip")
+    data.transform = to_tensor
+    rep = evaluate_uncertainty(Colour(), data, batch_size=4)
+    kept = [i for i in range(len(data)) if i != 5]
+    assert rep.index.tolist() == kept and len(rep.uncertainty) == len(kept)
+    emb = torch.stack([torch.nn.functional.normalize(to_tensor(data.load(i).image).mean((1, 2)), dim=0)
+                       for i in kept])
+    sims = emb @ emb.T
+    sims.fill_diagonal_(-float("inf"))
+    assert rep.neighbour.tolist() == [kept[j] for j in sims.argmax(1).tolist()]
+    assert rep.labels.tolist() == [int(data.labels[i]) for i in kept]
+    stats = object_statistics(data, rep.index)
+    assert len(stats["box_area_share"]) == len(rep.uncertainty)
+    assert np.isfinite(stats["box_area_share"]).all()
+    csv = tmp_path / "u.csv"
+    write_csv(rep, csv)
+    rows = csv.read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == kept

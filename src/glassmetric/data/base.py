@@ -99,3 +99,18 @@ def split_by_classes(dataset: RetrievalDataset, classes: Sequence[int], transfor
     """The images of ``dataset`` whose label is in ``classes``."""
     mask = np.isin(dataset.labels, np.asarray(list(classes)))
     return Subset(dataset, np.flatnonzero(mask), transform)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A data set whose items also carry their position ``index`` in it (to undo a sampler's
+    sharding, or to know which images a pass over the data kept)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict | None:
+        item = self.dataset[i]
+        return None if item is None else {**item, "index": i}  # None: skipped (data.on_bad_image: skip)

@@ -8,7 +8,7 @@ from dataclasses import fields as dataclass_fields
 import torch
 from torch.utils.data import DataLoader
 
-from glassmetric.data.base import RetrievalDataset
+from glassmetric.data.base import IndexedDataset, RetrievalDataset
 from glassmetric.data.image_io import collate_readable, log
 from glassmetric.models.output import EmbeddingOutput
 
@@ -34,11 +34,13 @@ def embed_fields(
 
     Returns a dict with one CPU tensor per name in ``fields`` (e.g. ``"embedding"`` (N, D) and
     ``"local"`` (N, g*g, D)), cast to ``dtype`` (float32 by default; float16 halves the memory
-    of large local embeddings), plus ``"labels"`` (N,) int64. The model runs in eval mode and
+    of large local embeddings), plus ``"labels"`` (N,) int64 and ``"index"`` (N,) int64, the
+    position in ``dataset`` of each embedded image. The model runs in eval mode and
     its training flag is restored. A field the model does not produce (None in its output,
     e.g. ``"local"`` without a spatial head) raises a ValueError naming it. For an empty data
     set every field is a ``(0, 0)`` tensor. Images skipped as unreadable (``data.on_bad_image:
-    skip``) are left out, and counted in a logged warning.
+    skip``) are left out (``"index"`` then says which images the rows are), and counted in a
+    logged warning.
     """
     fields = tuple(fields)
     if not fields:
@@ -51,7 +53,8 @@ def embed_fields(
 
     was_training = model.training
     model.eval().to(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_readable)
+    loader = DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_readable)
     iterator = iter(loader)
     batches = iterator
     if progress:
@@ -59,7 +62,7 @@ def embed_fields(
 
         batches = tqdm(iterator, total=len(loader), desc="embedding", unit="batch", leave=False)
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in fields}
-    labels = []
+    labels, positions = [], []
     skipped = 0
     try:
         for batch in batches:
@@ -76,6 +79,7 @@ def embed_fields(
                     )
                 collected[name].append(value.to(dtype).cpu())
             labels.append(batch["label"])
+            positions.append(batch["index"])
     finally:
         model.train(was_training)
         # stop the workers now, also after an error (left to the garbage collector, their
@@ -86,9 +90,11 @@ def embed_fields(
     if not labels:
         out = {name: torch.zeros(0, 0, dtype=dtype) for name in fields}
         out["labels"] = torch.zeros(0, dtype=torch.long)
+        out["index"] = torch.zeros(0, dtype=torch.long)
         return out
     out = {name: torch.cat(values) for name, values in collected.items()}
     out["labels"] = torch.cat(labels).long()
+    out["index"] = torch.cat(positions).long()
     return out
 
 

@@ -29,6 +29,13 @@ class UncertaintyReport:
     auroc: float  # of uncertainty for "R@1 is wrong" (nan when every query hits or every one fails)
     recall_at_1_certain_half: float  # R@1 of the half of the queries with the lowest uncertainty
     recall_at_1_uncertain_half: float
+    # (N,) position of each query in its data set (differs from 0..N-1 when unreadable images
+    # were skipped); None: 0..N-1
+    index: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.index is None:
+            self.index = np.arange(len(self.uncertainty))
 
     def summary(self) -> dict:
         return {
@@ -80,27 +87,45 @@ def evaluate_uncertainty(
     gallery: RetrievalDataset | None = None,
     **embed_kw,
 ) -> UncertaintyReport:
-    """Embed ``dataset`` (and ``gallery``) and relate each query's uncertainty to its R@1 hit."""
+    """Embed ``dataset`` (and ``gallery``) and relate each query's uncertainty to its R@1 hit.
+
+    Images skipped as unreadable (``data.on_bad_image: skip``) are left out; the report's
+    ``index`` and ``neighbour`` are positions in ``dataset`` and in the gallery (``dataset``
+    itself when there is none), so they name the right images either way."""
     out = embed_fields(model, dataset, fields=("embedding", "uncertainty"), **embed_kw)
     ref = embed_fields(model, gallery, fields=("embedding",), **embed_kw) if gallery is not None else None
-    return uncertainty_vs_failure(
+    report = uncertainty_vs_failure(
         image_uncertainty(out["uncertainty"]), out["embedding"], out["labels"],
         ref["embedding"] if ref else None, ref["labels"] if ref else None,
     )
+    report.index = out["index"].numpy()
+    report.neighbour = (ref or out)["index"].numpy()[report.neighbour]
+    return report
 
 
-def object_statistics(dataset: RetrievalDataset) -> dict[str, np.ndarray] | None:
+def object_statistics(dataset: RetrievalDataset, indices=None) -> dict[str, np.ndarray] | None:
     """Per image, from its ground truth: ``box_area_share`` (box area / image area) and
-    ``visible_parts`` (keypoints flagged visible); None when the data set has no boxes."""
-    first = dataset.load(0) if len(dataset) else None
-    if first is None or first.bbox is None:
-        return None
-    share, parts = np.empty(len(dataset)), np.empty(len(dataset))
-    for i in range(len(dataset)):
-        sample = first if i == 0 else dataset.load(i)
+    ``visible_parts`` (keypoints flagged visible); None when the data set has no boxes.
+
+    ``indices``: the images, in this order (default all; e.g. an uncertainty report's
+    ``index``, which leaves out the images skipped as unreadable). An unreadable image gets NaN
+    under ``data.on_bad_image: skip``; under ``error`` it raises, naming the file."""
+    indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
+    share, parts = np.full(len(indices), np.nan), np.full(len(indices), np.nan)
+    has_boxes = None
+    for row, i in enumerate(indices):
+        sample = dataset.load_readable(i)
+        if sample is None:
+            continue
+        if has_boxes is None:
+            has_boxes = sample.bbox is not None
+            if not has_boxes:
+                return None
         w, h = sample.image.size
-        share[i] = sample.bbox[2] * sample.bbox[3] / float(w * h)
-        parts[i] = float((sample.keypoints[:, 2] > 0).sum()) if sample.keypoints is not None else np.nan
+        share[row] = sample.bbox[2] * sample.bbox[3] / float(w * h)
+        parts[row] = float((sample.keypoints[:, 2] > 0).sum()) if sample.keypoints is not None else np.nan
+    if not has_boxes:  # no image, or none readable
+        return None
     return {"box_area_share": share, "visible_parts": parts}
 
 
@@ -130,5 +155,6 @@ def write_csv(report: UncertaintyReport, path, names: list[str] | None = None) -
         w = csv.writer(f)
         w.writerow(["index", "name", "label", "uncertainty", "nearest_neighbour", "r1_correct"])
         for i in range(len(report.uncertainty)):
-            w.writerow([i, names[i] if names else "", int(report.labels[i]), f"{report.uncertainty[i]:.6g}",
+            index = int(report.index[i])
+            w.writerow([index, names[index] if names else "", int(report.labels[i]), f"{report.uncertainty[i]:.6g}",
                         int(report.neighbour[i]), int(report.correct[i])])

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
+from glassmetric.data.base import IndexedDataset
 from glassmetric.models.output import EmbeddingOutput
 
 __all__ = [
@@ -117,20 +118,6 @@ def gather_unique(values: Mapping[str, Tensor], index: Tensor, size: int | None 
     return out
 
 
-class IndexedDataset(Dataset):
-    """A data set whose items also carry their ``index`` (to undo a sampler's sharding)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict | None:
-        item = self.dataset[i]
-        return None if item is None else {**item, "index": i}  # None: skipped (data.on_bad_image: skip)
-
-
 def eval_sampler(dataset: Dataset, num_replicas: int, rank: int) -> DistributedSampler | None:
     """Evaluation shards (no shuffling, padded to equal length), or None on one process."""
     if num_replicas <= 1:
@@ -153,9 +140,12 @@ def distributed_embed(
     sampler = eval_sampler(dataset, size, rank)
     if sampler is None:
         return embed_fields(model, dataset, fields=fields, **embed_kw)
-    indices = list(sampler)
-    local = embed_fields(model, Subset(dataset, indices), fields=fields, **embed_kw)
-    return gather_unique(local, torch.tensor(indices), len(dataset))
+    indices = torch.tensor(list(sampler), dtype=torch.long)
+    local = embed_fields(model, Subset(dataset, indices.tolist()), fields=fields, **embed_kw)
+    local["index"] = indices[local["index"]]  # shard positions -> data-set positions
+    # images skipped as unreadable (data.on_bad_image: skip) are on no rank: left out
+    skip = getattr(dataset, "on_bad_image", "error") == "skip"
+    return gather_unique(local, local["index"], len(dataset), drop_missing=skip)
 
 
 def device_count(devices: int | str, accelerator: str = "auto") -> int:
