@@ -5,7 +5,7 @@ collective runs in them). Training: each rank then takes its half of the same gl
 the loss of the gathered batch is back-propagated and the gradients averaged over the ranks
 (what DDP does), to compare with the gradients of the loss on the whole batch in one process.
 Evaluation: :func:`distributed_embed` on an odd-sized data set (so the sampler pads one shard)
-against one process's embeddings and metrics.
+against one process's embeddings and metrics, also with an unreadable image under skip.
 """
 
 import json
@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from glassmetric.config import load_config
 from glassmetric.data.synthetic import SyntheticParts
+from glassmetric.errors import DataError
 from glassmetric.data.transforms import build_transforms
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.retrieval.metrics import retrieval_metrics
@@ -82,15 +83,38 @@ def evaluation_setup():
     return learner.model, data, dict(fields=("embedding",), batch_size=5, device="cpu")
 
 
-def check_evaluation(reference: dict) -> dict:
+class WithABadImage(SyntheticParts):
+    """Image 7 unreadable (read under data.on_bad_image: skip)."""
+
+    def load(self, i):
+        if i == 7:
+            raise DataError("cannot read image bad seven.png: truncated")
+        return super().load(i)
+
+
+def skip_setup():
+    model, _, kw = evaluation_setup()
+    data = WithABadImage("test", num_classes=8, images_per_class=6, image_size=64,
+                         transform=build_transforms(False, 32, 32)).set_bad_image_policy("skip")
+    return model, torch.utils.data.Subset(data, range(23)), kw
+
+
+def check_evaluation(reference: dict, skip_reference: dict) -> dict:
     model, data, kw = evaluation_setup()
     shared = distributed_embed(model, data, **kw)
+    model, data, kw = skip_setup()
+    skipped = distributed_embed(model, data, **kw)
     return {
         "rows": len(shared["embedding"]),
         "max_embedding_diff": float((shared["embedding"] - reference["embedding"]).abs().max()),
         "same_labels": bool(torch.equal(shared["labels"], reference["labels"])),
         "metrics": retrieval_metrics(shared["embedding"], shared["labels"]),
         "reference_metrics": retrieval_metrics(reference["embedding"], reference["labels"]),
+        # an unreadable image under skip: left out on every rank, the rest in data-set order
+        "skip_rows": len(skipped["embedding"]),
+        "skip_index": skipped["index"].tolist(),
+        "skip_reference_index": skip_reference["index"].tolist(),
+        "skip_max_embedding_diff": float((skipped["embedding"] - skip_reference["embedding"]).abs().max()),
     }
 
 
@@ -100,10 +124,12 @@ def main(out: str) -> None:
     references = training_references()
     model, data, kw = evaluation_setup()
     eval_reference = embed_fields(model, data, **kw)
+    model, data, kw = skip_setup()
+    skip_reference = embed_fields(model, data, **kw)
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     assert world() == (size, rank)
-    report = {"world_size": size, "training": check_training(rank, size, references), "evaluation": check_evaluation(eval_reference)}
+    report = {"world_size": size, "training": check_training(rank, size, references), "evaluation": check_evaluation(eval_reference, skip_reference)}
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)

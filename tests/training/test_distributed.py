@@ -47,6 +47,8 @@ def test_two_processes_give_the_one_process_gradients_and_embeddings(tmp_path):
     e = report["evaluation"]
     assert e["rows"] == 23 and e["same_labels"] and e["max_embedding_diff"] < 1e-5
     assert e["metrics"] == e["reference_metrics"]
+    assert e["skip_rows"] == 22 and e["skip_index"] == e["skip_reference_index"]
+    assert 7 not in e["skip_index"] and e["skip_max_embedding_diff"] < 1e-5
 
 
 def test_ddp_fit_on_two_processes_validates_like_one(tmp_path):

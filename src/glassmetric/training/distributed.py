@@ -144,8 +144,15 @@ def distributed_embed(
     local = embed_fields(model, Subset(dataset, indices.tolist()), fields=fields, **embed_kw)
     local["index"] = indices[local["index"]]  # shard positions -> data-set positions
     # images skipped as unreadable (data.on_bad_image: skip) are on no rank: left out
-    skip = getattr(dataset, "on_bad_image", "error") == "skip"
+    skip = _bad_image_policy(dataset) == "skip"
     return gather_unique(local, local["index"], len(dataset), drop_missing=skip)
+
+
+def _bad_image_policy(dataset) -> str:
+    """The ``on_bad_image`` policy of ``dataset``, looked up through wrappers (``.dataset``)."""
+    while not hasattr(dataset, "on_bad_image") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return getattr(dataset, "on_bad_image", "error")
 
 
 def device_count(devices: int | str, accelerator: str = "auto") -> int:
