@@ -301,7 +301,7 @@ def ours_iterations_and_error(qg, ql, gg, gl, k):
     rows = default_rerank_chunk_rows(k, ql.shape[1], ql.shape[2])
     total_iter_pairs, worst, ss_all = 0, 0.0, []
     native = dict(iters=0.0, err=float("nan"), dss=float("nan"))
-    use_native = qg.device.type == "cpu" and lane_sinkhorn.available()  # a CPU kernel
+    use_native = lane_sinkhorn.applies(qg.dtype, qg.device)
     if use_native:
         native.update(err=0.0, dss=0.0)
     for s in range(0, len(qg), rows):
@@ -416,7 +416,7 @@ def profile_ours(qg, ql, gg, gl, k, iters, device, repeat):
     stage(f"sinkhorn, tol {TOL:g}",
           lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, max_iter=2000, tol=TOL))
     stage("SS = sum T*S", lambda: (t1 * S).sum((-2, -1)))
-    if device.type == "cpu" and lane_sinkhorn.available():
+    if lane_sinkhorn.applies(torch.float32, device):
         stage(f"native lanes: plans + SS, tol {TOL:g}",
               lambda: lane_sinkhorn.lane_structural_similarity(
                   S, mu, nu, epsilon=EPS, max_iter=2000, tol=TOL))
@@ -457,7 +457,7 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}")
     print(f"load average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
           f"(the machine is shared and was loaded: compare ratios, not absolute numbers)")
-    native = device.type == "cpu" and lane_sinkhorn.available()
+    native = lane_sinkhorn.applies(torch.float32, device)
     print(f"ours solves on the {'native lane kernel' if native else 'torch solver'}"
           f"; 'ours, torch solver' is the same pipeline on the torch solver")
     print(f"Q = {args.queries} queries vs a gallery of {args.gallery}, K = {K}, eps = {EPS}, "

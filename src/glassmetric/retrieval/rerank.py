@@ -39,6 +39,7 @@ from glassmetric.similarity import lane_sinkhorn
 from glassmetric.similarity.structural import (
     MarginalKind,
     _gathered_block_scores,
+    _product_group,
     global_similarity,
     structural_similarity,
 )
@@ -113,7 +114,7 @@ def default_rerank_chunk_rows(
     is_cpu = torch.device(device).type == "cpu"
     if budget_bytes is None:
         budget_bytes = RERANK_BUDGET_BYTES_CPU if is_cpu else RERANK_BUDGET_BYTES
-    if is_cpu and dtype == torch.float32 and lane_sinkhorn.available():
+    if lane_sinkhorn.applies(dtype, device):
         per_query = 4 * max(1, k) * (n_cells + 1) ** 2
     else:
         per_query = 4 * max(1, k) * n_cells * ((0 if is_cpu else dim) + 8 * n_cells)
@@ -328,7 +329,7 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
     gs, ss = [], []
     # fast path: per query, one gather of its candidates into a cached buffer and one product
     # for S, both marginals' correlations and the cosines
-    group = max(1, min(torch.get_num_threads(), rows, q))  # queries per batched product
+    group = _product_group(min(rows, q))  # queries per batched product
     buf = torch.empty(group * (k * gl.shape[1] + k), gl.shape[2], dtype=gl.dtype, device=gl.device)
     for start in range(0, q, rows):
         sl = slice(start, start + rows)

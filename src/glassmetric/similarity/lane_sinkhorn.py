@@ -38,7 +38,7 @@ from torch import Tensor
 
 from glassmetric.similarity.sinkhorn import KERNEL_RANGE_LIMIT
 
-__all__ = ["LANES", "available", "disabled", "lane_structural_similarity", "library_path"]
+__all__ = ["LANES", "applies", "available", "disabled", "lane_structural_similarity", "library_path"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,12 @@ def _load():
 def available() -> bool:
     """Whether the native kernel could be built and loaded (False: use the torch solver)."""
     return not _state.get("disabled") and _load() is not None
+
+
+def applies(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether callers with tensors of ``dtype`` on ``device`` should use the kernel: float32
+    on the CPU, and :func:`available`."""
+    return dtype == torch.float32 and torch.device(device).type == "cpu" and available()
 
 
 @contextmanager

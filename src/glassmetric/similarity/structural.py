@@ -90,9 +90,12 @@ MIN_MASS = 1e-8
 #: Spread bound of the cost ``1 - S`` with ``S`` clamped to [-1, 1].
 _COST_RANGE = 2.0
 
-#: Queries per batched product on the CPU path of :func:`_gathered_block_scores`; None: one per
-#: torch thread.
-_PRODUCT_GROUP: int | None = None
+
+def _product_group(queries: int) -> int:
+    """Queries per batched product on the CPU path of :func:`_gathered_block_scores`: one per
+    torch thread, so each thread computes a whole query's product (1.1-1.4x over splitting
+    each)."""
+    return max(1, min(torch.get_num_threads(), queries))
 
 
 def _cdtype(*tensors: Tensor | None) -> torch.dtype:
@@ -288,14 +291,12 @@ def _gathered_block_scores(
     width = k * m + k
     if per_query is None:
         per_query = x_local.device.type == "cpu"  # one cached buffer per query on the CPU
-    # per query on the CPU, but as many queries at once as there are threads: one batched
-    # product then gives each thread a whole query's product (1.1-1.4x over splitting each)
-    group = max(1, min(_PRODUCT_GROUP or torch.get_num_threads(), c))
+    group = _product_group(c)  # per query on the CPU, one query a thread in one batched product
     size = width * d * (group if per_query else c)
     if buffer is None or buffer.dtype != dt or buffer.numel() < size:
         buffer = torch.empty(size, dtype=dt, device=x_local.device)
     if native is None:
-        native = dt == torch.float32 and x_local.device.type == "cpu" and lane_sinkhorn.available()
+        native = lane_sinkhorn.applies(dt, x_local.device)
     with torch.no_grad(), _no_autocast(x_local):
         xs = torch.cat([x_local, x_global[:, None, :]], 1)  # (c, N + 1, D)
         if per_query:
