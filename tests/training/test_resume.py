@@ -193,3 +193,26 @@ def test_overwrite_discards_the_earlier_runs_checkpoints(tmp_path):
     # one checkpoint of the new run at the epoch's end; nothing of the old one to fall back to
     assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
     assert safe_torch_load(ckpt / "last.ckpt")["global_step"] == 6
+
+
+def test_ddp_replicas_draw_their_global_batchs_seeds():
+    """Each replica's sample and step seeds are those of its batch's place in the shared global
+    sequence: two replicas never share a seed, and together they draw what one process draws
+    over the same sequence (so the world size does not change an image's augmentation)."""
+    from glassmetric.data.sampler import MPerClassBatchSampler
+    from glassmetric.training.resume import ResumableBatches, step_seed
+
+    labels = [c for c in range(8) for _ in range(6)]
+    one = MPerClassBatchSampler(labels, 2, 4, seed=3, drop_last=True)
+    one_batches = list(ResumableBatches(one, seed=7))
+    per_rank = []
+    for rank in range(2):
+        ddp = MPerClassBatchSampler(labels, 2, 4, seed=3, num_replicas=2, rank=rank, drop_last=True)
+        per_rank.append(list(ResumableBatches(ddp, seed=7)))
+    seeds = [s for batches in per_rank for batch in batches for _, s in batch]
+    assert len(set(seeds)) == len(seeds)
+    for rank, batches in enumerate(per_rank):
+        for b, batch in enumerate(batches):
+            assert batch == one_batches[b * 2 + rank]  # same images, same seeds as one process
+            assert step_seed(7, 0, b, 2, rank) == step_seed(7, 0, b * 2 + rank)
+    assert step_seed(7, 0, 0, 2, 0) != step_seed(7, 0, 0, 2, 1)

@@ -9,8 +9,10 @@ depends only on the seed and the step's position, never on what ran before in th
   restores the state of a DataLoader that has ``state_dict`` / ``load_state_dict``);
 * each image's augmentation is drawn from RNGs seeded by (seed, epoch, batch, slot)
   (:class:`SeededSamples`), whichever worker loads it and however many workers there are;
+  "batch" is the batch's place in the sequence all DDP replicas share, so replicas draw
+  different numbers;
 * the main process's RNGs (dropout, mixup) are reseeded from (seed, epoch, batch) before
-  every step (:class:`StepSeed`);
+  every step (:class:`StepSeed`), the batch again counted in the shared sequence;
 * the weights, optimizer, scheduler and loop counters are Lightning's checkpoint, written
   atomically every ``trainer.checkpoint_every_n_steps`` steps (:class:`StepCheckpoint`) and at
   the end of each epoch, the previous one kept as ``last.prev.ckpt``.
@@ -48,6 +50,12 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def replica_of(batches: Sampler) -> tuple[int, int]:
+    """``(num_replicas, rank)`` of a batch sampler that splits one global sequence between
+    replicas (:class:`~glassmetric.data.sampler.MPerClassBatchSampler`); ``(1, 0)`` otherwise."""
+    return int(getattr(batches, "num_replicas", 1)), int(getattr(batches, "rank", 0))
+
+
 class ResumableBatches(Sampler[list]):
     """Wraps a batch sampler with ``set_epoch`` / ``epoch``: yields each batch as a list of
     ``(index, sample_seed)`` pairs for :class:`SeededSamples`, and can start the current epoch
@@ -80,9 +88,14 @@ class ResumableBatches(Sampler[list]):
         return self._seeded(self.epoch, skip)
 
     def _seeded(self, epoch: int, skip: int) -> Iterator[list[tuple[int, int]]]:
+        # seeds follow the batch's place in the global sequence all replicas share (replica
+        # ``rank`` of ``W`` runs its batches ``rank::W``): every replica draws other numbers, and
+        # an image's augmentation does not depend on how many processes train
+        world, rank = replica_of(self.batches)
         for b, batch in enumerate(self.batches):
             if b >= skip:
-                yield [(int(i), derived_seed(self.seed, epoch, b, slot)) for slot, i in enumerate(batch)]
+                g = b * world + rank
+                yield [(int(i), derived_seed(self.seed, epoch, g, slot)) for slot, i in enumerate(batch)]
 
 
 class SeededSamples(Dataset):
@@ -132,6 +145,14 @@ def resumable_train_loader(dataset: Dataset, batch_sampler: Sampler, *, seed: in
     )
 
 
+def step_seed(seed: int, epoch: int, batch: int, world: int = 1, rank: int = 0) -> int:
+    """The main process's seed for a training step: keyed, like the samples' seeds, by the
+    step's batch in the global sequence (``batch * world + rank``), so replicas draw different
+    dropout and mixup numbers and one process draws what replica 0 of many would for the
+    same global batch."""
+    return derived_seed(seed, epoch, batch * world + rank, 1)
+
+
 class StepSeed(Callback):
     """Reseeds the global RNGs from (seed, epoch, batch) before every training step."""
 
@@ -139,7 +160,7 @@ class StepSeed(Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        seed_all(derived_seed(self.seed, trainer.current_epoch, batch_idx, 1))
+        seed_all(step_seed(self.seed, trainer.current_epoch, batch_idx, trainer.world_size, trainer.global_rank))
 
 
 class StepCheckpoint(Callback):
