@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 from serve_runs import fit_idml, write_gallery
 
@@ -52,3 +53,29 @@ def test_a_folder_without_classes_is_an_unlabelled_gallery(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         folder_source(tmp_path / "empty")
+
+
+def test_rows_name_the_right_images_when_an_unreadable_one_is_skipped(checkpoint, tmp_path):
+    """Under ``data.on_bad_image: skip`` a gallery row is not a data-set position: the rows
+    after an unreadable image must still name, show and label their own image, from the cache
+    too."""
+    model, cfg = load_trained(str(checkpoint))
+    fields = model_fields(model, cfg)
+    paths = write_gallery(tmp_path / "gallery", 6)
+    paths[2].write_bytes(b"not an image")
+
+    def load():
+        source = folder_source(tmp_path / "gallery")
+        source.dataset.set_bad_image_policy("skip")
+        return load_gallery(model, cfg, checkpoint, source, fields, cache_dir=tmp_path / "cache", progress=False)
+
+    order = ImageFolderDataset(tmp_path / "gallery").paths  # data-set positions
+    bad = order.index(paths[2])
+    readable = [p for p in order if p != paths[2]]
+    for gallery in (load(), load()):
+        assert len(gallery) == 5 and list(gallery.index) == [i for i in range(6) if i != bad]
+        for row, path in enumerate(readable):
+            assert gallery.name(row) == path.relative_to(tmp_path / "gallery").as_posix()
+            assert gallery.class_name(row) == path.parent.name
+            assert gallery.image(row).tobytes() == Image.open(path).convert("RGB").tobytes()
+    assert gallery.from_cache

@@ -52,6 +52,13 @@ class Gallery:
     fields: dict[str, torch.Tensor]  #: embed_fields outputs: "embedding" (N, D) and the model's others
     cache_file: Path
     from_cache: bool
+    #: (N,) each row's position in ``source.dataset`` (images left out under
+    #: ``data.on_bad_image: skip`` have no row); rows are what search returns
+    index: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.index is None:
+            self.index = np.arange(len(self.labels))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,13 +68,15 @@ class Gallery:
         return bool(self.source.class_names)
 
     def name(self, i: int) -> str:
-        return self.source.names[i]
+        """The name of the image of row ``i``."""
+        return self.source.names[int(self.index[i])]
 
     def class_name(self, i: int) -> str | None:
         return self.source.class_names[int(self.labels[i])] if self.labelled else None
 
     def image(self, i: int) -> Image.Image:
-        return self.source.dataset.load(i).image
+        """The image of row ``i``."""
+        return self.source.dataset.load(int(self.index[i])).image
 
 
 def default_cache_dir() -> Path:
@@ -105,7 +114,8 @@ def split_source(cfg: Config, model: torch.nn.Module, split: str = "test") -> Ga
 
 
 def _cache_key(checkpoint: Path, source: GallerySource, fields: tuple[str, ...]) -> str:
-    h = hashlib.sha256(f"glassmetric {__version__} fields {','.join(fields)}\n".encode())
+    # "layout 2": the cache holds each row's data-set position ("index")
+    h = hashlib.sha256(f"glassmetric {__version__} layout 2 fields {','.join(fields)}\n".encode())
     with open(checkpoint, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -125,9 +135,9 @@ def load_gallery(
     from_cache = cache_file.is_file()
     if from_cache:
         stored = safe_torch_load(cache_file)
-        out = {k: stored[k] for k in (*fields, "labels")}
+        out = {k: stored[k] for k in (*fields, "labels", "index")}
     else:
         out = embed_fields(model, source.dataset, fields=fields, batch_size=cfg.eval.batch_size, device=device, progress=progress)
-        atomic_torch_save(out, cache_file)
+        atomic_torch_save({k: out[k] for k in (*fields, "labels", "index")}, cache_file)
     return Gallery(source=source, labels=out["labels"].numpy(), fields={k: out[k] for k in fields},
-                   cache_file=cache_file, from_cache=from_cache)
+                   cache_file=cache_file, from_cache=from_cache, index=out["index"].numpy())
