@@ -37,7 +37,8 @@ def build_model_from_config(cfg: Config):
         head = (
             SpatialGridHead.sharing(model.head, m.spatial_grid)
             if m.spatial_head == "shared"
-            else SpatialGridHead(model.backbone.out_channels, m.embedding_dim, m.spatial_grid)
+            else SpatialGridHead(model.backbone.out_channels, m.embedding_dim, m.spatial_grid,
+                                 init="identity" if m.head_init == "identity" else "default")
         )
         model.add_head("spatial", head)
     if m.uncertainty_dim:
