@@ -60,6 +60,28 @@ def test_info_gallery_and_schema(setup):
     assert client.get("/").headers["content-type"].startswith("text/html")
 
 
+def test_the_api_reference_page_works_offline(setup):
+    """/docs lists every operation of the schema with its parameters and loads nothing from
+    elsewhere (FastAPI's Swagger UI needs a CDN); /redoc is off."""
+    import re
+    from html import escape
+
+    client, _, _ = setup
+    res = client.get("/docs")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/html")
+    html = res.text
+    assert not re.search(r"<script|<link|src=|https?://", html)
+    schema = client.get("/openapi.json").json()
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            assert f"{method.upper()}</span> {path}</h2>" in html
+            assert escape(op["summary"]) in html
+            for p in op.get("parameters", []):
+                assert f"<code>{p['name']}</code>" in html
+    assert "<code>image</code>: file, <code>k</code>: integer (optional, default <code>10</code>)" in html
+    assert client.get("/redoc").status_code == 404
+
+
 def test_search_with_a_gallery_image_matches_brute_force(setup):
     client, _, ref = setup
     res = client.get("/api/search", params={"query": "g3", "k": 5}).json()

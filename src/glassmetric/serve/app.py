@@ -1,6 +1,6 @@
 """The FastAPI app of ``glassmetric serve``: the explorer page and its JSON API.
 
-API (schema at ``/openapi.json``): ``GET /api/info``; ``GET /api/gallery`` (paged list);
+API (schema at ``/openapi.json``, an offline reference page at ``/docs``): ``GET /api/info``; ``GET /api/gallery`` (paged list);
 ``GET /api/images/{id}`` (PNG); ``POST /api/search`` (upload) or ``GET /api/search?query=g12``
 (a gallery image); ``GET /api/explain?query=..&result=g..`` and its figures
 ``GET /api/explain/figure``; ``POST /api/uncertainty`` / ``GET /api/uncertainty?query=..``.
@@ -18,6 +18,7 @@ from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from glassmetric.errors import GlassmetricError
+from glassmetric.serve.api_docs import api_docs_page
 from glassmetric.serve.explorer import Explorer, UnknownQuery
 from glassmetric.serve.limits import Limits, RequestLimits, RequestError, read_upload
 from glassmetric.serve.page import PAGE
@@ -29,7 +30,9 @@ _FORM_OVERHEAD = 64 * 1024
 
 
 def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 1) -> FastAPI:
-    app = FastAPI(title="glassmetric explorer", version="1",
+    # Swagger UI and ReDoc load their scripts from a CDN: offline they stay blank, so /docs is
+    # our own page rendered from the schema (glassmetric.serve.api_docs)
+    app = FastAPI(title="glassmetric explorer", version="1", docs_url=None, redoc_url=None,
                   description="Search a gallery with a trained glassmetric checkpoint and see why each result came back.")
     app.add_middleware(RequestLimits, max_in_flight=limits.max_in_flight,
                        max_body_bytes=limits.max_upload_bytes + _FORM_OVERHEAD)
@@ -56,6 +59,10 @@ def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
         return PAGE
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> str:
+        return api_docs_page(app.openapi())
 
     @app.get("/api/info", summary="the checkpoint, the gallery and what the model can explain")
     async def info() -> dict:

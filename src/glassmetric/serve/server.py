@@ -38,7 +38,7 @@ def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: st
         loopback = host == "localhost"
     if not loopback:
         print(f"warning: binding {host}: the explorer is reachable from other machines", file=sys.stderr)
-    print(f"glassmetric explorer on http://{host}:{port}/ (API schema: /openapi.json; Ctrl-C stops it)", flush=True)
+    print(f"glassmetric explorer on http://{host}:{port}/ (API: /docs, schema /openapi.json; Ctrl-C stops it)", flush=True)
     uvicorn.run(create_app(explorer, limits, workers=workers), host=host, port=port, log_level="warning")
     return 0
 
