@@ -74,8 +74,7 @@ class ModelConfig:
     embedding_dim: int = 128
     pooling: Literal["avg", "max", "gem", "avgmax"] = "avg"
     #: initial global head: ``kaiming`` (random projection) or ``identity`` (W = I: the embedding
-    #: starts as the pooled pretrained feature; needs embedding_dim = the backbone's channels).
-    #: ``identity`` also starts an own spatial head (``spatial_head: own``) at W = I
+    #: starts as the pooled pretrained feature; needs embedding_dim = the backbone's channels)
     head_init: Literal["kaiming", "identity"] = "kaiming"
     #: g of the g x g grid of local embeddings for structural matching (0: no spatial head)
     spatial_grid: int = 0

@@ -63,32 +63,3 @@ def test_training_free_grid_on_timm_cnns_and_vit_token_grids(backbone, kwargs):
     out = model(torch.randn(2, 3, 64, 64))
     assert out.local.shape == (2, 16, 8)
     torch.testing.assert_close(out.local.norm(dim=-1), torch.ones(2, 16))
-
-
-def test_identity_init_of_an_own_head_gives_the_normalised_feature_cells():
-    """``init="identity"``: the untrained cells are the pretrained features themselves (resampled
-    to the grid, L2-normalised), brute force per cell; a dimension mismatch is named."""
-    from glassmetric.errors import ConfigError
-
-    head = SpatialGridHead(6, 6, 2, init="identity")
-    fmap = torch.randn(3, 6, 5, 7)
-    out = head(fmap, fmap.mean((2, 3)), EmbeddingOutput(embedding=torch.zeros(3, 6)))["local"]
-    up = F.interpolate(fmap, size=(8, 8), mode="bilinear", align_corners=False)
-    for r in range(2):
-        for c in range(2):
-            cell = up[:, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4].mean((2, 3))
-            torch.testing.assert_close(out[:, 2 * r + c], F.normalize(cell, dim=-1))
-    with pytest.raises(ConfigError, match="embedding_dim equal to the backbone's 6 channels, got 4"):
-        SpatialGridHead(6, 4, 2, init="identity")
-
-
-def test_head_init_identity_starts_the_own_spatial_head_at_the_identity():
-    from glassmetric.config import load_config
-    from glassmetric.training.module import build_model_from_config
-
-    cfg = load_config("demo", ["model.backbone=timm:test_resnet", "model.embedding_dim=96", "model.groups=4",
-                               "model.spatial_grid=2", "model.spatial_head=own", "model.head_init=identity",
-                               "loss.similarity=structural"])
-    conv = build_model_from_config(cfg).extra_heads["spatial"].conv
-    torch.testing.assert_close(conv.weight[..., 0, 0], torch.eye(96))
-    assert not conv.bias.any()

@@ -12,9 +12,6 @@ Two ways to get W:
 * ``SpatialGridHead.sharing(global_head)`` reuses the linear layer of the global head of an
   existing checkpoint: no new parameters, no retraining (the training-free DIML of the paper).
 * ``SpatialGridHead(in_channels, dim)`` owns a 1x1 convolution, trained by a structural loss.
-  ``init="identity"`` (needs ``dim == in_channels``) starts it at W = I, b = 0: the untrained
-  cells are the normalised pretrained features, as the training-free head's are under an
-  identity-initialised global head, instead of a random projection of them.
 """
 
 from __future__ import annotations
@@ -28,10 +25,6 @@ from glassmetric.models.global_head import GlobalHead
 from glassmetric.models.output import EmbeddingOutput
 
 
-#: initial weights of an own 1x1 conv: ``default`` (PyTorch's) or ``identity`` (W = I, b = 0)
-SPATIAL_INITS: tuple[str, ...] = ("default", "identity")
-
-
 def resample_to_grid(local: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, D, h, w) -> (B, D, grid, grid): bilinear up to 4*grid, then adaptive average pooling."""
     up = F.interpolate(local, size=(4 * grid, 4 * grid), mode="bilinear", align_corners=False)
@@ -41,24 +34,12 @@ def resample_to_grid(local: torch.Tensor, grid: int) -> torch.Tensor:
 class SpatialGridHead(nn.Module):
     """Feature map -> ``local``: (B, grid*grid, D) L2-normalised cell embeddings, row-major cells."""
 
-    def __init__(self, in_channels: int, embedding_dim: int, grid: int = 4, *, share: GlobalHead | None = None,
-                 init: str = "default"):
+    def __init__(self, in_channels: int, embedding_dim: int, grid: int = 4, *, share: GlobalHead | None = None):
         super().__init__()
         if grid < 1:
             raise ConfigError(f"model.spatial.grid: expected >= 1, got {grid}")
-        if init not in SPATIAL_INITS:
-            raise ConfigError(f"unknown spatial head init {init!r}: use one of {', '.join(SPATIAL_INITS)}")
-        if init == "identity" and share is None and int(in_channels) != int(embedding_dim):
-            raise ConfigError(
-                f"model.head_init: 'identity' for the own spatial head needs model.embedding_dim equal to the "
-                f"backbone's {in_channels} channels, got {embedding_dim}"
-            )
         self.grid = grid
         self.conv = nn.Conv2d(in_channels, embedding_dim, kernel_size=1) if share is None else None
-        if self.conv is not None and init == "identity":
-            with torch.no_grad():
-                self.conv.weight.copy_(torch.eye(embedding_dim, in_channels)[..., None, None])
-                self.conv.bias.zero_()
         # a tuple, so the shared head is not registered and its weights are not duplicated
         self._shared = (share,) if share is not None else None
 

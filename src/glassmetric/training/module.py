@@ -37,8 +37,7 @@ def build_model_from_config(cfg: Config):
         head = (
             SpatialGridHead.sharing(model.head, m.spatial_grid)
             if m.spatial_head == "shared"
-            else SpatialGridHead(model.backbone.out_channels, m.embedding_dim, m.spatial_grid,
-                                 init="identity" if m.head_init == "identity" else "default")
+            else SpatialGridHead(model.backbone.out_channels, m.embedding_dim, m.spatial_grid)
         )
         model.add_head("spatial", head)
     if m.uncertainty_dim:
