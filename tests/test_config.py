@@ -150,3 +150,16 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path: Path):
     assert load_config(str(f)).optim.lr == 5e-5
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config("demo", ["optim.lr=fast"])
+
+
+def test_auto_marginals_follow_the_spatial_head():
+    """``structural.marginals: auto`` (the default) becomes cross_correlation with the shared
+    head (the cells are in the global embedding's space) and pooled_cross_correlation with an
+    own head (they are not, e.g. beside the groups); an explicit choice is kept."""
+    assert load_config("demo").structural.marginals == "cross_correlation"
+    assert load_config("demo", ["model.spatial_grid=4"]).structural.marginals == "cross_correlation"
+    own = ["model.groups=4", "model.spatial_grid=4", "model.spatial_head=own", "loss.similarity=structural"]
+    assert load_config("demo", own).structural.marginals == "pooled_cross_correlation"
+    assert load_config("demo", own + ["structural.marginals=cross_correlation"]).structural.marginals == "cross_correlation"
+    with pytest.raises(ConfigError, match="structural.marginals"):
+        load_config("demo", ["structural.marginals=pooled"])

@@ -114,7 +114,12 @@ class StructuralConfig:
 
     epsilon: float = 0.05
     iters: int = 100
-    marginals: Literal["cross_correlation", "uniform"] = "cross_correlation"
+    #: ``cross_correlation`` (DIML: each cell weighted by its correlation with the other image's
+    #: global embedding), ``pooled_cross_correlation`` (the same against the other image's mean
+    #: cell, for local embeddings of a head of their own), ``uniform``, or ``auto``: pooled when
+    #: ``model.spatial_head`` is ``own`` (its cells are not in the global embedding's space,
+    #: e.g. with model.groups), else cross_correlation. Resolved when the config is validated.
+    marginals: Literal["auto", "cross_correlation", "pooled_cross_correlation", "uniform"] = "auto"
 
 
 @dataclass
@@ -401,6 +406,9 @@ def validate(cfg: Config) -> Config:
             "model.spatial_head: 'shared' applies the global head at every location, but model.groups "
             "replaces (and leaves untrained) the global head: use model.spatial_head=own"
         )
+    if cfg.structural.marginals == "auto":
+        own = m.spatial_grid and m.spatial_head == "own"
+        cfg.structural.marginals = "pooled_cross_correlation" if own else "cross_correlation"
     if cfg.data.name == "synthetic":
         from glassmetric.data.synthetic import MAX_CLASSES
 

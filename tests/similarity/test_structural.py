@@ -55,12 +55,20 @@ def ref_marginal(cells, other_global):
     return w / w.sum() if w.sum() >= 1e-8 else np.full(len(cells), 1.0 / len(cells))
 
 
+def ref_pooled(cells):
+    """normalise(mean_i x_i), the image's own reference for pooled cross-correlation."""
+    m = np.mean(np.asarray(cells, dtype=np.float64), axis=0)
+    return m / np.linalg.norm(m)
+
+
 def ref_pair(x, y, gx, gy, eps=0.05, marginals="cross_correlation"):
     """(SS, T, S, mu, nu) of one pair with POT."""
     x, y, gx, gy = (np.asarray(t, dtype=np.float64) for t in (x, y, gx, gy))
     S = np.array([[float(np.dot(xi, yj)) for yj in y] for xi in x])
     if marginals == "uniform":
         mu, nu = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
+    elif marginals == "pooled_cross_correlation":  # the globals are not used
+        mu, nu = ref_marginal(x, ref_pooled(y)), ref_marginal(y, ref_pooled(x))
     else:
         mu, nu = ref_marginal(x, gy), ref_marginal(y, gx)
     with warnings.catch_warnings():
@@ -149,7 +157,7 @@ def test_all_negative_correlations_fall_back_to_uniform_in_ss():
 # --------------------------------------------------------------------------- SS vs brute force
 
 
-@pytest.mark.parametrize("marginals", ["cross_correlation", "uniform"])
+@pytest.mark.parametrize("marginals", ["cross_correlation", "pooled_cross_correlation", "uniform"])
 def test_batch_of_pairs_matches_brute_force(marginals):
     gen = torch.Generator().manual_seed(2)
     x, gx = images(gen, 6, n=9, d=5, spread=1.5)
@@ -371,3 +379,25 @@ def test_gathered_block_scores_equal_the_block_call(marginals, dtype, tol):
     # not applicable: mixed dtypes, or an epsilon too small for the plain kernel
     assert _gathered_block_scores(ql, qg.to(torch.float16), gl, gg, idx, **kw) is None
     assert _gathered_block_scores(ql, qg, gl, gg, idx, **{**kw, "epsilon": 0.001}) is None
+
+
+def test_pooled_marginals_ignore_the_globals_and_weigh_against_the_other_images_mean_cell():
+    """``pooled_cross_correlation``: mu weighs x's cells against normalise(mean of y's cells), nu
+    y's against x's (brute force per cell); the globals play no part (None works, and other
+    globals change nothing), and the multi-scale score still adds cos(gx, gy)."""
+    gen = torch.Generator().manual_seed(11)
+    x, gx = images(gen, 4, n=9, d=5, spread=1.5)
+    y, gy = images(gen, 4, n=7, d=5, spread=1.5)
+    mu, nu = compute_marginals(x, y, None, None, "pooled_cross_correlation")
+    for b in range(4):
+        np.testing.assert_allclose(mu[b].numpy(), ref_marginal(x[b].numpy(), ref_pooled(y[b].numpy())), atol=1e-12)
+        np.testing.assert_allclose(nu[b].numpy(), ref_marginal(y[b].numpy(), ref_pooled(x[b].numpy())), atol=1e-12)
+    kw = dict(marginals="pooled_cross_correlation", **CONVERGED)
+    ss = structural_similarity(x, y, gx, gy, **kw)
+    torch.testing.assert_close(structural_similarity(x, y, None, None, **kw), ss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(structural_similarity(x, y, -gx, gy.flip(0), **kw), ss, rtol=0, atol=1e-12)
+    torch.testing.assert_close(multiscale_score(x, y, gx, gy, **kw), (gx * gy).sum(-1) + ss, rtol=0, atol=1e-12)
+    mat = structural_similarity_matrix(x, None, y, None, **kw)
+    torch.testing.assert_close(mat.diagonal(), ss, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="'pooled_cross_correlation'"):
+        compute_marginals(x, y, gx, gy, "pooled")

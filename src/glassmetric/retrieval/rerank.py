@@ -41,6 +41,7 @@ from glassmetric.similarity.structural import (
     _gathered_block_scores,
     _product_group,
     global_similarity,
+    pooled_cells,
     structural_similarity,
 )
 
@@ -323,6 +324,13 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
     if k == 0 or q == 0:
         empty = torch.empty(q, k, dtype=dtype, device=qg.device)
         return empty, empty.clone()
+    if kw.get("marginals") == "pooled_cross_correlation":
+        # cross-correlation against each image's mean cell: the same fast path with those in
+        # place of the globals (the cosines it returns are then theirs), and the global cosines
+        # of the candidates apart
+        _, ss = _rescore(pooled_cells(ql).to(ql.dtype), ql, pooled_cells(gl).to(gl.dtype), gl, idx, chunk_size,
+                         {**kw, "marginals": "cross_correlation"})
+        return _candidate_cosines(qg, gg, idx).to(dtype), ss
     rows = chunk_size or default_rerank_chunk_rows(
         k, ql.shape[1], ql.shape[2], device=ql.device, dtype=dtype
     )
@@ -356,6 +364,14 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
         ss.append(structural_similarity(ql[start : start + rows], cand_l, q_g, cand_g, **kw))
         gs.append(global_similarity(q_g, cand_g))
     return torch.cat(gs).to(dtype), torch.cat(ss).to(dtype)
+
+
+def _candidate_cosines(qg: Tensor, gg: Tensor, idx: Tensor, budget_bytes: int = 64 * 2**20) -> Tensor:
+    """``cos(qg[q], gg[idx[q, j]])`` ``(Q, K)``, gathering at most ``budget_bytes`` of candidates
+    at a time."""
+    q, k = idx.shape
+    rows = max(1, budget_bytes // max(1, 4 * k * gg.shape[-1]))
+    return torch.cat([global_similarity(qg[s : s + rows], gg[idx[s : s + rows]]) for s in range(0, q, rows)])
 
 
 def _score_dtype(*tensors: Tensor) -> torch.dtype:

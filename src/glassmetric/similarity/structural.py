@@ -11,7 +11,12 @@ and one L2-normalised global embedding ``gx``; the same for ``y``. Then (paper, 
   ``mu`` indexes the rows of ``T`` (x's cells), ``nu`` its columns (y's cells). (The original
   release passed them to the wrong sides in its losses.) When a marginal's mass
   :math:`\sum_k \max(0, \cdot)` is below :data:`MIN_MASS` (e.g. every correlation is negative),
-  that marginal falls back to uniform ``1/N`` for that pair;
+  that marginal falls back to uniform ``1/N`` for that pair. With
+  ``marginals="pooled_cross_correlation"`` the reference of each image is the mean of its own
+  cells, :math:`\bar g_y = \mathrm{normalise}(\frac1M \sum_j y_j)`, in place of ``g_y``: for
+  local embeddings from a head of their own (``model.spatial_head: own``), whose space is not
+  the global embedding's (e.g. the concatenated group embeddings of DGML), so the product
+  :math:`x_i^\top g_y` would compare two unrelated spaces;
 * transport plan: :math:`T = \arg\min_{T1=\mu, T^\top1=\nu} \langle T, C\rangle - \varepsilon H(T)`
   by :func:`glassmetric.similarity.sinkhorn.sinkhorn` (log domain, epsilon 0.05);
 * structural similarity :math:`SS = \sum_{ij} T_{ij} S_{ij} \in [-1, 1]` (``T`` is a
@@ -77,12 +82,13 @@ __all__ = [
     "global_similarity",
     "local_similarity",
     "multiscale_score",
+    "pooled_cells",
     "structural_similarity",
     "structural_similarity_matrix",
     "uniform_marginals",
 ]
 
-MarginalKind = Literal["cross_correlation", "uniform"]
+MarginalKind = Literal["cross_correlation", "pooled_cross_correlation", "uniform"]
 
 #: A cross-correlation marginal whose total mass is below this falls back to uniform.
 MIN_MASS = 1e-8
@@ -146,6 +152,14 @@ def _normalise_correlations(corr: Tensor, min_mass: float = MIN_MASS) -> Tensor:
     return torch.where(ok, w / torch.where(ok, mass, torch.ones_like(mass)), 1.0 / n)
 
 
+def pooled_cells(x_local: Tensor) -> Tensor:
+    """``normalise(mean_i x_i)``: ``(..., N, D) -> (..., D)``, the reference embedding of an
+    image in its cells' own space (``"pooled_cross_correlation"`` marginals)."""
+    dt = _cdtype(x_local)
+    with _no_autocast(x_local):
+        return torch.nn.functional.normalize(x_local.to(dt).mean(-2), dim=-1)
+
+
 def uniform_marginals(x_local: Tensor) -> Tensor:
     """``1/N`` for each of the ``N`` cells of ``x_local (..., N, D)``: shape ``(..., N)``."""
     n = x_local.shape[-2]
@@ -162,13 +176,19 @@ def compute_marginals(
     """``(mu, nu)``: row marginal over x's cells and column marginal over y's cells.
 
     ``"cross_correlation"``: ``mu = f(x_local, y_global)``, ``nu = f(y_local, x_global)`` with
-    ``f`` = :func:`cross_correlation_marginals` (needs both globals); ``"uniform"``: ``1/N`` each.
-    Inputs must already be aligned for broadcasting (as :func:`structural_similarity` does).
+    ``f`` = :func:`cross_correlation_marginals` (needs both globals);
+    ``"pooled_cross_correlation"``: the same against each image's :func:`pooled_cells` (the
+    globals are not used); ``"uniform"``: ``1/N`` each. Inputs must already be aligned for
+    broadcasting (as :func:`structural_similarity` does).
     """
     if kind == "uniform":
         return uniform_marginals(x_local), uniform_marginals(y_local)
+    if kind == "pooled_cross_correlation":
+        x_global, y_global, kind = pooled_cells(x_local), pooled_cells(y_local), "cross_correlation"
     if kind != "cross_correlation":
-        raise ValueError(f"marginals must be 'cross_correlation' or 'uniform', got {kind!r}")
+        raise ValueError(
+            f"marginals must be 'cross_correlation', 'pooled_cross_correlation' or 'uniform', got {kind!r}"
+        )
     if x_global is None or y_global is None:
         raise ValueError("cross-correlation marginals need both global embeddings")
     mu = cross_correlation_marginals(x_local, y_global)  # x's cells vs the OTHER image
@@ -225,6 +245,9 @@ def _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global):
 
 def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad):
     """(S, mu, nu, T) for aligned inputs."""
+    if marginals == "pooled_cross_correlation":  # the same, against each image's own cells
+        x_global, y_global = pooled_cells(x_local), pooled_cells(y_local)
+        marginals = "cross_correlation"
     if marginals == "cross_correlation" and grad == "none_through_plan" and x_global is not None \
             and y_global is not None:
         S, mu, nu = _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global)
@@ -371,7 +394,8 @@ def structural_similarity(
         iters: Sinkhorn iterations (the maximum when ``tol`` is given).
         tol: None (default) for a fixed, sync-free iteration count; else the L1 row-marginal
             tolerance, checked every 5 iterations (see :func:`sinkhorn`).
-        marginals: ``"cross_correlation"`` (DIML) or ``"uniform"``.
+        marginals: ``"cross_correlation"`` (DIML), ``"pooled_cross_correlation"`` (against each
+            image's mean cell, for locals not in the globals' space) or ``"uniform"``.
         grad / differentiable: gradient mode of the plan (see :func:`sinkhorn`).
 
     Returns:
