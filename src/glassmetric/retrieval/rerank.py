@@ -328,7 +328,7 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
         # cross-correlation against each image's mean cell: the same fast path with those in
         # place of the globals (the cosines it returns are then theirs), and the global cosines
         # of the candidates apart
-        _, ss = _rescore(pooled_cells(ql).to(ql.dtype), ql, pooled_cells(gl).to(gl.dtype), gl, idx, chunk_size,
+        _, ss = _rescore(pooled_cells(ql).to(ql.dtype), ql, _candidate_pooled_cells(gl, idx), gl, idx, chunk_size,
                          {**kw, "marginals": "cross_correlation"})
         return _candidate_cosines(qg, gg, idx).to(dtype), ss
     rows = chunk_size or default_rerank_chunk_rows(
@@ -364,6 +364,18 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
         ss.append(structural_similarity(ql[start : start + rows], cand_l, q_g, cand_g, **kw))
         gs.append(global_similarity(q_g, cand_g))
     return torch.cat(gs).to(dtype), torch.cat(ss).to(dtype)
+
+
+def _candidate_pooled_cells(gl: Tensor, idx: Tensor, budget_bytes: int = 64 * 2**20) -> Tensor:
+    """``(G, D)``: :func:`pooled_cells` of the gallery items in ``idx``, zeros elsewhere (a
+    search scores a few candidates of a large gallery: only those are read)."""
+    ref = gl.new_zeros(gl.shape[0], gl.shape[-1])
+    items = idx.unique()
+    rows = max(1, budget_bytes // max(1, gl[0].numel() * gl.element_size()))
+    for s in range(0, len(items), rows):
+        sel = items[s : s + rows]
+        ref[sel] = pooled_cells(gl[sel]).to(gl.dtype)
+    return ref
 
 
 def _candidate_cosines(qg: Tensor, gg: Tensor, idx: Tensor, budget_bytes: int = 64 * 2**20) -> Tensor:
