@@ -66,6 +66,7 @@ LABELS = {
     "baseline": "baseline (MultiSimilarity)",
     "structural": "+ structural loss (`loss.similarity=structural`, 4x4)",
     "grouping": "+ attentive groups (`model.groups=4`)",
+    "grouping-flatstart": "+ attentive groups, near-uniform start (`model.group_query_std=0.1`)",
     "introspective": "+ introspective (`loss.similarity=introspective`)",
     "grouping+structural": "+ groups and structural loss (own 4x4 DIML head)",
     "grouping+introspective": "+ groups and introspective",
@@ -74,6 +75,8 @@ METHODS = {
     "baseline": [],
     "structural": ["model.spatial_grid=4", "loss.similarity=structural"],
     "grouping": ["model.groups=4"],
+    # the groups' queries start small: attention near average pooling, the pretrained geometry
+    "grouping-flatstart": ["model.groups=4", "model.group_query_std=0.1"],
     "introspective": ["model.uncertainty_dim=1280", "loss.similarity=introspective"],
     # the combinations the design allows: groups give the global embedding, a DIML head of its own the
     # local ones (a groups checkpoint has no global head to share) or an uncertainty head beside them

@@ -84,6 +84,11 @@ class ModelConfig:
     uncertainty_dim: int = 0
     #: k attention groups of attentive grouping (DGML); 0: off. embedding_dim must divide by k
     groups: int = 0
+    #: standard deviation of the groups' initial queries (normal, mean 0). 1: sharply peaked
+    #: random attention from the start (the default). A small value (e.g. 0.1) starts every group
+    #: near average pooling, i.e. from the pretrained feature's retrieval geometry; the groups
+    #: then specialise during training (on CUB-50 +7.6 R@1 for seed 0, BENCHMARKS.md)
+    group_query_std: float = 1.0
 
 
 @dataclass
@@ -254,6 +259,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("model.spatial_grid", lambda v: 0 <= v <= 32, "between 0 and 32"),
     ("model.uncertainty_dim", lambda v: 0 <= v <= 65536, "between 0 and 65536"),
     ("model.groups", lambda v: 0 <= v <= 64, "between 0 (off) and 64"),
+    ("model.group_query_std", lambda v: v > 0, "> 0"),
     ("loss.diversity_weight", lambda v: v >= 0, ">= 0"),
     ("optim.grouping_lr", lambda v: v is None or v > 0, "> 0"),
     ("optim.query_lr", lambda v: v is None or v > 0, "> 0"),

@@ -128,3 +128,29 @@ def test_grouping_under_bf16_autocast_stays_normalised():
     assert all(torch.isfinite(v.float()).all() for v in out.values())
     torch.testing.assert_close(out["attention"].float().sum((2, 3)), torch.ones(2, 3), atol=2e-2, rtol=0)
     torch.testing.assert_close(out["embedding"].float().norm(dim=1), torch.ones(2), atol=2e-2, rtol=0)
+
+
+def test_small_initial_queries_start_every_group_near_average_pooling():
+    """``query_std``: the queries are N(0, std^2) (same draws, scaled), so with a small std the
+    attention starts near uniform and each group near the average-pooled values (brute force),
+    while the default start is peaked; the config key reaches the head and is range-checked."""
+    fmap = torch.randn(2, 64, 5, 6)
+    torch.manual_seed(0)
+    peaked = GroupingHead(64, 32, groups=4)
+    torch.manual_seed(0)
+    flat = GroupingHead(64, 32, groups=4, query_std=1e-3)
+    torch.testing.assert_close(flat.queries, peaked.queries * 1e-3)
+    flat.keys.load_state_dict(peaked.keys.state_dict())
+    flat.values.load_state_dict(peaked.values.state_dict())
+    a_flat, g_flat = flat.attend(fmap)
+    a_peak, _ = peaked.attend(fmap)
+    uniform = torch.full_like(a_flat, 1 / 30)
+    assert (a_flat - uniform).abs().max() < 1e-3 < (a_peak - uniform).abs().max()
+    mean_values = flat.values(fmap).flatten(2).mean(-1)  # (B, D/k): average pooling of the values
+    for i in range(4):
+        torch.testing.assert_close(g_flat[:, i], mean_values, atol=2e-3, rtol=0)
+    cfg = load_config("demo", ["model.groups=4", "model.embedding_dim=32", "model.group_query_std=0.1",
+                               "model.backbone=timm:test_resnet"])
+    assert build_model_from_config(cfg).extra_heads["grouping"].queries.abs().max() < 1.0
+    with pytest.raises(ConfigError, match="model.group_query_std"):
+        load_config("demo", ["model.groups=4", "model.group_query_std=0"])

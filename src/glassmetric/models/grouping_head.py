@@ -49,9 +49,13 @@ class GroupingHead(nn.Module):
         embedding_dim: D of the concatenated embedding (divisible by ``groups``).
         groups: k, the number of learnable queries.
         key_dim: size of keys and queries (default C / 8, as in the paper).
+        query_std: standard deviation of the initial queries ``q_i ~ N(0, query_std^2)``. With a
+            small value the logits ``q_i . k_p`` start near 0, so every group starts near average
+            pooling (the pretrained feature's geometry) and specialises while training.
     """
 
-    def __init__(self, in_channels: int, embedding_dim: int, groups: int = 3, key_dim: int | None = None):
+    def __init__(self, in_channels: int, embedding_dim: int, groups: int = 3, key_dim: int | None = None,
+                 query_std: float = 1.0):
         super().__init__()
         check_groups(embedding_dim, groups)
         self.groups = int(groups)
@@ -59,7 +63,9 @@ class GroupingHead(nn.Module):
         self.key_dim = int(key_dim) if key_dim is not None else max(1, in_channels // 8)
         self.keys = nn.Conv2d(in_channels, self.key_dim, kernel_size=1)
         self.values = nn.Conv2d(in_channels, self.group_dim, kernel_size=1)
-        self.queries = nn.Parameter(torch.randn(self.groups, self.key_dim))
+        if not query_std > 0:
+            raise ConfigError(f"model.group_query_std: expected > 0, got {query_std}")
+        self.queries = nn.Parameter(torch.randn(self.groups, self.key_dim) * float(query_std))
 
     def attend(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) -> (attention (B, k, h, w), un-normalised groups sum_p a_ip v_p (B, k, D/k))."""

@@ -32,7 +32,8 @@ def build_model_from_config(cfg: Config):
     if m.trainable_backbone is not None:
         model.backbone.freeze_except(m.trainable_backbone)
     if m.groups:
-        model.add_head("grouping", GroupingHead(model.backbone.out_channels, m.embedding_dim, m.groups))
+        model.add_head("grouping", GroupingHead(model.backbone.out_channels, m.embedding_dim, m.groups,
+                                                query_std=m.group_query_std))
     if m.spatial_grid:
         head = (
             SpatialGridHead.sharing(model.head, m.spatial_grid)
