@@ -67,6 +67,7 @@ LABELS = {
     "structural": "+ structural loss (`loss.similarity=structural`, 4x4)",
     "grouping": "+ attentive groups (`model.groups=4`)",
     "grouping-flatstart": "+ attentive groups, near-uniform start (`model.group_query_std=0.1`)",
+    "grouping-flatstart+structural": "+ groups (near-uniform start) and structural loss (own 4x4 DIML head)",
     "introspective": "+ introspective (`loss.similarity=introspective`)",
     "grouping+structural": "+ groups and structural loss (own 4x4 DIML head)",
     "grouping+introspective": "+ groups and introspective",
@@ -77,6 +78,8 @@ METHODS = {
     "grouping": ["model.groups=4"],
     # the groups' queries start small: attention near average pooling, the pretrained geometry
     "grouping-flatstart": ["model.groups=4", "model.group_query_std=0.1"],
+    "grouping-flatstart+structural": ["model.groups=4", "model.group_query_std=0.1", "model.spatial_grid=4",
+                                      "model.spatial_head=own", "loss.similarity=structural"],
     "introspective": ["model.uncertainty_dim=1280", "loss.similarity=introspective"],
     # the combinations the design allows: groups give the global embedding, a DIML head of its own the
     # local ones (a groups checkpoint has no global head to share) or an uncertainty head beside them
@@ -335,15 +338,17 @@ def main() -> None:
     if grouped:
         sections += ["", "**Attention groups** (4 groups, all test images): most frequent nearest part of each "
                          "group's attention peak (share of images), how often the peak sits at the group's most frequent "
-                         "position, and the mutual information between group and part, against i.i.d. random maps on the "
-                         "same images.", "",
+                         "position, how many of the 49 positions the group attends to (the perplexity of its attention, "
+                         "mean over images: 1 is one position, 49 average pooling), and the mutual information between "
+                         "group and part, against i.i.d. random maps on the same images.", "",
                      "| model | seed | group 1 | group 2 | group 3 | group 4 | distinct parts | MI (nats) | MI random maps | top-10% IoU (chance) |",
                      "|---|---|---|---|---|---|---|---|---|---|"]
         for m in grouped:  # every seed of the groups alone, the first seed of each combination
             for s, ckpt in list(ckpts[m].items())[: None if m == "grouping" else 1]:
-                g = cached(ckpt, "bench_groups.json", "all", lambda: group_parts(ckpt))
+                g = cached(ckpt, "bench_groups.json", "all, spread", lambda: group_parts(ckpt))
                 print(json.dumps({"method": m, "seed": s, **g}, default=float), flush=True)
-                cells = [f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%)" for v in g["groups"].values()]
+                cells = [f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%, "
+                         f"{v['spread']:.1f} pos.)" for v in g["groups"].values()]
                 sections.append(f"| {m} | {s} | " + " | ".join(cells) + f" | {g['distinct_parts']} | {g['mi']:.3f} | "
                                 f"{g['mi_random']:.3f} | {g['iou']:.3f} ({g['iou_chance']:.3f}) |")
     if "grouping" in ckpts:

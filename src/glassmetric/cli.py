@@ -256,7 +256,8 @@ def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
           f"{out['iou']:.3f} ({pairs}; chance {out['iou_chance']:.3f}, {out['n_top']} of {out['positions']} positions)")
     for g, v in out["groups"].items():
         print(f"  group {g}: attention peak nearest the {v['part']} in {100 * v['share']:.1f}% of the images "
-              f"(peak at its most frequent position in {100 * v['fixed_position']:.1f}%)")
+              f"(peak at its most frequent position in {100 * v['fixed_position']:.1f}%; attends to "
+              f"{v['spread']:.1f} of {out['positions']} positions)")
     print(f"  mutual information between group and part {out['mi']:.3f} nats (random maps {out['mi_random']:.3f})")
     return out
 

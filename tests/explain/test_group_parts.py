@@ -11,6 +11,7 @@ from glassmetric.data.synthetic import SyntheticParts
 from glassmetric.errors import ConfigError
 from glassmetric.explain.group_parts import (
     attention_peaks,
+    attention_spread,
     chance_iou,
     evaluate_group_parts,
     group_part_mutual_information,
@@ -112,6 +113,23 @@ def test_mutual_information_matches_the_definition():
     assert math.isnan(group_part_mutual_information(torch.zeros(2, 3, dtype=torch.long)))
 
 
+def test_attention_spread_is_the_perplexity_of_each_map():
+    """exp(entropy) per map, brute force; one position -> 1, uniform -> h * w, zeros allowed."""
+    torch.manual_seed(3)
+    att = torch.rand(5, 2, 3, 4)
+    att[0, 0] = 0
+    att[0, 0, 1, 2] = 1.0  # all mass on one position
+    att[1, 1] = 1.0  # uniform
+    att[2, 0, 0] = 0  # a row of zeros
+    att = att / att.flatten(2).sum(-1)[..., None, None]
+    spread = attention_spread(att)
+    for n in range(5):
+        for g in range(2):
+            p = [float(v) for v in att[n, g].flatten() if v > 0]
+            assert spread[n, g].item() == pytest.approx(math.exp(-sum(v * math.log(v) for v in p)))
+    assert spread[0, 0].item() == pytest.approx(1.0) and spread[1, 1].item() == pytest.approx(12.0)
+
+
 def test_evaluate_group_parts_end_to_end():
     torch.manual_seed(0)
     model = build_model("resnet18", 12)
@@ -126,6 +144,7 @@ def test_evaluate_group_parts_end_to_end():
         assert g["part"] in data.part_names and sum(g["counts"].values()) <= 10
         assert g["share"] == pytest.approx(g["counts"][g["part"]] / sum(g["counts"].values()))
         assert 0.25 <= g["fixed_position"] <= 1.0  # 4 positions: the most frequent holds >= 1/4
+        assert 1.0 - 1e-9 <= g["spread"] <= 4.0 + 1e-9
     assert 0.0 <= out["mi"] <= math.log(3) + 1e-12 and 0.0 <= out["mi_random"] <= math.log(3) + 1e-12
     with pytest.raises(ConfigError, match="model.groups"):
         evaluate_group_parts(build_model("resnet18", 8), data, images=2, crop=64, resize=64)

@@ -17,6 +17,10 @@ on images with part keypoints (CUB's 15 parts; the 6 parts of the embedded synth
   in an image, a group that always peaks at the same position also "finds" a part; the share
   of images in which a group peaks at its most frequent position (``fixed_position``) tells the
   two apart: near 1, the group is a fixed region of the image rather than a part detector.
+* Spread (:func:`attention_spread`). How many positions a group attends to: the perplexity
+  ``exp(H(a_i))`` of its attention distribution (``H`` in nats), from 1 (one position) to
+  ``h * w`` (uniform, i.e. average pooling). A peak on a part means little when the group
+  spreads over most of the image.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from glassmetric.explain.correspondence import _EvalImages
 
 __all__ = [
     "attention_peaks",
+    "attention_spread",
     "chance_iou",
     "evaluate_group_parts",
     "group_part_mutual_information",
@@ -78,6 +83,15 @@ def chance_iou(positions: int, n_top: int) -> float:
         math.comb(n_top, x) * math.comb(positions - n_top, n_top - x) / total * x / (2 * n_top - x)
         for x in range(0, n_top + 1)
     )
+
+
+def attention_spread(attention: Tensor) -> Tensor:
+    """``(N, k, h, w)`` attention (each map sums to 1) -> ``(N, k)``: the effective number of
+    attended positions, ``exp(-sum_p a_p log a_p)`` (0 log 0 = 0)."""
+    if attention.ndim != 4:
+        raise ValueError(f"attention must be (N, k, h, w), got shape {tuple(attention.shape)}")
+    a = attention.double().flatten(2)
+    return torch.exp(-torch.special.xlogy(a, a).sum(-1))
 
 
 def attention_peaks(attention: Tensor, crop: int) -> Tensor:
@@ -155,7 +169,8 @@ def evaluate_group_parts(
     ``iou_pairs`` ({"1-2": mean IoU, ...}), ``iou_chance`` (:func:`chance_iou`), ``fraction``,
     ``n_top`` and ``positions`` (h*w); ``groups``: per group (1-based), ``part`` (the most
     frequent nearest part), ``share`` (how often), ``counts`` ({part: count}), ``fixed_position``
-    (share of the images whose peak is at the group's most frequent position); ``distinct_parts``
+    (share of the images whose peak is at the group's most frequent position), ``spread`` (mean
+    :func:`attention_spread`: positions attended, of ``positions``); ``distinct_parts``
     (how many different parts the groups' most frequent parts are); ``n_images``; ``mi``
     (:func:`group_part_mutual_information`, nats) and ``mi_random`` (mean, over
     ``random_maps`` seeded draws, of the same for i.i.d. uniform random attention maps of the
@@ -191,6 +206,7 @@ def evaluate_group_parts(
     names = list(getattr(dataset, "part_names", ())) or [str(p) for p in range(kps.shape[1])]
     counts = part_assignment(nearest_parts(attention_peaks(att, crop), kps), kps.shape[1])
     peak_cells = att.flatten(2).argmax(-1)  # (N, k)
+    spread = attention_spread(att).mean(0)  # (k,)
     groups = {}
     for i in range(k):
         total = int(counts[i].sum())
@@ -199,6 +215,7 @@ def evaluate_group_parts(
             "part": names[best], "share": counts[i, best].item() / total if total else math.nan,
             "counts": {names[p]: int(c) for p, c in enumerate(counts[i].tolist())},
             "fixed_position": torch.bincount(peak_cells[:, i], minlength=h * w).max().item() / len(att),
+            "spread": spread[i].item(),
         }
     n_top = int(masks[0, 0].sum())
     gen = torch.Generator().manual_seed(seed)
