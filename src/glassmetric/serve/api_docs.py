@@ -22,21 +22,21 @@ code { font-family: ui-monospace, monospace; } .muted { color: #666; }
 """
 
 
-def _type_of(schema: dict, components: dict) -> str:
-    """A short type name for a JSON schema: ``integer``, ``string (binary)``, a model name..."""
+def _type_of(schema: dict) -> str:
+    """A short type name for a JSON schema: ``integer``, ``file`` (an upload), a model name..."""
     if "$ref" in schema:
         return schema["$ref"].rsplit("/", 1)[-1]
     if "anyOf" in schema:
-        return " | ".join(_type_of(s, components) for s in schema["anyOf"])
+        return " | ".join(_type_of(s) for s in schema["anyOf"])
     if schema.get("type") == "array":
-        return f"array of {_type_of(schema.get('items', {}), components)}"
+        return f"array of {_type_of(schema.get('items', {}))}"
     if schema.get("format") == "binary" or "contentMediaType" in schema:
         return "file"  # an upload (OpenAPI 3.0 spells it format: binary, 3.1 contentMediaType)
     name = schema.get("type", "any")
     return f"{name} ({schema['format']})" if "format" in schema else name
 
 
-def _parameters(op: dict, components: dict) -> str:
+def _parameters(op: dict) -> str:
     params = op.get("parameters", [])
     if not params:
         return ""
@@ -47,7 +47,7 @@ def _parameters(op: dict, components: dict) -> str:
         limits = ", ".join(f"{k} {schema[k]}" for k in ("minimum", "maximum") if k in schema)
         rows.append(
             f"<tr><td><code>{escape(p['name'])}</code></td><td>{escape(p.get('in', ''))}</td>"
-            f"<td>{escape(_type_of(schema, components))}{' (' + escape(limits) + ')' if limits else ''}</td>"
+            f"<td>{escape(_type_of(schema))}{' (' + escape(limits) + ')' if limits else ''}</td>"
             f"<td>{default}</td><td>{'yes' if p.get('required') else 'no'}</td>"
             f"<td>{escape(p.get('description', schema.get('description', '')))}</td></tr>"
         )
@@ -55,9 +55,9 @@ def _parameters(op: dict, components: dict) -> str:
             "<th>description</th></tr>" + "".join(rows) + "</table>")
 
 
-def _field(name: str, schema: dict, required: bool, components: dict) -> str:
+def _field(name: str, schema: dict, required: bool) -> str:
     """``name: type`` of a form field, with ``(optional, default ...)`` when not required."""
-    text = f"<code>{escape(name)}</code>: {escape(_type_of(schema, components))}"
+    text = f"<code>{escape(name)}</code>: {escape(_type_of(schema))}"
     if not required:
         default = f", default <code>{escape(repr(schema['default']))}</code>" if "default" in schema else ""
         text += f" (optional{default})"
@@ -75,7 +75,7 @@ def _body(op: dict, components: dict) -> str:
             schema = components.get(schema["$ref"].rsplit("/", 1)[-1], schema)
         fields = schema.get("properties", {})
         required = set(schema.get("required", []))
-        listed = ", ".join(_field(n, f, n in required, components) for n, f in fields.items())
+        listed = ", ".join(_field(n, f, n in required) for n, f in fields.items())
         parts.append(f"<p>body <code>{escape(media)}</code>{': ' + listed if listed else ''}</p>")
     return "".join(parts)
 
@@ -96,7 +96,7 @@ def api_docs_page(schema: dict) -> str:
         for method, op in ops.items():
             sections.append(
                 f"<h2><span class='method {escape(method)}'>{escape(method.upper())}</span> {escape(path)}</h2>"
-                f"<p>{escape(op.get('summary', ''))}</p>{_parameters(op, components)}{_body(op, components)}"
+                f"<p>{escape(op.get('summary', ''))}</p>{_parameters(op)}{_body(op, components)}"
                 f"{_responses(op)}"
             )
     title = escape(info.get("title", "API"))

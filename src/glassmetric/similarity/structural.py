@@ -160,6 +160,15 @@ def pooled_cells(x_local: Tensor) -> Tensor:
         return torch.nn.functional.normalize(x_local.to(dt).mean(-2), dim=-1)
 
 
+def _marginal_references(x_local, y_local, x_global, y_global, kind):
+    """``(x reference, y reference, kind)``: what the marginals weigh the cells against.
+    ``"pooled_cross_correlation"`` is ``"cross_correlation"`` against each image's
+    :func:`pooled_cells` in place of its global embedding; other kinds pass through."""
+    if kind == "pooled_cross_correlation":
+        return pooled_cells(x_local), pooled_cells(y_local), "cross_correlation"
+    return x_global, y_global, kind
+
+
 def uniform_marginals(x_local: Tensor) -> Tensor:
     """``1/N`` for each of the ``N`` cells of ``x_local (..., N, D)``: shape ``(..., N)``."""
     n = x_local.shape[-2]
@@ -183,8 +192,7 @@ def compute_marginals(
     """
     if kind == "uniform":
         return uniform_marginals(x_local), uniform_marginals(y_local)
-    if kind == "pooled_cross_correlation":
-        x_global, y_global, kind = pooled_cells(x_local), pooled_cells(y_local), "cross_correlation"
+    x_global, y_global, kind = _marginal_references(x_local, y_local, x_global, y_global, kind)
     if kind != "cross_correlation":
         raise ValueError(
             f"marginals must be 'cross_correlation', 'pooled_cross_correlation' or 'uniform', got {kind!r}"
@@ -245,9 +253,7 @@ def _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global):
 
 def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad):
     """(S, mu, nu, T) for aligned inputs."""
-    if marginals == "pooled_cross_correlation":  # the same, against each image's own cells
-        x_global, y_global = pooled_cells(x_local), pooled_cells(y_local)
-        marginals = "cross_correlation"
+    x_global, y_global, marginals = _marginal_references(x_local, y_local, x_global, y_global, marginals)
     if marginals == "cross_correlation" and grad == "none_through_plan" and x_global is not None \
             and y_global is not None:
         S, mu, nu = _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global)
