@@ -2,6 +2,7 @@
 
 import io
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -188,3 +189,17 @@ def test_serve_refuses_an_unknown_search(files):
 
     with pytest.raises(ConfigError, match="knn"):
         Explorer.open(checkpoint, gallery, cache_dir=gallery.parent / "cache", progress=False, knn="faiss")
+
+
+@pytest.mark.parametrize("gid", ["g²", "g⁹", "g1²", "g" + "1" * 4301, "g-1", "g 1", "g1\n"])
+def test_ids_outside_ascii_digits_are_unknown_everywhere(setup, gid):
+    """Every endpoint that takes an id answers 404 naming it for ids that str.isdigit accepts
+    but int() does not read (superscripts, more digits than int() converts), and for others
+    that are not g<ASCII digits>."""
+    client, _, _ = setup
+    for res in (client.get(f"/api/images/{quote(gid)}"), client.get("/api/search", params={"query": gid}),
+                client.get("/api/explain", params={"query": gid, "result": "g1"}),
+                client.get("/api/explain", params={"query": "g1", "result": gid}),
+                client.get("/api/uncertainty", params={"query": gid})):
+        assert res.status_code == 404, (res.request.url, res.text)
+        assert "unknown gallery image" in res.json()["detail"] and len(res.json()["detail"]) < 200
