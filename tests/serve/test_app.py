@@ -203,3 +203,18 @@ def test_ids_outside_ascii_digits_are_unknown_everywhere(setup, gid):
                 client.get("/api/uncertainty", params={"query": gid})):
         assert res.status_code == 404, (res.request.url, res.text)
         assert "unknown gallery image" in res.json()["detail"] and len(res.json()["detail"]) < 200
+
+
+def test_a_chunked_upload_over_the_limit_gets_413(setup):
+    """An upload without Content-Length (chunked) is cut off at the body limit with 413, also
+    through FastAPI's form parsing; the server keeps serving."""
+    client, _, _ = setup
+
+    def chunks():
+        for _ in range(16):
+            yield b"\x89PNG" + b"0" * 65532
+
+    res = client.post("/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert "content-length" not in res.request.headers
+    assert res.status_code == 413 and "over the limit" in res.json()["detail"], res.text
+    assert client.get("/api/search", params={"query": "g0", "k": 2}).status_code == 200

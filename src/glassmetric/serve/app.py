@@ -5,7 +5,8 @@ API (schema at ``/openapi.json``, an offline reference page at ``/docs``): ``GET
 (a gallery image); ``GET /api/explain?query=..&result=g..`` and its figures
 ``GET /api/explain/figure``; ``POST /api/uncertainty`` / ``GET /api/uncertainty?query=..``.
 Model work runs in worker threads, ``workers`` at a time; at most ``limits.max_in_flight``
-requests are served at once (503 beyond), and uploads are checked by
+requests whose bodies have arrived are served at once (503 beyond), a body that takes longer
+than ``limits.body_timeout_s`` gets 408, and uploads are checked by
 :func:`glassmetric.serve.limits.read_upload` (413, 415).
 """
 
@@ -35,7 +36,7 @@ def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 
     app = FastAPI(title="glassmetric explorer", version="1", docs_url=None, redoc_url=None,
                   description="Search a gallery with a trained glassmetric checkpoint and see why each result came back.")
     app.add_middleware(RequestLimits, max_in_flight=limits.max_in_flight,
-                       max_body_bytes=limits.max_upload_bytes + _FORM_OVERHEAD)
+                       max_body_bytes=limits.max_upload_bytes + _FORM_OVERHEAD, body_timeout_s=limits.body_timeout_s)
     compute = anyio.CapacityLimiter(workers)
 
     async def run(fn, *args):

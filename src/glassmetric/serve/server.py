@@ -12,8 +12,8 @@ __all__ = ["serve"]
 
 def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: str = "127.0.0.1", port: int = 8000,
           cache_dir: str | None = None, device: str = "cpu", max_upload_mb: float = 10.0, max_megapixels: float = 25.0,
-          max_in_flight: int = 32, workers: int = 1, knn: str = "exact", index_dir: str | None = None,
-          overrides: list[str] = ()) -> int:
+          max_in_flight: int = 32, body_timeout: float = 30.0, workers: int = 1, knn: str = "exact",
+          index_dir: str | None = None, overrides: list[str] = ()) -> int:
     import uvicorn
 
     from glassmetric.serve.app import create_app
@@ -21,12 +21,13 @@ def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: st
     from glassmetric.serve.limits import Limits
 
     for name, value in (("--max-upload-mb", max_upload_mb), ("--max-megapixels", max_megapixels),
-                        ("--max-in-flight", max_in_flight), ("--workers", workers)):
+                        ("--max-in-flight", max_in_flight), ("--body-timeout", body_timeout), ("--workers", workers)):
         if not value > 0:
             raise ConfigError(f"{name}: expected a positive number, got {value}")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port: expected 0..65535, got {port}")
-    limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6), max_in_flight=max_in_flight)
+    limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6), max_in_flight=max_in_flight,
+                    body_timeout_s=body_timeout)
     explorer = Explorer.open(checkpoint, gallery, split=split, cache_dir=cache_dir, device=device, knn=knn,
                              index_dir=index_dir, overrides=overrides)
     g = explorer.gallery
