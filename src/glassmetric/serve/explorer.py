@@ -85,7 +85,8 @@ class Explorer:
              device: str = "cpu", progress: bool = True, knn: str = "exact", index_dir: str | Path | None = None,
              overrides: list[str] = ()) -> "Explorer":
         """Load the checkpoint and embed (or load the cached embeddings of) the gallery folder,
-        or without one the ``split`` of the checkpoint's own data.
+        or without one the ``split`` of the checkpoint's own data. An unreadable gallery image (a
+        dangling link included) raises or is left out as the checkpoint's ``data.on_bad_image`` says.
 
         ``knn="index"`` (or an ``index_dir``) searches a faiss gallery index, shaped by the
         checkpoint's ``eval.index`` settings (``overrides`` such as ``eval.index.kind=hnsw``),
