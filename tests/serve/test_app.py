@@ -2,6 +2,7 @@
 
 import io
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def setup_paths(files) -> tuple[str, Path]:
 def setup(files):
     root, checkpoint, paths = files
     explorer = Explorer.open(str(checkpoint), root / "gallery", cache_dir=root / "cache", progress=False)
-    client = TestClient(create_app(explorer, Limits(max_upload_bytes=200_000, max_pixels=400 * 400, max_k=12)))
+    client = TestClient(create_app(explorer, Limits(max_upload_bytes=200_000, max_pixels=400 * 400, max_k=12)),
+                        base_url="http://127.0.0.1")
     model, cfg = load_trained(str(checkpoint))
     ref = embed_fields(model, ImageFolderDataset(root / "gallery", transform=eval_transform(cfg, model)),
                        fields=("embedding", "uncertainty"))
@@ -144,7 +146,7 @@ def test_serve_command_checks_its_settings_first(tmp_path, capsys):
 
     assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt"), "--max-in-flight", "0"]) == 2
     assert "--max-in-flight" in capsys.readouterr().err
-    assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt"), "--port", "0"]) == 2
     assert "none.ckpt" in capsys.readouterr().err
 
 
@@ -159,7 +161,7 @@ def test_explorer_on_a_faiss_index_matches_brute_force(setup, files, tmp_path, k
         explorer = Explorer.open(checkpoint, gallery, cache_dir=gallery.parent / "cache", progress=False,
                                  index_dir=tmp_path / "index", overrides=[f"eval.index.kind={kind}"])
         opened.append(explorer)
-        client = TestClient(create_app(explorer, Limits(max_k=12)))
+        client = TestClient(create_app(explorer, Limits(max_k=12)), base_url="http://127.0.0.1")
         res = client.get("/api/search", params={"query": "g3", "k": 5}).json()
         sims = ref["embedding"] @ ref["embedding"][3]
         sims[3] = -float("inf")
@@ -188,3 +190,59 @@ def test_serve_refuses_an_unknown_search(files):
 
     with pytest.raises(ConfigError, match="knn"):
         Explorer.open(checkpoint, gallery, cache_dir=gallery.parent / "cache", progress=False, knn="faiss")
+
+
+@pytest.mark.parametrize("gid", ["g²", "g⁹", "g1²", "g" + "1" * 4301, "g-1", "g 1", "g1\n"])
+def test_ids_outside_ascii_digits_are_unknown_everywhere(setup, gid):
+    """Every endpoint that takes an id answers 404 naming it for ids that str.isdigit accepts
+    but int() does not read (superscripts, more digits than int() converts), and for others
+    that are not g<ASCII digits>."""
+    client, _, _ = setup
+    for res in (client.get(f"/api/images/{quote(gid)}"), client.get("/api/search", params={"query": gid}),
+                client.get("/api/explain", params={"query": gid, "result": "g1"}),
+                client.get("/api/explain", params={"query": "g1", "result": gid}),
+                client.get("/api/uncertainty", params={"query": gid})):
+        assert res.status_code == 404, (res.request.url, res.text)
+        assert "unknown gallery image" in res.json()["detail"] and len(res.json()["detail"]) < 200
+
+
+def test_a_chunked_upload_over_the_limit_gets_413(setup):
+    """An upload without Content-Length (chunked) is cut off at the body limit with 413, also
+    through FastAPI's form parsing; the server keeps serving."""
+    client, _, _ = setup
+
+    def chunks():
+        for _ in range(16):
+            yield b"\x89PNG" + b"0" * 65532
+
+    res = client.post("/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert "content-length" not in res.request.headers
+    assert res.status_code == 413 and "over the limit" in res.json()["detail"], res.text
+    assert client.get("/api/search", params={"query": "g0", "k": 2}).status_code == 200
+
+
+def test_foreign_hosts_and_cross_origin_posts_are_refused(setup, files):
+    """DNS rebinding: a request whose Host is a foreign name gets 421 and nothing about the
+    gallery; a POST whose Origin is another site gets 403 and is not processed. The explorer's
+    own page (Origin = its Host) and clients without an Origin are served."""
+    client, paths, _ = setup
+    gallery = str(setup_paths(files)[1])
+    port = "8123"
+    for host in ("evil.example.com", f"evil.example.com:{port}", "127.0.0.1.evil.example.com", "localhost.evil", ""):
+        res = client.get("/api/info", headers={"host": host})
+        assert res.status_code == 421 and gallery not in res.text, (host, res.text)
+        res = client.get("/api/gallery", headers={"host": host})
+        assert res.status_code == 421 and paths[0].name not in res.text, (host, res.text)
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LocalHost"):
+        res = client.get("/api/info", headers={"host": host})
+        assert res.status_code == 200 and res.json()["gallery"] == gallery, host
+    upload = {"image": ("mine.png", paths[7].read_bytes(), "image/png")}
+    foreign = client.post("/api/search", files=upload, headers={"host": f"evil.example.com:{port}",
+                                                                 "origin": f"http://evil.example.com:{port}"})
+    assert foreign.status_code == 421 and "results" not in foreign.text
+    for origin in (f"http://evil.example.com:{port}", "null", f"http://localhost:{port}", f"https://127.0.0.1:{port}"):
+        res = client.post("/api/search", files=upload, headers={"host": f"127.0.0.1:{port}", "origin": origin})
+        assert res.status_code == 403 and origin in res.json()["detail"] and "results" not in res.text, origin
+    for headers in ({"host": f"127.0.0.1:{port}", "origin": f"http://127.0.0.1:{port}"}, {"host": f"127.0.0.1:{port}"}):
+        res = client.post("/api/search", files=upload, headers=headers)
+        assert res.status_code == 200 and res.json()["results"][0]["id"] == "g7", headers

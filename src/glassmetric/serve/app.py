@@ -5,8 +5,10 @@ API (schema at ``/openapi.json``, an offline reference page at ``/docs``): ``GET
 (a gallery image); ``GET /api/explain?query=..&result=g..`` and its figures
 ``GET /api/explain/figure``; ``POST /api/uncertainty`` / ``GET /api/uncertainty?query=..``.
 Model work runs in worker threads, ``workers`` at a time; at most ``limits.max_in_flight``
-requests are served at once (503 beyond), and uploads are checked by
-:func:`glassmetric.serve.limits.read_upload` (413, 415).
+requests whose bodies have arrived are served at once (503 beyond), a body that takes longer
+than ``limits.body_timeout_s`` gets 408, and uploads are checked by
+:func:`glassmetric.serve.limits.read_upload` (413, 415). Requests addressed to a foreign Host
+get 421, state-changing ones from a foreign Origin 403 (:mod:`glassmetric.serve.hosts`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from glassmetric.errors import GlassmetricError
 from glassmetric.serve.api_docs import api_docs_page
 from glassmetric.serve.explorer import Explorer, UnknownQuery
+from glassmetric.serve.hosts import HostCheck
 from glassmetric.serve.limits import Limits, RequestLimits, RequestError, read_upload
 from glassmetric.serve.page import PAGE
 
@@ -29,13 +32,16 @@ __all__ = ["create_app"]
 _FORM_OVERHEAD = 64 * 1024
 
 
-def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 1) -> FastAPI:
+def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 1, host: str = "127.0.0.1") -> FastAPI:
+    """The explorer's app; it answers only requests addressed to ``host`` or a loopback name
+    (:class:`glassmetric.serve.hosts.HostCheck`)."""
     # Swagger UI and ReDoc load their scripts from a CDN: offline they stay blank, so /docs is
     # our own page rendered from the schema (glassmetric.serve.api_docs)
     app = FastAPI(title="glassmetric explorer", version="1", docs_url=None, redoc_url=None,
                   description="Search a gallery with a trained glassmetric checkpoint and see why each result came back.")
     app.add_middleware(RequestLimits, max_in_flight=limits.max_in_flight,
-                       max_body_bytes=limits.max_upload_bytes + _FORM_OVERHEAD)
+                       max_body_bytes=limits.max_upload_bytes + _FORM_OVERHEAD, body_timeout_s=limits.body_timeout_s)
+    app.add_middleware(HostCheck, host=host)  # added last: runs first
     compute = anyio.CapacityLimiter(workers)
 
     async def run(fn, *args):

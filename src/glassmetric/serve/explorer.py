@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,6 +37,11 @@ __all__ = ["Explorer", "UnknownQuery"]
 
 class UnknownQuery(GlassmetricError):
     """A query or gallery id the explorer does not know (any more)."""
+
+
+#: a gallery id: ``g`` and up to 12 ASCII digits (``str.isdigit`` also accepts superscripts
+#: and digit strings longer than ``int()`` converts)
+_GALLERY_ID = re.compile(r"g([0-9]{1,12})")
 
 
 class _Recent:
@@ -79,7 +85,8 @@ class Explorer:
              device: str = "cpu", progress: bool = True, knn: str = "exact", index_dir: str | Path | None = None,
              overrides: list[str] = ()) -> "Explorer":
         """Load the checkpoint and embed (or load the cached embeddings of) the gallery folder,
-        or without one the ``split`` of the checkpoint's own data.
+        or without one the ``split`` of the checkpoint's own data. An unreadable gallery image (a
+        dangling link included) raises or is left out as the checkpoint's ``data.on_bad_image`` says.
 
         ``knn="index"`` (or an ``index_dir``) searches a faiss gallery index, shaped by the
         checkpoint's ``eval.index`` settings (``overrides`` such as ``eval.index.kind=hnsw``),
@@ -93,6 +100,7 @@ class Explorer:
         model.to(device)
         fields = model_fields(model, cfg)
         source = folder_source(gallery_root) if gallery_root is not None else split_source(cfg, model, split)
+        source.dataset.set_bad_image_policy(cfg.data.on_bad_image)
         gallery = load_gallery(model, cfg, checkpoint, source, fields, cache_dir=cache_dir, device=device, progress=progress)
         search = None
         if knn == "index" or index_dir is not None:
@@ -114,9 +122,11 @@ class Explorer:
         return qid
 
     def gallery_index(self, gid: str) -> int:
-        if not (gid.startswith("g") and gid[1:].isdigit() and int(gid[1:]) < len(self.gallery)):
-            raise UnknownQuery(f"unknown gallery image {gid!r}: ids are g0 .. g{len(self.gallery) - 1}")
-        return int(gid[1:])
+        m = _GALLERY_ID.fullmatch(gid)
+        if m is None or int(m[1]) >= len(self.gallery):
+            shown = gid if len(gid) <= 40 else f"{gid[:40]}... ({len(gid)} characters)"
+            raise UnknownQuery(f"unknown gallery image {shown!r}: ids are g0 .. g{len(self.gallery) - 1}")
+        return int(m[1])
 
     def query(self, qid: str) -> _Query:
         if qid.startswith("u"):

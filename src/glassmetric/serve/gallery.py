@@ -97,8 +97,12 @@ def folder_source(root: str | Path, transform=None) -> GallerySource:
         data, classes = _PathDataset(files, [0] * len(files), (), transform), ()
     lines = []
     for path, label in zip(data.paths, data.labels):
-        st = path.stat()
-        lines.append(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}")
+        try:
+            st = path.stat()
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:  # a dangling link, a file gone: data.on_bad_image decides when it is read
+            stamp = "unreadable"
+        lines.append(f"{path.relative_to(root).as_posix()}\0{stamp}\0{label}")
     names = [p.relative_to(root).as_posix() for p in data.paths]
     return GallerySource(str(root), data, names, tuple(classes), "\n".join(lines))
 
