@@ -93,6 +93,7 @@ class Explorer:
         model.to(device)
         fields = model_fields(model, cfg)
         source = folder_source(gallery_root) if gallery_root is not None else split_source(cfg, model, split)
+        source.dataset.set_bad_image_policy(cfg.data.on_bad_image)
         gallery = load_gallery(model, cfg, checkpoint, source, fields, cache_dir=cache_dir, device=device, progress=progress)
         search = None
         if knn == "index" or index_dir is not None:
