@@ -202,3 +202,20 @@ def test_the_upload_store_keeps_small_views_within_its_bytes(files, explorer):
     explain_images(model, cfg, open_image(path), other).images[0].save(expected_view, format="PNG")
     assert roomy.view_png(qid) == expected_view.getvalue()
     assert kept[0] in roomy.uploads.items
+
+
+def test_serve_takes_the_upload_store_size(tmp_path, capsys, monkeypatch):
+    from glassmetric.cli import main
+    from glassmetric.errors import CheckpointError
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt"), "--upload-store-mb", "0"]) == 2
+    assert "--upload-store-mb: expected a positive number, got 0.0" in capsys.readouterr().err
+    seen = {}
+
+    def opened(*args, **kwargs):
+        seen.update(kwargs)
+        raise CheckpointError("stop here")
+
+    monkeypatch.setattr(Explorer, "open", opened)
+    assert main(["serve", "--checkpoint", str(tmp_path / "none.ckpt"), "--upload-store-mb", "16"]) == 2
+    assert seen["upload_store_bytes"] == 16 * 2**20
