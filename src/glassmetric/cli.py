@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                     help="seconds a request's body may take to arrive; slower ones get 408 (default 30)")
     sv.add_argument("--workers", type=int, default=1, help="threads doing model work (default 1)")
+    sv.add_argument("--upload-store-mb", type=float, default=64.0, help="memory for the recent uploads kept to be "
+                    "explained later, their embeddings and model views, in MiB (default 64)")
     sv.add_argument("--knn", choices=("exact", "index"), default="exact", help="gallery search: exact kNN (default) or a "
                     "faiss index (exact below 50k images, HNSW below 2M, IVF above; eval.index.* overrides shape it)")
     sv.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when it fits the gallery, "
@@ -342,7 +344,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.checkpoint, args.gallery, split=args.split, host=args.host, port=args.port, cache_dir=args.cache_dir,
                  device=str(args.device or default_device()), max_upload_mb=args.max_upload_mb,
                  max_megapixels=args.max_megapixels, max_in_flight=args.max_in_flight, body_timeout=args.body_timeout,
-                 workers=args.workers, knn=args.knn, index_dir=args.index_dir, overrides=args.overrides)
+                 workers=args.workers, knn=args.knn, index_dir=args.index_dir, overrides=args.overrides,
+                 upload_store_mb=args.upload_store_mb)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

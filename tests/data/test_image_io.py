@@ -2,6 +2,7 @@
 skipped and counted (data.on_bad_image), also from DataLoader workers and the CLI."""
 
 import csv
+import json
 import logging
 import os
 import struct
@@ -211,3 +212,96 @@ def test_cli_fit_with_bad_images_and_workers(tmp_path, policy):
         assert "empty.jpg" in run.stderr and (skipped[0] == 0 or "truncated.jpg" in run.stderr or "text.png" in run.stderr)
         assert skipped[0] == 0 or f"epoch 0: skipped {skipped[0]:.0f} unreadable training image(s)" in run.stderr
         assert "embedding: skipped 1 unreadable image(s) of 9" in run.stderr
+
+
+def _elongated_png(path: Path, width: int, height: int) -> int:
+    """A grey PNG of width x height pixels (small on disk however long); returns its bytes."""
+    Image.new("L", (width, height), 128).save(path)
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize("size", [(1, 1_000_000), (100_000, 1), (250, 2)])
+def test_elongated_images_are_refused_from_the_header(tmp_path, monkeypatch, size):
+    """Evaluation scales the shorter side to data.resize: a 1 x 1,000,000 image (4 KB on disk)
+    would become 256 x 256,000,000 pixels. More than 100 : 1 is refused before decoding."""
+    path = tmp_path / "strip.png"
+    _elongated_png(path, *size)
+    _elongated_png(tmp_path / "ok.png", 200, 2)  # 100 : 1, the largest ratio read
+    _elongated_png(tmp_path / "ok tall.png", 3, 300)
+    assert open_image(tmp_path / "ok.png").size == (200, 2) and open_image(tmp_path / "ok tall.png").size == (3, 300)
+
+    def no_decoding(self, *args):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
+    with pytest.raises(DataError) as e:
+        open_image(path)
+    message = str(e.value)
+    assert str(path) in message and f"{size[0]}x{size[1]} pixels" in message and "100 times" in message
+    assert "\n" not in message
+
+
+def _run_capped(code: str, extra_bytes: int, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python whose address space may grow by ``extra_bytes`` beyond
+    what its imports took when it calls ``cap()``."""
+    prelude = (
+        "import resource, re\n"
+        "def cap():\n"
+        "    vm = int(re.search(r'VmSize:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
+        f"    resource.setrlimit(resource.RLIMIT_AS, (vm + {extra_bytes}, resource.RLIM_INFINITY))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_explain_and_report_refuse_an_elongated_image_in_bounded_memory(tmp_path):
+    """A 1 x 1,000,000 PNG among the images: ``eval`` and ``report`` skip it under
+    ``data.on_bad_image: skip`` and name it on one line under ``error``, ``explain`` names it;
+    nothing grows by more than 1.5 GB (resized it would be 64 x 64,000,000 pixels, 12 GB)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "explain"))
+    import tiny_runs
+
+    checkpoint = tiny_runs.fit_tiny(tmp_path / "run")
+    for folder in ("query", "gallery"):
+        _write_folder_split(tmp_path / folder, 2, 3, 0)
+    strip = tmp_path / "gallery" / "gallery class 1" / "strip.png"
+    assert _elongated_png(strip, 1, 1_000_000) < 5000
+    fine = tmp_path / "query" / "query class 0" / "img 0.png"
+    pair = ["--query", str(tmp_path / "query"), "--gallery", str(tmp_path / "gallery")]
+    runs = {
+        "eval error": ["eval", "--checkpoint", str(checkpoint), *pair],
+        "eval skip": ["eval", "--checkpoint", str(checkpoint), *pair, "data.on_bad_image=skip"],
+        "report skip": ["report", "--checkpoint", str(checkpoint), *pair, "-o", str(tmp_path / "report"),
+                        "--queries", "1", "--top", "3", "data.on_bad_image=skip"],
+        "explain": ["explain", str(fine), str(strip), "--checkpoint", str(checkpoint), "-o", str(tmp_path / "pair.png")],
+    }
+    code = (
+        "import contextlib, io, json, sys\n"
+        "import glassmetric.cli, glassmetric.report, glassmetric.explain.panels, glassmetric.retrieval.evaluate\n"
+        "cap()\n"
+        f"runs = {runs!r}\n"
+        "out = {}\n"
+        "for name, argv in runs.items():\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            rc = glassmetric.cli.main(argv)\n"
+        "        except BaseException as e:\n"
+        "            rc = repr(e)\n"
+        "    out[name] = (rc, err.getvalue())\n"
+        "print(json.dumps(out))\n"
+    )
+    run = _run_capped(code, 3 * 2**29)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in ("eval error", "explain"):
+        rc, err = out[name]
+        command = name.split()[0]
+        last = err.strip().splitlines()[-1]
+        assert rc == 2 and "Traceback" not in err, (name, rc, err[-2000:])
+        assert last.startswith(f"glassmetric {command}: error: cannot read image {strip}: 1x1000000 pixels"), last
+    for name in ("eval skip", "report skip"):
+        rc, err = out[name]
+        assert rc == 0 and "Traceback" not in err, (name, rc, err[-2000:])
+        assert f"skipping an unreadable image (data.on_bad_image: skip): cannot read image {strip}" in err
+    assert (tmp_path / "report" / "index.html").is_file()

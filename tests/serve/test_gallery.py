@@ -79,3 +79,32 @@ def test_rows_name_the_right_images_when_an_unreadable_one_is_skipped(checkpoint
             assert gallery.class_name(row) == path.parent.name
             assert gallery.image(row).tobytes() == Image.open(path).convert("RGB").tobytes()
     assert gallery.from_cache
+
+
+def test_the_cache_follows_the_evaluation_transform_and_the_bad_image_policy(checkpoint, tmp_path):
+    """``data.*`` overrides that change the embeddings or the rows (``data.resize``,
+    ``data.on_bad_image``) get their own cache file, not the embeddings of other settings."""
+    from torchvision import transforms as T
+
+    from glassmetric.serve.explorer import Explorer
+
+    paths = write_gallery(tmp_path / "gallery", 8)
+    open_ = lambda *overrides: Explorer.open(str(checkpoint), tmp_path / "gallery", cache_dir=tmp_path / "cache",
+                                            progress=False, overrides=list(overrides)).gallery
+    default = open_()
+    resized = open_("data.resize=96")
+    assert not resized.from_cache and resized.cache_file != default.cache_file
+    model, _ = load_trained(str(checkpoint))
+    reference = T.Compose([T.Resize(96), T.CenterCrop(64), T.ToTensor(), T.Normalize(model.backbone.mean, model.backbone.std)])
+    expected = embed_fields(model, ImageFolderDataset(tmp_path / "gallery", transform=reference), fields=("embedding",))
+    torch.testing.assert_close(resized.fields["embedding"], expected["embedding"])
+    assert (resized.fields["embedding"] - default.fields["embedding"]).abs().max() > 1e-3  # the settings matter
+    assert open_("data.resize=96").from_cache and open_().from_cache
+
+    paths[5].write_bytes(b"not an image")
+    os.utime(paths[5], ns=(0, 0))  # the same fingerprint for every policy below
+    skipped = open_("data.on_bad_image=skip")
+    assert len(skipped) == 7 and not skipped.from_cache
+    with pytest.raises(DataError, match=str(paths[5])):  # not the 7 rows cached under skip
+        open_()
+    assert open_("data.on_bad_image=skip").from_cache

@@ -1,10 +1,14 @@
 """Reading image files that nobody curated: any mode to RGB, and bad files by policy.
 
-``open_image`` reads every mode Pillow knows into 8-bit RGB: palette and 1-bit images,
-grayscale, 16- and 32-bit grayscale (scaled, not clipped), CMYK, and images with an alpha
-channel (composited over white); the EXIF orientation is applied. A file it cannot read (not
-found, empty, not an image, truncated, more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``: a
-possible decompression bomb) raises a :class:`DataError` naming the file.
+:func:`decode_image` is the one way an image becomes pixels, whatever its source: a file
+(:func:`open_image`, every data set, ``explain``) or uploaded bytes (the explorer). It reads
+every mode Pillow knows into 8-bit RGB: palette and 1-bit images, grayscale, 16- and 32-bit
+grayscale (scaled, not clipped), CMYK, and images with an alpha channel (composited over
+white); the EXIF orientation is applied. An image it cannot read (not found, empty, not an
+image, truncated) raises a :class:`DataError` naming the file; one refused from its header,
+before decoding, raises :class:`ImageTooLarge`: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``
+(a possible decompression bomb) or a side more than :data:`MAX_ASPECT_RATIO` times the other
+(evaluation scales the shorter side to ``data.resize``: the longer one would grow with it).
 
 ``data.on_bad_image`` decides what a data set does with such a file: ``error`` (the default)
 raises, ``skip`` returns None for it, logged by file name; :func:`collate_readable` then
@@ -13,6 +17,7 @@ leaves it out of its batch and counts it in the batch's ``"skipped"`` entry.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -26,6 +31,16 @@ from glassmetric.errors import DataError
 log = logging.getLogger("glassmetric.data")
 
 POLICIES = ("error", "skip")
+
+#: the longest side an image may have, in multiples of its shorter side: evaluation resizes
+#: the shorter side to ``data.resize`` (256 by default), so the resized image has at most
+#: ``MAX_ASPECT_RATIO * data.resize**2`` pixels (6.6 million, 20 MB at 256)
+MAX_ASPECT_RATIO = 100
+
+
+class ImageTooLarge(DataError):
+    """An image refused from its header, before decoding: too many pixels, or too elongated."""
+
 
 #: Pillow modes whose samples exceed 8 bits, read through numpy and scaled to 0..255
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -46,26 +61,51 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open an image file as 8-bit RGB, with an error that names the file when it cannot be read."""
-    path = Path(path)
+def _check_size(img: Image.Image, name: str, max_pixels: int | None) -> None:
+    w, h = img.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and w * h > limit:
+        raise ImageTooLarge(
+            f"cannot read image {name}: {w}x{h} pixels is more than PIL.Image.MAX_IMAGE_PIXELS = {limit} "
+            "(a decompression bomb?)"
+        )
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLarge(f"cannot read image {name}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageTooLarge(
+            f"cannot read image {name}: {w}x{h} pixels, one side more than {MAX_ASPECT_RATIO} times the other "
+            "(evaluation scales the shorter side to data.resize and the longer with it)"
+        )
+
+
+def decode_image(source: str | Path | bytes, name: str | None = None, *, max_pixels: int | None = None) -> Image.Image:
+    """A file (a path) or an image's bytes as 8-bit RGB; ``name`` names it in errors (default:
+    the path). The size is checked from the header before decoding: at most ``max_pixels``
+    (and ``PIL.Image.MAX_IMAGE_PIXELS``) pixels, at most :data:`MAX_ASPECT_RATIO` : 1."""
+    from_file = not isinstance(source, (bytes, bytearray, memoryview))
+    name = str(source) if name is None and from_file else name or "image"
     try:
-        with Image.open(path) as img:
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and img.width * img.height > limit:
-                raise DataError(
-                    f"cannot read image {path}: {img.width}x{img.height} pixels is more than "
-                    f"PIL.Image.MAX_IMAGE_PIXELS = {limit} (a decompression bomb?)"
-                )
+        with Image.open(Path(source) if from_file else io.BytesIO(source)) as img:
+            _check_size(img, name, max_pixels)
             img.load()
             return _to_rgb(ImageOps.exif_transpose(img))
     except FileNotFoundError as e:
-        raise DataError(f"image file not found: {path}") from e
+        raise DataError(f"image file not found: {name}") from e
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"cannot read image {name}: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot read image {path}: {reason}") from e
+        if not from_file and isinstance(e, UnidentifiedImageError):
+            reason = "cannot identify image file"  # Pillow's message names the BytesIO object
+        raise DataError(f"cannot read image {name}: {reason}") from e
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB (:func:`decode_image`), with an error that names the file
+    when it cannot be read."""
+    return decode_image(Path(path))
 
 
 def check_policy(policy: str) -> str:

@@ -23,6 +23,11 @@ def eval_geometry(image_size: int, resize: int | None = None) -> T.Compose:
     return T.Compose([T.Resize(default_resize(image_size) if resize is None else resize), T.CenterCrop(image_size)])
 
 
+def normalisation(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> T.Compose:
+    """PIL image -> normalised float tensor: what every transform does after its geometry."""
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+
 def build_transforms(
     train: bool,
     image_size: int,
@@ -46,4 +51,4 @@ def build_transforms(
         geometry = [T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip()]
     else:
         geometry = eval_geometry(image_size, resize).transforms
-    return T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([*geometry, *normalisation(mean, std).transforms])

@@ -4,7 +4,7 @@
 training-free when the checkpoint has no spatial head), the per-group cosines and attention
 (DGML, models with ``model.groups``) and the introspective scores (IDML, models with an
 uncertainty head), each None when the model cannot give it. :func:`explain_files` reads the
-two images from files.
+two images from files; :func:`explain_views` takes them as the model sees them (:func:`model_view`).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from PIL import Image
 
 from glassmetric.config import Config
 from glassmetric.data.image_io import open_image
-from glassmetric.data.transforms import eval_geometry
+from glassmetric.data.transforms import eval_geometry, normalisation
 from glassmetric.explain.groups import GroupExplanation, explain_groups
 from glassmetric.models.spatial_head import ensure_spatial_head
 from glassmetric.similarity.introspective import IntrospectiveParams, image_uncertainty, introspective_distance_matrix
 from glassmetric.similarity.structural import StructuralExplanation, explain_pair
-from glassmetric.training.fit import eval_transform
 from glassmetric.training.module import introspective_params
 
 
@@ -62,16 +61,22 @@ def model_view(cfg: Config, image: Image.Image) -> Image.Image:
     return eval_geometry(cfg.data.eval_image_size or cfg.data.image_size, cfg.data.resize)(image)
 
 
-@torch.inference_mode()
 def explain_images(model: torch.nn.Module, cfg: Config, image_x: Image.Image, image_y: Image.Image) -> PairExplanation:
     """Embed two RGB images in one batch and explain their similarity in every way the model supports."""
+    return explain_views(model, cfg, model_view(cfg, image_x), model_view(cfg, image_y))
+
+
+@torch.inference_mode()
+def explain_views(model: torch.nn.Module, cfg: Config, view_x: Image.Image, view_y: Image.Image) -> PairExplanation:
+    """:func:`explain_images` of two images already in :func:`model_view` (resized, centre-cropped):
+    the same explanation, as the evaluation transform is that geometry, then normalisation."""
     structural = has_structural(model)
     if structural:
         ensure_spatial_head(model, cfg.model.spatial_grid or 4)
     model.eval()
-    transform = eval_transform(cfg, model)
+    normalise = normalisation(model.backbone.mean, model.backbone.std)
     device = next(model.parameters()).device
-    out = model(torch.stack([transform(img) for img in (image_x, image_y)]).to(device))
+    out = model(torch.stack([normalise(img) for img in (view_x, view_y)]).to(device))
     explanation = None
     if structural:
         s = cfg.structural
@@ -83,9 +88,7 @@ def explain_images(model: torch.nn.Module, cfg: Config, image_x: Image.Image, im
     if out.uncertainty is not None:
         intro = introspective_scores(out.embedding, out.uncertainty, introspective_params(cfg))
     groups = explain_groups(out, out, 0, 1) if out.group_embeddings is not None else None
-    return PairExplanation(
-        images=(model_view(cfg, image_x), model_view(cfg, image_y)), structural=explanation, introspective=intro, groups=groups,
-    )
+    return PairExplanation(images=(view_x, view_y), structural=explanation, introspective=intro, groups=groups)
 
 
 def explain_files(model: torch.nn.Module, cfg: Config, path_x: str | Path, path_y: str | Path) -> PairExplanation:

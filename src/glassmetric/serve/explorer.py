@@ -1,9 +1,12 @@
 """What the web explorer computes, independent of HTTP: embed a query, search the gallery,
 score and explain its results, the uncertainty of an image.
 
-Queries are named by ids: ``g<i>`` for gallery image ``i``, ``u<hash>`` for an uploaded image
-(kept in a bounded most-recently-used store, so its results can be explained later). Figures
-are cached the same way. Methods are safe to call from several threads.
+Queries are named by ids: ``g<i>`` for gallery image ``i``, ``u<hash>`` for an uploaded image.
+An upload is kept in a most-recently-used store, so its results can be explained later, as
+what later requests need: its embeddings and the image as the model sees it (resized and
+centre-cropped: ``image_size`` x ``image_size`` RGB pixels, whatever the upload's size); the
+store holds at most ``recent`` uploads and ``upload_store_bytes`` bytes. Figures are cached the same way.
+Methods are safe to call from several threads.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from PIL import Image
 
 from glassmetric.config import Config
 from glassmetric.errors import ConfigError, GlassmetricError
-from glassmetric.explain.pair import explain_images, model_view
+from glassmetric.data.transforms import normalisation
+from glassmetric.explain.pair import explain_views, model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
 from glassmetric.report.build import model_fields
 from glassmetric.retrieval.shortlist import score_shortlist
 from glassmetric.serve.gallery import Gallery, folder_source, load_gallery, split_source
 from glassmetric.serve.search import ExactSearch, GallerySearch, IndexSearch, top_k
-from glassmetric.training.fit import eval_transform
 from glassmetric.training.module import introspective_params, load_trained
 
 __all__ = ["Explorer", "UnknownQuery"]
@@ -45,10 +48,16 @@ _GALLERY_ID = re.compile(r"g([0-9]{1,12})")
 
 
 class _Recent:
-    """A bounded most-recently-used mapping, guarded by a lock."""
+    """A bounded most-recently-used mapping, guarded by a lock: at most ``size`` items and, when
+    ``max_bytes`` is given, at most that many bytes (``nbytes`` of each value), though always the
+    newest item."""
 
-    def __init__(self, size: int):
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+    def __init__(self, size: int, max_bytes: int | None = None, nbytes: Callable[[object], int] = lambda v: 0):
+        self.size, self.max_bytes, self.nbytes = size, max_bytes, nbytes
+        self.items, self.lock, self.total_bytes = OrderedDict(), threading.Lock(), 0
+
+    def _over(self) -> bool:
+        return len(self.items) > self.size or (self.max_bytes is not None and self.total_bytes > self.max_bytes)
 
     def get(self, key):
         with self.lock:
@@ -58,32 +67,42 @@ class _Recent:
 
     def put(self, key, value):
         with self.lock:
+            if key in self.items:
+                self.total_bytes -= self.nbytes(self.items[key])
             self.items[key] = value
+            self.total_bytes += self.nbytes(value)
             self.items.move_to_end(key)
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
+            while len(self.items) > 1 and self._over():
+                self.total_bytes -= self.nbytes(self.items.popitem(last=False)[1])
 
 
 @dataclass
 class _Query:
-    load: Callable[[], Image.Image]  # the image as read (RGB); read only when shown or explained
+    view: Callable[[], Image.Image]  # the image as the model sees it (model_view); made when shown or explained
     fields: dict[str, torch.Tensor]  # (1, ...) embeddings
     index: int | None  # gallery index when picked from the gallery
 
 
+def _upload_bytes(q: _Query) -> int:
+    """What an upload holds in the store: its view's pixels and its embeddings."""
+    view = q.view()
+    return view.width * view.height * len(view.getbands()) + sum(t.numel() * t.element_size() for t in q.fields.values())
+
+
 class Explorer:
     def __init__(self, model: torch.nn.Module, cfg: Config, gallery: Gallery, search: GallerySearch | None = None, *,
-                 fields: tuple[str, ...], checkpoint: str = "", recent: int = 64, device: str = "cpu"):
+                 fields: tuple[str, ...], checkpoint: str = "", recent: int = 64, upload_store_bytes: int = 64 * 2**20,
+                 device: str = "cpu"):
         self.model, self.cfg, self.gallery, self.fields = model.eval(), cfg, gallery, fields
         self.search_index = search or ExactSearch(gallery.fields["embedding"])
         self.checkpoint, self.device = checkpoint, device
-        self.transform = eval_transform(cfg, model)
-        self.uploads, self.figures = _Recent(recent), _Recent(4 * recent)
+        self.normalise = normalisation(model.backbone.mean, model.backbone.std)
+        self.uploads, self.figures = _Recent(recent, upload_store_bytes, _upload_bytes), _Recent(4 * recent)
 
     @classmethod
     def open(cls, checkpoint: str, gallery_root: str | Path | None = None, *, split: str = "test", cache_dir=None,
              device: str = "cpu", progress: bool = True, knn: str = "exact", index_dir: str | Path | None = None,
-             overrides: list[str] = ()) -> "Explorer":
+             overrides: list[str] = (), upload_store_bytes: int = 64 * 2**20) -> "Explorer":
         """Load the checkpoint and embed (or load the cached embeddings of) the gallery folder,
         or without one the ``split`` of the checkpoint's own data. An unreadable gallery image (a
         dangling link included) raises or is left out as the checkpoint's ``data.on_bad_image`` says.
@@ -105,20 +124,25 @@ class Explorer:
         search = None
         if knn == "index" or index_dir is not None:
             search = IndexSearch(cached_gallery_index(gallery.fields["embedding"], cfg.eval.index, index_dir))
-        return cls(model, cfg, gallery, search, fields=fields, checkpoint=str(checkpoint), device=device)
+        return cls(model, cfg, gallery, search, fields=fields, checkpoint=str(checkpoint), device=device,
+                   upload_store_bytes=upload_store_bytes)
 
     # ------------------------------------------------------------------------------ queries
     @torch.inference_mode()
-    def _embed(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        out = self.model(self.transform(image)[None].to(self.device))
+    def _embed(self, view: Image.Image) -> dict[str, torch.Tensor]:
+        out = self.model(self.normalise(view)[None].to(self.device))
         return {name: getattr(out, name).float().cpu() for name in self.fields}
 
     def add_upload(self, image: Image.Image) -> str:
-        """Embed an uploaded image and return its query id."""
-        digest = hashlib.sha256(image.tobytes() + repr(image.size).encode()).hexdigest()[:16]
-        qid = f"u{digest}"
+        """Embed an uploaded image (read by :func:`glassmetric.serve.limits.read_upload`) and
+        return its query id; the store keeps its embeddings and view, not the image."""
+        digest = hashlib.sha256(repr(image.size).encode())
+        for row in range(0, image.height, 256):  # a strip at a time: no second full copy of the pixels
+            digest.update(image.crop((0, row, image.width, min(row + 256, image.height))).tobytes())
+        qid = f"u{digest.hexdigest()[:16]}"
         if self.uploads.get(qid) is None:
-            self.uploads.put(qid, _Query(load=lambda: image, fields=self._embed(image), index=None))
+            view = model_view(self.cfg, image)
+            self.uploads.put(qid, _Query(view=lambda: view, fields=self._embed(view), index=None))
         return qid
 
     def gallery_index(self, gid: str) -> int:
@@ -132,16 +156,17 @@ class Explorer:
         if qid.startswith("u"):
             q = self.uploads.get(qid)
             if q is None:
-                raise UnknownQuery(f"unknown upload {qid!r} (uploads are kept for the last {self.uploads.size} queries)")
+                raise UnknownQuery(f"unknown upload {qid!r} (the last {self.uploads.size} uploads are kept, "
+                                   f"at most {self.uploads.max_bytes} bytes)")
             return q
         i = self.gallery_index(qid)
-        return _Query(load=lambda: self.gallery.image(i), index=i,
+        return _Query(view=lambda: model_view(self.cfg, self.gallery.image(i)), index=i,
                       fields={k: v[i : i + 1] for k, v in self.gallery.fields.items()})
 
     def view_png(self, qid: str) -> bytes:
         """The query or gallery image as the model sees it, as PNG."""
         buffer = io.BytesIO()
-        model_view(self.cfg, self.query(qid).load()).save(buffer, format="PNG")
+        self.query(qid).view().save(buffer, format="PNG")
         return buffer.getvalue()
 
     # ------------------------------------------------------------------------------ answers
@@ -176,7 +201,7 @@ class Explorer:
         cached = self.figures.get(key)
         if cached is None:
             q, gi = self.query(qid), self.gallery_index(gid)
-            pair = explain_images(self.model, self.cfg, q.load(), self.gallery.image(gi))
+            pair = explain_views(self.model, self.cfg, q.view(), model_view(self.cfg, self.gallery.image(gi)))
             pngs = {}
             for kind, fig in pair_figures(pair, ("query", self.gallery.name(gi))).items():
                 buffer = io.BytesIO()

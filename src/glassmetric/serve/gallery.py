@@ -3,9 +3,11 @@
 Either a folder (one sub-folder per class, or just images at any depth: unlabelled) or the
 split of the checkpoint's own data set. With class labels, results of a query picked from
 the gallery are marked correct or wrong. The cache file is named by a hash of everything the
-embeddings depend on: the checkpoint's bytes, the embedding fields, the glassmetric version
-and the gallery's fingerprint (for a folder: the relative path, size and modification time of
-every image; for a split: the data config); a changed gallery or checkpoint gets a new file,
+embeddings depend on: the checkpoint's bytes, the embedding fields, the glassmetric version,
+the evaluation transform (``data.image_size``, ``data.eval_image_size``, ``data.resize``, the
+backbone's normalisation), the bad-image policy (``data.on_bad_image``: which images have a
+row) and the gallery's fingerprint (for a folder: the relative path, size and modification
+time of every image; for a split: the data config); a change to any of them gets a new file,
 an unchanged one is loaded instead of embedded again.
 """
 
@@ -119,7 +121,9 @@ def split_source(cfg: Config, model: torch.nn.Module, split: str = "test") -> Ga
 
 def _cache_key(checkpoint: Path, source: GallerySource, fields: tuple[str, ...]) -> str:
     # "layout 2": the cache holds each row's data-set position ("index")
+    data = source.dataset
     h = hashlib.sha256(f"glassmetric {__version__} layout 2 fields {','.join(fields)}\n".encode())
+    h.update(f"transform {data.transform!r}\non_bad_image {data.on_bad_image}\n".encode())
     with open(checkpoint, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

@@ -1,27 +1,28 @@
 """Input limits of the explorer: upload size, pixel count, image type, requests in flight.
 
-:func:`read_upload` turns uploaded bytes into an RGB image or raises :class:`RequestError`
-with the HTTP status to answer (413 too large, 415 not an image). :class:`RequestLimits` is
-an ASGI middleware that receives each request's whole body before the app sees it: 413 to a
-body over ``max_body_bytes`` (counted as it arrives, so a large upload is cut off early,
-whatever its Content-Length says or without one), 408 to a body that has not arrived within
-``body_timeout_s``, and 503 while ``max_in_flight`` requests whose bodies have arrived are
-being served. A client sending its body slowly holds no in-flight slot, and not for long.
+:func:`read_upload` turns uploaded bytes into an RGB image, decoded as every gallery and
+evaluation image is (:func:`glassmetric.data.image_io.decode_image`), or raises
+:class:`RequestError` with the HTTP status to answer (413 too large, too many pixels or too
+elongated; 415 not an image). :class:`RequestLimits` is an ASGI middleware that receives each
+request's whole body before the app sees it: 413 to a body over ``max_body_bytes`` (counted as
+it arrives, so a large upload is cut off early, whatever its Content-Length says or without
+one), 408 to a body that has not arrived within ``body_timeout_s``, and 503 while
+``max_in_flight`` requests whose bodies have arrived are being served. A client sending its
+body slowly holds no in-flight slot, and not for long.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import tempfile
-import warnings
 from dataclasses import dataclass
 
 import anyio
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from glassmetric.errors import GlassmetricError
+from glassmetric.data.image_io import ImageTooLarge, decode_image
+from glassmetric.errors import DataError, GlassmetricError
 
 __all__ = ["Limits", "RequestLimits", "RequestError", "read_upload"]
 
@@ -52,26 +53,18 @@ class Limits:
 
 
 def read_upload(data: bytes, limits: Limits, name: str = "upload") -> Image.Image:
-    """Decode an uploaded image after checking its size and (from the header, before decoding) its pixels."""
+    """Decode an uploaded image after checking its size and (from the header, before decoding)
+    its pixels and aspect ratio."""
     if len(data) > limits.max_upload_bytes:
         raise RequestError(413, f"{name}: {len(data)} bytes is over the limit of {limits.max_upload_bytes} bytes")
     if not data:
         raise RequestError(400, f"{name}: the file is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise RequestError(413, f"{name}: {w}x{h} = {w * h} pixels is over the limit of {limits.max_pixels} pixels")
-            img.load()
-            return img.convert("RGB")
-    except RequestError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise RequestError(413, f"{name}: {e}") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise RequestError(415, f"{name}: not an image file PIL can read ({type(e).__name__})") from e
+        return decode_image(data, name, max_pixels=limits.max_pixels)
+    except ImageTooLarge as e:
+        raise RequestError(413, str(e)) from e
+    except DataError as e:
+        raise RequestError(415, f"{name}: not an image file PIL can read ({type(e.__cause__).__name__})") from e
 
 
 #: bodies are kept in memory up to this size while they arrive, beyond it in a temporary file

@@ -33,7 +33,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: str = "127.0.0.1", port: int = 8000,
           cache_dir: str | None = None, device: str = "cpu", max_upload_mb: float = 10.0, max_megapixels: float = 25.0,
           max_in_flight: int = 32, body_timeout: float = 30.0, workers: int = 1, knn: str = "exact",
-          index_dir: str | None = None, overrides: list[str] = ()) -> int:
+          index_dir: str | None = None, overrides: list[str] = (), upload_store_mb: float = 64.0) -> int:
     import uvicorn
 
     from glassmetric.serve.app import create_app
@@ -42,7 +42,8 @@ def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: st
     from glassmetric.serve.limits import Limits
 
     for name, value in (("--max-upload-mb", max_upload_mb), ("--max-megapixels", max_megapixels),
-                        ("--max-in-flight", max_in_flight), ("--body-timeout", body_timeout), ("--workers", workers)):
+                        ("--max-in-flight", max_in_flight), ("--body-timeout", body_timeout), ("--workers", workers),
+                        ("--upload-store-mb", upload_store_mb)):
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{name}: expected a positive finite number, got {value}")
     if not 0 <= port <= 65535:
@@ -51,7 +52,8 @@ def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: st
                     max_in_flight=max_in_flight, body_timeout_s=body_timeout)
     with _bind(host, port) as sock:  # before the embedding: a busy port is known at once
         explorer = Explorer.open(checkpoint, gallery, split=split, cache_dir=cache_dir, device=device, knn=knn,
-                                 index_dir=index_dir, overrides=overrides)
+                                 index_dir=index_dir, overrides=overrides,
+                                 upload_store_bytes=int(upload_store_mb * 2**20))
         g = explorer.gallery
         print(f"gallery {g.source.description}: {len(g)} images, embeddings "
               f"{'loaded from' if g.from_cache else 'cached in'} {g.cache_file}; search: {explorer.search_index!r}", flush=True)
