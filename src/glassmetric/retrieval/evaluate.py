@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ from glassmetric.data.base import RetrievalDataset
 from glassmetric.retrieval.embed import embed_dataset
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.retrieval.rerank import DEFAULT_SWEEP_KS
+
+log = logging.getLogger("glassmetric.retrieval")
 
 
 def default_device() -> torch.device:
@@ -54,15 +57,21 @@ def eval_datasets(
 
 def cached_gallery_index(gallery: torch.Tensor, settings=None, folder: str | Path | None = None):
     """The :class:`.index.GalleryIndex` of ``gallery`` embeddings: read from ``folder`` when it
-    holds one (it must fit the gallery), else built with ``settings`` (and saved there)."""
+    holds the index of these very embeddings (their fingerprint, size and dimension) built with
+    these ``settings``, else built (and saved there, replacing the other one, with a warning on
+    stderr that says why)."""
     from glassmetric.config import IndexConfig
     from glassmetric.retrieval.index import MANIFEST, GalleryIndex
 
     settings = settings or IndexConfig()
     if folder is not None and (Path(folder) / MANIFEST).exists():
         index = GalleryIndex.load(folder, settings)
-        index.check_fits(gallery)
-        return index
+        why = index.mismatch(gallery, settings)
+        if why is None:
+            if settings.target_recall is not None and index.kind != "exact" and "recall@10" not in index.params:
+                index.set_search_params(settings, gallery)  # saved with other search settings: tune it again
+            return index
+        log.warning("the gallery index in %s %s: building it again", folder, why)
     index = GalleryIndex.build(gallery, settings)
     if folder is not None:
         index.save(folder)
