@@ -43,6 +43,7 @@ def eval_datasets(
         from glassmetric.data.folder import build_query_gallery
 
         pair = build_query_gallery(query, gallery, transform=eval_transform(cfg, model))
+        _check_shared_folders(pair, query, gallery)
         pair.query.set_bad_image_policy(cfg.data.on_bad_image)
         pair.gallery.set_bad_image_policy(cfg.data.on_bad_image)
         return f"query {query} / gallery {gallery}", pair.query, pair.gallery
@@ -53,6 +54,22 @@ def eval_datasets(
     if split == "train":
         dataset.transform = splits.test.transform  # evaluate without augmentation
     return f"{split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if ref is not None else ""), dataset, ref
+
+
+def _check_shared_folders(pair, query: str, gallery: str) -> None:
+    """ConfigError when no class folder with images is in both ``query`` and ``gallery``."""
+    import numpy as np
+
+    from glassmetric.errors import ConfigError
+
+    names = pair.query.class_names
+    q, g = (sorted(names[i] for i in np.unique(d.labels)) for d in (pair.query, pair.gallery))
+    if not set(q) & set(g):
+        few = lambda classes: ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        raise ConfigError(
+            f"--query {query} and --gallery {gallery} share no class folder (classes are matched by folder name): "
+            f"query {len(q)} ({few(q)}), gallery {len(g)} ({few(g)})"
+        )
 
 
 def cached_gallery_index(gallery: torch.Tensor, settings=None, folder: str | Path | None = None):
