@@ -14,8 +14,9 @@ miss neighbours; :func:`glassmetric.retrieval.rerank.structural_rerank` re-score
 An approximate search is tuned to ``target_recall`` (0.95 by default): its recall@10 is
 estimated on 200 gallery items searched for their neighbours and compared with exact search,
 and ``nprobe`` / ``ef_search`` are doubled until the estimate reaches the target (for IVF at
-worst every list is probed, which is exact). The estimate is kept in ``params["recall@10"]``;
-an HNSW graph that cannot reach the target warns (:class:`IndexRecallWarning`).
+worst every list is probed, which is exact). The estimate is kept in ``params["recall@10"]``.
+An HNSW graph that cannot reach the target, and an IVF index that the tuning makes probe over
+a quarter of its lists, warn (:class:`IndexRecallWarning`).
 
 A saved index is a folder: ``index.faiss`` (``faiss.write_index``) and ``index.json``
 (format, kind, dim, size, metric, parameters, the search settings asked for, faiss version,
@@ -51,7 +52,8 @@ EF_SEARCH_MAX = 4096
 
 
 class IndexRecallWarning(UserWarning):
-    """The tuned approximate search stays below ``eval.index.target_recall``."""
+    """The tuned approximate search stays below ``eval.index.target_recall``, or the tuning
+    raised it to scanning over a quarter of the gallery (no faster than exact search)."""
 
 
 def fingerprint(vectors: Tensor | np.ndarray) -> str:
@@ -173,11 +175,18 @@ class GalleryIndex:
             return
         x = _as_array(vectors)
         limit = EF_SEARCH_MAX if self.kind == "hnsw" else int(self.faiss_index.nlist)
-        recall = self.estimate_recall(x, seed=seed)
+        start, recall = self._knob(), self.estimate_recall(x, seed=seed)
         while recall < target and self._knob() < limit:
             self._set_knob(min(limit, 2 * self._knob()))
             recall = self.estimate_recall(x, seed=seed)
         self.params["recall@10"] = round(recall, 4)
+        if self.kind == "ivf" and self._knob() > max(start, limit // 4):
+            warnings.warn(
+                f"the ivf gallery index reaches an estimated recall@10 of {recall:.3f} only by probing {self._knob()} "
+                f"of its {limit} lists ({100 * self._knob() / limit:.0f}% of the gallery per query): on these "
+                "embeddings exact search (eval.index.kind=exact) is about as fast",
+                IndexRecallWarning, stacklevel=2,
+            )
         if recall < target:
             warnings.warn(
                 f"the {self.kind} gallery index reaches an estimated recall@10 of {recall:.3f} at ef_search "
