@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--gallery", help="gallery image folder; classes matched to --query by folder name")
     ev.add_argument("--knn", choices=("torch", "faiss", "index"), help="kNN backend (default: the config's); index: "
                     "the faiss gallery index of eval.index (exact below eval.index.exact_below images, HNSW / IVF above)")
-    ev.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when there, else build "
-                    "it and save it there (implies --knn index)")
+    ev.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when it holds the index of "
+                    "these embeddings, else build it and save it there (implies --knn index)")
     ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ev.add_argument("--rerank", choices=("structural",), help="re-rank each query's global top-K by s_global + SS")
     ev.add_argument("--k", default="100", help="shortlist size(s) K for --rerank; a list sweeps K, e.g. 0,5,10,50,100")

@@ -211,6 +211,9 @@ class IndexConfig:
     #: IVF: inverted lists (None: 4 sqrt(N), at most 4096) and lists probed per query
     nlist: int | None = None
     nprobe: int = 32
+    #: recall@10 the search must reach, estimated on 200 gallery items against exact search:
+    #: nprobe / ef_search (then a lower bound) are doubled until it does (null: as set)
+    target_recall: float | None = 0.95
 
 
 @dataclass
@@ -295,6 +298,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("eval.index.ef_search", lambda v: v >= 1, ">= 1"),
     ("eval.index.nlist", lambda v: v is None or v >= 1, ">= 1"),
     ("eval.index.nprobe", lambda v: v >= 1, ">= 1"),
+    ("eval.index.target_recall", lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
     ("eval.recall_ks", lambda v: v is None or (len(v) > 0 and all(k >= 1 for k in v)), "positive integers"),
 ]
 

@@ -6,6 +6,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,71 @@ def test_the_report_opens_offline_in_chromium(report, chromium_page):
     assert all(u.startswith("file://") for u in requested)
     page.click("#explain-close")
     assert not page.evaluate("document.getElementById('explain').open")
+
+
+def _folder_with_an_unreadable_image(root: Path, classes=("a", "b", "c")) -> Path:
+    """Class folders of 4 tiny-data test images each; the first file of the first class is a
+    0-byte PNG."""
+    from glassmetric.data.synthetic import SyntheticParts
+
+    data = SyntheticParts("test", num_classes=8, images_per_class=4, image_size=80)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for j in range(4):
+            data.load(4 * c + j).image.save(root / name / f"bird {j}.png")
+    (root / classes[0] / "0 unreadable.png").write_bytes(b"")
+    return root
+
+
+def _shown_pairs(page: str) -> list[tuple[int, int]]:
+    """(query position, gallery position) of every explained pair on the page."""
+    found = re.findall(r"<h3>query (\d+) \(.*?\) and result #\d+: gallery image (\d+) ", page)
+    return [(int(q), int(g)) for q, g in found]
+
+
+@pytest.mark.parametrize("mode", ["data", "query-gallery"])
+def test_a_skipped_unreadable_image_leaves_every_shown_image_its_own(checkpoint, tmp_path, mode):
+    """`report` under data.on_bad_image=skip with an unreadable image first in a folder: each
+    thumbnail is the image at its data-set position, and each query's results are its
+    brute-force nearest readable images (embedded from a copy without the bad file)."""
+    import shutil
+
+    from glassmetric.data.folder import ImageFolderDataset
+    from glassmetric.data.image_io import open_image
+    from glassmetric.explain.pair import model_view
+    from glassmetric.training.fit import eval_transform
+
+    model, cfg = load_trained(str(checkpoint))
+    gallery = _folder_with_an_unreadable_image(tmp_path / "gallery")
+    query = _folder_with_an_unreadable_image(tmp_path / "query", ("a", "c")) if mode == "query-gallery" else gallery
+    out = tmp_path / "report"
+    where = ["--data", str(gallery)] if mode == "data" else ["--query", str(query), "--gallery", str(gallery)]
+    assert main(["report", "--checkpoint", str(checkpoint), *where, "-o", str(out), "--queries", "1", "--top", "2",
+                 "--k", "0", "--device", "cpu", "data.on_bad_image=skip"]) == 0
+
+    def listing(root):  # data-set position -> file, and the embeddings of the readable files
+        paths = ImageFolderDataset(root, ["a", "b", "c"]).paths
+        clean = tmp_path / f"clean-{root.name}"
+        shutil.copytree(root, clean)
+        (clean / "a" / "0 unreadable.png").unlink()
+        emb, _ = embed_dataset(model, ImageFolderDataset(clean, ["a", "b", "c"], transform=eval_transform(cfg, model)))
+        readable = [p for p in paths if p.stat().st_size]
+        return paths, dict(zip(readable, emb))
+
+    g_paths, g_emb = listing(gallery)
+    q_paths, q_emb = (g_paths, g_emb) if mode == "data" else listing(query)
+    page = (out / "index.html").read_text()
+    pairs = _shown_pairs(page)
+    assert len(pairs) == 3 * 2
+    for qp in sorted({q for q, _ in pairs}):
+        q_path = q_paths[qp]
+        sims = {p: float(q_emb[q_path] @ e) for p, e in g_emb.items() if not (mode == "data" and p == q_path)}
+        expected = sorted(sims, key=sims.get, reverse=True)[:2]
+        assert [g_paths[g] for q, g in pairs if q == qp] == expected
+    side = {"query": q_paths, "gallery": g_paths, "item": g_paths}
+    thumbnails = sorted((out / "images").glob("*.png"))
+    assert thumbnails
+    for thumb in thumbnails:
+        kind, position = thumb.stem.rsplit("-", 1)
+        reference = model_view(cfg, open_image(side[kind][int(position)]))
+        assert np.array_equal(np.asarray(open_image(thumb)), np.asarray(reference)), thumb.name

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import FaissKMeans
 
+from glassmetric.errors import DataError
 from glassmetric.retrieval.metrics import (
+    UnmatchedQueryWarning,
     format_metrics_table,
     recall_ks_for,
     retrieval_metrics,
@@ -167,8 +169,9 @@ def test_lone_queries_are_skipped_not_missed():
     y = torch.tensor([0, 1, 1, 2])
     got = retrieval_metrics(x, y, include=("recall", "r_precision", "map_at_r"), recall_ks=(1,))
     assert got == {"recall@1": 1.0, "r_precision": 1.0, "map_at_r": 1.0}
-    got = retrieval_metrics(x[:2], y[:2], x[2:], torch.tensor([1, 5]), recall_ks=(1,),
-                            include=("recall", "r_precision"))
+    with pytest.warns(UnmatchedQueryWarning, match="1 of 2 queries"):
+        got = retrieval_metrics(x[:2], y[:2], x[2:], torch.tensor([1, 5]), recall_ks=(1,),
+                                include=("recall", "r_precision"))
     assert got == {"recall@1": 1.0, "r_precision": 1.0}  # query 0 has R = 0
 
 
@@ -263,9 +266,70 @@ def test_property_forced_ties(data, same_set):
         xg = np.array(data.draw(st.lists(points, min_size=len(yg), max_size=len(yg))), np.float32)
         args = (xq, yq, xg, yg)
     include = ("recall", "r_precision", "map_at_r")
+    if not same_set and not set(yq) & set(yg):  # every metric would be NaN
+        with pytest.raises(DataError, match="share no class"):
+            retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=(1, 2, 3, 20), include=include)
+        return
     got = retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=(1, 2, 3, 20),
                             include=include, chunk_size=data.draw(st.integers(1, 5)))
     expected = accuracy_calculator(*(torch.from_numpy(a) for a in args),
                                    knn_func=BruteForceKNN(), include=AC_METRICS[:3])
     assert_metrics_equal(got, expected)
     assert_metrics_equal(got, loop_metrics(*args, ks=(1, 2, 3, 20)))
+
+
+def test_queries_whose_class_the_gallery_lacks_are_counted_or_refused():
+    """Query/gallery mode: queries of classes absent from the gallery are left out with a
+    warning that counts them (the metrics are the loop's over the others); when no query class
+    is in the gallery, a DataError instead of NaN metrics."""
+    from glassmetric.retrieval.rerank import rerank_sweep
+
+    rng = np.random.default_rng(0)
+    q = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((30, 8))).float())
+    g = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((40, 8))).float())
+    q_lab, g_lab = torch.arange(30) % 6, torch.arange(40) % 4  # query classes 4 and 5: not in the gallery
+    with pytest.warns(UnmatchedQueryWarning, match=r"10 of 30 queries have no gallery item of their class "
+                      r"\(2 of 6 query classes: labels 4, 5\).*the other 20"):
+        got = retrieval_metrics(q, q_lab, g, g_lab, recall_ks=(1, 4), include=("recall", "r_precision", "map_at_r"))
+    qn, gn, qln, gln = q.numpy(), g.numpy(), q_lab.numpy(), g_lab.numpy()
+    assert_metrics_equal(got, loop_metrics(qn, qln, gn, gln, ks=(1, 4)))
+    matched = qln < 4
+    assert_metrics_equal(got, loop_metrics(qn[matched], qln[matched], gn, gln, ks=(1, 4)))
+    local = lambda x: x[:, None, :].repeat(1, 4, 1)
+    with pytest.warns(UnmatchedQueryWarning, match="10 of 30 queries"):
+        rerank_sweep(q, local(q), g, local(g), query_labels=q_lab, gallery_labels=g_lab, ks=(0,), iters=5)
+    with pytest.raises(DataError, match=r"share no class: the 30 queries are of 6 classes \(labels 0, 1, 2, 3, 4, 5\), "
+                       r"the 40 gallery items of 4 classes \(labels 10, 11, 12, 13\)"):
+        retrieval_metrics(q, q_lab, g, g_lab + 10)
+    with pytest.raises(DataError, match="share no class"):
+        rerank_sweep(q, local(q), g, local(g), query_labels=q_lab, gallery_labels=g_lab + 10, ks=(0,), iters=5)
+
+
+def _class_folders(root, classes, per_class=2):
+    from glassmetric.data.synthetic import SyntheticParts
+
+    data = SyntheticParts("test", num_classes=8, images_per_class=4, image_size=64)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for j in range(per_class):
+            data.load(4 * (c % 4) + j).image.save(root / name / f"{j}.png")
+    return root
+
+
+def test_eval_of_folders_sharing_no_class_fails_on_one_line_and_partial_overlap_warns(tmp_path, make_checkpoint, capsys):
+    from glassmetric.cli import main
+
+    ckpt = make_checkpoint("data.image_size=64", "data.resize=64")
+    query = _class_folders(tmp_path / "query", ["ant", "bee"])
+    gallery = _class_folders(tmp_path / "gallery", ["cat", "dog", "eel"])
+    run = ["eval", "--checkpoint", str(ckpt), "--device", "cpu", "--query", str(query)]
+    assert main([*run, "--gallery", str(gallery)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err == (
+        f"glassmetric eval: error: --query {query} and --gallery {gallery} share no class folder (classes are matched "
+        "by folder name): query 2 (ant, bee), gallery 3 (cat, dog, eel)"
+    )
+    _class_folders(gallery / "more", ["bee"])
+    (gallery / "more" / "bee").rename(gallery / "bee")
+    with pytest.warns(UnmatchedQueryWarning, match="2 of 4 queries have no gallery item of their class"):
+        assert main([*run, "--gallery", str(gallery), "--out", str(tmp_path / "m.json")]) == 0

@@ -42,7 +42,7 @@ REPORT_KS = (0, 5, 10, 50, 100)
 @dataclass
 class Result:
     rank: int  #: 1-based, by the global score
-    index: int  #: gallery index
+    index: int  #: position of the image in the gallery data set
     image: str  #: path relative to the report folder
     label: str
     correct: bool
@@ -53,7 +53,7 @@ class Result:
 
 @dataclass
 class QueryRow:
-    index: int
+    index: int  #: position of the query image in its data set
     image: str
     label: str
     hit_at_1: bool
@@ -182,12 +182,14 @@ def build_report(
 
     s = cfg.structural
     written: dict[tuple[str, int], str] = {}
+    # embedding rows -> data-set positions (images skipped as unreadable have no row)
+    q_pos, g_pos = q["index"].tolist(), g["index"].tolist()
 
-    def thumbnail(side: str, data: RetrievalDataset, i: int):
-        raw = data.load(i).image
-        key = ("item" if same else side, i)
+    def thumbnail(side: str, data: RetrievalDataset, position: int):
+        raw = data.load(position).image
+        key = ("item" if same else side, position)
         if key not in written:
-            written[key] = f"images/{key[0]}-{i}.png"
+            written[key] = f"images/{key[0]}-{position}.png"
             model_view(cfg, raw).save(out / written[key])
         return raw, written[key]
 
@@ -200,24 +202,24 @@ def build_report(
                 {k: v[sel] for k, v in q.items() if k != "labels"}, g, ranked[sel, :top],
                 epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, introspective=introspective_params(cfg),
             )
-            q_raw, q_img = thumbnail("query", dataset, qi)
+            q_raw, q_img = thumbnail("query", dataset, q_pos[qi])
             results = []
             for r, (gi, scores) in enumerate(zip(scored.indices[0].tolist(), scored.scores(0))):
                 bar.set_postfix_str(f"explaining {group} queries")
-                g_raw, g_img = thumbnail("gallery", ref, gi)
+                g_raw, g_img = thumbnail("gallery", ref, g_pos[gi])
                 pair = explain_images(model, cfg, q_raw, g_raw)
                 figures = {}
                 for kind, fig in pair_figures(pair, ("query", f"result {r + 1}"), top_flows=top_flows).items():
-                    figures[kind] = f"pairs/{'item' if same else 'query'}-{qi}_{gi}_{kind}.png"
+                    figures[kind] = f"pairs/{'item' if same else 'query'}-{q_pos[qi]}_{g_pos[gi]}_{kind}.png"
                     save_figure(fig, out / figures[kind], dpi=dpi)
                 results.append(Result(
-                    rank=r + 1, index=gi, image=g_img, label=_class_name(ref, int(g["labels"][gi])),
+                    rank=r + 1, index=g_pos[gi], image=g_img, label=_class_name(ref, int(g["labels"][gi])),
                     correct=bool(g["labels"][gi] == q["labels"][qi]), scores=scores, figures=figures,
                     lines=pair_summary(pair),
                 ))
                 bar.update()
             rows.append(QueryRow(
-                index=qi, image=q_img, label=_class_name(dataset, int(q["labels"][qi])), hit_at_1=bool(pq.hit_at_1[qi]),
+                index=q_pos[qi], image=q_img, label=_class_name(dataset, int(q["labels"][qi])), hit_at_1=bool(pq.hit_at_1[qi]),
                 ap_at_r=float(pq.ap_at_r[qi]), results=results,
                 uncertainty=None if scored.query_uncertainty is None else float(scored.query_uncertainty[0]),
             ))
@@ -226,6 +228,6 @@ def build_report(
     report = ReportData(
         title=f"glassmetric report: {Path(checkpoint).name or 'model'}", checkpoint=str(checkpoint), data=data_name,
         model=_describe_model(cfg, fields, model), metrics=metrics, sweep=sweep, sweep_image=sweep_image, groups=groups,
-        n_queries=len(dataset), n_gallery=len(ref),
+        n_queries=len(q["labels"]), n_gallery=len(g["labels"]),
     )
     return write_html(report, out / "index.html")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ from glassmetric.data.base import RetrievalDataset
 from glassmetric.retrieval.embed import embed_dataset
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.retrieval.rerank import DEFAULT_SWEEP_KS
+
+log = logging.getLogger("glassmetric.retrieval")
 
 
 def default_device() -> torch.device:
@@ -40,6 +43,7 @@ def eval_datasets(
         from glassmetric.data.folder import build_query_gallery
 
         pair = build_query_gallery(query, gallery, transform=eval_transform(cfg, model))
+        _check_shared_folders(pair, query, gallery)
         pair.query.set_bad_image_policy(cfg.data.on_bad_image)
         pair.gallery.set_bad_image_policy(cfg.data.on_bad_image)
         return f"query {query} / gallery {gallery}", pair.query, pair.gallery
@@ -52,17 +56,39 @@ def eval_datasets(
     return f"{split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if ref is not None else ""), dataset, ref
 
 
+def _check_shared_folders(pair, query: str, gallery: str) -> None:
+    """ConfigError when no class folder with images is in both ``query`` and ``gallery``."""
+    import numpy as np
+
+    from glassmetric.errors import ConfigError
+
+    names = pair.query.class_names
+    q, g = (sorted(names[i] for i in np.unique(d.labels)) for d in (pair.query, pair.gallery))
+    if not set(q) & set(g):
+        few = lambda classes: ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        raise ConfigError(
+            f"--query {query} and --gallery {gallery} share no class folder (classes are matched by folder name): "
+            f"query {len(q)} ({few(q)}), gallery {len(g)} ({few(g)})"
+        )
+
+
 def cached_gallery_index(gallery: torch.Tensor, settings=None, folder: str | Path | None = None):
     """The :class:`.index.GalleryIndex` of ``gallery`` embeddings: read from ``folder`` when it
-    holds one (it must fit the gallery), else built with ``settings`` (and saved there)."""
+    holds the index of these very embeddings (their fingerprint, size and dimension) built with
+    these ``settings``, else built (and saved there, replacing the other one, with a warning on
+    stderr that says why)."""
     from glassmetric.config import IndexConfig
     from glassmetric.retrieval.index import MANIFEST, GalleryIndex
 
     settings = settings or IndexConfig()
     if folder is not None and (Path(folder) / MANIFEST).exists():
         index = GalleryIndex.load(folder, settings)
-        index.check_fits(gallery)
-        return index
+        why = index.mismatch(gallery, settings)
+        if why is None:
+            if settings.target_recall is not None and index.kind != "exact" and "recall@10" not in index.params:
+                index.set_search_params(settings, gallery)  # saved with other search settings: tune it again
+            return index
+        log.warning("the gallery index in %s %s: building it again", folder, why)
     index = GalleryIndex.build(gallery, settings)
     if folder is not None:
         index.save(folder)

@@ -12,7 +12,8 @@ Conventions follow pytorch-metric-learning's ``AccuracyCalculator`` so the numbe
   ``not_lone_query_mask``); NMI uses every query.
 * Query/gallery mode: R is the number of gallery items of the query's class. Queries with
   R = 0 are lone and are left out of Recall@K, R-Precision and MAP@R likewise (they are not
-  counted as misses).
+  counted as misses), with an :class:`UnmatchedQueryWarning` that counts them; when no query
+  has a class the gallery holds, a DataError (:func:`check_shared_classes`).
 * A metric over zero non-lone queries is NaN.
 * Ties in similarity are broken towards the lower gallery index (see :mod:`.knn`).
 """
@@ -28,12 +29,16 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 from torch import Tensor
 
+from glassmetric.errors import DataError
+
 from .knn import import_faiss, iter_knn
 
 __all__ = [
     "KnnDepthWarning",
     "METRICS",
     "RANKING_METRICS",
+    "UnmatchedQueryWarning",
+    "check_shared_classes",
     "format_metrics_table",
     "ranking_metrics",
     "recall_ks_for",
@@ -115,6 +120,8 @@ def retrieval_metrics(
     query, gallery = torch.as_tensor(query), torch.as_tensor(gallery)
     q_lab = _labels(query_labels, len(query), "query", query.device)
     g_lab = _labels(gallery_labels, len(gallery), "gallery", query.device)
+    if not same_set:
+        check_shared_classes(q_lab, g_lab)
     q_cls, g_cls, r = _classes_and_r(q_lab, g_lab, same_set)
 
     out: dict[str, float] = {}
@@ -253,6 +260,42 @@ def _labels(labels, n: int, name: str, device) -> Tensor:
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"{name}_labels must be integers, got {labels.dtype}")
     return labels.long()
+
+
+class UnmatchedQueryWarning(UserWarning):
+    """Some queries have no gallery item of their class: the metrics leave them out."""
+
+
+def check_shared_classes(query_labels: Tensor, gallery_labels: Tensor) -> None:
+    """Query/gallery mode: a DataError when no query's class is in the gallery (every metric
+    would be NaN), an :class:`UnmatchedQueryWarning` with the counts when some queries' are not."""
+    q, g = torch.as_tensor(query_labels).cpu(), torch.as_tensor(gallery_labels).cpu()
+    if not len(q):
+        return
+    matched = torch.isin(q, g)
+    if bool(matched.all()):
+        return
+    q_classes, missing = torch.unique(q), torch.unique(q[~matched])
+    if not bool(matched.any()):
+        raise DataError(
+            f"the queries and the gallery share no class: the {len(q)} queries are of {_some(q_classes)}, "
+            f"the {len(g)} gallery items of {_some(torch.unique(g))}; Recall@K, R-Precision and MAP@R "
+            "need queries whose class the gallery holds"
+        )
+    warnings.warn(
+        f"{int((~matched).sum())} of {len(q)} queries have no gallery item of their class ({len(missing)} of "
+        f"{len(q_classes)} query classes: {_some(missing, 'label')}): they are left out of Recall@K, R-Precision "
+        f"and MAP@R, which cover the other {int(matched.sum())}",
+        UnmatchedQueryWarning, stacklevel=3,
+    )
+
+
+def _some(labels: Tensor, noun: str = "class") -> str:
+    """``"3 classes (labels 0, 4, 7)"``, at most 8 labels shown."""
+    shown = ", ".join(str(int(v)) for v in labels[:8]) + (", ..." if len(labels) > 8 else "")
+    if noun == "label":
+        return f"label{'s' if len(labels) > 1 else ''} {shown}"
+    return f"{len(labels)} class{'es' if len(labels) > 1 else ''} (label{'s' if len(labels) > 1 else ''} {shown})"
 
 
 class KnnDepthWarning(UserWarning):

@@ -51,6 +51,7 @@ from .metrics import (
     _check_recall_ks,
     _classes_and_r,
     _labels,
+    check_shared_classes,
     ranking_metrics,
 )
 
@@ -246,6 +247,8 @@ def rerank_sweep(
     )
     if gallery_labels is None:
         gallery_labels = query_labels
+    else:
+        check_shared_classes(query_labels, gallery_labels)
     ks = tuple(ks)
     if not ks:
         raise ValueError("ks must hold at least one shortlist size")
