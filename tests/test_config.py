@@ -1,6 +1,9 @@
 """Config loading: presets, overrides, and a one-line error naming the key for every bad input."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,8 +90,9 @@ def test_bad_files(tmp_path: Path):
         load_config(str(tmp_path / "missing.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match="bad.yaml") as e:
         load_config(str(bad))
+    assert "\n" not in str(e.value) and "line 2, column 1" in str(e.value)  # where the list stops short
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("3\n")
     with pytest.raises(ConfigError, match="mapping"):
@@ -163,3 +167,64 @@ def test_auto_marginals_follow_the_spatial_head():
     assert load_config("demo", own + ["structural.marginals=cross_correlation"]).structural.marginals == "cross_correlation"
     with pytest.raises(ConfigError, match="structural.marginals"):
         load_config("demo", ["structural.marginals=pooled"])
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """'Billion laughs': each list holds 9 aliases of the one before, 9**levels strings in all."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "{" + ", ".join(lines) + "}"
+
+
+def test_yaml_aliases_are_refused_in_files_and_overrides(tmp_path: Path):
+    """An alias bomb under the free-form loss.params is refused where it is read (its first
+    copy, in save_config, would expand it); aliases are refused anywhere in a config."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("loss:\n  name: contrastive\n  params: " + _alias_bomb() + "\n")
+    with pytest.raises(ConfigError, match=r"bomb.yaml .*line 3, column \d+: YAML aliases") as e:
+        load_config(str(bomb))
+    assert "\n" not in str(e.value)
+    small = tmp_path / "small.yaml"
+    small.write_text("optim:\n  lr: &lr 0.1\n  head_lr: *lr\n")
+    with pytest.raises(ConfigError, match=r"small.yaml .*line 3, column 12: YAML aliases"):
+        load_config(str(small))
+    with pytest.raises(ConfigError, match=r"override loss.params: .*YAML aliases"):
+        load_config("demo", ["loss.params=" + _alias_bomb(3)])
+
+
+def test_deep_nesting_and_non_utf8_files_are_one_line_errors(tmp_path: Path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("loss:\n  params:\n    x: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.yaml is not valid YAML: line 3, column \d+: nested more than 32 levels"):
+        load_config(str(deep))
+    with pytest.raises(ConfigError, match="override loss.params: .*nested more than 32 levels"):
+        load_config("demo", ["loss.params=" + "[" * 5000 + "]" * 5000])
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("seed: 1\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text: byte 0xe9 at line 2, column 6"):
+        load_config(str(latin1))
+    control = tmp_path / "control.yaml"
+    control.write_bytes(b"seed: 1\nx: \x01\n")
+    with pytest.raises(ConfigError, match=r"control.yaml is not valid YAML: line 2, column 4: character 0x0001"):
+        load_config(str(control))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_an_endless_config_file_is_refused_without_reading_it_all():
+    """``--config /dev/zero``: refused after 1 MiB, in a process whose memory is capped (256 MiB
+    more than it starts with) and whose time is bounded."""
+    code = (
+        "import resource, sys\n"
+        "from glassmetric.config import load_config\n"
+        "from glassmetric.errors import ConfigError\n"
+        "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20),) * 2)\n"
+        "try:\n"
+        "    load_config('/dev/zero')\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "config file /dev/zero is larger than 1 MiB: not a config"

@@ -436,9 +436,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(e, raw)}") from e
     return key.split("."), value
 
 
@@ -454,15 +454,81 @@ def _merge(base: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+#: the largest config file read: configs are a few KiB; this stops /dev/zero and the like
+MAX_CONFIG_BYTES = 1 << 20
+#: the deepest nesting of mappings and lists in a config file or override value
+MAX_CONFIG_DEPTH = 32
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases and with bounded nesting.
+
+    An alias (``*name``) repeats its anchor's value by reference: ten lines of aliases of
+    aliases stand for billions of values, which the first copy of the config (``save_config``)
+    would expand. Deep nesting (``[[[[...``) overflows the recursion of YAML's composer.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not accepted in configs: write the value out",
+                self.peek_event().start_mark,
+            )
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH and self.check_event(yaml.CollectionStartEvent):
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _line_column(text: str | bytes, index: int) -> str:
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line = text.count(newline, 0, index) + 1
+    return f"line {line}, column {index - (text.rfind(newline, 0, index) + 1) + 1}"
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """A YAML error on one line: where (line, column) and what."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        what = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+        if e.context:
+            where = f" at line {e.context_mark.line + 1}, column {e.context_mark.column + 1}" if e.context_mark else ""
+            what += f" ({e.context}{where})"
+        return what
+    if isinstance(e, yaml.reader.ReaderError):
+        return f"{_line_column(text, e.position)}: character {e.character:#06x} is not allowed in YAML"
+    return " ".join(str(e).split())
+
+
 def read_yaml(path: Path) -> dict:
+    """The mapping in the YAML file ``path`` (at most MAX_CONFIG_BYTES, UTF-8, no aliases);
+    every problem is a one-line ConfigError naming the file (and the line and column)."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte {raw[e.start]:#04x} at {_line_column(raw, e.start)}"
+        ) from e
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e, text)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
