@@ -45,11 +45,11 @@ def test_every_preset_loads():
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
-    cfg = load_config("demo", ["trainer.max_epochs=3", "optim.lr=0.01", "data.train_classes=[1, 25]", "loss.params={margin: 0.3}"])
+    cfg = load_config("demo", ["trainer.max_epochs=3", "optim.lr=0.01", "data.train_classes=[1, 25]", "loss.params={base: 0.3}"])
     assert cfg.trainer.max_epochs == 3
     assert cfg.optim.lr == 0.01
     assert cfg.data.train_classes == (1, 25)
-    assert cfg.loss.params == {"margin": 0.3}
+    assert cfg.loss.params == {"base": 0.3}
 
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
@@ -228,3 +228,65 @@ def test_an_endless_config_file_is_refused_without_reading_it_all():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "config file /dev/zero is larger than 1 MiB: not a config"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.params.alpha=abc", "loss.params.alpha: expected a finite number, got 'abc'"),
+        ("loss.params.alpha=.inf", "loss.params.alpha: expected a finite number"),
+        ("loss.miner_params.epsilon=abc", "loss.miner_params.epsilon: expected a finite number, got 'abc'"),
+        ("loss.params.bogus=1", "loss.params.bogus: not a parameter of pytorch-metric-learning's MultiSimilarityLoss"),
+        ("loss.params.reducer=mean", "loss.params.reducer: takes a Python object"),
+        ("loss.params.num_classes=3", "loss.params.num_classes: set by glassmetric"),
+        ("loss.params.collect_stats=3", "loss.params.collect_stats: expected true or false"),
+        ("trainer.devices=abc", "trainer.devices: expected a number of devices >= 1, 'auto', or GPU indices"),
+        ("trainer.devices=0", "trainer.devices: expected"),
+        ("trainer.devices=-1", "trainer.devices: expected"),
+        ("trainer.devices=[]", "trainer.devices: expected"),
+        ("trainer.devices=[0, 0]", "trainer.devices: expected"),
+        ("trainer.devices=0,a", "trainer.devices: expected"),
+        ("trainer.accelerator=tpu", "trainer.accelerator: expected one of 'auto', 'cpu', 'gpu', 'cuda', 'mps', got 'tpu'"),
+        ("trainer.accelerator=banana", "trainer.accelerator: expected one of"),
+        ("seed=4294967296", "seed: expected between 0 and 2**32 - 1"),
+        ("model.embedding_dim=1000000000", "model.embedding_dim: expected between 1 and 65536"),
+    ],
+)
+def test_values_that_would_fail_at_run_time_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_loss_params_are_checked_against_the_loss_and_miner_classes():
+    """Names and kinds come from pytorch-metric-learning's classes: the margin loss takes
+    learn_beta (a bool) and nu (a number), its distance-weighted miner a cutoff."""
+    from pytorch_metric_learning.losses import MarginLoss, MultiSimilarityLoss
+    from pytorch_metric_learning.miners import DistanceWeightedMiner
+
+    margin = ["loss.name=margin", "loss.params={nu: 0.1, learn_beta: false, margin: 1e-1}", "loss.miner_params.cutoff=0.4"]
+    cfg = load_config("demo", margin)
+    assert cfg.loss.params == {"nu": 0.1, "learn_beta": False, "margin": 0.1} and cfg.loss.miner_params == {"cutoff": 0.4}
+    MarginLoss(num_classes=4, **cfg.loss.params)  # what the config accepts, the classes take
+    DistanceWeightedMiner(**cfg.loss.miner_params)
+    ms = load_config("demo", ["loss.params={alpha: 1e-3, base: 1, collect_stats: true}"]).loss.params
+    assert ms == {"alpha": 1e-3, "base": 1, "collect_stats": True}
+    MultiSimilarityLoss(**ms)
+    with pytest.raises(ConfigError, match="loss.params.learn_beta: expected true or false, got 'maybe'"):
+        load_config("demo", ["loss.name=margin", "loss.params.learn_beta=maybe"])
+    with pytest.raises(ConfigError, match="loss.miner_params: loss 'proxyanchor' uses no miner"):
+        load_config("demo", ["loss.name=proxyanchor", "loss.miner_params.epsilon=0.1"])
+
+
+def test_devices_and_seeds_at_the_edges_of_their_ranges():
+    """Lightning's forms of ``devices``: a count, "auto", GPU indices as "0,1" (one index as
+    "0,": "0" alone would be a count of none); numpy seeds span 0 .. 2**32 - 1."""
+    devices = lambda v: load_config("demo", [f"trainer.devices={v}"]).trainer.devices
+    assert [devices(v) for v in ("2", "auto", "[0, 1]", "[2]", "0,1", "0,")] == [2, "auto", "0,1", "2,", "0,1", "0,"]
+    import numpy as np
+
+    seed = load_config("demo", [f"seed={2**32 - 1}"]).seed
+    np.random.seed(seed)  # the largest accepted seed is one numpy takes ...
+    with pytest.raises(ValueError):
+        np.random.seed(seed + 1)  # ... and the next is not
+    assert load_config("demo", ["model.embedding_dim=65536"]).model.embedding_dim == 65536

@@ -167,9 +167,11 @@ class TrainerConfig:
     batch_size: int = 112
     #: images per class in a batch (the m of the m-per-class sampler)
     samples_per_class: int = 2
-    accelerator: str = "auto"
-    #: devices per node (an int, a list such as "0,1", or "auto"); the losses see devices x num_nodes x batch_size
-    devices: Union[int, str] = 1
+    #: auto (a GPU when there is one, else the CPU) | cpu | gpu (= cuda) | mps
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    #: devices per node: a number >= 1, "auto", or the indices of the GPUs ([0, 1] or "0,1");
+    #: the losses see devices x num_nodes x batch_size
+    devices: Union[int, str, tuple[int, ...]] = 1
     num_nodes: int = 1
     #: "auto" (one device: none; several: Lightning's DDP) or "ddp" (processes started by
     #: Lightning or by torchrun), "ddp_spawn"; see README "Training on several GPUs"
@@ -242,9 +244,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+#: the widest embedding (and uncertainty embedding) a model may have
+MAX_EMBEDDING_DIM = 65536
+
 #: (key, predicate, description) range checks applied after type checks
 _RANGES: list[tuple[str, Any, str]] = [
-    ("seed", lambda v: v >= 0, ">= 0"),
+    ("seed", lambda v: 0 <= v <= 2**32 - 1, "between 0 and 2**32 - 1 = 4294967295 (numpy's seed range)"),
     ("data.val_classes", lambda v: v >= 0, ">= 0"),
     ("data.image_size", lambda v: 16 <= v <= 4096, "between 16 and 4096"),
     ("data.crop_scale", lambda v: 0 < v[0] <= v[1] <= 1, "a range (low, high) with 0 < low <= high <= 1"),
@@ -255,9 +260,9 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("data.synthetic.images_per_class", lambda v: v >= 2, ">= 2"),
     ("data.train_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
     ("data.test_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
-    ("model.embedding_dim", lambda v: v >= 1, ">= 1"),
+    ("model.embedding_dim", lambda v: 1 <= v <= MAX_EMBEDDING_DIM, f"between 1 and {MAX_EMBEDDING_DIM}"),
     ("model.spatial_grid", lambda v: 0 <= v <= 32, "between 0 and 32"),
-    ("model.uncertainty_dim", lambda v: 0 <= v <= 65536, "between 0 and 65536"),
+    ("model.uncertainty_dim", lambda v: 0 <= v <= MAX_EMBEDDING_DIM, f"between 0 and {MAX_EMBEDDING_DIM}"),
     ("model.groups", lambda v: 0 <= v <= 64, "between 0 (off) and 64"),
     ("model.group_query_std", lambda v: v > 0, "> 0"),
     ("loss.diversity_weight", lambda v: v >= 0, ">= 0"),
@@ -384,6 +389,26 @@ def _get(cfg: Config, dotted: str) -> Any:
     return value
 
 
+def _devices(value: int | str | tuple[int, ...]) -> int | str:
+    """``trainer.devices`` as Lightning takes it: a count >= 1, "auto", or GPU indices as a
+    string ("0,1"; one index as "0,", since "0" would be a count)."""
+    if isinstance(value, tuple):
+        if value and all(i >= 0 for i in value) and len(set(value)) == len(value):
+            return ",".join(map(str, value)) + ("," if len(value) == 1 else "")
+    elif isinstance(value, int):
+        if value >= 1:
+            return value
+    elif value.strip() == "auto" or (value.strip().isdigit() and int(value) >= 1):
+        return value.strip()
+    else:
+        indices = [i.strip() for i in value.split(",") if i.strip()]
+        if "," in value and indices and all(i.isdigit() for i in indices) and len(set(map(int, indices))) == len(indices):
+            return value.strip()
+    raise ConfigError(
+        f"trainer.devices: expected a number of devices >= 1, 'auto', or GPU indices such as [0, 1] or '0,1', got {value!r}"
+    )
+
+
 def validate(cfg: Config) -> Config:
     """Range checks and cross-field checks; raises ConfigError naming the key."""
     for key, ok, what in _RANGES:
@@ -412,6 +437,10 @@ def validate(cfg: Config) -> Config:
             "model.spatial_head: 'shared' applies the global head at every location, but model.groups "
             "replaces (and leaves untrained) the global head: use model.spatial_head=own"
         )
+    cfg.trainer.devices = _devices(cfg.trainer.devices)
+    from glassmetric.losses.metric_losses import check_params
+
+    cfg.loss.params, cfg.loss.miner_params = check_params(cfg.loss.name, cfg.loss.params, cfg.loss.miner_params)
     if cfg.structural.marginals == "auto":
         own = m.spatial_grid and m.spatial_head == "own"
         cfg.structural.marginals = "pooled_cross_correlation" if own else "cross_correlation"
