@@ -217,7 +217,7 @@ def _kernel_works():
 
 @pytest.mark.parametrize("damage", ["empty", "cut", "garbage"])
 def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path, damage):
-    """A 0-byte file (a build killed before the rename of an older version, a full disk), a copy
+    """A 0-byte file (a full disk, a cache folder copied in part), a copy
     cut short, or bytes that are no library: removed and rebuilt, and the kernel is used."""
     monkeypatch.setenv("GLASSMETRIC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(lane_sinkhorn, "_state", {})
