@@ -111,3 +111,17 @@ def test_random_config_files_fail_naming_the_key(no_training, tmp_path, tree):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (tree, err)
     keys = [str(k) for k in tree] + [f"{k}.{sub}" for k, v in tree.items() if isinstance(v, dict) for sub in v]
     assert any(k in err for k in keys + list(CROSS_FIELD)), (tree, err)
+
+
+@pytest.mark.parametrize("size", ["100000", "8", "0", "-64"])
+def test_export_image_sizes_outside_16_to_4096_are_refused_before_anything_runs(make_checkpoint, monkeypatch, size):
+    """--image-size has data.image_size's range; a refused size never reaches the export
+    (100,000 px would be a 240 GB input tensor)."""
+    import glassmetric.export.onnx as onnx_export
+
+    def reached(model, path, image_size, **kw):
+        raise AssertionError(f"export ran at {image_size} px")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", reached)
+    code, err = _run(["export", "--checkpoint", str(make_checkpoint()), "--image-size", size, "--no-check"])
+    assert code == 2 and err == f"glassmetric export: error: --image-size: expected between 16 and 4096, got {size}\n"

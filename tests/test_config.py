@@ -1,6 +1,9 @@
 """Config loading: presets, overrides, and a one-line error naming the key for every bad input."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,11 +45,11 @@ def test_every_preset_loads():
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
-    cfg = load_config("demo", ["trainer.max_epochs=3", "optim.lr=0.01", "data.train_classes=[1, 25]", "loss.params={margin: 0.3}"])
+    cfg = load_config("demo", ["trainer.max_epochs=3", "optim.lr=0.01", "data.train_classes=[1, 25]", "loss.params={base: 0.3}"])
     assert cfg.trainer.max_epochs == 3
     assert cfg.optim.lr == 0.01
     assert cfg.data.train_classes == (1, 25)
-    assert cfg.loss.params == {"margin": 0.3}
+    assert cfg.loss.params == {"base": 0.3}
 
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
@@ -87,8 +90,9 @@ def test_bad_files(tmp_path: Path):
         load_config(str(tmp_path / "missing.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match="bad.yaml") as e:
         load_config(str(bad))
+    assert "\n" not in str(e.value) and "line 2, column 1" in str(e.value)  # where the list stops short
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("3\n")
     with pytest.raises(ConfigError, match="mapping"):
@@ -163,3 +167,126 @@ def test_auto_marginals_follow_the_spatial_head():
     assert load_config("demo", own + ["structural.marginals=cross_correlation"]).structural.marginals == "cross_correlation"
     with pytest.raises(ConfigError, match="structural.marginals"):
         load_config("demo", ["structural.marginals=pooled"])
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """'Billion laughs': each list holds 9 aliases of the one before, 9**levels strings in all."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "{" + ", ".join(lines) + "}"
+
+
+def test_yaml_aliases_are_refused_in_files_and_overrides(tmp_path: Path):
+    """An alias bomb under the free-form loss.params is refused where it is read (its first
+    copy, in save_config, would expand it); aliases are refused anywhere in a config."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("loss:\n  name: contrastive\n  params: " + _alias_bomb() + "\n")
+    with pytest.raises(ConfigError, match=r"bomb.yaml .*line 3, column \d+: YAML aliases") as e:
+        load_config(str(bomb))
+    assert "\n" not in str(e.value)
+    small = tmp_path / "small.yaml"
+    small.write_text("optim:\n  lr: &lr 0.1\n  head_lr: *lr\n")
+    with pytest.raises(ConfigError, match=r"small.yaml .*line 3, column 12: YAML aliases"):
+        load_config(str(small))
+    with pytest.raises(ConfigError, match=r"override loss.params: .*YAML aliases"):
+        load_config("demo", ["loss.params=" + _alias_bomb(3)])
+
+
+def test_deep_nesting_and_non_utf8_files_are_one_line_errors(tmp_path: Path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("loss:\n  params:\n    x: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.yaml is not valid YAML: line 3, column \d+: nested more than 32 levels"):
+        load_config(str(deep))
+    with pytest.raises(ConfigError, match="override loss.params: .*nested more than 32 levels"):
+        load_config("demo", ["loss.params=" + "[" * 5000 + "]" * 5000])
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("seed: 1\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text: byte 0xe9 at line 2, column 6"):
+        load_config(str(latin1))
+    control = tmp_path / "control.yaml"
+    control.write_bytes(b"seed: 1\nx: \x01\n")
+    with pytest.raises(ConfigError, match=r"control.yaml is not valid YAML: line 2, column 4: character 0x0001"):
+        load_config(str(control))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_an_endless_config_file_is_refused_without_reading_it_all():
+    """``--config /dev/zero``: refused after 1 MiB, in a process whose memory is capped (256 MiB
+    more than it starts with) and whose time is bounded."""
+    code = (
+        "import resource, sys\n"
+        "from glassmetric.config import load_config\n"
+        "from glassmetric.errors import ConfigError\n"
+        "used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20),) * 2)\n"
+        "try:\n"
+        "    load_config('/dev/zero')\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "config file /dev/zero is larger than 1 MiB: not a config"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.params.alpha=abc", "loss.params.alpha: expected a finite number, got 'abc'"),
+        ("loss.params.alpha=.inf", "loss.params.alpha: expected a finite number"),
+        ("loss.miner_params.epsilon=abc", "loss.miner_params.epsilon: expected a finite number, got 'abc'"),
+        ("loss.params.bogus=1", "loss.params.bogus: not a parameter of pytorch-metric-learning's MultiSimilarityLoss"),
+        ("loss.params.reducer=mean", "loss.params.reducer: takes a Python object"),
+        ("loss.params.num_classes=3", "loss.params.num_classes: set by glassmetric"),
+        ("loss.params.collect_stats=3", "loss.params.collect_stats: expected true or false"),
+        ("trainer.devices=abc", "trainer.devices: expected a number of devices >= 1, 'auto', or GPU indices"),
+        ("trainer.devices=0", "trainer.devices: expected"),
+        ("trainer.devices=-1", "trainer.devices: expected"),
+        ("trainer.devices=[]", "trainer.devices: expected"),
+        ("trainer.devices=[0, 0]", "trainer.devices: expected"),
+        ("trainer.devices=0,a", "trainer.devices: expected"),
+        ("trainer.accelerator=tpu", "trainer.accelerator: expected one of 'auto', 'cpu', 'gpu', 'cuda', 'mps', got 'tpu'"),
+        ("trainer.accelerator=banana", "trainer.accelerator: expected one of"),
+        ("seed=4294967296", "seed: expected between 0 and 2**32 - 1"),
+        ("model.embedding_dim=1000000000", "model.embedding_dim: expected between 1 and 65536"),
+    ],
+)
+def test_values_that_would_fail_at_run_time_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_loss_params_are_checked_against_the_loss_and_miner_classes():
+    """Names and kinds come from pytorch-metric-learning's classes: the margin loss takes
+    learn_beta (a bool) and nu (a number), its distance-weighted miner a cutoff."""
+    from pytorch_metric_learning.losses import MarginLoss, MultiSimilarityLoss
+    from pytorch_metric_learning.miners import DistanceWeightedMiner
+
+    margin = ["loss.name=margin", "loss.params={nu: 0.1, learn_beta: false, margin: 1e-1}", "loss.miner_params.cutoff=0.4"]
+    cfg = load_config("demo", margin)
+    assert cfg.loss.params == {"nu": 0.1, "learn_beta": False, "margin": 0.1} and cfg.loss.miner_params == {"cutoff": 0.4}
+    MarginLoss(num_classes=4, **cfg.loss.params)  # what the config accepts, the classes take
+    DistanceWeightedMiner(**cfg.loss.miner_params)
+    ms = load_config("demo", ["loss.params={alpha: 1e-3, base: 1, collect_stats: true}"]).loss.params
+    assert ms == {"alpha": 1e-3, "base": 1, "collect_stats": True}
+    MultiSimilarityLoss(**ms)
+    with pytest.raises(ConfigError, match="loss.params.learn_beta: expected true or false, got 'maybe'"):
+        load_config("demo", ["loss.name=margin", "loss.params.learn_beta=maybe"])
+    with pytest.raises(ConfigError, match="loss.miner_params: loss 'proxyanchor' uses no miner"):
+        load_config("demo", ["loss.name=proxyanchor", "loss.miner_params.epsilon=0.1"])
+
+
+def test_devices_and_seeds_at_the_edges_of_their_ranges():
+    """Lightning's forms of ``devices``: a count, "auto", GPU indices as "0,1" (one index as
+    "0,": "0" alone would be a count of none); numpy seeds span 0 .. 2**32 - 1."""
+    devices = lambda v: load_config("demo", [f"trainer.devices={v}"]).trainer.devices
+    assert [devices(v) for v in ("2", "auto", "[0, 1]", "[2]", "0,1", "0,")] == [2, "auto", "0,1", "2,", "0,1", "0,"]
+    import numpy as np
+
+    seed = load_config("demo", [f"seed={2**32 - 1}"]).seed
+    np.random.seed(seed)  # the largest accepted seed is one numpy takes ...
+    with pytest.raises(ValueError):
+        np.random.seed(seed + 1)  # ... and the next is not
+    assert load_config("demo", ["model.embedding_dim=65536"]).model.embedding_dim == 65536

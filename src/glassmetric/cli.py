@@ -352,10 +352,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from glassmetric.export.onnx import compare_with_torch, export_onnx
     from glassmetric.training.module import load_trained
 
+    if args.image_size is not None and not 16 <= args.image_size <= 4096:  # data.image_size's range
+        raise ConfigError(f"--image-size: expected between 16 and 4096, got {args.image_size}")
     model, cfg = load_trained(args.checkpoint)
     size = args.image_size or cfg.data.eval_image_size or cfg.data.image_size
-    if size < 16:
-        raise ConfigError(f"--image-size: expected >= 16, got {size}")
     names = export_onnx(model, args.output, size)
     print(f"{args.output}: input images (batch, 3, {size}, {size}); outputs {', '.join(names)}")
     if not args.no_check:

@@ -167,9 +167,11 @@ class TrainerConfig:
     batch_size: int = 112
     #: images per class in a batch (the m of the m-per-class sampler)
     samples_per_class: int = 2
-    accelerator: str = "auto"
-    #: devices per node (an int, a list such as "0,1", or "auto"); the losses see devices x num_nodes x batch_size
-    devices: Union[int, str] = 1
+    #: auto (a GPU when there is one, else the CPU) | cpu | gpu (= cuda) | mps
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    #: devices per node: a number >= 1, "auto", or the indices of the GPUs ([0, 1] or "0,1");
+    #: the losses see devices x num_nodes x batch_size
+    devices: Union[int, str, tuple[int, ...]] = 1
     num_nodes: int = 1
     #: "auto" (one device: none; several: Lightning's DDP) or "ddp" (processes started by
     #: Lightning or by torchrun), "ddp_spawn"; see README "Training on several GPUs"
@@ -245,9 +247,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+#: the widest embedding (and uncertainty embedding) a model may have
+MAX_EMBEDDING_DIM = 65536
+
 #: (key, predicate, description) range checks applied after type checks
 _RANGES: list[tuple[str, Any, str]] = [
-    ("seed", lambda v: v >= 0, ">= 0"),
+    ("seed", lambda v: 0 <= v <= 2**32 - 1, "between 0 and 2**32 - 1 = 4294967295 (numpy's seed range)"),
     ("data.val_classes", lambda v: v >= 0, ">= 0"),
     ("data.image_size", lambda v: 16 <= v <= 4096, "between 16 and 4096"),
     ("data.crop_scale", lambda v: 0 < v[0] <= v[1] <= 1, "a range (low, high) with 0 < low <= high <= 1"),
@@ -258,9 +263,9 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("data.synthetic.images_per_class", lambda v: v >= 2, ">= 2"),
     ("data.train_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
     ("data.test_classes", lambda v: v is None or v[0] <= v[1], "a range (first, last) with first <= last"),
-    ("model.embedding_dim", lambda v: v >= 1, ">= 1"),
+    ("model.embedding_dim", lambda v: 1 <= v <= MAX_EMBEDDING_DIM, f"between 1 and {MAX_EMBEDDING_DIM}"),
     ("model.spatial_grid", lambda v: 0 <= v <= 32, "between 0 and 32"),
-    ("model.uncertainty_dim", lambda v: 0 <= v <= 65536, "between 0 and 65536"),
+    ("model.uncertainty_dim", lambda v: 0 <= v <= MAX_EMBEDDING_DIM, f"between 0 and {MAX_EMBEDDING_DIM}"),
     ("model.groups", lambda v: 0 <= v <= 64, "between 0 (off) and 64"),
     ("model.group_query_std", lambda v: v > 0, "> 0"),
     ("loss.diversity_weight", lambda v: v >= 0, ">= 0"),
@@ -388,6 +393,26 @@ def _get(cfg: Config, dotted: str) -> Any:
     return value
 
 
+def _devices(value: int | str | tuple[int, ...]) -> int | str:
+    """``trainer.devices`` as Lightning takes it: a count >= 1, "auto", or GPU indices as a
+    string ("0,1"; one index as "0,", since "0" would be a count)."""
+    if isinstance(value, tuple):
+        if value and all(i >= 0 for i in value) and len(set(value)) == len(value):
+            return ",".join(map(str, value)) + ("," if len(value) == 1 else "")
+    elif isinstance(value, int):
+        if value >= 1:
+            return value
+    elif value.strip() == "auto" or (value.strip().isdigit() and int(value) >= 1):
+        return value.strip()
+    else:
+        indices = [i.strip() for i in value.split(",") if i.strip()]
+        if "," in value and indices and all(i.isdigit() for i in indices) and len(set(map(int, indices))) == len(indices):
+            return value.strip()
+    raise ConfigError(
+        f"trainer.devices: expected a number of devices >= 1, 'auto', or GPU indices such as [0, 1] or '0,1', got {value!r}"
+    )
+
+
 def validate(cfg: Config) -> Config:
     """Range checks and cross-field checks; raises ConfigError naming the key."""
     for key, ok, what in _RANGES:
@@ -416,6 +441,10 @@ def validate(cfg: Config) -> Config:
             "model.spatial_head: 'shared' applies the global head at every location, but model.groups "
             "replaces (and leaves untrained) the global head: use model.spatial_head=own"
         )
+    cfg.trainer.devices = _devices(cfg.trainer.devices)
+    from glassmetric.losses.metric_losses import check_params
+
+    cfg.loss.params, cfg.loss.miner_params = check_params(cfg.loss.name, cfg.loss.params, cfg.loss.miner_params)
     if cfg.structural.marginals == "auto":
         own = m.spatial_grid and m.spatial_head == "own"
         cfg.structural.marginals = "pooled_cross_correlation" if own else "cross_correlation"
@@ -440,9 +469,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from e
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(e, raw)}") from e
     return key.split("."), value
 
 
@@ -458,15 +487,81 @@ def _merge(base: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+#: the largest config file read: configs are a few KiB; this stops /dev/zero and the like
+MAX_CONFIG_BYTES = 1 << 20
+#: the deepest nesting of mappings and lists in a config file or override value
+MAX_CONFIG_DEPTH = 32
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases and with bounded nesting.
+
+    An alias (``*name``) repeats its anchor's value by reference: ten lines of aliases of
+    aliases stand for billions of values, which the first copy of the config (``save_config``)
+    would expand. Deep nesting (``[[[[...``) overflows the recursion of YAML's composer.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not accepted in configs: write the value out",
+                self.peek_event().start_mark,
+            )
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH and self.check_event(yaml.CollectionStartEvent):
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _line_column(text: str | bytes, index: int) -> str:
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line = text.count(newline, 0, index) + 1
+    return f"line {line}, column {index - (text.rfind(newline, 0, index) + 1) + 1}"
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """A YAML error on one line: where (line, column) and what."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        what = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+        if e.context:
+            where = f" at line {e.context_mark.line + 1}, column {e.context_mark.column + 1}" if e.context_mark else ""
+            what += f" ({e.context}{where})"
+        return what
+    if isinstance(e, yaml.reader.ReaderError):
+        return f"{_line_column(text, e.position)}: character {e.character:#06x} is not allowed in YAML"
+    return " ".join(str(e).split())
+
+
 def read_yaml(path: Path) -> dict:
+    """The mapping in the YAML file ``path`` (at most MAX_CONFIG_BYTES, UTF-8, no aliases);
+    every problem is a one-line ConfigError naming the file (and the line and column)."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte {raw[e.start]:#04x} at {_line_column(raw, e.start)}"
+        ) from e
+    try:
+        data = _load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e, text)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -205,3 +205,63 @@ def test_pads_odd_shortlists_with_problems_that_never_leak():
         )
         torch.testing.assert_close(alone[:, 0], ss[:, j], rtol=0, atol=0)
     assert np.isfinite(ss.numpy()).all()
+
+
+def _kernel_works():
+    """The kernel gives the torch solver's scores (a library that loads but computes nothing
+    right would not)."""
+    S, mu, nu = problems(8, 1, 5, 9, 9)
+    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, max_iter=20, tol=None)
+    torch.testing.assert_close(ss, torch_ss(S, mu, nu, 20), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut", "garbage"])
+def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path, damage):
+    """A 0-byte file (a full disk, a cache folder copied in part), a copy
+    cut short, or bytes that are no library: removed and rebuilt, and the kernel is used."""
+    monkeypatch.setenv("GLASSMETRIC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(lane_sinkhorn, "_state", {})
+    path = lane_sinkhorn.library_path()
+    path.parent.mkdir(parents=True)
+    if damage == "cut":  # a whole build elsewhere (never loaded here), half of it copied
+        whole = tmp_path / "whole" / "lane.so"
+        lane_sinkhorn._build(whole)
+        path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    else:
+        path.write_bytes(b"" if damage == "empty" else b"not a shared library\n" * 200)
+    assert lane_sinkhorn.available(), lane_sinkhorn._state.get("error")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x7fELF"
+    _kernel_works()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_stale_build_temporaries_are_removed(monkeypatch, tmp_path):
+    """A build killed (-9) between the compile and the rename leaves its temporary: the next
+    load removes those whose writer on this host is dead or that are older than 10 minutes, and
+    keeps the fresh ones of live writers (a build under way here or on another host)."""
+    import socket
+    import subprocess
+    import time
+
+    monkeypatch.setenv("GLASSMETRIC_CACHE", str(tmp_path))
+    monkeypatch.setattr(lane_sinkhorn, "_state", {})
+    folder = lane_sinkhorn.library_path().parent
+    folder.mkdir(parents=True)
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = {
+        f"tmp-{host}-{dead.pid}-k1ll3d.so": False,  # its writer is gone
+        "tmpz8x_1q2w.so": False,  # no writer in its name, an hour old
+        f"tmp-elsewhere-{os.getpid()}-old9.so": False,  # another host's, an hour old
+        f"tmp-{host}-{os.getpid()}-live0.so": True,  # a live writer's, fresh
+        f"tmp-elsewhere-{dead.pid}-runs.so": True,  # another host's, fresh: its pid means nothing here
+    }
+    hour_ago = time.time() - 3600
+    for name in names:
+        (folder / name).write_bytes(b"\x7fELF partial")
+        if name.startswith("tmpz") or "old9" in name:
+            os.utime(folder / name, (hour_ago, hour_ago))
+    assert lane_sinkhorn.available()
+    left = {p.name for p in folder.iterdir()}
+    assert left == {lane_sinkhorn.library_path().name} | {n for n, keep in names.items() if keep}

@@ -109,3 +109,31 @@ def test_device_count_reads_lightnings_devices():
     assert device_count("auto", "cpu") == 1
     assert device_count("auto", "gpu") == max(1, torch.cuda.device_count())
     assert isinstance(ddp_strategy(load_config("demo", ["trainer.devices=0,1"])), DDPStrategy)
+
+
+def test_devices_this_machine_lacks_are_named(monkeypatch, tmp_path, capsys):
+    """``trainer.accelerator=gpu`` without a GPU, more GPUs or other indices than there are,
+    GPU indices on the CPU: one line naming the key, before anything is built or written."""
+    from glassmetric.cli import main
+    from glassmetric.errors import ConfigError
+    from glassmetric.training.distributed import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    out = tmp_path / "run"
+    assert main(["fit", "--config", "demo", "trainer.accelerator=gpu", f"trainer.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "glassmetric fit: error: trainer.accelerator: 'gpu', but torch finds no CUDA GPU here: use cpu or auto"
+    assert not out.exists()
+    trainer = lambda *o: load_config("demo", list(o)).trainer
+    with pytest.raises(ConfigError, match="trainer.devices: GPU indices '0,1' on the CPU"):
+        check_devices(trainer("trainer.devices=[0, 1]"))
+    check_devices(trainer("trainer.devices=2", "trainer.accelerator=cpu"))  # two CPU processes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="trainer.devices: 4 GPUs asked for, this machine has 2"):
+        check_devices(trainer("trainer.devices=4", "trainer.accelerator=cuda"))
+    with pytest.raises(ConfigError, match=r"trainer.devices: GPU 3 does not exist here \(GPUs 0 to 1\)"):
+        check_devices(trainer("trainer.devices=[0, 3]"))
+    check_devices(trainer("trainer.devices=[1]", "trainer.accelerator=gpu"))
+    check_devices(trainer("trainer.devices=auto"))

@@ -182,6 +182,21 @@ def test_resume_checkpoint_choices(tmp_path, capsys):
         resume_checkpoint(ckpt)
 
 
+def test_a_last_checkpoint_that_is_not_a_mapping_falls_back_to_the_previous_one(tmp_path, capsys):
+    """A torch file whose top level is a list (or a tensor) is unreadable as a checkpoint too."""
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    torch.save([1, 2], ckpt / "last.ckpt")
+    torch.save({"global_step": 3}, ckpt / "last.prev.ckpt")
+    assert resume_checkpoint(ckpt) == ckpt / "last.prev.ckpt"
+    out = capsys.readouterr().out
+    assert "not a glassmetric checkpoint: the top level is a list, not a mapping: trying the previous checkpoint" in out
+    assert (ckpt / "last.damaged.ckpt").exists()  # the list, moved aside
+    torch.save(torch.ones(2), ckpt / "last.prev.ckpt")
+    with pytest.raises(CheckpointError, match="no readable checkpoint to resume in .*last.prev.ckpt: .*the top level is a Tensor"):
+        resume_checkpoint(ckpt)
+
+
 def test_overwrite_discards_the_earlier_runs_checkpoints(tmp_path):
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()

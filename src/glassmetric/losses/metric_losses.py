@@ -23,6 +23,8 @@ checkpoint, and :meth:`MetricLoss.learning_rate` gives them their own learning r
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -58,6 +60,8 @@ class LossSpec:
     distance_power: int = 1
     #: the miner needs the dimension of the embedding sphere (packed embeddings are wider)
     miner_needs_dimension: bool = False
+    #: the class whose keyword arguments ``loss.params`` sets, where build_loss wraps it
+    loss_class: type | None = None
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -71,7 +75,7 @@ LOSSES: dict[str, LossSpec] = {
         lambda num_classes, embedding_size, **kw: losses.MarginLoss(num_classes=num_classes, **kw),
         {"margin": 0.2, "beta": 1.2, "nu": 0.0, "learn_beta": True},
         SphereDistanceWeightedMiner, {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
-        needs_classes=True, param_lr=("absolute", 5e-4), miner_needs_dimension=True,
+        needs_classes=True, param_lr=("absolute", 5e-4), miner_needs_dimension=True, loss_class=losses.MarginLoss,
         # sample only negatives that can have a non-zero loss: d < beta + margin (Wu et al.)
         miner_from_loss=lambda kw: {"nonzero_loss_cutoff": kw["beta"] + kw["margin"]},
     ),
@@ -95,8 +99,82 @@ LOSSES: dict[str, LossSpec] = {
 def _construct(factory: Callable, kwargs: dict, what: str) -> torch.nn.Module:
     try:
         return factory(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"{what}: {e}") from e
+
+
+#: keyword arguments that glassmetric sets itself, and from what
+_SET_BY_GLASSMETRIC = {
+    "num_classes": "the training classes", "embedding_size": "model.embedding_dim", "dimension": "model.embedding_dim",
+    "distance": "loss.similarity", "mat_based_loss": "the loss",
+}
+#: keyword arguments whose default is None but that take a plain value
+_PLAIN_NONE_DEFAULTS = {"collect_stats": bool}
+
+
+def _keywords(cls: type) -> dict[str, Any]:
+    """Every keyword argument ``cls(...)`` accepts, through the ``**kwargs`` its bases take,
+    with its default (``inspect.Parameter.empty`` for none)."""
+    found: dict[str, Any] = {}
+    for klass in inspect.getmro(cls):
+        if "__init__" in vars(klass) and klass is not object:
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    found.setdefault(p.name, p.default)
+    return found
+
+
+def _checked(value: Any, default: Any, key: str) -> Any:
+    """``value`` of a keyword argument whose default is ``default``: a finite number where the
+    default is a number, true / false where it is a bool; a plain value where it has no default
+    to go by; refused where the default is None (an object: a reducer, a regularizer, ...)."""
+    if isinstance(default, bool) or _PLAIN_NONE_DEFAULTS.get(key.rsplit(".", 1)[-1]) is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return value
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if default is None:
+        raise ConfigError(f"{key}: takes a Python object (e.g. a reducer or regularizer), which a config cannot give")
+    if isinstance(value, (str, int, float, bool)) and not (isinstance(value, float) and not math.isfinite(value)):
+        return value
+    raise ConfigError(f"{key}: expected a number or a string, got {value!r}")
+
+
+def _check_keywords(cls: type, values: dict, defaults: dict, section: str) -> dict:
+    accepted = {**_keywords(cls), **defaults}
+    settable = sorted(k for k, v in accepted.items() if k not in _SET_BY_GLASSMETRIC and (v is not None or k in _PLAIN_NONE_DEFAULTS))
+    checked = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name in _SET_BY_GLASSMETRIC:
+            raise ConfigError(f"{key}: set by glassmetric (from {_SET_BY_GLASSMETRIC[name]}), not by the config")
+        if name not in accepted:
+            raise ConfigError(f"{key}: not a parameter of pytorch-metric-learning's {cls.__name__} (its parameters: {', '.join(settable)})")
+        checked[name] = _checked(value, accepted[name], key)
+    return checked
+
+
+def check_params(name: str, params: dict, miner_params: dict) -> tuple[dict, dict]:
+    """``loss.params`` and ``loss.miner_params`` of the loss ``name``, checked against the
+    keyword arguments of its pytorch-metric-learning classes (numbers where their defaults are
+    numbers, ...); returned with numbers written as strings (``1e-3``) read as numbers.
+    Raises ConfigError naming the key (``loss.params.alpha``)."""
+    spec = LOSSES[name]
+    cls = spec.loss_class or spec.build_loss
+    params = _check_keywords(cls, params, spec.loss_defaults, "loss.params")
+    if spec.build_miner is None:
+        if miner_params:
+            raise ConfigError(f"loss.miner_params: loss {name!r} uses no miner, got {miner_params!r}")
+        return params, {}
+    return params, _check_keywords(spec.build_miner, miner_params, spec.miner_defaults or {}, "loss.miner_params")
 
 
 class MetricLoss(torch.nn.Module):

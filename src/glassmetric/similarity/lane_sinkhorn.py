@@ -12,7 +12,10 @@ these sizes is memory traffic and dispatch, not arithmetic (``bench/structural.p
 The kernel is compiled at first use with the system C compiler (``$CC``, else ``cc``; GCC or
 clang, ``-O3 -march=native``) into ``$GLASSMETRIC_CACHE/native`` (default
 ``~/.cache/glassmetric/native``), under a name that hashes the source, the compiler, the flags
-and the CPU, and written atomically. Without a compiler, or with ``GLASSMETRIC_NATIVE=0``, :func:`available` is
+and the CPU, and written atomically (a temporary ``tmp-<host>-<pid>-*.so`` renamed into place). A
+temporary whose writer is dead or that is older than ten minutes is removed at the next load; a
+cached library that is damaged (empty, not a whole shared object, or failing to load) is removed
+and rebuilt once. Without a compiler, or with ``GLASSMETRIC_NATIVE=0``, :func:`available` is
 False and callers use the torch solver (same results to float rounding). The blocks of a call
 are split over ``torch.get_num_threads()`` threads (the call releases the GIL).
 """
@@ -25,10 +28,14 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
+import socket
+import struct
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +57,10 @@ _LOG2E = 1.0 / math.log(2.0)
 #: Block ranges per thread of a multi-threaded call (dynamic balance: blocks stop at
 #: different iterations).
 _PARTS_PER_THREAD = 4
+
+#: age after which a build's temporary is stale whoever wrote it (a build takes < 120 s)
+_STALE_SECONDS = 600
+_TEMPORARY = re.compile(r"tmp-(?P<host>.+)-(?P<pid>\d+)-[^-]+\.so")
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -87,7 +98,7 @@ def _build(target: Path) -> None:
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"tmp-{socket.gethostname()}-{os.getpid()}-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         proc = subprocess.run(
@@ -101,6 +112,84 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the process that writes the temporary ``name`` may still run: another host's, or
+    a live process of this host (a name of no known form counts as alive)."""
+    m = _TEMPORARY.fullmatch(name)
+    if m is None or m["host"] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the build temporaries (``tmp*.so``) of killed builds: written by a process of
+    this host that is gone, or older than _STALE_SECONDS."""
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for path in folder.glob("tmp*.so"):
+        try:
+            if not _writer_alive(path.name) or now - path.stat().st_mtime > _STALE_SECONDS:
+                path.unlink()
+                log.info("removed the stale native build temporary %s", path)
+        except OSError:
+            pass  # removed by another process meanwhile
+
+
+def _damage(path: Path) -> str | None:
+    """Why the cached library ``path`` is not a whole shared object, or None. On ELF systems the
+    header's section table must end within the file (a copy cut short does not)."""
+    with open(path, "rb") as f:
+        data = f.read(64)
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty"
+    if platform.system() != "Linux":
+        return None
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return "it is not an ELF shared object"
+    order = "<" if data[5] == 1 else ">"
+    if data[4] == 2:
+        (shoff,), (entsize, count) = struct.unpack_from(order + "Q", data, 0x28), struct.unpack_from(order + "HH", data, 0x3A)
+    else:
+        (shoff,), (entsize, count) = struct.unpack_from(order + "I", data, 0x20), struct.unpack_from(order + "HH", data, 0x2E)
+    if shoff + entsize * count > size:
+        return f"it is cut short ({size} bytes; its header says at least {shoff + entsize * count})"
+    return None
+
+
+def _open_library():
+    """The kernel's ctypes function from the cached library, built when missing; a damaged
+    cached library is removed and rebuilt once."""
+    path = library_path()
+    _remove_stale_temporaries(path.parent)
+    built = False
+    if path.exists() and (problem := _damage(path)):
+        log.warning("the cached native kernel %s is damaged (%s): rebuilding it", path, problem)
+        path.unlink(missing_ok=True)
+    if not path.exists():
+        _build(path)
+        built = True
+    try:
+        return ctypes.CDLL(str(path)).glassmetric_lane_sinkhorn
+    except (OSError, AttributeError) as err:
+        if built:
+            raise OSError(f"cannot load the freshly built {path}: {err}") from err
+        log.warning("the cached native kernel %s does not load (%s): rebuilding it", path, err)
+        path.unlink(missing_ok=True)
+        _build(path)
+        try:
+            return ctypes.CDLL(str(path)).glassmetric_lane_sinkhorn
+        except AttributeError as again:  # the loader may hand back the library it loaded before
+            raise OSError(f"rebuilt {path}, usable from the next process on: {again}") from again
+
+
 def _load():
     """The kernel's ctypes function, building it if needed; None when unavailable."""
     with _lock:
@@ -109,11 +198,7 @@ def _load():
         fn = None
         if os.environ.get("GLASSMETRIC_NATIVE", "1") != "0":
             try:
-                path = library_path()
-                if not path.exists():
-                    _build(path)
-                lib = ctypes.CDLL(str(path))
-                fn = lib.glassmetric_lane_sinkhorn
+                fn = _open_library()
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
                 f32 = ctypes.c_float
                 fn.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64,

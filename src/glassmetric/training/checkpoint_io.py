@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import re
 import shutil
 import tempfile
@@ -71,22 +72,49 @@ def atomic_torch_save(obj: Any, path: str | Path, keep_previous: bool = False) -
         os.close(dir_fd)
 
 
-def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+#: how much of a file torch could not load is parsed to tell what it is
+_SCAN_BYTES = 64 << 20
+
+
+def _file_kind(path: Path) -> str:
+    """What ``path`` holds, from its bytes (parsed, never unpickled): ``zip`` (torch's format,
+    maybe cut short), ``pickle`` (pickle opcodes up to a STOP, or past the scanned length),
+    ``cut`` (pickle opcodes that stop short) or ``other`` (neither)."""
+    with open(path, "rb") as f:
+        head = f.read(_SCAN_BYTES)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    try:
+        for _ in pickletools.genops(io.BytesIO(head)):
+            pass
+    except ValueError as e:
+        if "unknown" in str(e):
+            return "other"
+        return "pickle" if len(head) == _SCAN_BYTES else "cut"
+    return "pickle"
+
+
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """Load a checkpoint without unpickling arbitrary objects; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot load checkpoint {path}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # the weights-only unpickler met a class or function: loading it could run any code
-        culprit = re.search(r"GLOBAL [\w.]+|Unsupported operand \S+", str(e))
-        detail = f" ({culprit.group(0).strip()})" if culprit else ""
-        raise CheckpointError(
-            f"refused to load checkpoint {path}: it holds pickled objects beyond tensors and plain "
-            f"containers{detail}, which could run code; glassmetric loads weights only"
-        ) from e
     except Exception as e:  # torch raises several types for truncated or foreign files
+        kind = _file_kind(path)
+        if kind == "other":
+            raise CheckpointError(f"cannot load checkpoint {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from e
+        culprit = re.search(r"GLOBAL [\w.]+|Unsupported operand \S+", str(e))
+        if isinstance(e, pickle.UnpicklingError) and (kind != "cut" or (culprit and culprit.group(0).startswith("GLOBAL"))):
+            # the weights-only unpickler met a class or function: loading it could run any code
+            detail = f" ({culprit.group(0).strip()})" if culprit else ""
+            raise CheckpointError(
+                f"refused to load checkpoint {path}: it holds pickled objects beyond tensors and plain "
+                f"containers{detail}, which could run code; glassmetric loads weights only"
+            ) from e
         first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
         raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}: {first}") from e
 

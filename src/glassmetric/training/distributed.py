@@ -168,6 +168,35 @@ def device_count(devices: int | str, accelerator: str = "auto") -> int:
     return int(text) if text.isdigit() else 1
 
 
+def check_devices(t) -> None:
+    """ConfigError naming the key when ``trainer.accelerator`` / ``trainer.devices`` (of the
+    TrainerConfig ``t``) ask for devices this machine does not have."""
+    from glassmetric.errors import ConfigError
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    kind = t.accelerator
+    if kind == "auto":
+        kind = "gpu" if gpus else "mps" if mps else "cpu"
+    indices = isinstance(t.devices, str) and "," in t.devices
+    if kind in ("gpu", "cuda"):
+        if not gpus:
+            raise ConfigError(f"trainer.accelerator: {t.accelerator!r}, but torch finds no CUDA GPU here: use cpu or auto")
+        if indices:
+            missing = [i for i in (int(d) for d in t.devices.split(",") if d.strip()) if i >= gpus]
+            if missing:
+                raise ConfigError(f"trainer.devices: GPU {missing[0]} does not exist here (GPUs 0 to {gpus - 1})")
+        elif t.devices != "auto" and int(t.devices) > gpus:
+            raise ConfigError(f"trainer.devices: {t.devices} GPUs asked for, this machine has {gpus}")
+    elif kind == "mps":
+        if not mps:
+            raise ConfigError(f"trainer.accelerator: {t.accelerator!r}, but torch finds no MPS device here: use cpu or auto")
+        if t.devices not in (1, "1", "auto"):
+            raise ConfigError(f"trainer.devices: MPS has one device, got {t.devices!r}")
+    elif indices:
+        raise ConfigError(f"trainer.devices: GPU indices {t.devices!r} on the CPU: give a number of processes instead")
+
+
 def ddp_strategy(cfg):
     """Lightning's strategy for ``cfg.trainer``: ``ddp`` / ``ddp_spawn`` (and ``auto`` with
     several devices or nodes: ``ddp``) as a ``DDPStrategy``, finding unused parameters where a

@@ -34,7 +34,7 @@ from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.retrieval.metrics import recall_ks_for
 from glassmetric.data.image_io import collate_readable
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO, safe_torch_load
-from glassmetric.training.distributed import IndexedDataset, ddp_strategy, eval_sampler
+from glassmetric.training.distributed import IndexedDataset, check_devices, ddp_strategy, eval_sampler
 from glassmetric.training.guards import reliability_callbacks
 from glassmetric.training.resume import discard_resume_checkpoints, resumable_train_loader, resume_checkpoint
 from glassmetric.training.module import MetricLearner, build_model_from_config
@@ -142,6 +142,7 @@ def fit(
 
     ``callbacks`` are extra Lightning callbacks (e.g. for logging or early stopping).
     """
+    check_devices(cfg.trainer)
     out = Path(cfg.trainer.output_dir)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"

@@ -213,6 +213,32 @@ class MetricLearner(pl.LightningModule):
         checkpoint["glassmetric"] = {"version": __version__, "config": self.cfg.to_dict()}
 
 
+def _checkpoint_parts(ckpt, path) -> tuple[dict, dict]:
+    """The stored config (a copy) and the weights of a ``glassmetric fit`` checkpoint;
+    CheckpointError saying what is wrong with anything else torch can load."""
+    from glassmetric.errors import CheckpointError
+
+    def foreign(what: str) -> CheckpointError:
+        return CheckpointError(f"cannot load checkpoint {path}: not a glassmetric checkpoint: {what}")
+
+    kind = lambda v: type(v).__name__
+    if not isinstance(ckpt, dict):
+        raise foreign(f"the top level is a {kind(ckpt)}, not a mapping")
+    if "state_dict" not in ckpt or not isinstance(ckpt.get("glassmetric"), dict) or "config" not in ckpt["glassmetric"]:
+        raise foreign(f"no 'state_dict' and 'glassmetric' config (its keys: {', '.join(map(str, list(ckpt)[:8]))})")
+    weights, stored = ckpt["state_dict"], ckpt["glassmetric"]["config"]
+    if not isinstance(weights, dict):
+        raise foreign(f"'state_dict' is a {kind(weights)}, not a mapping of tensors")
+    bad = next((k for k, v in weights.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise foreign(f"'state_dict' entry {bad!r} is a {kind(weights[bad])}, not a tensor")
+    if not isinstance(stored, dict):
+        raise foreign(f"the 'glassmetric' config is a {kind(stored)}, not a mapping")
+    if not isinstance(stored.get("model", {}), dict):
+        raise foreign(f"the stored config's 'model' is a {kind(stored.get('model'))}, not a mapping")
+    return dict(stored), weights
+
+
 def load_trained(path: str, overrides: list[str] = ()) -> tuple[torch.nn.Module, Config]:
     """The EmbeddingModel and Config stored in a ``glassmetric fit`` checkpoint (weights only).
 
@@ -226,18 +252,30 @@ def load_trained(path: str, overrides: list[str] = ()) -> tuple[torch.nn.Module,
     fixed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith("model.")]
     if fixed:
         raise ConfigError(f"{fixed[0]}: model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint")
-    ckpt = safe_torch_load(path)
-    meta = ckpt.get("glassmetric")
-    if not isinstance(meta, dict) or "config" not in meta or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a glassmetric checkpoint (no 'glassmetric' config or 'state_dict')")
-    stored = dict(meta["config"])
-    stored["model"] = {**stored["model"], "pretrained": False}  # the checkpoint holds the weights
+    stored, weights = _checkpoint_parts(safe_torch_load(path), path)
+    stored["model"] = {**stored.get("model", {}), "pretrained": False}  # the checkpoint holds the weights
+    try:
+        config_from_dict(stored)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: its stored config is invalid: {e}") from e
     cfg = config_from_dict(stored, overrides)
     model = build_model_from_config(cfg)
     prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    expected = model.state_dict()
+    misfit = next((k for k, v in state.items() if k in expected and v.shape != expected[k].shape), None)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if misfit or missing or unexpected:
+        m = cfg.model
+        if misfit:
+            what = (f"{prefix}{misfit} is {tuple(state[misfit].shape)} in the file, "
+                    f"{tuple(expected[misfit].shape)} in the model of the config")
+        else:
+            what = f"missing {[prefix + k for k in missing[:5]]}, unexpected {[prefix + k for k in unexpected[:5]]}"
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: the stored config (model.backbone {m.backbone}, model.embedding_dim "
+            f"{m.embedding_dim}) does not fit the weights: {what}"
+        )
+    model.load_state_dict(state)
     model.eval()
     return model, cfg

@@ -192,7 +192,11 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
         if not path.exists():
             continue
         try:
-            step = safe_torch_load(path).get("global_step")
+            ckpt = safe_torch_load(path)
+            if not isinstance(ckpt, dict):
+                raise CheckpointError(f"cannot load checkpoint {path}: not a glassmetric checkpoint: the top level is a "
+                                      f"{type(ckpt).__name__}, not a mapping")
+            step = ckpt.get("global_step")
         except CheckpointError as e:
             problem = problem or e
             print(f"{e}: trying the previous checkpoint" if path == last else str(e))
