@@ -169,11 +169,12 @@ def test_skip_policy_leaves_bad_images_out_and_counts_them(tmp_path, caplog):
         == sorted([*BAD, "gone.png"])
 
 
-def _write_folder_split(root: Path, classes: int, per_class: int, seed: int) -> None:
+def _write_folder_split(root: Path, classes: int, per_class: int, seed: int, prefix: str | None = None) -> None:
+    """``classes`` class folders named ``<prefix> class <c>`` (prefix: the root's name)."""
     rng = np.random.default_rng(seed)
     for c in range(classes):
         for i in range(per_class):
-            path = root / f"{root.name} class {c}" / f"img {i}.png"
+            path = root / f"{prefix or root.name} class {c}" / f"img {i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(path)
 
@@ -262,11 +263,11 @@ def test_eval_explain_and_report_refuse_an_elongated_image_in_bounded_memory(tmp
     import tiny_runs
 
     checkpoint = tiny_runs.fit_tiny(tmp_path / "run")
-    for folder in ("query", "gallery"):
-        _write_folder_split(tmp_path / folder, 2, 3, 0)
-    strip = tmp_path / "gallery" / "gallery class 1" / "strip.png"
+    for folder in ("query", "gallery"):  # the same classes on both sides
+        _write_folder_split(tmp_path / folder, 2, 3, 0, prefix="bird")
+    strip = tmp_path / "gallery" / "bird class 1" / "strip.png"
     assert _elongated_png(strip, 1, 1_000_000) < 5000
-    fine = tmp_path / "query" / "query class 0" / "img 0.png"
+    fine = tmp_path / "query" / "bird class 0" / "img 0.png"
     pair = ["--query", str(tmp_path / "query"), "--gallery", str(tmp_path / "gallery")]
     runs = {
         "eval error": ["eval", "--checkpoint", str(checkpoint), *pair],
