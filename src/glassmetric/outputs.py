@@ -105,12 +105,12 @@ def writable_folder(path: str | Path, what: str, *, create: bool = False) -> Pat
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{what} {path} is a file: expected a folder")
+    _probe(_nearest_existing(path), what, path)
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{what} {path}: cannot create the folder ({e.strerror or e})") from None
-    _probe(_nearest_existing(path), what, path)
     return path
 
 
