@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from glassmetric.errors import ConfigError, GlassmetricError
+from glassmetric.outputs import atomic_write_text, figure_file, writable_file, writable_folder
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="train a model from a preset or YAML config")
     fit.add_argument("--config", default="demo", help="preset name (see `glassmetric presets`) or YAML file")
     fit.add_argument("--resume", action="store_true", help="continue from trainer.output_dir/checkpoints/last.ckpt")
-    fit.add_argument("--overwrite", action="store_true", help="start again even if output_dir has a checkpoint")
+    fit.add_argument("--overwrite", action="store_true", help="start again: first remove the files an earlier run wrote in "
+                     "output_dir (checkpoints, logs, config.yaml, metrics.json); other files stay")
     fit.add_argument("--baseline", action="store_true", help="also evaluate the untrained model and print both")
     fit.add_argument("--no-test", action="store_true", help="skip the test evaluation at the end")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_epochs=5")
@@ -59,14 +61,14 @@ def _parser() -> argparse.ArgumentParser:
                     "split (model.groups checkpoints; with --groups-parts, columns named by each group's part)")
     ev.add_argument("--groups-fraction", type=float, default=0.1, help="share of the positions in a group's top "
                     "attention region for --groups-parts (default 0.1)")
-    ev.add_argument("--out", help="write the metrics as JSON to this file")
+    ev.add_argument("--out", help="write the metrics as JSON to this file (missing folders are created)")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
 
     ex = sub.add_parser("explain", help="explain why two images were judged alike (structural matching, or per-group attention for model.groups)")
     ex.add_argument("image_x", help="first image (the query)")
     ex.add_argument("image_y", help="second image (the candidate)")
     ex.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
-    ex.add_argument("-o", "--output", default="pair.png", help="figure file (.png, .svg or .pdf)")
+    ex.add_argument("-o", "--output", default="pair.png", help="figure file (.png, .svg, .pdf, .jpg, ...)")
     ex.add_argument("--top-flows", type=int, default=12, help="number of strongest flows drawn")
 
     rp = sub.add_parser("report", help="write a static HTML retrieval report with explanations (opens offline)")
@@ -149,6 +151,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--correspondence: expected a number of pairs >= 1, got {args.correspondence}")
     if args.rerank:
         _parse_ks(args.k)
+    _check_eval_outputs(args)
     model, cfg = load_trained(args.checkpoint, args.overrides)
     knn = "index" if args.index_dir else args.knn or cfg.eval.knn_backend
     kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
@@ -203,9 +206,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.groups_figure:
         _groups_figure(args, model, cfg, dataset, report.get("group_parts"))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2, default=float))
+        atomic_write_text(args.out, json.dumps(report, indent=2, default=float))
         print(f"metrics written to {args.out}")
     return 0
+
+
+def _check_eval_outputs(args: argparse.Namespace) -> None:
+    """Every file eval writes, checked before any work (missing folders are created at the end)."""
+    if args.out:
+        writable_file(args.out, "--out")
+    if args.uncertainty_csv:
+        writable_file(args.uncertainty_csv, "--uncertainty-csv")
+    for flag, path in (("--uncertainty-figure", args.uncertainty_figure), ("--groups-figure", args.groups_figure)):
+        if path:
+            figure_file(path, flag)
 
 
 def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dict) -> dict:
@@ -231,6 +245,7 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
         print("Spearman rho of the uncertainty with " + ", ".join(
             f"{name} {v['rho']:+.3f} (p {v['p']:.2g})" for name, v in summary["spearman"].items()))
     if args.uncertainty_csv:
+        Path(args.uncertainty_csv).parent.mkdir(parents=True, exist_ok=True)
         write_csv(rep, args.uncertainty_csv)
         print(f"per-image uncertainties written to {args.uncertainty_csv}")
     if args.uncertainty_figure:
@@ -307,6 +322,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     if args.top_flows < 0:
         raise ConfigError(f"--top-flows: expected a number of flows >= 0, got {args.top_flows}")
+    figure_file(args.output, "-o")
     model, cfg = load_trained(args.checkpoint)
     titles = (Path(args.image_x).name, Path(args.image_y).name)
     if "grouping" in model.extra_heads:  # the per-group panels, structural or not
@@ -327,6 +343,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from glassmetric.training.module import load_trained
 
     ks = _parse_ks(args.k)
+    writable_folder(args.output, "-o")
     model, cfg = load_trained(args.checkpoint, args.overrides)
     name, dataset, gallery = eval_datasets(cfg, model, split=args.split, query=args.query, gallery=args.gallery, folder=args.data)
     page = build_report(
@@ -339,8 +356,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from glassmetric.retrieval.evaluate import default_device
+    from glassmetric.serve.gallery import default_cache_dir
     from glassmetric.serve.server import serve
 
+    if args.cache_dir:
+        writable_folder(args.cache_dir, "--cache-dir")
+    else:
+        writable_folder(default_cache_dir(), "--cache-dir (default)")
     return serve(args.checkpoint, args.gallery, split=args.split, host=args.host, port=args.port, cache_dir=args.cache_dir,
                  device=str(args.device or default_device()), max_upload_mb=args.max_upload_mb,
                  max_megapixels=args.max_megapixels, max_in_flight=args.max_in_flight, body_timeout=args.body_timeout,
@@ -354,6 +376,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.image_size is not None and not 16 <= args.image_size <= 4096:  # data.image_size's range
         raise ConfigError(f"--image-size: expected between 16 and 4096, got {args.image_size}")
+    writable_file(args.output, "-o")
     model, cfg = load_trained(args.checkpoint)
     size = args.image_size or cfg.data.eval_image_size or cfg.data.image_size
     names = export_onnx(model, args.output, size)

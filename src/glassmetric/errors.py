@@ -49,3 +49,7 @@ class IndexFileError(GlassmetricError):
 
 class NonFiniteError(GlassmetricError):
     """Training met a NaN or infinite loss or gradient (``trainer.on_nonfinite: stop``)."""
+
+
+class OutputError(GlassmetricError):
+    """An output file or folder cannot be written, or is in use by another run."""

@@ -194,6 +194,19 @@ def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     assert lane_sinkhorn.library_path() != path  # another compiler, another build
 
 
+def test_the_build_gets_the_umasks_mode(monkeypatch, tmp_path):
+    """The library is compiled into a ``mkstemp`` file (0600); it ends with the mode a compiler's
+    own output gets under the umask (0777 & ~umask for an executable), like every other file."""
+    monkeypatch.setenv("GLASSMETRIC_CACHE", str(tmp_path))
+    monkeypatch.setattr(lane_sinkhorn, "_state", {})
+    old = os.umask(0o022)
+    try:
+        assert lane_sinkhorn.available()
+    finally:
+        os.umask(old)
+    assert oct(lane_sinkhorn.library_path().stat().st_mode & 0o777) == oct(0o755)
+
+
 def test_pads_odd_shortlists_with_problems_that_never_leak():
     """K = 17: one full block and one with a single live lane; the padding lanes' results are
     never written over a neighbour's."""

@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.errors import CheckpointError
 from glassmetric.training.checkpoint_io import previous_path, safe_torch_load
@@ -231,3 +232,47 @@ def test_ddp_replicas_draw_their_global_batchs_seeds():
             assert batch == one_batches[b * 2 + rank]  # same images, same seeds as one process
             assert step_seed(7, 0, b, 2, rank) == step_seed(7, 0, b * 2 + rank)
     assert step_seed(7, 0, 0, 2, 0) != step_seed(7, 0, 0, 2, 1)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory) -> Path:
+    """A finished one-epoch run (multisimilarity, 16-d) to resume with changed configs."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    fit(_config(out, "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=0", "trainer.select=last",
+                "data.val_classes=0"), run_test=False)
+    return out
+
+
+@pytest.mark.parametrize("changed, named", [
+    (["model.embedding_dim=32"], ["model.embedding_dim is 32 in the config, 16 in the checkpoint"]),
+    (["model.groups=2", "model.pooling=max"],
+     ["model.groups is 2 in the config, 0 in the checkpoint", "model.pooling is 'max' in the config, 'avg' in the checkpoint"]),
+    (["loss.name=proxyanchor"],  # the same model, but the loss has weights (proxies) the checkpoint lacks
+     ["the weight loss.loss.proxies is absent in the checkpoint, of shape [6, 16] in the config's model",
+      "loss.name is 'proxyanchor' in the config, 'multisimilarity' in the checkpoint"]),
+])
+def test_resume_with_another_model_fails_before_writing_anything(one_epoch, capsys, changed, named):
+    before = {p: (p.read_bytes() if p.stat().st_size < 10**6 else p.stat().st_mtime_ns)
+              for p in one_epoch.rglob("*") if p.is_file()}
+    argv = ["fit", "--config", "demo", "--resume", *RUN, f"trainer.output_dir={one_epoch}", "data.num_workers=0",
+            "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=0", "trainer.select=last", "data.val_classes=0", *changed]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("glassmetric fit: error: --resume: "), err
+    assert str(one_epoch / "checkpoints" / "last.ckpt") in err and "--overwrite" in err
+    for text in named:
+        assert text in err, err
+    after = {p: (p.read_bytes() if p.stat().st_size < 10**6 else p.stat().st_mtime_ns)
+             for p in one_epoch.rglob("*") if p.is_file()}
+    assert after == before  # config.yaml, checkpoints and logs untouched; no new logs/version_N
+
+
+def test_resume_may_change_what_does_not_shape_the_model(one_epoch, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    result = fit(_config(run, "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=0", "trainer.select=last",
+                         "data.val_classes=0", "model.pretrained=false", "optim.lr=5e-4"), resume=True, run_test=False)
+    assert safe_torch_load(result.checkpoint)["epoch"] == 1
+    assert "lr: 0.0005" in (run / "config.yaml").read_text()

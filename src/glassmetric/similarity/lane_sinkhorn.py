@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from glassmetric.outputs import follow_umask
 from glassmetric.similarity.sinkhorn import KERNEL_RANGE_LIMIT
 
 __all__ = ["LANES", "applies", "available", "disabled", "lane_structural_similarity", "library_path"]
@@ -99,6 +100,7 @@ def _build(target: Path) -> None:
         raise RuntimeError("no C compiler found (set CC)")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"tmp-{socket.gethostname()}-{os.getpid()}-", suffix=".so", dir=target.parent)
+    follow_umask(fd)  # the linker adds the execute bits to the mode the umask gives
     os.close(fd)
     try:
         proc = subprocess.run(

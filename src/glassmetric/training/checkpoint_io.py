@@ -2,9 +2,10 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then
 renamed over the target (``os.replace`` is atomic on POSIX), and the folder is fsync'ed: a crash
-leaves either the old checkpoint or the new one, never a truncated file. With ``keep_previous``
-the checkpoint it replaces stays beside it as ``<name>.prev.ckpt`` (a hard link, so no copy),
-for when the newest one is damaged after all (a full disk, a copy cut short): see
+leaves either the old checkpoint or the new one, never a truncated file. The file gets the mode
+the umask gives, like any other the commands write. With ``keep_previous`` the checkpoint it
+replaces stays beside it as ``<name>.prev.ckpt`` (a hard link, so no copy), for when the
+newest one is damaged after all (a full disk, a copy cut short): see
 :func:`glassmetric.training.resume.resume_checkpoint`. Reading never executes pickled code
 (``torch.load(weights_only=True)``): a checkpoint that holds anything but tensors and plain
 containers is refused.
@@ -18,7 +19,6 @@ import pickle
 import pickletools
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from glassmetric.errors import CheckpointError
+from glassmetric.outputs import atomic_write
 
 
 def previous_path(path: str | Path) -> Path:
@@ -47,29 +48,18 @@ def _keep_previous(path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path, keep_previous: bool = False) -> None:
-    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename, fsync folder);
-    with ``keep_previous``, the file it replaces becomes ``previous_path(path)``."""
+    """``torch.save`` to ``path`` atomically (:func:`glassmetric.outputs.atomic_write`: temporary
+    file, fsync, rename, fsync folder; the umask's mode); with ``keep_previous``, the file it
+    replaces becomes ``previous_path(path)``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
+
+    def keep() -> None:
         if keep_previous and path.is_file():
             _keep_previous(path)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+    atomic_write(path, buffer.getbuffer(), before_replace=keep)
 
 
 #: how much of a file torch could not load is parsed to tell what it is

@@ -9,12 +9,18 @@ Layout of ``trainer.output_dir``::
     checkpoints/best.ckpt     best validation ``trainer.monitor`` (when ``trainer.select: val``)
     logs/version_N/           CSV and TensorBoard logs of the N-th (re)start
     metrics.json              test metrics of the selected model (and of the untrained one)
+    .fit.lock                 held by the run writing the folder (see :mod:`.run_folder`)
+
+Every path is checked writable before the run starts; ``--overwrite`` removes these files of
+an earlier run (and only these), ``--resume`` first checks that the config's model is the
+checkpoint's.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +36,21 @@ from glassmetric.data.registry import Splits, build_splits
 from glassmetric.data.sampler import MPerClassBatchSampler
 from glassmetric.data.transforms import build_transforms
 from glassmetric.errors import CheckpointError
+from glassmetric.outputs import atomic_write_text, writable_folder
 from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.retrieval.metrics import recall_ks_for
 from glassmetric.data.image_io import collate_readable
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO, safe_torch_load
 from glassmetric.training.distributed import IndexedDataset, check_devices, ddp_strategy, eval_sampler
 from glassmetric.training.guards import reliability_callbacks
-from glassmetric.training.resume import discard_resume_checkpoints, resumable_train_loader, resume_checkpoint
+from glassmetric.training.resume import (
+    check_resumed_model,
+    check_resumed_shapes,
+    discard_resume_checkpoints,
+    resumable_train_loader,
+    resume_checkpoint,
+)
+from glassmetric.training.run_folder import clear_previous_run, is_launching_process, run_folder_lock
 from glassmetric.training.module import MetricLearner, build_model_from_config
 from glassmetric.training.throughput import ThroughputMonitor
 
@@ -140,23 +154,58 @@ def fit(
 ) -> FitResult:
     """Train, select (best validation ``trainer.monitor`` or the last epoch), evaluate on the test split.
 
-    ``callbacks`` are extra Lightning callbacks (e.g. for logging or early stopping).
+    The run holds the lock of ``trainer.output_dir`` throughout (:mod:`.run_folder`): a second
+    run into the same folder fails at once. With ``resume``, a config whose model differs from
+    the checkpoint's fails before anything is written; with ``overwrite``, every file an earlier
+    run wrote there is removed first. ``callbacks`` are extra Lightning callbacks (e.g. for
+    logging or early stopping).
     """
     check_devices(cfg.trainer)
     out = Path(cfg.trainer.output_dir)
+    launching = is_launching_process()  # DDP ranks > 0 are started for this run: they write nothing here
+    with ExitStack() as stack:
+        if launching:
+            writable_folder(out, "trainer.output_dir", create=True)
+            for sub in ("checkpoints", "logs"):
+                if (out / sub).exists():
+                    writable_folder(out / sub, "trainer.output_dir")
+            stack.enter_context(run_folder_lock(out))
+        return _fit(cfg, out, launching, resume=resume, overwrite=overwrite, baseline=baseline, run_test=run_test,
+                    callbacks=callbacks)
+
+
+def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bool, baseline: bool, run_test: bool,
+         callbacks: list[Callback]) -> FitResult:
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if last.exists() and not (resume or overwrite):
         raise CheckpointError(f"{last} exists: pass --resume to continue that run, or --overwrite to start again")
-    if not resume:
-        discard_resume_checkpoints(ckpt_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    found = resume_checkpoint(ckpt_dir) if resume else None
+    resumed = None
+    if found is not None:  # only what the checks need, read before anything is written
+        stored = safe_torch_load(found)
+        shapes = {k: torch.empty(v.shape, device="meta") for k, v in stored.get("state_dict", {}).items()
+                  if isinstance(v, torch.Tensor)}
+        resumed = {"glassmetric": stored.get("glassmetric"), "state_dict": shapes}
+        del stored
+        check_resumed_model(cfg, found, resumed)
+    if launching and not resume:
+        if overwrite:
+            kept = clear_previous_run(out)
+            if kept:
+                print(f"--overwrite: kept what glassmetric fit did not write in {out}: {', '.join(kept)}")
+        else:
+            discard_resume_checkpoints(ckpt_dir)
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model_from_config(cfg)
     splits = make_splits(cfg, model)
     module = MetricLearner(cfg, splits.train.labels, model=model)
+    if resumed is not None:
+        check_resumed_shapes(cfg, found, resumed, module)
+        resumed = None
+    if launching:
+        save_config(cfg, out / "config.yaml")
     ks = evaluation_recall_ks(cfg)
     eval_kw = dict(recall_ks=ks, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=cfg.eval.knn_backend,
                    max_k=cfg.eval.knn_k)
@@ -197,7 +246,6 @@ def fit(
     )
     ckpt_path = None
     if resume:
-        found = resume_checkpoint(ckpt_dir)
         if found is not None:
             ckpt_path = str(found)
             print(f"resuming from {found}")
@@ -217,5 +265,5 @@ def fit(
         report = {"checkpoint": str(selected), "test": result.test_metrics}
         if baseline_metrics is not None:
             report["untrained"] = baseline_metrics
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
     return result

@@ -18,7 +18,9 @@ depends only on the seed and the step's position, never on what ran before in th
   the end of each epoch, the previous one kept as ``last.prev.ckpt``.
 
 :func:`resume_checkpoint` picks the checkpoint to resume: ``last.ckpt``, or when that one is
-unreadable (truncated, foreign) the previous one, with a message.
+unreadable (truncated, foreign) the previous one, with a message. Before anything is written,
+:func:`check_resumed_model` and :func:`check_resumed_shapes` refuse a config whose model is not
+the one the checkpoint was trained with, naming the keys and both values.
 """
 
 from __future__ import annotations
@@ -213,8 +215,81 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def discard_resume_checkpoints(ckpt_dir: Path) -> None:
-    """A fresh start (``--overwrite``): remove the last checkpoints of an earlier run, so that
-    a later ``--resume`` can never fall back to one of them."""
+    """A fresh start: remove the last checkpoints of an earlier run, so that a later
+    ``--resume`` can never fall back to one of them (``--overwrite`` removes the rest of it too:
+    :func:`glassmetric.training.run_folder.clear_previous_run`)."""
     last = Path(ckpt_dir) / "last.ckpt"
     for path in (last, previous_path(last), last.with_name("last.damaged.ckpt")):
         path.unlink(missing_ok=True)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """``{"model": {"groups": 3}}`` -> ``{"model.groups": 3}`` (tuples as lists)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = _plain(value)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _differences(keys, config: dict, stored: dict, limit: int = 6) -> str:
+    listed = [f"{k} is {config.get(k, '(unset)')!r} in the config, {stored.get(k, '(unset)')!r} in the checkpoint" for k in keys]
+    more = f", and {len(listed) - limit} more" if len(listed) > limit else ""
+    return "; ".join(listed[:limit]) + more
+
+
+#: model keys a resumed run may change: the weights come from the checkpoint, not from them
+RESUMABLE_MODEL_KEYS = ("model.pretrained",)
+
+
+def check_resumed_model(cfg, path: Path, checkpoint: dict) -> None:
+    """A CheckpointError naming every ``model.*`` key (but ``model.pretrained``) whose value in
+    ``cfg`` differs from the config stored in ``checkpoint`` (read from ``path``), with both
+    values: the checkpoint's weights, optimizer and loss state belong to the model they were
+    trained with. Checkpoints without a stored config pass (see :func:`check_resumed_shapes`)."""
+    stored = checkpoint.get("glassmetric", {}).get("config") if isinstance(checkpoint.get("glassmetric"), dict) else None
+    if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+        return
+    mine, theirs = _flat(cfg.to_dict()), _flat({"model": stored["model"]})
+    changed = [k for k in theirs if k not in RESUMABLE_MODEL_KEYS and k in mine and mine[k] != theirs[k]]
+    if changed:
+        raise CheckpointError(
+            f"--resume: the config's model differs from the one {path} was trained with: "
+            f"{_differences(changed, mine, theirs)}; resume with that run's config "
+            f"(--config {Path(cfg.trainer.output_dir) / 'config.yaml'}) or start again with --overwrite"
+        )
+
+
+def check_resumed_shapes(cfg, path: Path, checkpoint: dict, module: torch.nn.Module) -> None:
+    """A CheckpointError unless ``module``'s weights have the names and shapes of the
+    checkpoint's (a changed loss or number of training classes changes them); it names the first
+    weight that differs and the keys in which ``cfg`` differs from the stored config, outside
+    ``trainer.*`` and ``eval.*``."""
+    theirs = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
+    mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if mine == theirs:
+        return
+    name = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+    shape = lambda shapes: f"of shape {list(shapes[name])}" if name in shapes else "absent"
+    why = ""
+    stored = checkpoint.get("glassmetric", {}).get("config") if isinstance(checkpoint.get("glassmetric"), dict) else None
+    if isinstance(stored, dict):
+        a, b = _flat(cfg.to_dict()), _flat(stored)
+        changed = [k for k in sorted(set(a) | set(b)) if not k.startswith(("trainer.", "eval.")) and a.get(k) != b.get(k)]
+        if changed:
+            why = f" (the config differs from the checkpoint's: {_differences(changed, a, b)})"
+    raise CheckpointError(
+        f"--resume: {path} does not fit the config's model: the weight {name} is {shape(theirs)} in the checkpoint, "
+        f"{shape(mine)} in the config's model{why}; resume with that run's config "
+        f"(--config {Path(cfg.trainer.output_dir) / 'config.yaml'}) or start again with --overwrite"
+    )
