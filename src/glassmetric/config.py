@@ -118,7 +118,13 @@ class StructuralConfig:
     """Optimal-transport settings of the structural similarity (Zhao et al. 2021)."""
 
     epsilon: float = 0.05
+    #: the most Sinkhorn iterations a problem gets
     iters: int = 100
+    #: stop a problem once its L1 marginal error is at most this (None: always ``iters`` iterations)
+    tol: float | None = 1e-4
+    #: ``none_through_plan`` (the plan is a constant in the backward pass, DIML's setting) or
+    #: ``unrolled`` (gradients through every Sinkhorn iteration)
+    gradient: Literal["none_through_plan", "unrolled"] = "none_through_plan"
     #: ``cross_correlation`` (DIML: each cell weighted by its correlation with the other image's
     #: global embedding), ``pooled_cross_correlation`` (the same against the other image's mean
     #: cell, for local embeddings of a head of their own), ``uniform``, or ``auto``: pooled when
@@ -279,6 +285,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("introspective.beta_scale", lambda v: v > 0, "> 0"),
     ("introspective.beta_offset", lambda v: v >= 0, ">= 0"),
     ("structural.iters", lambda v: v >= 1, ">= 1"),
+    ("structural.tol", lambda v: v is None or v > 0, "> 0 (or null)"),
     ("loss.lr", lambda v: v is None or v > 0, "> 0"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.head_lr", lambda v: v is None or v > 0, "> 0"),
