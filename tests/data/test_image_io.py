@@ -23,6 +23,7 @@ from glassmetric.data.sampler import MPerClassBatchSampler
 from glassmetric.models import build_model
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.errors import DataError
+from memory_cap import run_capped
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 RNG = np.random.default_rng(0)
@@ -242,17 +243,6 @@ def test_elongated_images_are_refused_from_the_header(tmp_path, monkeypatch, siz
     assert "\n" not in message
 
 
-def _run_capped(code: str, extra_bytes: int, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh Python whose address space may grow by ``extra_bytes`` beyond
-    what its imports took when it calls ``cap()``."""
-    prelude = (
-        "import resource, re\n"
-        "def cap():\n"
-        "    vm = int(re.search(r'VmSize:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
-        f"    resource.setrlimit(resource.RLIMIT_AS, (vm + {extra_bytes}, resource.RLIM_INFINITY))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_eval_explain_and_report_refuse_an_elongated_image_in_bounded_memory(tmp_path):
@@ -292,7 +282,7 @@ def test_eval_explain_and_report_refuse_an_elongated_image_in_bounded_memory(tmp
         "    out[name] = (rc, err.getvalue())\n"
         "print(json.dumps(out))\n"
     )
-    run = _run_capped(code, 3 * 2**29)
+    run = run_capped(code, 3 * 2**29)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     for name in ("eval error", "explain"):

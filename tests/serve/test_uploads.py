@@ -4,8 +4,6 @@ kept in the upload store as what later requests need, within its bytes."""
 import gc
 import io
 import json
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -24,8 +22,8 @@ from glassmetric.report.build import model_fields
 from glassmetric.serve.explorer import Explorer, UnknownQuery
 from glassmetric.serve.limits import Limits, read_upload
 from glassmetric.training.fit import eval_transform
+from memory_cap import run_capped
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _gray16(img: Image.Image, path: Path) -> None:
@@ -89,17 +87,6 @@ def test_an_upload_reads_as_its_file_in_the_gallery_and_finds_it_first(files, ex
     assert top["id"] == f"g{row}" and top["scores"]["global"] == pytest.approx(1.0, abs=1e-5)
 
 
-def _capped_python(code: str, extra_bytes: int) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh Python whose address space may grow by ``extra_bytes`` beyond
-    what it holds when the code calls ``cap()``."""
-    prelude = (
-        "import resource, re\n"
-        "def cap():\n"
-        "    vm = int(re.search(r'VmSize:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024\n"
-        f"    resource.setrlimit(resource.RLIMIT_AS, (vm + {extra_bytes}, resource.RLIM_INFINITY))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", prelude + code], env=env, capture_output=True, text=True, timeout=120)
 
 
 def _png(width: int, height: int) -> bytes:
@@ -133,7 +120,7 @@ def test_elongated_uploads_get_413_in_bounded_memory(files, explorer):
         "out.append([client.get('/api/search', params={'query': 'g0', 'k': 2}).status_code, ''])\n"
         "print(json.dumps(out))\n"
     )
-    run = _capped_python(code, 2**30)
+    run = run_capped(code, 2**30)
     assert run.returncode == 0, run.stderr[-3000:]
     (tall_status, tall_text), (wide_status, wide_text), (after, _) = json.loads(run.stdout.strip().splitlines()[-1])
     assert tall_status == 413 and "tall.png: 1x1000000 pixels" in json.loads(tall_text)["detail"]
