@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 DEMO_CKPT := runs/demo/checkpoints/best.ckpt
 
-.PHONY: demo serve-demo test test-slow test-browser setup setup-dev clean
+.PHONY: demo serve-demo test test-browser setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +42,6 @@ serve-demo: setup
 
 test: setup-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-
-# exit status 5 means no test is marked slow (yet): not a failure
-test-slow: setup-dev
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-browser: setup-dev
 	$(BIN)/python -m pytest -m browser $(PYTEST_ARGS)

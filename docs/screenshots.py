@@ -1,4 +1,4 @@
-"""The two screenshots of the README, in headless Chromium (glassmetric.serve.browser):
+"""The two screenshots of the README, in headless Chromium (tests/chromium.py):
 
 * docs/explorer.png: `glassmetric serve` on CHECKPOINT (its test split as the gallery), a gallery
   query picked, its first correct result (or its first) explained;
@@ -10,12 +10,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from glassmetric.serve.app import create_app
-from glassmetric.serve.browser import chromium_page
 from glassmetric.serve.explorer import Explorer
-from glassmetric.serve.server import ServerThread
+
+# the test suite's tooling: headless Chromium and the app served in a thread
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from chromium import chromium_page  # noqa: E402
+from server_thread import ServerThread  # noqa: E402
 
 FIGURES_LOADED = "[...document.querySelectorAll('{} img')].every(i => i.complete && i.naturalWidth > 0)"
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CUB-50 subset beside the project, when it exists."""
+"""Shared fixtures: the real CUB-50 subset beside the project, when it exists; headless Chromium;
+untrained checkpoints."""
 
 from pathlib import Path
 
@@ -15,14 +16,13 @@ def cub50_root() -> Path:
     return CUB50
 
 
-
 @pytest.fixture(scope="session")
 def browser_available() -> None:
-    """Skip where Chromium or Playwright is absent (glassmetric.serve.browser), unless
+    """Skip where Chromium or Playwright is absent (tests/chromium.py), unless
     GLASSMETRIC_REQUIRE_BROWSER=1 (CI): there that fails."""
     import os
 
-    from glassmetric.serve.browser import browser_missing
+    from chromium import browser_missing
 
     missing = browser_missing()
     if missing:
@@ -34,10 +34,11 @@ def browser_available() -> None:
 @pytest.fixture
 def chromium_page(browser_available):
     """A page in a fresh headless Chromium."""
-    from glassmetric.serve.browser import chromium_page as open_page
+    from chromium import chromium_page as open_page
 
     with open_page() as page:
         yield page
+
 
 @pytest.fixture
 def make_checkpoint(tmp_path):

@@ -37,7 +37,8 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    #: synthetic (embedded, no download) | cub200 | cars196 | sop | folder | csv
+    #: synthetic (embedded, no download) | cub200 | cars196 | sop | folder | csv: the data sets
+    #: of glassmetric.data.registry.DATASETS (tests/test_registries.py checks the two agree)
     name: Literal["synthetic", "cub200", "cars196", "sop", "folder", "csv"] = "synthetic"
     #: data set root (folder for ``folder``, the CSV file for ``csv``)
     root: str | None = None
@@ -64,7 +65,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    #: torchvision name (resnet18, resnet50, ...) or ``timm:<model>``
+    #: a name of glassmetric.models.backbones.BACKBONES (resnet18, resnet34, resnet50, resnet101,
+    #: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2) or ``timm:<model>``
     backbone: str = "resnet50"
     #: false, true (ImageNet weights from the usual cache) or a path to a weights file
     pretrained: Union[bool, str] = False
@@ -93,6 +95,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    #: the losses of glassmetric.losses.metric_losses.LOSSES (tests/test_registries.py checks the two agree)
     name: Literal[
         "contrastive", "triplet", "margin", "multisimilarity", "proxyanchor", "proxynca", "fastap"
     ] = "multisimilarity"

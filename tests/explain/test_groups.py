@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from tiny_runs import fit_tiny, save_test_images
 
 from glassmetric.cli import main
+from glassmetric.data.image_io import open_image
 from glassmetric.explain.figures import group_pair_figure, save_figure
-from glassmetric.explain.groups import explain_group_files, explain_groups
+from glassmetric.explain.groups import explain_groups
+from glassmetric.explain.pair import explain_images
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.training.module import load_trained
 
@@ -37,9 +39,9 @@ def test_group_contributions_sum_to_the_reported_score():
     assert float(e.score) == pytest.approx(float(F.cosine_similarity(out.embedding[0], out.embedding[1], dim=0)), abs=1e-6)
 
 
-def test_explain_group_files_and_figure(checkpoint, images, tmp_path):
+def test_explain_images_decomposes_over_groups_and_draws_the_figure(checkpoint, images, tmp_path):
     model, cfg = load_trained(str(checkpoint))
-    pair = explain_group_files(model, cfg, *images)
+    pair = explain_images(model, cfg, *(open_image(p) for p in images))
     e = pair.groups
     assert e.groups == 3 and e.attention_x.shape == (3, 2, 2)
     torch.testing.assert_close(e.attention_x.sum((1, 2)), torch.ones(3, dtype=torch.float64))

@@ -4,10 +4,10 @@ explanation, pick a gallery query, get the message for a refused upload; a scree
 import pytest
 
 from serve_runs import fit_idml, write_gallery
+from server_thread import ServerThread
 
 from glassmetric.serve.app import create_app
 from glassmetric.serve.explorer import Explorer
-from glassmetric.serve.server import ServerThread
 
 pytestmark = pytest.mark.browser
 

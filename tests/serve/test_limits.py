@@ -9,8 +9,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from server_thread import ServerThread
+
 from glassmetric.serve.limits import Limits, RequestError, RequestLimits, read_upload
-from glassmetric.serve.server import ServerThread
 
 
 def _png(w, h) -> bytes:

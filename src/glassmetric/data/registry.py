@@ -1,4 +1,5 @@
-"""Build the zero-shot splits of the configured data set: train, validation, test.
+"""The data sets by name (:data:`DATASETS`), and the zero-shot splits of the configured one:
+train, validation, test.
 
 Train and test classes are disjoint (the benchmarks' protocol). Validation classes, when asked
 for, are carved out of the training classes, so model selection never sees a test class.
@@ -35,35 +36,82 @@ def _class_range_kwargs(cfg: DataConfig) -> dict:
     return kwargs
 
 
-def build_base_splits(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
-    """(train, test) data sets of the configured benchmark, before validation carving."""
-    name = cfg.name
-    if name == "synthetic":
-        from glassmetric.data.synthetic import SyntheticParts
+#: a factory: (data config, training transform, evaluation transform) -> (train, test) data sets
+DatasetFactory = Callable[[DataConfig, Callable | None, Callable | None], tuple[RetrievalDataset, RetrievalDataset]]
 
-        s = cfg.synthetic
-        common = dict(num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size, seed=s.seed, style=s.style)
-        return SyntheticParts("train", transform=train_transform, **common), SyntheticParts("test", transform=eval_transform, **common)
-    if name == "cub200":
-        from glassmetric.data.cub import CUB200 as cls
-    elif name == "cars196":
-        from glassmetric.data.cars import Cars196 as cls
-    elif name == "sop":
-        from glassmetric.data.sop import StanfordOnlineProducts
 
-        return (
-            StanfordOnlineProducts(cfg.root, "train", transform=train_transform),
-            StanfordOnlineProducts(cfg.root, "test", transform=eval_transform),
-        )
-    else:
+def _synthetic(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
+    from glassmetric.data.synthetic import SyntheticParts
+
+    s = cfg.synthetic
+    common = dict(num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size, seed=s.seed, style=s.style)
+    return SyntheticParts("train", transform=train_transform, **common), SyntheticParts("test", transform=eval_transform, **common)
+
+
+def _class_range_benchmark(load_class: Callable[[], type]) -> DatasetFactory:
+    """A benchmark split by class-id ranges (``data.train_classes`` / ``data.test_classes``)."""
+
+    def factory(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
+        cls, kwargs = load_class(), _class_range_kwargs(cfg)
+        return cls(cfg.root, "train", transform=train_transform, **kwargs), cls(cfg.root, "test", transform=eval_transform, **kwargs)
+
+    return factory
+
+
+def _cub_class() -> type:
+    from glassmetric.data.cub import CUB200
+
+    return CUB200
+
+
+def _cars_class() -> type:
+    from glassmetric.data.cars import Cars196
+
+    return Cars196
+
+
+def _sop(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
+    from glassmetric.data.sop import StanfordOnlineProducts
+
+    return (
+        StanfordOnlineProducts(cfg.root, "train", transform=train_transform),
+        StanfordOnlineProducts(cfg.root, "test", transform=eval_transform),
+    )
+
+
+def _user_folders(kind: str) -> DatasetFactory:
+    """The user's own data: ``data.root`` (training classes) and ``data.test_root`` (test classes),
+    each an image folder (``folder``) or a CSV file (``csv``)."""
+
+    def factory(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
         from glassmetric.data.folder import CSVDataset, ImageFolderDataset
 
-        make = ImageFolderDataset if name == "folder" else CSVDataset
+        make = ImageFolderDataset if kind == "folder" else CSVDataset
         if cfg.test_root is None:
-            raise ConfigError(f"data.test_root: data set {name!r} needs a test_root with the (disjoint) test classes")
+            raise ConfigError(f"data.test_root: data set {kind!r} needs a test_root with the (disjoint) test classes")
         return make(cfg.root, transform=train_transform), make(cfg.test_root, transform=eval_transform)
-    kwargs = _class_range_kwargs(cfg)
-    return cls(cfg.root, "train", transform=train_transform, **kwargs), cls(cfg.root, "test", transform=eval_transform, **kwargs)
+
+    return factory
+
+
+#: data set name -> factory: the names ``data.name`` accepts (tests/test_registries.py checks
+#: that the config's list is exactly these)
+DATASETS: dict[str, DatasetFactory] = {
+    "synthetic": _synthetic,
+    "cub200": _class_range_benchmark(_cub_class),
+    "cars196": _class_range_benchmark(_cars_class),
+    "sop": _sop,
+    "folder": _user_folders("folder"),
+    "csv": _user_folders("csv"),
+}
+
+
+def build_base_splits(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
+    """(train, test) data sets of the configured benchmark, before validation carving."""
+    factory = DATASETS.get(cfg.name)
+    if factory is None:
+        raise ConfigError(f"data.name: unknown data set {cfg.name!r} (known: {', '.join(DATASETS)})")
+    return factory(cfg, train_transform, eval_transform)
 
 
 def carve_validation(train: RetrievalDataset, num_val_classes: int, seed: int, eval_transform: Callable | None) -> tuple[RetrievalDataset, RetrievalDataset | None]:
@@ -107,4 +155,4 @@ def build_splits(cfg: DataConfig, train_transform: Callable | None, eval_transfo
     return splits
 
 
-__all__ = ["Splits", "build_splits", "build_base_splits", "carve_validation", "split_by_classes"]
+__all__ = ["DATASETS", "Splits", "build_splits", "build_base_splits", "carve_validation", "split_by_classes"]

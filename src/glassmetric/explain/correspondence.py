@@ -57,6 +57,7 @@ from glassmetric.explain.keypoint_transfer import (
     pck_hits,
     plan_transfer,
 )
+from glassmetric.models.heads import GROUPING
 from glassmetric.models.spatial_head import SpatialGridHead, ensure_spatial_head
 from glassmetric.similarity.structural import MarginalKind, explain_pair
 
@@ -341,7 +342,7 @@ def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Ten
             out = model(batch["image"].to(device))
             local = out.local
             if local is None:  # training-free spatial head on the model's own global head
-                if spatial is None and "grouping" in getattr(model, "extra_heads", {}):
+                if spatial is None and GROUPING in getattr(model, "extra_heads", {}):
                     ensure_spatial_head(model)  # raises: a grouping model's global head is untrained
                 if spatial is None:
                     spatial = SpatialGridHead.sharing(model.head, grid or 4)

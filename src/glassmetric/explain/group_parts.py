@@ -36,6 +36,7 @@ from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
 from glassmetric.errors import ConfigError, DataError
 from glassmetric.explain.correspondence import _EvalImages
+from glassmetric.models.heads import GROUPING
 
 __all__ = [
     "attention_peaks",
@@ -176,7 +177,7 @@ def evaluate_group_parts(
     ``random_maps`` seeded draws, of the same for i.i.d. uniform random attention maps of the
     same shape on the same images: the estimate's floor).
     """
-    if "grouping" not in getattr(model, "extra_heads", {}):
+    if GROUPING not in getattr(model, "extra_heads", {}):
         raise ConfigError("--groups-parts: the checkpoint has no attention groups (train with model.groups > 0)")
     resize = default_resize(crop) if resize is None else resize
     transform = build_transforms(False, crop, resize, mean=mean, std=std)

@@ -19,6 +19,7 @@ from glassmetric.config import Config
 from glassmetric.data.image_io import open_image
 from glassmetric.data.transforms import eval_geometry, normalisation
 from glassmetric.explain.groups import GroupExplanation, explain_groups
+from glassmetric.models.heads import GROUPING, SPATIAL
 from glassmetric.models.spatial_head import ensure_spatial_head
 from glassmetric.similarity.introspective import IntrospectiveParams, image_uncertainty, introspective_distance_matrix
 from glassmetric.similarity.structural import StructuralExplanation, explain_pair
@@ -53,7 +54,7 @@ class PairExplanation:
 def has_structural(model: torch.nn.Module) -> bool:
     """Can the model explain a pair structurally? Yes with a spatial head, or training-free
     (its global head at every location) unless attentive groups replaced that global head."""
-    return "spatial" in model.extra_heads or "grouping" not in model.extra_heads
+    return SPATIAL in model.extra_heads or GROUPING not in model.extra_heads
 
 
 def model_view(cfg: Config, image: Image.Image) -> Image.Image:

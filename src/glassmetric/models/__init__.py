@@ -1,6 +1,7 @@
 """Backbones, embedding heads and the model that combines them."""
 
 from glassmetric.models.backbones import (
+    BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     TORCHVISION_BACKBONES,
@@ -12,6 +13,7 @@ from glassmetric.models.global_head import POOLINGS, GlobalHead, gem_pool
 from glassmetric.models.output import EmbeddingOutput
 
 __all__ = [
+    "BACKBONES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "POOLINGS",

@@ -1,6 +1,7 @@
 """CNN / ViT trunks that return the unpooled last feature map.
 
-:func:`build_backbone` wraps a torchvision ResNet or any timm model into a :class:`Backbone`
+:func:`build_backbone` wraps a torchvision ResNet, an EfficientNet-Lite (the names of
+:data:`BACKBONES`) or any timm model into a :class:`Backbone`
 whose ``forward(images)`` gives a ``(B, C, h, w)`` map. Pretrained weights come from the usual
 torch / timm cache or a local state-dict file; nothing blocks on the network for long, and a
 failure becomes a :class:`~glassmetric.errors.WeightsError` that says what to do instead.
@@ -12,7 +13,7 @@ import math
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -259,22 +260,17 @@ def build_backbone(
     model_name = model_name.strip()
     if library == "timm" and model_name:
         backbone = _build_timm(model_name, pretrained, timm_kwargs)
-    elif library == "" and model_name.lower() in EFFICIENTNET_LITE_BACKBONES:
-        if timm_kwargs:
-            raise ConfigError(f"timm_kwargs only apply to 'timm:' backbones, not {name!r}")
-        from glassmetric.models.efficientnet_lite import build_efficientnet_lite_backbone
-
-        backbone = build_efficientnet_lite_backbone(model_name.lower(), pretrained)
-    elif library in ("", "torchvision") and model_name.lower() in TORCHVISION_BACKBONES:
-        if timm_kwargs:
-            raise ConfigError(f"timm_kwargs only apply to 'timm:' backbones, not {name!r}")
-        backbone = _build_torchvision(model_name.lower(), pretrained)
     else:
-        raise ConfigError(
-            f"unknown backbone {name!r}: use one of {', '.join(TORCHVISION_BACKBONES)} "
-            f"(optionally 'torchvision:<name>'), {', '.join(EFFICIENTNET_LITE_BACKBONES)} "
-            "or 'timm:<model_name>'"
-        )
+        key = model_name.lower()
+        builder = BACKBONES.get(key) if library == "" or (library == "torchvision" and key in TORCHVISION_BACKBONES) else None
+        if builder is None:
+            raise ConfigError(
+                f"unknown backbone {name!r}: use one of {', '.join(BACKBONES)} "
+                "(the torchvision ones also as 'torchvision:<name>') or 'timm:<model_name>'"
+            )
+        if timm_kwargs:
+            raise ConfigError(f"timm_kwargs only apply to 'timm:' backbones, not {name!r}")
+        backbone = builder(key, pretrained)
     if frozen_bn:
         backbone.freeze_batchnorm()
     return backbone
@@ -302,6 +298,12 @@ def _build_torchvision(arch: str, pretrained: bool | str | os.PathLike[str]) -> 
     return backbone
 
 
+def _build_efficientnet_lite(name: str, pretrained: bool | str | os.PathLike[str]) -> Backbone:
+    from glassmetric.models.efficientnet_lite import build_efficientnet_lite_backbone
+
+    return build_efficientnet_lite_backbone(name, pretrained)
+
+
 def _torchvision_state_dict(arch: str, url: str) -> dict[str, torch.Tensor]:
     """State dict of torchvision's default weights: from the hub cache, else a download."""
     filename = os.path.basename(urlparse(url).path)
@@ -319,6 +321,14 @@ def _torchvision_state_dict(arch: str, url: str) -> dict[str, torch.Tensor]:
             f"{cached} and the download failed ({type(exc).__name__}: {exc}). Put the file "
             "there, or set 'pretrained: /path/to/weights.pth', or 'pretrained: false'."
         ) from exc
+
+
+#: backbone name -> builder(name, pretrained): the names :func:`build_backbone` accepts as they
+#: are; besides these, any timm model as ``"timm:<model>"``
+BACKBONES: dict[str, Callable[[str, bool | str | os.PathLike[str]], Backbone]] = {
+    **{arch: _build_torchvision for arch in TORCHVISION_BACKBONES},
+    **{arch: _build_efficientnet_lite for arch in EFFICIENTNET_LITE_BACKBONES},
+}
 
 
 def _build_timm(

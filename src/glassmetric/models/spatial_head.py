@@ -22,6 +22,7 @@ from torch import nn
 
 from glassmetric.errors import ConfigError
 from glassmetric.models.global_head import GlobalHead
+from glassmetric.models.heads import GROUPING, SPATIAL
 from glassmetric.models.output import EmbeddingOutput
 
 
@@ -48,10 +49,6 @@ class SpatialGridHead(nn.Module):
         """A grid head that applies ``head``'s linear layer at every location (no own weights)."""
         return cls(head.in_channels, head.embedding_dim, grid, share=head)
 
-    @property
-    def shares_global_head(self) -> bool:
-        return self._shared is not None
-
     def project(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, D, h, w): the embedding layer at every location."""
         if self._shared is None:
@@ -73,11 +70,11 @@ def ensure_spatial_head(model, grid: int = 4) -> SpatialGridHead:
     A model with attentive groups and no spatial head has no trained per-location embedding
     (its global head is replaced by the groups and left untrained): that is a ConfigError.
     """
-    if "spatial" not in model.extra_heads:
-        if "grouping" in model.extra_heads:
+    if SPATIAL not in model.extra_heads:
+        if GROUPING in model.extra_heads:
             raise ConfigError(
                 "structural matching on a model.groups checkpoint needs its own trained spatial head: "
                 "train with model.spatial_grid=4 model.spatial_head=own loss.similarity=structural"
             )
-        model.add_head("spatial", SpatialGridHead.sharing(model.head, grid))
-    return model.extra_heads["spatial"]
+        model.add_head(SPATIAL, SpatialGridHead.sharing(model.head, grid))
+    return model.extra_heads[SPATIAL]

@@ -3,6 +3,6 @@
 :mod:`.gallery` embeds the gallery once and caches it on disk; :mod:`.search` is the small
 interface the gallery search sits behind (exact kNN now, an approximate index later);
 :mod:`.explorer` answers queries without HTTP; :mod:`.limits` holds the input limits;
-:mod:`.app` the FastAPI app and :mod:`.page` its page; :mod:`.browser` launches headless
-Chromium for the browser tests and screenshots. Imported by their own paths.
+:mod:`.app` the FastAPI app and :mod:`.page` its page; :mod:`.server` runs it for
+``glassmetric serve``. Imported by their own paths.
 """

