@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from glassmetric.models import build_model
 from glassmetric.models.global_head import GlobalHead
