@@ -153,7 +153,7 @@ class IntrospectiveLoss(nn.Module):
                  miner: nn.Module | None = None):
         super().__init__()
         if not isinstance(base_loss, BaseMetricLossFunction):
-            raise ValueError(f"expected a pytorch-metric-learning loss, got {type(base_loss).__name__}")
+            raise TypeError(f"expected a pytorch-metric-learning loss, got {type(base_loss).__name__}")
         self.loss = base_loss
         self.miner = miner
         self.params = params

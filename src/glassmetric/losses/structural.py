@@ -178,9 +178,10 @@ class StructuralLoss(nn.Module):
 
 
 def check_pair_based(loss: nn.Module) -> None:
-    """A ValueError unless ``loss`` is a pytorch-metric-learning loss without class weights."""
+    """A TypeError unless ``loss`` is a pytorch-metric-learning loss, a ValueError where it has
+    class weights (proxies, classifier weights)."""
     if not isinstance(loss, BaseMetricLossFunction):
-        raise ValueError(f"expected a pytorch-metric-learning loss, got {type(loss).__name__}")
+        raise TypeError(f"expected a pytorch-metric-learning loss, got {type(loss).__name__}")
     if isinstance(loss, WeightMixin):
         raise ValueError(f"{type(loss).__name__} compares embeddings with learned class weights, which have "
                          f"no local cells: the structural similarity needs a pair-based loss")
