@@ -208,10 +208,10 @@ def cache_chunk_rows(k, n_cells):
     return max(1, (2 * 2**20) // (4 * k * n_cells * n_cells))
 
 
-def ours_rerank(qg, ql, gg, gl, k, tol=TOL, max_iter=2000, chunk_size=None):
+def ours_rerank(qg, ql, gg, gl, k, tol=TOL, iters=2000, chunk_size=None):
     if structural_rerank is not None:
         return structural_rerank(
-            qg, ql, gg, gl, k=k, iters=max_iter, tol=tol, chunk_size=chunk_size
+            qg, ql, gg, gl, k=k, iters=iters, tol=tol, chunk_size=chunk_size
         ).indices
     _, idx = knn(qg, gg, k)
     rows = chunk_size or len(qg)
@@ -220,7 +220,7 @@ def ours_rerank(qg, ql, gg, gl, k, tol=TOL, max_iter=2000, chunk_size=None):
         c_idx = idx[s : s + rows]
         q_g, c_g = qg[s : s + rows], gg[c_idx]
         ss = structural_similarity(
-            ql[s : s + rows], gl[c_idx], q_g, c_g, epsilon=EPS, iters=max_iter, tol=tol
+            ql[s : s + rows], gl[c_idx], q_g, c_g, epsilon=EPS, iters=iters, tol=tol
         )
         score = global_similarity(q_g, c_g) + ss
         out.append(c_idx.gather(1, score.sort(dim=1, descending=True, stable=True).indices))
@@ -303,7 +303,7 @@ def solve_ours(S, mu, nu):
     """The OT stage of ours: SS of every problem at tol 1e-4 in one call, on the native lane
     kernel where it applies (else the torch solver, as re-ranking does)."""
     if lane_sinkhorn.applies(S.dtype, S.device):
-        return lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, max_iter=2000, tol=TOL)
+        return lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=2000, tol=TOL)
     return solve_torch(S, mu, nu)
 
 
@@ -314,7 +314,7 @@ def solve_torch(S, mu, nu):
     with lane_sinkhorn.disabled():
         rows = default_rerank_chunk_rows(S.shape[1], S.shape[2], 1)
     return [(_plan_from_similarity(S[s : s + rows], mu[s : s + rows], nu[s : s + rows], epsilon=EPS,
-                                   max_iter=2000, tol=TOL) * S[s : s + rows]).sum((-2, -1))
+                                   iters=2000, tol=TOL) * S[s : s + rows]).sum((-2, -1))
             for s in range(0, len(S), rows)]
 
 
@@ -360,7 +360,7 @@ def ours_iterations_and_error(qg, ql, gg, gl, k):
         stop = torch.zeros(c_idx.shape, dtype=torch.long)
         it = 5
         while bool((stop == 0).any()) and it <= 2000:
-            T = sinkhorn(C, ex.mu, ex.nu, epsilon=EPS, max_iter=it, cost_range=2.0)
+            T = sinkhorn(C, ex.mu, ex.nu, epsilon=EPS, iters=it, cost_range=2.0)
             rows_err, _ = marginal_error(T, ex.mu, ex.nu)
             stop[(rows_err <= TOL) & (stop == 0)] = it
             it += 5
@@ -368,13 +368,13 @@ def ours_iterations_and_error(qg, ql, gg, gl, k):
         total_iter_pairs += int(stop.sum())
         if use_native:  # the native kernel's stops, replayed the same way
             ss_n, its_n = lane_sinkhorn.lane_structural_similarity(
-                ex.S, ex.mu, ex.nu, epsilon=EPS, max_iter=2000, tol=TOL, return_iterations=True
+                ex.S, ex.mu, ex.nu, epsilon=EPS, iters=2000, tol=TOL, return_iterations=True
             )
             native["iters"] += int(its_n.sum())
             native["dss"] = max(native["dss"], (ss_n - ex.ss).abs().max().item())
             for it in its_n.unique().tolist():
                 sel = its_n == it
-                T = sinkhorn(C[sel], ex.mu[sel], ex.nu[sel], epsilon=EPS, max_iter=it,
+                T = sinkhorn(C[sel], ex.mu[sel], ex.nu[sel], epsilon=EPS, iters=it,
                              cost_range=2.0)
                 native["err"] = max(native["err"], err_of(T, ex.mu[sel], ex.nu[sel]))
     native["iters"] /= idx.numel()
@@ -455,16 +455,16 @@ def profile_ours(qg, ql, gg, gl, k, iters, device, repeat):
     S = stage("S = local cosines", lambda: local_similarity(xl, yl))
     mu, nu = stage("marginals", lambda: compute_marginals(xl, yl, xg, yg))
     t1 = stage("sinkhorn, 1 iteration",
-               lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, max_iter=1, tol=None))
+               lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=1, tol=None))
     stage(f"sinkhorn, {iters} iterations",
-          lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, max_iter=iters, tol=None))
+          lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=iters, tol=None))
     stage(f"sinkhorn, tol {TOL:g}",
-          lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, max_iter=2000, tol=TOL))
+          lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=2000, tol=TOL))
     stage("SS = sum T*S", lambda: (t1 * S).sum((-2, -1)))
     if lane_sinkhorn.applies(torch.float32, device):
         stage(f"native lanes: plans + SS, tol {TOL:g}",
               lambda: lane_sinkhorn.lane_structural_similarity(
-                  S, mu, nu, epsilon=EPS, max_iter=2000, tol=TOL))
+                  S, mu, nu, epsilon=EPS, iters=2000, tol=TOL))
     pairs = idx.numel()
     per_it = (stages[f"sinkhorn, {iters} iterations"] - stages["sinkhorn, 1 iteration"]) / max(
         1, iters - 1

@@ -95,12 +95,10 @@ def test_contrastive_matches_brute_force():
     assert float(got) == pytest.approx(expected, rel=1e-4)
 
 
-def test_proxyanchor_matches_the_release_formula():
-    """Kim et al.'s ProxyAnchor on the release's introspective cosine
+def proxyanchor_release_formula(s, u, proxies):
+    """Kim et al.'s ProxyAnchor (margin 0.1, alpha 32) on the release's introspective cosine
     1 - (1 - cos) exp(-(beta + 4) / (5 ||s - p||^2)), proxies with zero uncertainty."""
-    s, u = batch(5)
-    loss = build("proxyanchor")
-    proxies = torch.nn.functional.normalize(loss.loss.proxies.detach().double(), dim=1).tolist()
+    proxies = torch.nn.functional.normalize(proxies.detach().double(), dim=1).tolist()
     S, U, y = s.double().tolist(), u.double().tolist(), LABELS.tolist()
     margin, scale = 0.1, 32.0
     pos_terms, neg_terms = [], []
@@ -111,9 +109,14 @@ def test_proxyanchor_matches_the_release_formula():
         if pos:
             pos_terms.append(math.log(1 + sum(pos)))
         neg_terms.append(math.log(1 + sum(neg)))
-    expected = sum(pos_terms) / len(pos_terms) + sum(neg_terms) / NUM_CLASSES
+    return sum(pos_terms) / len(pos_terms) + sum(neg_terms) / NUM_CLASSES
+
+
+def test_proxyanchor_matches_the_release_formula():
+    s, u = batch(5)
+    loss = build("proxyanchor")
     got = loss(EmbeddingOutput(embedding=s, uncertainty=u), LABELS)
-    assert float(got) == pytest.approx(expected, rel=1e-4)
+    assert float(got) == pytest.approx(proxyanchor_release_formula(s, u, loss.loss.proxies), rel=1e-4)
 
 
 def test_missing_uncertainty_is_a_config_error():
@@ -127,4 +130,68 @@ def test_structural_and_introspective_together_are_refused():
 
     with pytest.raises(ConfigError, match="one of structural and introspective"):
         build_loss("multisimilarity", embedding_dim=DIM, num_classes=NUM_CLASSES,
-                   structural=StructuralSettings(cells=4, dim=DIM), introspective_params=IntrospectiveParams())
+                   structural=StructuralSettings(), introspective_params=IntrospectiveParams())
+
+
+# --------------------------------------------------------------------------- IntrospectiveLoss
+
+
+def _hand_distances(s, u, p=IntrospectiveParams()):
+    S, U = s.double().tolist(), u.double().tolist()
+    # an image with itself: alpha = 0, so D = 0
+    return torch.tensor([[_d(S[i], U[i], S[j], U[j], p) if i != j else 0.0 for j in range(len(S))]
+                         for i in range(len(S))])
+
+
+def _fixed(base_cls, matrix):
+    class Fixed(base_cls):
+        def compute_mat(self, query_emb, ref_emb):
+            return matrix.clone()
+
+    return Fixed()
+
+
+def test_introspective_loss_is_the_pml_loss_on_a_hand_written_distance_matrix():
+    """IntrospectiveLoss(base)(semantic, uncertainty, labels) equals base fed 1 - D / 2 (a
+    similarity-calibrated loss) or sqrt(D) (a distance-calibrated one), D written out per pair;
+    with a miner, the miner mines the same matrix."""
+    from pytorch_metric_learning import losses as pml_losses
+    from pytorch_metric_learning import miners as pml_miners
+    from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+
+    from glassmetric.losses import IntrospectiveLoss
+
+    s, u = batch(8)
+    params = IntrospectiveParams(alpha_scale=3.0, beta_offset=2.0)
+    D = _hand_distances(s, u, params).float()
+    dummy = torch.zeros(len(s), 1)
+
+    ours = IntrospectiveLoss(pml_losses.MultiSimilarityLoss(), params)(s, u, LABELS)
+    ref = pml_losses.MultiSimilarityLoss()
+    ref.distance = _fixed(CosineSimilarity, 1 - D / 2)
+    assert float(ours) == pytest.approx(float(ref(dummy, LABELS)), rel=1e-4, abs=1e-6)
+
+    mined = IntrospectiveLoss(pml_losses.MultiSimilarityLoss(), params, miner=pml_miners.MultiSimilarityMiner(0.1))
+    ref_miner = pml_miners.MultiSimilarityMiner(0.1)
+    ref_miner.distance = _fixed(CosineSimilarity, 1 - D / 2)
+    expected = ref(dummy, LABELS, ref_miner(dummy, LABELS))
+    assert float(mined(s, u, LABELS)) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+
+    ours = IntrospectiveLoss(pml_losses.ContrastiveLoss(), params)(s, u, LABELS)
+    ref = pml_losses.ContrastiveLoss()
+    ref.distance = _fixed(LpDistance, D.clamp(min=1e-12).sqrt())
+    assert float(ours) == pytest.approx(float(ref(dummy, LABELS)), rel=1e-4, abs=1e-6)
+
+
+def test_introspective_loss_with_proxies_matches_the_release_formula():
+    from pytorch_metric_learning import losses as pml_losses
+
+    from glassmetric.losses import IntrospectiveLoss
+
+    s, u = batch(5)
+    torch.manual_seed(0)
+    base = pml_losses.ProxyAnchorLoss(NUM_CLASSES, DIM, margin=0.1, alpha=32.0)
+    got = IntrospectiveLoss(base)(s, u, LABELS)
+    assert float(got) == pytest.approx(proxyanchor_release_formula(s, u, base.proxies), rel=1e-4)
+    with pytest.raises(ValueError, match="semantic"):
+        IntrospectiveLoss(pml_losses.ContrastiveLoss())(s, u[:3], LABELS)

@@ -1,5 +1,6 @@
 """Structural losses: pytorch-metric-learning losses on DIML's structural similarity of a batch,
-checked against the same losses fed a matrix built pair by pair with POT."""
+checked against the same losses fed a matrix built pair by pair with POT (values, and gradients
+through S with the POT plans held constant)."""
 
 import numpy as np
 import ot
@@ -10,12 +11,14 @@ from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from glassmetric.errors import ConfigError
+from glassmetric.losses import StructuralLoss, StructuralSettings
 from glassmetric.losses.metric_losses import build_loss
-from glassmetric.losses.structural import StructuralSettings, pack, unpack
 from glassmetric.models.output import EmbeddingOutput
+from glassmetric.similarity import OTSettings
 
 B, N, D = 12, 9, 6
-SETTINGS = StructuralSettings(cells=N, dim=D, epsilon=0.05, iters=500, chunk_size=5)
+OT = OTSettings(epsilon=0.05, iters=2000, tol=1e-9)
+SETTINGS = StructuralSettings(ot=OT, chunk_size=5)
 
 
 def batch(seed=0):
@@ -26,19 +29,27 @@ def batch(seed=0):
     return glob, local, labels
 
 
-def brute_force_ss(glob, local):
-    """SS[a, b] by POT's log-domain Sinkhorn, one pair at a time, with the DIML marginals."""
-    out = np.zeros((B, B))
+def pot_plans(glob, local):
+    """T[a, b] by POT's log-domain Sinkhorn (its batched solver) for every pair (a, b), with the
+    DIML marginals written out pair by pair."""
+    S, mu, nu = np.zeros((B * B, N, N)), np.zeros((B * B, N)), np.zeros((B * B, N))
     for a in range(B):
         for b in range(B):
-            s = (local[a] @ local[b].T).numpy()
-            mu = np.maximum(local[a].numpy() @ glob[b].numpy(), 0)
-            nu = np.maximum(local[b].numpy() @ glob[a].numpy(), 0)
-            mu = mu / mu.sum() if mu.sum() > 1e-8 else np.full(N, 1 / N)
-            nu = nu / nu.sum() if nu.sum() > 1e-8 else np.full(N, 1 / N)
-            plan = ot.sinkhorn(mu, nu, 1 - s, 0.05, method="sinkhorn_log", numItermax=2000, stopThr=1e-10)
-            out[a, b] = (plan * s).sum()
-    return torch.from_numpy(out)
+            s = (local[a] @ local[b].T).detach().numpy()
+            m = np.maximum(local[a].detach().numpy() @ glob[b].detach().numpy(), 0)
+            n = np.maximum(local[b].detach().numpy() @ glob[a].detach().numpy(), 0)
+            S[a * B + b] = s
+            mu[a * B + b] = m / m.sum() if m.sum() > 1e-8 else np.full(N, 1 / N)
+            nu[a * B + b] = n / n.sum() if n.sum() > 1e-8 else np.full(N, 1 / N)
+    res = ot.solve_batch(torch.from_numpy(1 - S), reg=0.05, a=torch.from_numpy(mu), b=torch.from_numpy(nu),
+                         method="log_sinkhorn", reg_type="entropy", max_iter=3000, tol=1e-11, grad="detach")
+    return res.plan.reshape(B, B, N, N)
+
+
+def ss_with_constant_plans(plans, local):
+    """SS[a, b] = sum_ij T_ab,ij <x_a,i, x_b,j>, differentiable in ``local`` with T held fixed."""
+    S = torch.einsum("aid,bjd->abij", local, local)
+    return (plans.to(S.dtype) * S).sum((-2, -1))
 
 
 def precomputed(base_cls, matrix):
@@ -52,16 +63,15 @@ def precomputed(base_cls, matrix):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    glob, local, labels = batch()
-    return glob, local, labels, brute_force_ss(glob, local).float()
-
-
-def test_pack_unpack_round_trip():
+def plans():
     glob, local, _ = batch()
-    g, l = unpack(pack(glob, local) * 3.0, SETTINGS)  # a global rescale is undone
-    torch.testing.assert_close(g, glob)
-    torch.testing.assert_close(l, local)
+    return pot_plans(glob, local)
+
+
+@pytest.fixture(scope="module")
+def reference(plans):
+    glob, local, labels = batch()
+    return glob, local, labels, ss_with_constant_plans(plans, local).float()
 
 
 @pytest.mark.parametrize("name, calibration", [("multisimilarity", "similarity"), ("contrastive", "distance"), ("triplet", "distance")])
@@ -109,3 +119,70 @@ def test_errors_name_the_problem():
     loss = build_loss("triplet", embedding_dim=D, num_classes=4, structural=SETTINGS)
     with pytest.raises(ConfigError, match="spatial_grid"):
         loss(EmbeddingOutput(embedding=glob), labels)
+
+
+# --------------------------------------------------------------------------- StructuralLoss
+
+
+def test_structural_loss_is_the_pml_loss_on_the_structural_matrix(reference):
+    """StructuralLoss(MultiSimilarityLoss()) used as a pytorch-metric-learning loss equals
+    MultiSimilarityLoss on the POT matrix; with a miner, the miner also mines that matrix."""
+    glob, local, labels, ss = reference
+    ours = StructuralLoss(pml_losses.MultiSimilarityLoss(), OT)(glob, local, labels)
+    ref_loss = pml_losses.MultiSimilarityLoss()
+    ref_loss.distance = precomputed(CosineSimilarity, ss)
+    assert float(ours) == pytest.approx(float(ref_loss(torch.zeros(B, 1), labels)), rel=1e-4, abs=1e-6)
+
+    mined = StructuralLoss(pml_losses.MultiSimilarityLoss(), OT, miner=pml_miners.MultiSimilarityMiner(0.1))
+    ref_miner = pml_miners.MultiSimilarityMiner(0.1)
+    ref_miner.distance = precomputed(CosineSimilarity, ss)
+    expected = ref_loss(torch.zeros(B, 1), labels, ref_miner(torch.zeros(B, 1), labels))
+    assert float(mined(glob, local, labels)) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+
+    # a distance-calibrated loss sees sqrt(2 - 2 SS)
+    contrastive = StructuralLoss(pml_losses.ContrastiveLoss(), OT)(glob, local, labels)
+    ref_c = pml_losses.ContrastiveLoss()
+    ref_c.distance = precomputed(LpDistance, torch.sqrt(torch.clamp(2 - 2 * ss, min=1e-12)))
+    assert float(contrastive) == pytest.approx(float(ref_c(torch.zeros(B, 1), labels)), rel=1e-4, abs=1e-6)
+
+
+def test_structural_loss_gradients_are_those_through_s_with_the_plan_constant(plans):
+    glob, local, labels = batch()
+    ref_local = local.clone().requires_grad_()
+    matrix = ss_with_constant_plans(plans, ref_local)
+
+    class Differentiable(CosineSimilarity):
+        def compute_mat(self, query_emb, ref_emb):
+            return matrix.clone()
+
+    ref_loss = pml_losses.MultiSimilarityLoss()
+    ref_loss.distance = Differentiable()
+    ref_loss(torch.zeros(B, 1, dtype=torch.float64), labels).backward()
+
+    ours_local, ours_glob = local.clone().requires_grad_(), glob.clone().requires_grad_()
+    StructuralLoss(pml_losses.MultiSimilarityLoss(), OT)(ours_glob, ours_local, labels).backward()
+    assert ref_local.grad.abs().max() > 1e-3
+    torch.testing.assert_close(ours_local.grad, ref_local.grad, rtol=1e-4, atol=1e-6)
+    # the plan is a constant: the global embedding (which only shapes the marginals) gets none
+    assert ours_glob.grad is None or ours_glob.grad.abs().max() == 0
+
+
+def test_multiscale_structural_loss_adds_the_global_cosine(reference):
+    glob, local, labels, ss = reference
+    ours = StructuralLoss(pml_losses.MultiSimilarityLoss(), OT, multiscale=True)(glob, local, labels)
+    ref_loss = pml_losses.MultiSimilarityLoss()
+    ref_loss.distance = precomputed(CosineSimilarity, 0.5 * (ss + (glob @ glob.T).float()))
+    assert float(ours) == pytest.approx(float(ref_loss(torch.zeros(B, 1), labels)), rel=1e-4, abs=1e-6)
+
+
+def test_structural_loss_refuses_what_it_cannot_compute():
+    glob, local, labels = batch()
+    with pytest.raises(ValueError, match="pair-based"):
+        StructuralLoss(pml_losses.ProxyAnchorLoss(4, D))
+    loss = StructuralLoss(pml_losses.MultiSimilarityLoss())
+    with pytest.raises(ValueError, match="local_emb must be L2-normalised.*norm 2"):
+        loss(glob, 2 * local, labels)
+    with pytest.raises(ValueError, match="global_emb must be L2-normalised"):
+        loss(glob * 1.1, local, labels)
+    with pytest.raises(ValueError, match="expected global_emb"):
+        loss(local, glob, labels)

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from glassmetric.models import build_model
 from glassmetric.models.global_head import GlobalHead
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.models.spatial_head import SpatialGridHead, resample_to_grid
+from glassmetric.models.spatial_head import SpatialGridHead
 
 
 def test_shared_head_applies_the_global_linear_at_every_location():
@@ -24,12 +23,50 @@ def test_shared_head_applies_the_global_linear_at_every_location():
     assert list(spatial.parameters()) == []
 
 
-def test_grid_resampling_matches_a_brute_force_average():
-    x = torch.randn(1, 3, 8, 8)
-    # an 8x8 map resampled to 4x4: bilinear up to 16x16 (exact 2x), then 4x4 block means
-    up = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
-    expected = torch.stack([torch.stack([up[0, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].mean(dim=(1, 2)) for j in range(4)], -1) for i in range(4)], -2)
-    torch.testing.assert_close(resample_to_grid(x, 4)[0], expected)
+def _bilinear(fmap, size):
+    """Bilinear resampling written out (half-pixel centres, as align_corners=False): output pixel
+    k of n samples the input at (k + 0.5) * h / n - 0.5, clamped to the edge pixels."""
+    d, h, w = len(fmap), len(fmap[0]), len(fmap[0][0])
+
+    def taps(k, src):
+        pos = min(max((k + 0.5) * src / size - 0.5, 0.0), src - 1)
+        lo = int(pos)
+        hi = min(lo + 1, src - 1)
+        return lo, hi, pos - lo
+
+    out = [[[0.0] * size for _ in range(size)] for _ in range(d)]
+    for y in range(size):
+        y0, y1, fy = taps(y, h)
+        for x in range(size):
+            x0, x1, fx = taps(x, w)
+            for c in range(d):
+                top = fmap[c][y0][x0] * (1 - fx) + fmap[c][y0][x1] * fx
+                bottom = fmap[c][y1][x0] * (1 - fx) + fmap[c][y1][x1] * fx
+                out[c][y][x] = top * (1 - fy) + bottom * fy
+    return out
+
+
+@pytest.mark.parametrize("h, w, grid", [(7, 7, 4), (3, 5, 2), (8, 8, 4)])
+def test_feature_map_to_grid_matches_a_hand_computation(h, w, grid):
+    """Bilinear up to 4g x 4g, 4 x 4 block means, row-major cells, each L2-normalised."""
+    from glassmetric.models import feature_map_to_grid
+
+    g = torch.Generator().manual_seed(h * w + grid)
+    fmap = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
+    got = feature_map_to_grid(fmap, grid)
+    assert got.shape == (2, grid * grid, 3)
+    for b in range(2):
+        up = _bilinear(fmap[b].tolist(), 4 * grid)
+        for i in range(grid):
+            for j in range(grid):
+                cell = [sum(up[c][4 * i + di][4 * j + dj] for di in range(4) for dj in range(4)) / 16 for c in range(3)]
+                norm = sum(v * v for v in cell) ** 0.5
+                expected = torch.tensor([v / norm for v in cell], dtype=torch.float64)
+                torch.testing.assert_close(got[b, i * grid + j], expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="grid"):
+        feature_map_to_grid(fmap, 0)
+    with pytest.raises(ValueError, match="feature_map"):
+        feature_map_to_grid(fmap[0], 4)
 
 
 def test_output_is_normalised_row_major_cells_and_trainable_head_learns():

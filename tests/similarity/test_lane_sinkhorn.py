@@ -47,15 +47,15 @@ def problems(seed, g, k, n, m, zeros=False):
     return S, mu / mu.sum(-1, keepdim=True), nu / nu.sum(-1, keepdim=True)
 
 
-def torch_ss(S, mu, nu, max_iter, tol=None):
-    T = _plan_from_similarity(S, mu, nu, epsilon=EPS, max_iter=max_iter, tol=tol)
+def torch_ss(S, mu, nu, iters, tol=None):
+    T = _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=iters, tol=tol)
     return T.mul_(S).sum((-2, -1))
 
 
 @pytest.mark.parametrize("n,m", [(16, 16), (9, 16), (49, 49), (1, 5)])
 def test_matches_pot_log_sinkhorn(n, m):
     S, mu, nu = problems(0, 1, 3, n, m)
-    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, max_iter=5000, tol=1e-6)
+    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=5000, tol=1e-6)
     for g in range(1):
         for k in range(3):
             s = S[g, k].double().numpy()
@@ -73,7 +73,7 @@ def test_stops_where_the_torch_solver_run_for_that_long_gives_the_same_score(g, 
     tol, every, cap = 1e-4, 5, 400
     S, mu, nu = problems(1, g, k, n, m)
     ss, its = lane_sinkhorn.lane_structural_similarity(
-        S, mu, nu, epsilon=EPS, max_iter=cap, tol=tol, check_every=every, return_iterations=True
+        S, mu, nu, epsilon=EPS, iters=cap, tol=tol, check_every=every, return_iterations=True
     )
     assert ss.shape == its.shape == (g, k)
     assert bool((its % every == 0).all()) and int(its.min()) >= every
@@ -82,26 +82,26 @@ def test_stops_where_the_torch_solver_run_for_that_long_gives_the_same_score(g, 
             it = int(its[q, j])
             one = (S[q, j][None], mu[q, j][None], nu[q, j][None])
             torch.testing.assert_close(ss[q, j], torch_ss(*one, it)[0], rtol=0, atol=2e-6)
-            T = _plan_from_similarity(*one, epsilon=EPS, max_iter=it, tol=None)
+            T = _plan_from_similarity(*one, epsilon=EPS, iters=it, tol=None)
             assert it == cap or float(marginal_error(T, *one[1:])[0]) <= tol * 1.05
             if it > every:
-                T = _plan_from_similarity(*one, epsilon=EPS, max_iter=it - every, tol=None)
+                T = _plan_from_similarity(*one, epsilon=EPS, iters=it - every, tol=None)
                 assert float(marginal_error(T, *one[1:])[0]) > tol * 0.95
 
 
-@pytest.mark.parametrize("max_iter", [1, 3, 20])
-def test_fixed_iterations_equal_the_torch_solver(max_iter):
+@pytest.mark.parametrize("iters", [1, 3, 20])
+def test_fixed_iterations_equal_the_torch_solver(iters):
     S, mu, nu = problems(2, 3, 20, 16, 16, zeros=True)
     ss, its = lane_sinkhorn.lane_structural_similarity(
-        S, mu, nu, epsilon=EPS, max_iter=max_iter, tol=None, return_iterations=True
+        S, mu, nu, epsilon=EPS, iters=iters, tol=None, return_iterations=True
     )
-    assert bool((its == max_iter).all())
-    torch.testing.assert_close(ss, torch_ss(S, mu, nu, max_iter), rtol=1e-5, atol=1e-6)
-    # a tol never reached stops at max_iter, with the same scores
+    assert bool((its == iters).all())
+    torch.testing.assert_close(ss, torch_ss(S, mu, nu, iters), rtol=1e-5, atol=1e-6)
+    # a tol never reached stops at iters, with the same scores
     ss2, its2 = lane_sinkhorn.lane_structural_similarity(
-        S, mu, nu, epsilon=EPS, max_iter=max_iter, tol=0.0, return_iterations=True
+        S, mu, nu, epsilon=EPS, iters=iters, tol=0.0, return_iterations=True
     )
-    assert bool((its2 == max_iter).all())
+    assert bool((its2 == iters).all())
     torch.testing.assert_close(ss2, ss, rtol=0, atol=0)
 
 
@@ -109,7 +109,7 @@ def test_zero_mass_entries_and_empty_marginals():
     S, mu, nu = problems(3, 2, 18, 16, 16, zeros=True)
     mu[0, 3] = 0  # a problem with no row mass: SS = 0, as the torch solver's zero plan
     nu[1, 17] = 0
-    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, max_iter=200, tol=1e-5)
+    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=200, tol=1e-5)
     assert bool(torch.isfinite(ss).all())
     assert float(ss[0, 3]) == 0.0 and float(ss[1, 17]) == 0.0
     torch.testing.assert_close(ss, torch_ss(S, mu, nu, 200, 1e-5), rtol=0, atol=1e-5)
@@ -117,7 +117,7 @@ def test_zero_mass_entries_and_empty_marginals():
 
 def test_strides_threads_and_chunks_do_not_change_a_score():
     S, mu, nu = problems(4, 3, 37, 16, 16)
-    kw = dict(epsilon=EPS, max_iter=300, tol=1e-4)
+    kw = dict(epsilon=EPS, iters=300, tol=1e-4)
     ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, **kw)
     contiguous = lane_sinkhorn.lane_structural_similarity(
         S.contiguous(), mu.transpose(0, 1).contiguous().transpose(0, 1), nu.contiguous(), **kw
@@ -137,15 +137,15 @@ def test_bad_arguments():
     S, mu, nu = problems(5, 1, 3, 4, 4)
     f = lane_sinkhorn.lane_structural_similarity
     with pytest.raises(ValueError, match="expected S"):
-        f(S[0], mu[0], nu[0], epsilon=EPS, max_iter=5, tol=None)
+        f(S[0], mu[0], nu[0], epsilon=EPS, iters=5, tol=None)
     with pytest.raises(ValueError, match="expected S"):
-        f(S, mu[..., :3], nu, epsilon=EPS, max_iter=5, tol=None)
+        f(S, mu[..., :3], nu, epsilon=EPS, iters=5, tol=None)
     with pytest.raises(ValueError, match="float32 CPU"):
-        f(S.double(), mu.double(), nu.double(), epsilon=EPS, max_iter=5, tol=None)
-    with pytest.raises(ValueError, match="max_iter"):
-        f(S, mu, nu, epsilon=EPS, max_iter=0, tol=None)
+        f(S.double(), mu.double(), nu.double(), epsilon=EPS, iters=5, tol=None)
+    with pytest.raises(ValueError, match="iters"):
+        f(S, mu, nu, epsilon=EPS, iters=0, tol=None)
     with pytest.raises(ValueError, match="epsilon"):
-        f(S, mu, nu, epsilon=0.01, max_iter=5, tol=None)
+        f(S, mu, nu, epsilon=0.01, iters=5, tol=None)
 
 
 def test_unavailable_without_a_compiler_and_callers_fall_back(monkeypatch, tmp_path):
@@ -161,7 +161,7 @@ def test_unavailable_without_a_compiler_and_callers_fall_back(monkeypatch, tmp_p
     assert not any(tmp_path.rglob("*.so"))  # nothing half-written is left behind
     with pytest.raises(RuntimeError, match="unavailable"):
         problems_ = problems(6, 1, 3, 4, 4)
-        lane_sinkhorn.lane_structural_similarity(*problems_, epsilon=EPS, max_iter=5, tol=None)
+        lane_sinkhorn.lane_structural_similarity(*problems_, epsilon=EPS, iters=5, tol=None)
 
     gen = torch.Generator().manual_seed(6)
     gl = torch.nn.functional.normalize(torch.randn(30, 16, 8, generator=gen), dim=-1)
@@ -211,10 +211,10 @@ def test_pads_odd_shortlists_with_problems_that_never_leak():
     """K = 17: one full block and one with a single live lane; the padding lanes' results are
     never written over a neighbour's."""
     S, mu, nu = problems(7, 2, 17, 16, 16)
-    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, max_iter=300, tol=1e-4)
+    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=300, tol=1e-4)
     for j in (0, 15, 16):
         alone = lane_sinkhorn.lane_structural_similarity(
-            S[:, j:j + 1], mu[:, j:j + 1], nu[:, j:j + 1], epsilon=EPS, max_iter=300, tol=1e-4
+            S[:, j:j + 1], mu[:, j:j + 1], nu[:, j:j + 1], epsilon=EPS, iters=300, tol=1e-4
         )
         torch.testing.assert_close(alone[:, 0], ss[:, j], rtol=0, atol=0)
     assert np.isfinite(ss.numpy()).all()
@@ -224,7 +224,7 @@ def _kernel_works():
     """The kernel gives the torch solver's scores (a library that loads but computes nothing
     right would not)."""
     S, mu, nu = problems(8, 1, 5, 9, 9)
-    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, max_iter=20, tol=None)
+    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=20, tol=None)
     torch.testing.assert_close(ss, torch_ss(S, mu, nu, 20), rtol=1e-5, atol=1e-6)
 
 

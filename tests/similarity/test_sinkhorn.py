@@ -63,7 +63,7 @@ def test_matches_pot_log_sinkhorn(n, m, eps, cost_range):
     C, a, b = problem(rng, n, m)
     ref = pot_log(C, a, b, eps)
     Ct, at, bt = t64(C, a, b)
-    T = sinkhorn(Ct, at, bt, epsilon=eps, max_iter=50_000, tol=1e-13, cost_range=cost_range)
+    T = sinkhorn(Ct, at, bt, epsilon=eps, iters=50_000, tol=1e-13, cost_range=cost_range)
     assert T.dtype == torch.float64 and T.shape == (n, m)
     np.testing.assert_allclose(T.numpy(), ref, atol=1e-5, rtol=0)
     rows, cols = marginal_error(T, at, bt)
@@ -77,7 +77,7 @@ def test_matches_pot_solve_batch(cost_range):
     Ct, at, bt = t64(C, a, b)
     res = ot.solve_batch(Ct, reg=0.05, a=at, b=bt, method="log_sinkhorn", reg_type="entropy",
                          max_iter=50_000, tol=1e-13, grad="detach")
-    T = sinkhorn(Ct, at, bt, epsilon=0.05, max_iter=50_000, tol=1e-13, cost_range=cost_range)
+    T = sinkhorn(Ct, at, bt, epsilon=0.05, iters=50_000, tol=1e-13, cost_range=cost_range)
     np.testing.assert_allclose(T.numpy(), res.plan.numpy(), atol=1e-5, rtol=0)
 
 
@@ -97,7 +97,7 @@ def test_small_epsilon_approaches_exact_ot(dtype):
         exact = ot.emd2(a, b, C)
         Ct, at, bt = (x.to(dtype) for x in t64(C, a, b))
         # cost_range/eps = 200: shifted kernel in float64, logsumexp path in float32
-        T = sinkhorn(Ct, at, bt, epsilon=eps, max_iter=200_000, tol=1e-7, cost_range=1.0)
+        T = sinkhorn(Ct, at, bt, epsilon=eps, iters=200_000, tol=1e-7, cost_range=1.0)
         assert torch.isfinite(T).all()
         cost = (T.double() * Ct.double()).sum().item()
         slack = 1e-6 if dtype == torch.float64 else 1e-4
@@ -111,7 +111,7 @@ def test_zero_mass_entries_give_zero_rows_and_columns(cost_range):
     ref = pot_log(C, a, b, 0.05)
     for dtype in (torch.float64, torch.float32):
         Ct, at, bt = (x.to(dtype) for x in t64(C, a, b))
-        T = sinkhorn(Ct, at, bt, epsilon=0.05, max_iter=20_000, tol=1e-7, cost_range=cost_range)
+        T = sinkhorn(Ct, at, bt, epsilon=0.05, iters=20_000, tol=1e-7, cost_range=cost_range)
         assert torch.isfinite(T).all()
         assert (T[at == 0] == 0).all() and (T[:, bt == 0] == 0).all()
         np.testing.assert_allclose(T.double().numpy(), ref, atol=1e-5, rtol=0)
@@ -132,7 +132,7 @@ def test_all_zero_marginal_gives_zero_plan_without_nan(cost_range):
     torch.testing.assert_close(T[0].sum(), torch.tensor(1.0))
     # gradients in the unrolled mode stay finite too
     Cg = C.clone().requires_grad_()
-    sinkhorn(Cg, mu, nu, grad="unrolled", max_iter=20, cost_range=cost_range).sum().backward()
+    sinkhorn(Cg, mu, nu, gradient="unrolled", iters=20, cost_range=cost_range).sum().backward()
     assert torch.isfinite(Cg.grad).all()
 
 
@@ -140,15 +140,15 @@ def test_all_zero_marginal_gives_zero_plan_without_nan(cost_range):
 def test_batched_equals_per_problem(cost_range):
     rng = np.random.default_rng(5)
     C, a, b = (torch.from_numpy(x).float() for x in problem(rng, 6, 8, zeros_a=1, batch=(3, 4)))
-    T = sinkhorn(C, a, b, max_iter=50, cost_range=cost_range)
+    T = sinkhorn(C, a, b, iters=50, cost_range=cost_range)
     assert T.shape == (3, 4, 6, 8)
     for i in range(3):
         for j in range(4):
-            Tij = sinkhorn(C[i, j], a[i, j], b[i, j], max_iter=50, cost_range=cost_range)
+            Tij = sinkhorn(C[i, j], a[i, j], b[i, j], iters=50, cost_range=cost_range)
             torch.testing.assert_close(T[i, j], Tij, atol=1e-7, rtol=1e-5)
     # leading dims broadcast: one marginal shared by every problem
-    Tb = sinkhorn(C, a[0, 0], b[0, 0], max_iter=50, cost_range=cost_range)
-    T21 = sinkhorn(C[2, 1], a[0, 0], b[0, 0], max_iter=50, cost_range=cost_range)
+    Tb = sinkhorn(C, a[0, 0], b[0, 0], iters=50, cost_range=cost_range)
+    T21 = sinkhorn(C[2, 1], a[0, 0], b[0, 0], iters=50, cost_range=cost_range)
     torch.testing.assert_close(Tb[2, 1], T21)
 
 
@@ -195,21 +195,16 @@ def test_unrolled_gradient_is_correct_and_differs(cost_range):
     S = (2 * torch.rand(2, 3, 4, generator=g, dtype=torch.float64) - 1).requires_grad_()
     mu = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
     nu = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
-    kw = dict(epsilon=0.1, max_iter=30, grad="unrolled", cost_range=2.0 if cost_range else None)
+    kw = dict(epsilon=0.1, iters=30, gradient="unrolled", cost_range=2.0 if cost_range else None)
 
     def ss(S, mu, nu):
         return (sinkhorn(1 - S, mu, nu, **kw) * S).sum((-2, -1))
 
     assert torch.autograd.gradcheck(ss, (S, mu, nu))
     (gS,) = torch.autograd.grad(ss(S, mu, nu).sum(), S)
-    T = sinkhorn(1 - S, mu, nu, epsilon=0.1, max_iter=30)
+    T = sinkhorn(1 - S, mu, nu, epsilon=0.1, iters=30)
     assert torch.isfinite(gS).all()
     assert (gS - T).abs().max() > 1e-3
-    # differentiable=True is the same switch
-    (gS2,) = torch.autograd.grad(
-        (sinkhorn(1 - S, mu, nu, epsilon=0.1, max_iter=30, differentiable=True) * S).sum(), S
-    )
-    torch.testing.assert_close(gS2, gS)
 
 
 def test_unrolled_gradient_with_zero_mass_is_finite():
@@ -218,7 +213,7 @@ def test_unrolled_gradient_with_zero_mass_is_finite():
     mu = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64, requires_grad=True)
     nu = torch.tensor([0.25, 0.25, 0.5, 0.0], dtype=torch.float64, requires_grad=True)
     for cost_range in KERNELS:
-        T = sinkhorn(1 - S, mu, nu, max_iter=20, grad="unrolled", cost_range=cost_range)
+        T = sinkhorn(1 - S, mu, nu, iters=20, gradient="unrolled", cost_range=cost_range)
         out = (T * S).sum()
         gS, gmu, gnu = torch.autograd.grad(out, (S, mu, nu))
         assert all(torch.isfinite(t).all() for t in (gS, gmu, gnu))
@@ -237,10 +232,10 @@ def test_fixed_iterations_never_sync(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     C, mu, nu = torch.rand(10, 5, 5), torch.full((10, 5), 0.2), torch.full((10, 5), 0.2)
-    sinkhorn(C, mu, nu, max_iter=40)
+    sinkhorn(C, mu, nu, iters=40)
     assert calls == []
     # with a tolerance: one .item() per chunk of check_every iterations, and no more
-    sinkhorn(C, mu, nu, max_iter=40, tol=0.0, check_every=10)
+    sinkhorn(C, mu, nu, iters=40, tol=0.0, check_every=10)
     assert len(calls) == 3  # after iterations 10, 20, 30 (the 40th is the last anyway)
 
 
@@ -248,7 +243,7 @@ def test_fixed_iterations_never_sync(monkeypatch):
 def test_tolerance_stops_early_with_the_promised_error(cost_range):
     rng = np.random.default_rng(4)
     C, a, b = (torch.from_numpy(x) for x in problem(rng, 12, 10, batch=(6,)))
-    kw = dict(epsilon=0.02, max_iter=100_000, check_every=5, cost_range=cost_range)
+    kw = dict(epsilon=0.02, iters=100_000, check_every=5, cost_range=cost_range)
     T = sinkhorn(C, a, b, tol=1e-6, **kw)
     rows, cols = marginal_error(T, a, b)
     assert rows.max().item() <= 1e-6 and cols.max().item() < 1e-12
@@ -268,7 +263,7 @@ def _varied_batch(seed=7, batch=40, n=9, m=11):
 
 def test_per_problem_stopping_equals_solving_each_problem_alone():
     C, a, b = _varied_batch()
-    kw = dict(epsilon=0.02, max_iter=5000, tol=1e-5, cost_range=1.0)
+    kw = dict(epsilon=0.02, iters=5000, tol=1e-5, cost_range=1.0)
     T = sinkhorn(C, a, b, **kw)  # compact=True: each problem stops at its own check
     assert torch.isfinite(T).all()
     for i in range(len(C)):  # a batch of one stops exactly when its problem converges
@@ -286,20 +281,20 @@ def test_per_problem_stopping_equals_solving_each_problem_alone():
     assert (Tb - T).abs().amax((-2, -1))[live].gt(1e-6).sum() > len(C) // 2
 
 
-def test_per_problem_stopping_at_max_iter_and_with_fixed_iterations():
+def test_per_problem_stopping_at_iters_and_with_fixed_iterations():
     C, a, b = _varied_batch(seed=8)
     kw = dict(epsilon=0.02, cost_range=1.0)
-    # an unreachable tolerance: every problem runs max_iter iterations, as with tol=None
-    fixed = sinkhorn(C, a, b, max_iter=23, **kw)
-    capped = sinkhorn(C, a, b, max_iter=23, tol=0.0, check_every=4, **kw)
+    # an unreachable tolerance: every problem runs iters iterations, as with tol=None
+    fixed = sinkhorn(C, a, b, iters=23, **kw)
+    capped = sinkhorn(C, a, b, iters=23, tol=0.0, check_every=4, **kw)
     assert torch.equal(capped, fixed)
     # a tolerance that about half the problems meet at the first check: those stop there,
     # the others iterate on
-    first = sinkhorn(C, a, b, max_iter=5, **kw)
+    first = sinkhorn(C, a, b, iters=5, **kw)
     rows, _ = marginal_error(first, a, b)
     live = torch.arange(len(C)) != 3
     tol = rows[live].median().item()
-    T = sinkhorn(C, a, b, max_iter=5000, tol=tol, check_every=5, **kw)
+    T = sinkhorn(C, a, b, iters=5000, tol=tol, check_every=5, **kw)
     early, late = live & (rows <= 0.5 * tol), live & (rows > 2 * tol)
     assert early.sum() >= 5 and late.sum() >= 5
     assert (T[early] - first[early]).abs().max().item() <= 1e-7
@@ -317,9 +312,9 @@ def test_per_problem_stopping_syncs_once_per_check(monkeypatch):
         return orig(*args, **kwargs)
 
     monkeypatch.setattr(torch, "nonzero", counting_nonzero)
-    sinkhorn(C, a, b, epsilon=0.02, max_iter=40, cost_range=1.0)
+    sinkhorn(C, a, b, epsilon=0.02, iters=40, cost_range=1.0)
     assert calls == []  # no tolerance: no host sync at all
-    T = sinkhorn(C, a, b, epsilon=0.02, max_iter=5000, tol=1e-5, check_every=5, cost_range=1.0)
+    T = sinkhorn(C, a, b, epsilon=0.02, iters=5000, tol=1e-5, check_every=5, cost_range=1.0)
     checks = len(calls)
     # one nonzero per check, plus one per compaction and one for the problems left at the end
     # (the batch here converges in well under 100 checks)
@@ -342,7 +337,7 @@ def test_plan_from_similarity_equals_the_cost_form(tol):
     nu = nu.clone()
     nu[1, 2] = 0  # an all-zero marginal: a zero plan
     mu, nu = mu / mu.sum(-1, keepdim=True), nu / nu.sum(-1, keepdim=True).clamp_min(1e-30)
-    kw = dict(epsilon=0.05, max_iter=5000, tol=tol)
+    kw = dict(epsilon=0.05, iters=5000, tol=tol)
     T = _plan_from_similarity(S, mu, nu, **kw)
     ref = sinkhorn(1 - S.clamp(-1, 1), mu, nu, cost_range=2.0, **kw)
     assert T.shape == (6, 5, 9, 8) and T.is_contiguous() and torch.isfinite(T).all()
@@ -356,7 +351,8 @@ def test_plan_from_similarity_equals_the_cost_form(tol):
 
 def test_constant_plan_paths_never_read_back_without_tol(monkeypatch):
     """tol=None: the structural constant-plan path (the kernel from S) and the re-ranking fast
-    path call nothing that reads a value back to the host (.item(), bool(), nonzero)."""
+    path call nothing that reads a value back to the host (.item(), bool(), nonzero); the public
+    structural_similarity reads back once, for its input check."""
     from glassmetric.similarity.sinkhorn import _plan_from_similarity
     from glassmetric.similarity.structural import _gathered_block_scores
 
@@ -372,11 +368,12 @@ def test_constant_plan_paths_never_read_back_without_tol(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name,
                             lambda self, *a, _o=orig, _n=name: calls.append(_n) or _o(self, *a))
     monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("nonzero"))
-    _plan_from_similarity(x @ x.transpose(1, 2), mu, mu, epsilon=0.05, max_iter=20, tol=None)
-    structural_similarity(x[:, None], x[None], gx[:, None], gx[None], iters=20)
+    _plan_from_similarity(x @ x.transpose(1, 2), mu, mu, epsilon=0.05, iters=20, tol=None)
     _gathered_block_scores(x[:2], gx[:2], x, gx, idx, epsilon=0.05, iters=20, tol=None,
                            marginals="cross_correlation", per_query=False)
     assert calls == []
+    structural_similarity(x[:, None], x[None], gx[:, None], gx[None], iters=20, tol=None)
+    assert calls == ["tolist"]  # the one read-back of the input check
 
 
 def test_bad_arguments():
@@ -386,9 +383,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         sinkhorn(C, mu, torch.full((4,), 0.25))
     with pytest.raises(ValueError):
-        sinkhorn(C, mu, mu, max_iter=0)
+        sinkhorn(C, mu, mu, iters=0)
     with pytest.raises(ValueError):
-        sinkhorn(C, mu, mu, grad="autodiff")
+        sinkhorn(C, mu, mu, gradient="autodiff")
 
 
 @settings(max_examples=25, deadline=None)
@@ -403,7 +400,7 @@ def test_property_marginals_and_finiteness(n, m, zeros, seed, cost_range):
     rng = np.random.default_rng(seed)
     C, a, b = problem(rng, n, m, zeros_a=min(zeros, n - 1), zeros_b=min(zeros, m - 1))
     Ct, at, bt = t64(C, a, b)
-    T = sinkhorn(Ct, at, bt, epsilon=0.1, max_iter=5000, tol=1e-10, cost_range=cost_range)
+    T = sinkhorn(Ct, at, bt, epsilon=0.1, iters=5000, tol=1e-10, cost_range=cost_range)
     assert torch.isfinite(T).all() and (T >= 0).all()
     rows, cols = marginal_error(T, at, bt)
     assert rows.item() <= 1e-10 and cols.item() <= 1e-10
@@ -411,7 +408,10 @@ def test_property_marginals_and_finiteness(n, m, zeros, seed, cost_range):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_fixed_iterations_never_synchronise():
-    """tol=None: the whole solve (and structural similarity) queues kernels without a host sync."""
+    """tol=None: the whole solve (and structural similarity past its input check) queues kernels
+    without a host sync."""
+    from glassmetric.similarity.structural import _structural_similarity
+
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(2, 8, 16, 32, generator=g), dim=-1)
     gx = torch.nn.functional.normalize(torch.randn(2, 8, 32, generator=g), dim=-1)
@@ -423,7 +423,8 @@ def test_cuda_fixed_iterations_never_synchronise():
         return [
             sinkhorn(C, mu, mu, cost_range=2.0),
             sinkhorn(C, mu, mu),
-            structural_similarity(x[0], x[1], gx[0], gx[1]),
+            _structural_similarity(x[0], x[1], gx[0], gx[1], epsilon=0.05, iters=100, tol=None,
+                                   marginals="cross_correlation", gradient="none_through_plan"),
         ]
 
     cpu = run(x, gx, C, mu)

@@ -13,6 +13,7 @@ from glassmetric.similarity import (
     compute_marginals,
     cross_correlation_marginals,
     explain_pair,
+    OTSettings,
     multiscale_score,
     sinkhorn,
     structural_similarity,
@@ -214,18 +215,18 @@ def test_single_pair_block_and_one_vs_many_shapes():
 def test_matrix_equals_per_pair_and_is_chunk_invariant(marginals):
     gen = torch.Generator().manual_seed(5)
     local, glob = images(gen, 7, n=4, d=6, dtype=torch.float32)
-    M = structural_similarity_matrix(local, glob, marginals=marginals)
+    M = structural_similarity_matrix(local, x_global=glob, marginals=marginals)
     assert M.shape == (7, 7)
     for a in range(7):
         for b in range(7):
             ab = structural_similarity(local[a], local[b], glob[a], glob[b], marginals=marginals)
             torch.testing.assert_close(M[a, b], ab, atol=1e-6, rtol=0)
     for chunk in (1, 3, 100):
-        Mc = structural_similarity_matrix(local, glob, chunk_size=chunk, marginals=marginals)
+        Mc = structural_similarity_matrix(local, None, glob, chunk_size=chunk, marginals=marginals)
         torch.testing.assert_close(Mc, M, atol=1e-6, rtol=0)
     # against another set (B x B')
     other, oglob = images(gen, 4, n=4, d=6, dtype=torch.float32)
-    R = structural_similarity_matrix(local, glob, other, oglob, chunk_size=2, marginals=marginals)
+    R = structural_similarity_matrix(local, other, glob, oglob, chunk_size=2, marginals=marginals)
     assert R.shape == (7, 4)
     r52 = structural_similarity(local[5], other[2], glob[5], oglob[2], marginals=marginals)
     torch.testing.assert_close(R[5, 2], r52, atol=1e-6, rtol=0)
@@ -239,9 +240,9 @@ def test_matrix_symmetry(marginals):
     number of iterations is not symmetric bit for bit (rows are updated before columns)."""
     gen = torch.Generator().manual_seed(6)
     local, glob = images(gen, 8, n=9, d=6, spread=1.5)
-    M = structural_similarity_matrix(local, glob, marginals=marginals, iters=5000, tol=1e-12)
+    M = structural_similarity_matrix(local, x_global=glob, marginals=marginals, iters=5000, tol=1e-12)
     torch.testing.assert_close(M, M.T, atol=1e-10, rtol=0)
-    M100 = structural_similarity_matrix(local.float(), glob.float(), marginals=marginals)
+    M100 = structural_similarity_matrix(local.float(), x_global=glob.float(), marginals=marginals)
     torch.testing.assert_close(M100, M100.T, atol=1e-3, rtol=0)
 
 
@@ -285,7 +286,7 @@ def test_gradients_default_and_unrolled():
     y, gy = images(gen, 3, n=4, d=6, dtype=torch.float32)
     leaves = [t.clone().requires_grad_() for t in (x, y, gx, gy)]
     xl, yl, xg, yg = leaves
-    structural_similarity(xl, yl, xg, yg).sum().backward()
+    structural_similarity(xl, yl, xg, yg, tol=None).sum().backward()  # exactly 100 iterations
     # default: T constant -> dSS/dx_i = sum_j T_ij y_j; the globals only feed the marginals,
     # which only feed T, so they receive nothing
     mu, nu = cross_correlation_marginals(x, gy), cross_correlation_marginals(y, gx)
@@ -302,12 +303,12 @@ def test_gradients_default_and_unrolled():
     # unrolled: gradients also reach the globals through the marginals, and differ for locals
     for t in leaves:
         t.grad = None
-    structural_similarity(xl, yl, xg, yg, grad="unrolled").sum().backward()
+    structural_similarity(xl, yl, xg, yg, tol=None, gradient="unrolled").sum().backward()
     assert xg.grad is not None and xg.grad.abs().max() > 1e-4 and torch.isfinite(xg.grad).all()
     assert (xl.grad - T @ y).abs().max() > 1e-4
     # the structural matrix is differentiable w.r.t. the local embeddings (for pair losses)
     loc = x.clone().requires_grad_()
-    structural_similarity_matrix(loc, gx, chunk_size=2).sum().backward()
+    structural_similarity_matrix(loc, x_global=gx, chunk_size=2).sum().backward()
     assert torch.isfinite(loc.grad).all() and loc.grad.abs().max() > 0
 
 
@@ -318,7 +319,7 @@ def test_autocast_bfloat16():
     ref = structural_similarity(x, y, gx, gy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ss = structural_similarity(x.bfloat16(), y.bfloat16(), gx.bfloat16(), gy.bfloat16())
-        M = structural_similarity_matrix(x.bfloat16(), gx.bfloat16())
+        M = structural_similarity_matrix(x.bfloat16(), x_global=gx.bfloat16())
     assert ss.dtype == torch.float32 and torch.isfinite(ss).all() and torch.isfinite(M).all()
     torch.testing.assert_close(ss, ref, atol=2e-2, rtol=0)  # bf16 rounding of the inputs
 
@@ -343,7 +344,7 @@ def test_explain_pair_on_a_block_and_empty_matrix():
         assert e.mu.shape == e.nu.shape == e.region_contribution_x.shape == (2, 3, 4)
         torch.testing.assert_close(e.ss, structural_similarity(q, c, gq, gc, marginals=kind))
         torch.testing.assert_close(e.contribution.sum((-2, -1)), torch.ones(2, 3))
-    empty = structural_similarity_matrix(q[:0], gq[:0], c[0], gc[0])
+    empty = structural_similarity_matrix(q[:0], c[0], gq[:0], gc[0])
     assert empty.shape == (0, 3)
 
 
@@ -397,7 +398,93 @@ def test_pooled_marginals_ignore_the_globals_and_weigh_against_the_other_images_
     torch.testing.assert_close(structural_similarity(x, y, None, None, **kw), ss, rtol=0, atol=1e-12)
     torch.testing.assert_close(structural_similarity(x, y, -gx, gy.flip(0), **kw), ss, rtol=0, atol=1e-12)
     torch.testing.assert_close(multiscale_score(x, y, gx, gy, **kw), (gx * gy).sum(-1) + ss, rtol=0, atol=1e-12)
-    mat = structural_similarity_matrix(x, None, y, None, **kw)
+    mat = structural_similarity_matrix(x, y, None, None, **kw)
     torch.testing.assert_close(mat.diagonal(), ss, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="'pooled_cross_correlation'"):
         compute_marginals(x, y, gx, gy, "pooled")
+
+
+# --------------------------------------------------------------------------- settings and checks
+
+
+def test_settings_object_equals_the_keywords_and_defaults_are_the_settings_defaults():
+    import inspect
+
+    gen = torch.Generator().manual_seed(12)
+    x, gx = images(gen, 3, n=4, d=6, dtype=torch.float32)
+    y, gy = images(gen, 3, n=4, d=6, dtype=torch.float32)
+    ot = OTSettings(epsilon=0.1, iters=7, tol=None, marginals="uniform", gradient="unrolled")
+    kw = dict(epsilon=0.1, iters=7, tol=None, marginals="uniform", gradient="unrolled")
+    torch.testing.assert_close(structural_similarity(x, y, gx, gy, settings=ot),
+                               structural_similarity(x, y, gx, gy, **kw), rtol=0, atol=0)
+    torch.testing.assert_close(structural_similarity_matrix(x, y, gx, gy, settings=ot),
+                               structural_similarity_matrix(x, y, gx, gy, **kw), rtol=0, atol=0)
+    torch.testing.assert_close(multiscale_score(x, y, gx, gy, settings=ot),
+                               multiscale_score(x, y, gx, gy, **kw), rtol=0, atol=0)
+    kw.pop("gradient")
+    torch.testing.assert_close(explain_pair(x, y, gx, gy, settings=ot).T, explain_pair(x, y, gx, gy, **kw).T,
+                               rtol=0, atol=0)
+    # leaving every keyword out is OTSettings(): tol 1e-4 and the rest
+    torch.testing.assert_close(structural_similarity(x, y, gx, gy),
+                               structural_similarity(x, y, gx, gy, settings=OTSettings()), rtol=0, atol=0)
+    for f in (structural_similarity, structural_similarity_matrix, explain_pair):
+        params = inspect.signature(f).parameters
+        for name in ("epsilon", "iters", "tol", "marginals"):
+            assert repr(params[name].default) == repr(getattr(OTSettings(), name)), (f.__name__, name)
+        with pytest.raises(ValueError, match="not both"):
+            f(x, y, gx, gy, settings=ot, iters=7)
+
+
+def _unnormalised(gen, scale=2**0.5):
+    x, gx = images(gen, 2, n=4, d=6, dtype=torch.float32)
+    return x, gx, scale * x, scale * gx
+
+
+@pytest.mark.parametrize("which", ["x_local", "y_local", "x_global", "y_global"])
+def test_unnormalised_inputs_are_named_with_their_worst_norm(which):
+    gen = torch.Generator().manual_seed(13)
+    x, gx = images(gen, 2, n=4, d=6, dtype=torch.float32)
+    y, gy = images(gen, 2, n=4, d=6, dtype=torch.float32)
+    args = dict(x_local=x, y_local=y, x_global=gx, y_global=gy)
+    bad = args[which].clone()
+    bad[1] *= 1.2
+    bad[0] *= 2**0.5  # the worst row: norm 1.41421
+    args[which] = bad
+    match = f"{which} must be L2-normalised.*norm 1.41421"
+    calls = [
+        lambda: structural_similarity(**args),
+        lambda: multiscale_score(**args),
+        lambda: explain_pair(**args),
+        lambda: compute_marginals(args["x_local"], args["y_local"], args["x_global"], args["y_global"]),
+        lambda: structural_similarity_matrix(**args),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    if which.endswith("global"):  # uniform marginals read no global: nothing to check there
+        structural_similarity(**args, marginals="uniform")
+
+
+def test_normalisation_tolerance_follows_the_dtype_and_zero_rows_pass():
+    gen = torch.Generator().manual_seed(14)
+    x, gx = images(gen, 3, n=4, d=64, dtype=torch.float32)
+    y, gy = images(gen, 3, n=4, d=64, dtype=torch.float32)
+    # bf16 / fp16 rounding of unit vectors passes (with cross-correlation marginals)
+    for dt in (torch.bfloat16, torch.float16):
+        ss = structural_similarity(x.to(dt), y.to(dt), gx.to(dt), gy.to(dt))
+        assert torch.isfinite(ss).all()
+    # a norm of 1.002: too far for float32 (tolerance 1e-3), rounding for bfloat16 (2e-2)
+    off = x * 1.002
+    with pytest.raises(ValueError, match="x_local.*float32.*norm 1.002"):
+        structural_similarity(off, y, gx, gy)
+    structural_similarity(off.bfloat16(), y.bfloat16(), gx.bfloat16(), gy.bfloat16())
+    # an all-zero cell (normalize() of a zero vector) is accepted; SS stays within [-1, 1]
+    z = x.clone()
+    z[0, 1] = 0
+    ss = structural_similarity(z, y, gx, gy)
+    assert ((ss >= -1) & (ss <= 1)).all()
+    # NaN is never normalised
+    n = x.clone()
+    n[2, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="x_local.*norm nan"):
+        structural_similarity(n, y, gx, gy)

@@ -1,8 +1,14 @@
-"""The introspective distance as pytorch-metric-learning distances, so that it replaces the
-distance or similarity inside every loss and miner of the pipeline (IDML, Wang et al. 2023).
+"""The introspective distance inside any pytorch-metric-learning loss, proxy losses included
+(IDML, Wang et al. 2023), used as any pytorch-metric-learning loss is::
 
-pytorch-metric-learning hands a distance one matrix per side, so each image is packed as
-``[semantic s (D) | uncertainty u (Du)]`` (:func:`pack`). A reference of width D alone (the
+    from pytorch_metric_learning.losses import ProxyAnchorLoss
+    from glassmetric.losses import IntrospectiveLoss
+
+    loss_fn = IntrospectiveLoss(ProxyAnchorLoss(num_classes, embedding_size=D))
+    loss = loss_fn(semantic, uncertainty, labels)  # (B, D), (B, Du), (B,)
+
+pytorch-metric-learning hands a distance one matrix per side, so internally each image is packed
+as ``[semantic s (D) | uncertainty u (Du)]`` (:func:`pack`). A reference of width D alone (the
 proxies of ProxyAnchor / ProxyNCA) has zero uncertainty. The packed vector must not be
 normalised as a whole (that would rescale u): these distances normalise s themselves and keep
 u as it is, while reporting ``normalize_embeddings=True`` to the losses and miners that check
@@ -23,6 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from torch import nn
 
 from glassmetric.similarity.introspective import (
     IntrospectiveParams,
@@ -73,7 +81,7 @@ class _IntrospectiveMixin:
 class IntrospectiveSimilarity(_IntrospectiveMixin, CosineSimilarity):
     """``1 - D / 2`` for similarity-calibrated losses (MultiSimilarity, ProxyAnchor)."""
 
-    def __init__(self, dim: int, params: IntrospectiveParams = IntrospectiveParams(), **kwargs):
+    def __init__(self, dim: int = 0, params: IntrospectiveParams = IntrospectiveParams(), **kwargs):
         super().__init__(**kwargs)
         self.dim, self.params = int(dim), params
 
@@ -88,7 +96,7 @@ class IntrospectiveDistance(_IntrospectiveMixin, LpDistance):
     """``sqrt(D)`` for distance-calibrated losses and miners (Contrastive, Triplet, Margin;
     ProxyNCA and FastAP square it through ``power=2``)."""
 
-    def __init__(self, dim: int, params: IntrospectiveParams = IntrospectiveParams(), **kwargs):
+    def __init__(self, dim: int = 0, params: IntrospectiveParams = IntrospectiveParams(), **kwargs):
         super().__init__(**kwargs)
         self.dim, self.params = int(dim), params
 
@@ -97,3 +105,63 @@ class IntrospectiveDistance(_IntrospectiveMixin, LpDistance):
 
     def pairwise_distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
         return torch.sqrt(self._pairwise(query_emb, ref_emb).clamp(min=1e-12))
+
+
+def use_introspective_distance(module: nn.Module | None, params: IntrospectiveParams, dim: int = 0) -> None:
+    """Give a pytorch-metric-learning loss or miner the introspective distance of its own
+    calibration: ``1 - D / 2`` where its distance is inverted (a similarity), else ``sqrt(D)`` at
+    its ``power``. ``dim`` (the semantic width) may be left 0 and set per batch."""
+    if module is None:
+        return
+    own = module.distance
+    module.distance = (IntrospectiveSimilarity(dim, params) if own.is_inverted
+                       else IntrospectiveDistance(dim, params, power=own.power))
+
+
+def introspective_loss(loss: nn.Module, miner: nn.Module | None, semantic: torch.Tensor,
+                       uncertainty: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``loss`` (mined by ``miner``) on the introspective distances of ``semantic (B, D)`` and
+    ``uncertainty (B, Du)``; both must carry an introspective distance
+    (:func:`use_introspective_distance`)."""
+    if semantic.ndim != 2 or uncertainty.ndim != 2 or len(semantic) != len(uncertainty):
+        raise ValueError(f"expected semantic (B, D) and uncertainty (B, Du), got {tuple(semantic.shape)} "
+                         f"and {tuple(uncertainty.shape)}")
+    for m in (loss, miner):
+        if m is not None:
+            m.distance.dim = semantic.shape[1]
+    embeddings = pack(semantic, uncertainty.to(semantic.dtype))
+    indices = miner(embeddings, labels) if miner is not None else None
+    return loss(embeddings, labels, indices)
+
+
+class IntrospectiveLoss(nn.Module):
+    """A pytorch-metric-learning loss on the introspective distance of the batch.
+
+    Args:
+        base_loss: any pytorch-metric-learning loss that compares through its distance, proxy
+            losses included (ProxyAnchor, ProxyNCA: proxies carry zero uncertainty). Its
+            distance is replaced by the introspective one of the same calibration (the module
+            is used in place, so its proxies stay those the caller holds).
+        params: the introspective distance's scales and offsets.
+        miner: an optional pytorch-metric-learning miner, given the same distance.
+
+    ``forward(semantic (B, D), uncertainty (B, Du), labels (B,))``: the semantic embedding is
+    L2-normalised by the distance; the uncertainty embedding is used as it is.
+    """
+
+    def __init__(self, base_loss: nn.Module, params: IntrospectiveParams = IntrospectiveParams(), *,
+                 miner: nn.Module | None = None):
+        super().__init__()
+        if not isinstance(base_loss, BaseMetricLossFunction):
+            raise TypeError(f"expected a pytorch-metric-learning loss, got {type(base_loss).__name__}")
+        self.loss = base_loss
+        self.miner = miner
+        self.params = params
+        use_introspective_distance(base_loss, params)
+        use_introspective_distance(miner, params)
+
+    def forward(self, semantic: torch.Tensor, uncertainty: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return introspective_loss(self.loss, self.miner, semantic, uncertainty, labels)
+
+    def extra_repr(self) -> str:
+        return f"params={self.params}"

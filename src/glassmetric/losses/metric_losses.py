@@ -34,7 +34,7 @@ from pytorch_metric_learning import losses, miners
 from glassmetric.errors import ConfigError
 from glassmetric.losses import introspective
 from glassmetric.losses.miners import SphereDistanceWeightedMiner
-from glassmetric.losses.structural import StructuralDistance, StructuralSettings, StructuralSimilarity, pack
+from glassmetric.losses.structural import StructuralSettings, structural_loss, use_structural_distance
 from glassmetric.similarity.introspective import IntrospectiveParams
 from glassmetric.models.output import EmbeddingOutput
 
@@ -54,11 +54,8 @@ class LossSpec:
     #: what the loss's margins are calibrated for: a "similarity" in [-1, 1] or the Euclidean
     #: "distance" of unit vectors; None for proxy losses (proxies have no spatial embeddings)
     calibration: str | None = "distance"
-    #: what the loss itself compares by default: a similarity (cosine) or a distance, and the
-    #: power of that distance (pytorch-metric-learning's LpDistance ``power``)
-    on_similarity: bool = False
-    distance_power: int = 1
-    #: the miner needs the dimension of the embedding sphere (packed embeddings are wider)
+    #: the miner needs the dimension of the embedding sphere (introspective embeddings are packed
+    #: with their uncertainty, so wider)
     miner_needs_dimension: bool = False
     #: the class whose keyword arguments ``loss.params`` sets, where build_loss wraps it
     loss_class: type | None = None
@@ -82,17 +79,17 @@ LOSSES: dict[str, LossSpec] = {
     "multisimilarity": LossSpec(
         losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 50.0, "base": 0.5},
         miners.MultiSimilarityMiner, {"epsilon": 0.1},
-        calibration="similarity", on_similarity=True,
+        calibration="similarity",
     ),
     "proxyanchor": LossSpec(
         losses.ProxyAnchorLoss, {"margin": 0.1, "alpha": 32.0},
-        needs_classes=True, param_lr=("relative", 100.0), calibration=None, on_similarity=True,
+        needs_classes=True, param_lr=("relative", 100.0), calibration=None,
     ),
     "proxynca": LossSpec(
         losses.ProxyNCALoss, {"softmax_scale": 1.0},
-        needs_classes=True, param_lr=("relative", 100.0), calibration=None, distance_power=2,
+        needs_classes=True, param_lr=("relative", 100.0), calibration=None,
     ),
-    "fastap": LossSpec(losses.FastAPLoss, {"num_bins": 10}, distance_power=2),
+    "fastap": LossSpec(losses.FastAPLoss, {"num_bins": 10}),
 }
 
 
@@ -200,21 +197,15 @@ class MetricLoss(torch.nn.Module):
         self.introspective = introspective
 
     def forward(self, output: EmbeddingOutput, labels: torch.Tensor) -> torch.Tensor:
-        embeddings = output.embedding.float()
-        if self.structural is not None:
+        if self.structural is not None:  # what StructuralLoss computes
             if output.local is None:
                 raise ConfigError("loss.similarity: structural losses need local embeddings: set model.spatial_grid > 0")
-            embeddings = pack(embeddings, output.local.float())
-            self.loss.distance.set_batch(embeddings)  # one B x B matrix for the miner and the loss
-            try:
-                indices = self.miner(embeddings, labels) if self.miner is not None else None
-                return self.loss(embeddings, labels, indices)
-            finally:
-                self.loss.distance.clear_batch()
-        if self.introspective:
+            return structural_loss(self.loss, self.miner, output.embedding, output.local, labels, self.structural)
+        embeddings = output.embedding.float()
+        if self.introspective:  # what IntrospectiveLoss computes
             if output.uncertainty is None:
                 raise ConfigError("loss.similarity: 'introspective' needs an uncertainty embedding: set model.uncertainty_dim > 0")
-            embeddings = introspective.pack(embeddings, output.uncertainty.float())
+            return introspective.introspective_loss(self.loss, self.miner, embeddings, output.uncertainty.float(), labels)
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss(embeddings, labels, indices)
 
@@ -248,29 +239,28 @@ def build_loss(
         raise ConfigError(f"loss.name: unknown loss {name!r} (known: {', '.join(LOSSES)})")
     spec = LOSSES[name]
     kwargs = {**spec.loss_defaults, **(params or {})}
-    distance = {}
     if structural is not None:
         if spec.calibration is None:
             pair_losses = ", ".join(n for n, sp in LOSSES.items() if sp.calibration)
             raise ConfigError(f"loss.similarity: structural similarity needs a pair-based loss ({pair_losses}), not {name!r}")
-        cls = StructuralSimilarity if spec.calibration == "similarity" else StructuralDistance
-        distance = {"distance": cls(structural)}
-    if introspective_params is not None:
-        if structural is not None:
+        if introspective_params is not None:
             raise ConfigError("loss.similarity: choose one of structural and introspective")
-        if spec.on_similarity:
-            distance = {"distance": introspective.IntrospectiveSimilarity(embedding_dim, introspective_params)}
-        else:
-            distance = {"distance": introspective.IntrospectiveDistance(embedding_dim, introspective_params, power=spec.distance_power)}
     if spec.needs_classes:
         kwargs = {"num_classes": num_classes, "embedding_size": embedding_dim, **kwargs}
-    loss = _construct(spec.build_loss, {**kwargs, **distance}, f"loss.params for {name!r}")
+    loss = _construct(spec.build_loss, kwargs, f"loss.params for {name!r}")
     miner = None
     if spec.build_miner is not None:
         defaults = {**(spec.miner_defaults or {}), **(spec.miner_from_loss(kwargs) if spec.miner_from_loss else {})}
         if spec.miner_needs_dimension:
             defaults["dimension"] = embedding_dim
-        miner = _construct(spec.build_miner, {**defaults, **(miner_params or {}), **distance}, f"loss.miner_params for {name!r}")
+        miner = _construct(spec.build_miner, {**defaults, **(miner_params or {})}, f"loss.miner_params for {name!r}")
     elif miner_params:
         raise ConfigError(f"loss.miner_params: loss {name!r} uses no miner, got {miner_params!r}")
+    # the loss and its miner compare by the similarity of their own calibration, as
+    # StructuralLoss / IntrospectiveLoss set it up
+    for module in (loss, miner):
+        if structural is not None:
+            use_structural_distance(module)
+        elif introspective_params is not None:
+            introspective.use_introspective_distance(module, introspective_params, embedding_dim)
     return MetricLoss(name, loss, miner, spec.param_lr, structural, introspective=introspective_params is not None)

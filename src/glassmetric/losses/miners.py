@@ -1,8 +1,7 @@
 """Miners whose pytorch-metric-learning versions infer something from the embedding's width.
 
-Our structural and introspective losses hand the miners packed embeddings (``[global | local
-cells]``, ``[semantic | uncertainty]``), whose width is not the dimension of the unit sphere the
-semantic embeddings live on.
+The introspective losses hand the miners packed embeddings (``[semantic | uncertainty]``), whose
+width is not the dimension of the unit sphere the semantic embeddings live on.
 """
 
 from __future__ import annotations

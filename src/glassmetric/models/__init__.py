@@ -11,6 +11,7 @@ from glassmetric.models.backbones import (
 from glassmetric.models.embedding_model import EmbeddingModel, build_model
 from glassmetric.models.global_head import POOLINGS, GlobalHead, gem_pool
 from glassmetric.models.output import EmbeddingOutput
+from glassmetric.models.spatial_head import feature_map_to_grid
 
 __all__ = [
     "BACKBONES",
@@ -24,5 +25,6 @@ __all__ = [
     "GlobalHead",
     "build_backbone",
     "build_model",
+    "feature_map_to_grid",
     "gem_pool",
 ]

@@ -3,7 +3,7 @@
 The embedding layer is applied at every location of the feature map, the result is resampled
 to a g x g grid (bilinear up to 4g x 4g, then adaptive average pooling to g x g, as the DIML
 code does, so every grid cell summarises the same share of the image for any feature-map
-size), and each cell is L2-normalised:
+size), and each cell is L2-normalised (:func:`feature_map_to_grid`, public for any backbone):
 
     x_i = normalise(pool_g(W f_p + b))_i,   i = 1 .. g*g
 
@@ -26,10 +26,30 @@ from glassmetric.models.heads import GROUPING, SPATIAL
 from glassmetric.models.output import EmbeddingOutput
 
 
-def resample_to_grid(local: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, D, h, w) -> (B, D, grid, grid): bilinear up to 4*grid, then adaptive average pooling."""
-    up = F.interpolate(local, size=(4 * grid, 4 * grid), mode="bilinear", align_corners=False)
-    return F.adaptive_avg_pool2d(up, grid)
+def feature_map_to_grid(feature_map: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """Per-location embeddings ``(B, D, h, w)`` -> ``(B, grid*grid, D)`` L2-normalised grid cells.
+
+    DIML's resampling (Zhao et al. 2021, Sec. 3.2): bilinear up to ``4 grid x 4 grid``
+    (``align_corners=False``), adaptive average pooling to ``grid x grid`` (exact 4 x 4 block
+    means), cells in row-major order, each L2-normalised (an all-zero cell stays zero). Every
+    cell summarises the same share of the image whatever ``h x w`` is.
+
+    The training-free DIML recipe with any backbone and the linear embedding layer of its global
+    head (average pooling), e.g. ResNet-50 layer4 (2048 x 7 x 7 at 224 px)::
+
+        fmap = backbone(images)                                   # (B, C, h, w)
+        glob = F.normalize(head(fmap.mean((2, 3))), dim=-1)       # (B, D)
+        per_location = F.linear(fmap.movedim(1, -1), head.weight, head.bias).movedim(-1, 1)
+        local = feature_map_to_grid(per_location, 4)              # (B, 16, D)
+        ss = structural_similarity(local[0], local[1:], glob[0], glob[1:])  # image 0 vs the rest
+    """
+    if feature_map.ndim != 4:
+        raise ValueError(f"feature_map must be (B, D, h, w), got {tuple(feature_map.shape)}")
+    if not (isinstance(grid, int) and grid >= 1):
+        raise ValueError(f"grid must be an integer >= 1, got {grid!r}")
+    up = F.interpolate(feature_map, size=(4 * grid, 4 * grid), mode="bilinear", align_corners=False)
+    cells = F.adaptive_avg_pool2d(up, grid)
+    return F.normalize(cells.flatten(2).transpose(1, 2), dim=-1)
 
 
 class SpatialGridHead(nn.Module):
@@ -57,8 +77,7 @@ class SpatialGridHead(nn.Module):
         return F.linear(feature_map.movedim(1, -1), linear.weight, linear.bias).movedim(-1, 1)
 
     def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor, output: EmbeddingOutput) -> dict:
-        grid = resample_to_grid(self.project(feature_map), self.grid)
-        return {"local": F.normalize(grid.flatten(2).transpose(1, 2), dim=-1)}
+        return {"local": feature_map_to_grid(self.project(feature_map), self.grid)}
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, {'shares the global head' if self._shared else 'own 1x1 conv'}"

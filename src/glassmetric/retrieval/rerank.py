@@ -41,8 +41,8 @@ from glassmetric.similarity.structural import (
     _gathered_block_scores,
     _product_group,
     global_similarity,
+    _structural_similarity,
     pooled_cells,
-    structural_similarity,
 )
 
 from .knn import knn
@@ -353,7 +353,7 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
         return torch.cat(gs).to(dtype), torch.cat(ss).to(dtype)
     gs, ss = [], []
     # one buffer for the gathered candidate locals of the largest chunk, filled by
-    # index_select (much faster than advanced indexing on CPU); structural_similarity keeps no
+    # index_select (much faster than advanced indexing on CPU); _structural_similarity keeps no
     # reference to it, so every chunk reuses it
     n_cells, dim = gl.shape[1:]
     buf = torch.empty(min(rows, q) * k, n_cells, dim, dtype=gl.dtype, device=gl.device)
@@ -364,7 +364,8 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
         cand_l = torch.index_select(gl, 0, flat, out=buf[: c * k]).view(c, k, n_cells, dim)
         cand_g = torch.index_select(gg, 0, flat).view(c, k, dim)  # (c, K, D)
         q_g = qg[start : start + rows]  # (c, D)
-        ss.append(structural_similarity(ql[start : start + rows], cand_l, q_g, cand_g, **kw))
+        ss.append(_structural_similarity(ql[start : start + rows], cand_l, q_g, cand_g,
+                                         gradient="none_through_plan", **kw))
         gs.append(global_similarity(q_g, cand_g))
     return torch.cat(gs).to(dtype), torch.cat(ss).to(dtype)
 

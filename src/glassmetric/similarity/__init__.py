@@ -1,10 +1,13 @@
 """Similarities between embeddings: structural matching of DIML (batched log-domain Sinkhorn,
-cross-correlation marginals, structural similarity and its decomposition)."""
+cross-correlation marginals, structural similarity and its decomposition, the OT settings in
+one :class:`OTSettings`)."""
 
+from glassmetric.similarity.ot_settings import OTSettings
 from glassmetric.similarity.sinkhorn import KERNEL_RANGE_LIMIT, marginal_error, sinkhorn
 from glassmetric.similarity.structural import (
     MIN_MASS,
     StructuralExplanation,
+    check_normalised,
     compute_marginals,
     cross_correlation_marginals,
     explain_pair,
@@ -19,7 +22,9 @@ from glassmetric.similarity.structural import (
 __all__ = [
     "KERNEL_RANGE_LIMIT",
     "MIN_MASS",
+    "OTSettings",
     "StructuralExplanation",
+    "check_normalised",
     "compute_marginals",
     "cross_correlation_marginals",
     "explain_pair",

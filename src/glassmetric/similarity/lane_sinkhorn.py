@@ -252,7 +252,7 @@ def lane_structural_similarity(
     nu: Tensor,
     *,
     epsilon: float,
-    max_iter: int,
+    iters: int,
     tol: float | None,
     check_every: int = 5,
     return_iterations: bool = False,
@@ -262,7 +262,7 @@ def lane_structural_similarity(
     ``S (G, K, n, m)`` (any strides; the lanes run along ``K``), marginals ``mu (G, K, n)``,
     ``nu (G, K, m)``, float32 on the CPU, ``2 / epsilon <= 50``. Same semantics as
     :func:`glassmetric.similarity.sinkhorn._plan_from_similarity` with ``compact=True``:
-    ``tol`` None runs exactly ``max_iter`` iterations; otherwise each problem keeps the
+    ``tol`` None runs exactly ``iters`` iterations; otherwise each problem keeps the
     scalings of the first check (every ``check_every`` iterations) where its L1 row error is
     ``<= tol``. A problem whose ``mu`` or ``nu`` has no mass gets ``SS = 0``. With
     ``return_iterations`` also returns the ``(G, K)`` iteration at which each problem stopped.
@@ -283,8 +283,8 @@ def lane_structural_similarity(
             f"epsilon must be >= {2.0 / KERNEL_RANGE_LIMIT[torch.float32]} for the plain kernel "
             f"(costs in [0, 2]), got {epsilon}"
         )
-    if max_iter < 1 or check_every < 1:
-        raise ValueError(f"max_iter and check_every must be >= 1, got {max_iter}, {check_every}")
+    if iters < 1 or check_every < 1:
+        raise ValueError(f"iters and check_every must be >= 1, got {iters}, {check_every}")
     g, k, n, m = S.shape
     with torch.no_grad():
         dead = (mu.sum(-1) <= 0) | (nu.sum(-1) <= 0)  # solved with uniform marginals, SS = 0
@@ -292,11 +292,11 @@ def lane_structural_similarity(
         nu = torch.where(dead[..., None], 1.0 / m, nu)
         blocks = g * -(-k // LANES)
         ss = torch.empty(g, k, dtype=torch.float32)
-        iters = torch.empty(g, k, dtype=torch.int32)
+        stops = torch.empty(g, k, dtype=torch.int32)
         args = (S.data_ptr(), *S.stride(), mu.data_ptr(), *mu.stride(), nu.data_ptr(),
-                *nu.stride(), k, n, m, _LOG2E / epsilon, max_iter, check_every,
+                *nu.stride(), k, n, m, _LOG2E / epsilon, iters, check_every,
                 -1.0 if tol is None else float(tol))
-        out_ptrs = (ss.data_ptr(), iters.data_ptr())
+        out_ptrs = (ss.data_ptr(), stops.data_ptr())
         workers = max(1, min(torch.get_num_threads(), blocks))
         if workers == 1:
             codes = [fn(*args, 0, blocks, *out_ptrs)]
@@ -309,4 +309,4 @@ def lane_structural_similarity(
         if any(c != 0 for c in codes):
             raise MemoryError("the native lane Sinkhorn could not allocate its buffers")
         ss.masked_fill_(dead, 0.0)
-        return (ss, iters) if return_iterations else ss
+        return (ss, stops) if return_iterations else ss

@@ -37,8 +37,8 @@ Two kernels compute the log-sum-exp (both exact up to float rounding):
   least :math:`e^{-\text{range}}` (take ``j = argmax v``), so with the range limited the sum never
   underflows and terms lost to underflow are negligible. About 5-7x faster on CPU.
 
-  When no autograd graph is needed (the default ``grad``), that bounded-range case goes further
-  and iterates the plain scalings ``r = mu / (E c)``, ``c = nu / (E^T r)`` on the row-shifted
+  When no autograd graph is needed (the default ``gradient``), that bounded-range case goes
+  further and iterates the plain scalings ``r = mu / (E c)``, ``c = nu / (E^T r)`` on the row-shifted
   kernel ``E = exp(-(C - rowmin C) / eps)``, whose entries all lie in ``[exp(-limit), 1]``:
   the same iterates as the log-domain updates (``r = exp(u + shift)``, ``c = exp(v)``), 4
   tensor ops an iteration instead of ~24. Zero-mass rows / columns get a scaling of exactly 0.
@@ -62,9 +62,11 @@ Conventions
   want a uniform fallback (as :mod:`glassmetric.similarity.structural` does) must apply it to the
   marginals before calling.
 * The marginals should have equal total mass (probability vectors); otherwise no plan satisfies
-  both and the row error stays above any tolerance (the loop then runs ``max_iter`` iterations).
-* Convergence: ``tol=None`` runs exactly ``max_iter`` iterations with no host synchronisation at
-  all (the default; the right choice on CUDA). With a ``tol``, the iterations run in chunks of
+  both and the row error stays above any tolerance (the loop then runs ``iters`` iterations).
+* Convergence: ``tol=None`` runs exactly ``iters`` iterations with no host synchronisation at
+  all (the default of this low-level solver; the structural functions of
+  :mod:`glassmetric.similarity.structural` default to :class:`~glassmetric.similarity.ot_settings.OTSettings`'s
+  ``tol``). With a ``tol``, the iterations run in chunks of
   ``check_every``; after each chunk the marginal error
   ``max over problems of sum_i |(T 1)_i - mu_i|`` (L1 error of the row sums; the column sums are
   exact after the ``v`` update) is computed on the device and read back with one ``.item()`` (one
@@ -81,11 +83,11 @@ Conventions
   The check reads back the indices of the newly converged problems (one ``nonzero``: one host
   sync per check, plus one per compaction), never one per iteration; with ``tol=None`` nothing
   changes and nothing synchronises.
-* Gradients: ``grad="none_through_plan"`` (default, the DIML setting) solves under
+* Gradients: ``gradient="none_through_plan"`` (default, the DIML setting) solves under
   :func:`torch.no_grad` and returns a plan with no graph, so ``sum(T * S)`` back-propagates
   exactly ``T`` into ``S`` and nothing into ``cost``, ``mu`` or ``nu`` through ``T``.
-  ``grad="unrolled"`` (or ``differentiable=True``) records every iteration, so gradients flow
-  into ``cost``, ``mu`` and ``nu`` through the solver (memory grows with ``max_iter``).
+  ``gradient="unrolled"`` records every iteration, so gradients flow into ``cost``, ``mu`` and
+  ``nu`` through the solver (memory grows with ``iters``).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ from torch import Tensor
 
 __all__ = ["KERNEL_RANGE_LIMIT", "marginal_error", "sinkhorn"]
 
-GradMode = Literal["none_through_plan", "unrolled"]
+GradientMode = Literal["none_through_plan", "unrolled"]
 
 #: Largest ``cost_range / epsilon`` for which the shifted-kernel path is used, per compute dtype
 #: (the smallest term that matters is ``exp(-limit)``: 2e-22 in float32, 1e-261 in float64,
@@ -142,12 +144,10 @@ def _masked_log(p: Tensor) -> Tensor:
     return torch.where(pos, torch.log(torch.where(pos, p, torch.ones_like(p))), _LOG_ZERO)
 
 
-def _resolve_grad(grad: str, differentiable: bool | None) -> str:
-    if differentiable is not None:
-        grad = "unrolled" if differentiable else "none_through_plan"
-    if grad not in ("none_through_plan", "unrolled"):
-        raise ValueError(f"grad must be 'none_through_plan' or 'unrolled', got {grad!r}")
-    return grad
+def _check_gradient(gradient: str) -> str:
+    if gradient not in ("none_through_plan", "unrolled"):
+        raise ValueError(f"gradient must be 'none_through_plan' or 'unrolled', got {gradient!r}")
+    return gradient
 
 
 def sinkhorn(
@@ -156,11 +156,10 @@ def sinkhorn(
     nu: Tensor,
     *,
     epsilon: float = 0.05,
-    max_iter: int = 100,
+    iters: int = 100,
     tol: float | None = None,
     check_every: int = 5,
-    grad: GradMode = "none_through_plan",
-    differentiable: bool | None = None,
+    gradient: GradientMode = "none_through_plan",
     cost_range: float | None = None,
     compact: bool = True,
 ) -> Tensor:
@@ -174,14 +173,13 @@ def sinkhorn(
         mu: ``(..., n)`` row marginals (non-negative, usually summing to 1).
         nu: ``(..., m)`` column marginals.
         epsilon: entropic regularisation (> 0), in the units of ``cost``.
-        max_iter: maximum number of iterations (one ``u`` and one ``v`` update each).
-        tol: None for exactly ``max_iter`` iterations with no host sync; otherwise stop when
+        iters: the most iterations (one ``u`` and one ``v`` update each).
+        tol: None (default) for exactly ``iters`` iterations with no host sync; otherwise stop when
             the largest L1 row-marginal error over the batch is ``<= tol``, checked every
             ``check_every`` iterations (one ``.item()`` per check).
         check_every: iterations between two convergence checks.
-        grad: ``"none_through_plan"`` (default): the plan is a constant (no autograd graph);
-            ``"unrolled"``: back-propagate through every iteration.
-        differentiable: shorthand overriding ``grad`` when given (True = ``"unrolled"``).
+        gradient: ``"none_through_plan"`` (default): the plan is a constant (no autograd
+            graph); ``"unrolled"``: back-propagate through every iteration.
         cost_range: optional known bound on ``max - min`` of every row and column of ``cost``
             (2.0 for ``1 - cos``); enables the faster shifted-kernel path when
             ``cost_range / epsilon <= KERNEL_RANGE_LIMIT[dtype]``. Pass it only when it is
@@ -195,11 +193,11 @@ def sinkhorn(
     Returns:
         The plan, float32 (float64 if any input is float64), shape ``broadcast(...) + (n, m)``.
     """
-    grad = _resolve_grad(grad, differentiable)
+    gradient = _check_gradient(gradient)
     if not epsilon > 0:
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     if tol is not None and not tol >= 0:
@@ -219,16 +217,16 @@ def sinkhorn(
     dtype = _compute_dtype(cost, mu, nu)
     use_kernel = cost_range is not None and cost_range / epsilon <= KERNEL_RANGE_LIMIT[dtype]
 
-    args = (cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel, compact)
+    args = (cost, mu, nu, batch, dtype, epsilon, iters, tol, check_every, use_kernel, compact)
     with torch.autocast(cost.device.type, enabled=False):
-        if grad == "none_through_plan":
+        if gradient == "none_through_plan":
             with torch.no_grad():
                 return _solve(*args)
         return _solve(*args)
 
 
 def _solve(
-    cost, mu, nu, batch, dtype, epsilon, max_iter, tol, check_every, use_kernel, compact
+    cost, mu, nu, batch, dtype, epsilon, iters, tol, check_every, use_kernel, compact
 ) -> Tensor:
     n, m = cost.shape[-2:]
     # flatten the (broadcast) leading dims into one batch dim B
@@ -246,7 +244,7 @@ def _solve(
 
     needs_graph = torch.is_grad_enabled() and (C.requires_grad or a.requires_grad or b.requires_grad)
     if use_kernel and not needs_graph:
-        T = _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every, compact)
+        T = _solve_scaling(C, a, b, dead, epsilon, iters, tol, check_every, compact)
         return T.reshape(*batch, n, m)
 
     K = C / (-epsilon)
@@ -284,11 +282,11 @@ def _solve(
     # do not depend on the costs of zero-mass rows and columns
     v = torch.where(col_mask, 0.0, _LOG_ZERO).to(dtype)
     u_next: Tensor | None = None  # a u update already computed by the convergence check
-    for it in range(max_iter):
+    for it in range(iters):
         u = u_next if u_next is not None else log_a - lse_rows(v)
         u_next = None
         v = log_b - lse_cols(u)
-        if tol is not None and (it + 1) % check_every == 0 and it + 1 < max_iter:
+        if tol is not None and (it + 1) % check_every == 0 and it + 1 < iters:
             u_next = log_a - lse_rows(v)  # also the next iteration's u update
             # row sums of the current plan: (T 1)_i = mu_i * exp(u_i - u_next_i)
             err = (a * torch.expm1(u - u_next)).abs().sum(-1).amax()
@@ -315,7 +313,7 @@ def _solve(
 _BMM_MIN_ROWS = 25
 
 
-def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every, compact) -> Tensor:
+def _solve_scaling(C, a, b, dead, epsilon, iters, tol, check_every, compact) -> Tensor:
     """Plain Sinkhorn scalings on the row-shifted kernel, for the bounded-range, no-graph case.
 
     ``E_ij = exp(-(C_ij - min_j C_ij) / eps)``: every entry lies in ``[exp(-range/eps), 1]``
@@ -328,7 +326,7 @@ def _solve_scaling(C, a, b, dead, epsilon, max_iter, tol, check_every, compact) 
     smallest normal number, never 0, so there is no 0/0 and no NaN), hence exact zeros in the plan.
     """
     E = (C - C.amin(-1, keepdim=True)).mul_(-_LOG2E / epsilon).exp2_()  # new buffer, no graph
-    r, c = _scaling_iterations(E, a, b, max_iter, tol, check_every, compact)
+    r, c = _scaling_iterations(E, a, b, iters, tol, check_every, compact)
     r = torch.where(dead[:, None], 0.0, r)
     return E.mul_(r[:, :, None]).mul_(c[:, None, :])
 
@@ -361,10 +359,10 @@ def _kernel_products(E: Tensor, E_T: Tensor):
     return row_dot, col_dot
 
 
-def _scaling_iterations(E, a, b, max_iter, tol, check_every, compact) -> tuple[Tensor, Tensor]:
+def _scaling_iterations(E, a, b, iters, tol, check_every, compact) -> tuple[Tensor, Tensor]:
     """Scalings ``(r, c)`` of ``E (B, n, m)`` with ``diag(r) E diag(c)`` matching ``a``, ``b``.
 
-    ``tol`` None: exactly ``max_iter`` iterations, no host sync. With a ``tol``, the row error
+    ``tol`` None: exactly ``iters`` iterations, no host sync. With a ``tol``, the row error
     ``|r * (E c) - a|_1`` (the columns are exact after each ``c`` update) is checked every
     ``check_every`` iterations, one host sync per check:
 
@@ -391,12 +389,12 @@ def _scaling_iterations(E, a, b, max_iter, tol, check_every, compact) -> tuple[T
         done = torch.zeros(B, dtype=torch.bool, device=E.device)  # recorded, still carried
         n_done = 0
     den_next: Tensor | None = None  # E c already computed by the convergence check
-    for it in range(max_iter):
+    for it in range(iters):
         den = den_next if den_next is not None else row_dot(c)
         den_next = None
         r = torch.div(a, den.clamp_min_(tiny))
         c = torch.div(b, col_dot(r).clamp_min_(tiny))
-        if tol is None or (it + 1) % check_every != 0 or it + 1 >= max_iter:
+        if tol is None or (it + 1) % check_every != 0 or it + 1 >= iters:
             continue
         den_next = row_dot(c)  # also the next iteration's denominator
         # row sums of the current plan: (T 1)_i = r_i (E c)_i
@@ -424,7 +422,7 @@ def _scaling_iterations(E, a, b, max_iter, tol, check_every, compact) -> tuple[T
             n_done = 0
     if not per_problem:
         return r, c
-    # max_iter reached: the problems not recorded keep their last scalings
+    # iters reached: the problems not recorded keep their last scalings
     rest = torch.nonzero(~done).squeeze(1)
     r_out.index_copy_(0, active[rest], r[rest])
     c_out.index_copy_(0, active[rest], c[rest])
@@ -437,7 +435,7 @@ def _plan_from_similarity(
     nu: Tensor,
     *,
     epsilon: float,
-    max_iter: int,
+    iters: int,
     tol: float | None,
     check_every: int = 5,
     compact: bool = True,
@@ -457,8 +455,8 @@ def _plan_from_similarity(
     float32 (float64 if an input is float64). Zero-mass entries and all-zero marginals behave
     as in :func:`sinkhorn`.
     """
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
     if tol is not None and not tol >= 0:
         raise ValueError(f"tol must be None or >= 0, got {tol}")
     n, m = S.shape[-2:]
@@ -479,7 +477,7 @@ def _plan_from_similarity(
         dead = (a.sum(-1) <= 0) | (b.sum(-1) <= 0)  # (B,); no `if dead.any()`: no host sync
         a = torch.where(dead[:, None], 1.0 / n, a)
         b = torch.where(dead[:, None], 1.0 / m, b)
-        r, c = _scaling_iterations(E, a, b, max_iter, tol, check_every, compact)
+        r, c = _scaling_iterations(E, a, b, iters, tol, check_every, compact)
         r = torch.where(dead[:, None], 0.0, r)
         return E.mul_(r[:, :, None]).mul_(c[:, None, :]).view(*batch, n, m)
 

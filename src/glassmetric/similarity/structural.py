@@ -23,6 +23,20 @@ and one L2-normalised global embedding ``gx``; the same for ``y``. Then (paper, 
   probability matrix and ``|S| <= 1``); multi-scale ranking score
   :math:`s = \cos(g_x, g_y) + SS`.
 
+Inputs
+------
+Every embedding must be L2-normalised along its last dimension: the public functions
+(:func:`structural_similarity`, :func:`structural_similarity_matrix`, :func:`explain_pair`,
+:func:`compute_marginals`, :func:`multiscale_score`) check it once per call
+(:func:`check_normalised`: one norm pass, one host sync) and raise a ValueError naming the
+argument and the worst norm found. An all-zero row (what ``torch.nn.functional.normalize``
+makes of a zero vector: a cell with no feature) is accepted; its similarities are 0, so SS
+stays in [-1, 1].
+
+The OT settings come either as keywords (``epsilon``, ``iters``, ``tol``, ``marginals``,
+``gradient``, whose defaults are :class:`~glassmetric.similarity.ot_settings.OTSettings`'s) or
+as one ``settings=OTSettings(...)`` (e.g. ``OTSettings.from_config(cfg)``), not both.
+
 Shapes and broadcasting
 -----------------------
 Local inputs are ``(..., N, D)``, global inputs ``(..., D)``. The leading ("batch") dimensions
@@ -43,16 +57,16 @@ Precision and gradients
 disabled; results are float32 (float64). ``S`` used for the cost is clamped to ``[-1, 1]`` (the
 inputs are normalised, so this only removes rounding) which bounds the cost spread by 2 and lets
 the solver use its fast shifted-kernel path when ``2 / epsilon <= 50``; ``SS`` uses the
-unclamped ``S``. With a constant plan (the default ``grad``) on that path, the kernel
+unclamped ``S``. With a constant plan (the default ``gradient``) on that path, the kernel
 ``exp(clamp(S) / eps)`` (a constant multiple of ``exp(-C / eps)``, entries within
 ``exp(+-1/eps)``) is formed straight from ``S`` in one pass plus two in place, with no cost
 matrix and no row minimum (:func:`glassmetric.similarity.sinkhorn._plan_from_similarity`).
 
-With the default ``grad="none_through_plan"`` the plan ``T`` is a constant, so
+With the default ``gradient="none_through_plan"`` the plan ``T`` is a constant, so
 ``dSS/dS = T`` and gradients reach the LOCAL embeddings only, through ``S``. The marginals feed
 only ``T``; they are computed without autograd, so the GLOBAL embeddings receive no gradient
 from ``SS`` (they do from the ``cos(gx, gy)`` term of :func:`multiscale_score`). With
-``grad="unrolled"`` gradients also flow through the Sinkhorn iterations into ``S`` (via ``C``)
+``gradient="unrolled"`` gradients also flow through the Sinkhorn iterations into ``S`` (via ``C``)
 and into the marginals, hence into the global embeddings.
 """
 
@@ -65,17 +79,19 @@ import torch
 from torch import Tensor
 
 from glassmetric.similarity import lane_sinkhorn
+from glassmetric.similarity.ot_settings import OTSettings
 from glassmetric.similarity.sinkhorn import (
     KERNEL_RANGE_LIMIT,
-    GradMode,
+    GradientMode,
+    _check_gradient,
     _plan_from_similarity,
-    _resolve_grad,
     sinkhorn,
 )
 
 __all__ = [
     "MIN_MASS",
     "StructuralExplanation",
+    "check_normalised",
     "compute_marginals",
     "cross_correlation_marginals",
     "explain_pair",
@@ -95,6 +111,76 @@ MIN_MASS = 1e-8
 
 #: Spread bound of the cost ``1 - S`` with ``S`` clamped to [-1, 1].
 _COST_RANGE = 2.0
+
+#: Largest accepted ``|norm - 1|`` of an embedding row, per dtype: the rounding of a unit vector
+#: stored in that dtype is far below it (a relative 2^-9 per entry in bfloat16, 2^-12 in
+#: float16), a forgotten normalisation far above it.
+NORM_TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+_NORM_TOLERANCE_DEFAULT = 1e-3
+
+
+def check_normalised(**embeddings: Tensor | None) -> None:
+    """Raise a ValueError unless every given tensor is L2-normalised along its last dimension.
+
+    A row passes when ``|norm - 1| <=`` :data:`NORM_TOLERANCE` of its dtype (1e-3 for float32 /
+    float64) or when it is all zeros (``normalize`` of a zero vector). None values are skipped.
+    One norm pass per tensor and one host sync for all of them; the message names the argument
+    and its worst norm: ``check_normalised(x_local=x, x_global=g)``.
+    """
+    named = [(k, t) for k, t in embeddings.items() if t is not None and t.numel() > 0]
+    if not named:
+        return
+    worst_rows = []
+    with torch.no_grad():
+        for _, t in named:
+            wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+            norm = torch.linalg.vector_norm(t.detach(), dim=-1, dtype=wide).flatten()
+            off = torch.where(norm == 0, 0.0, (norm - 1).abs()).nan_to_num_(nan=float("inf"))
+            worst = off.argmax()
+            worst_rows.append(torch.stack([off[worst], norm[worst]]))
+        found = torch.stack(worst_rows).tolist()  # the one host sync
+    for (name, t), (off, norm) in zip(named, found):
+        limit = NORM_TOLERANCE.get(t.dtype, _NORM_TOLERANCE_DEFAULT)
+        if not off <= limit:  # also NaN
+            raise ValueError(
+                f"{name} must be L2-normalised along its last dimension (|norm - 1| <= {limit:g} "
+                f"for {str(t.dtype).removeprefix('torch.')}, or an all-zero row); its worst row "
+                f"has norm {norm:.6g}: apply torch.nn.functional.normalize(..., dim=-1) first"
+            )
+
+
+class _Unset:
+    """A keyword left out: it takes :class:`OTSettings`'s value (the one a signature shows)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+_EPSILON, _ITERS, _TOL, _MARGINALS, _GRADIENT = (
+    _Unset(getattr(OTSettings(), f)) for f in ("epsilon", "iters", "tol", "marginals", "gradient")
+)
+
+
+def _ot_settings(settings: OTSettings | None, **given) -> OTSettings:
+    """``settings``, or the keywords ``given`` (left-out ones at OTSettings's defaults); both is
+    a ValueError."""
+    passed = sorted(k for k, v in given.items() if not isinstance(v, _Unset))
+    if settings is not None:
+        if not isinstance(settings, OTSettings):
+            raise TypeError(f"settings must be an OTSettings, got {type(settings).__name__}")
+        if passed:
+            raise ValueError(f"give the OT settings either as settings= or as keywords, not both "
+                             f"(got settings and {', '.join(passed)})")
+        return settings
+    values = {k: v.value if isinstance(v, _Unset) else v for k, v in given.items()}
+    if "gradient" in values:
+        _check_gradient(values["gradient"])
+    return OTSettings(**values)
 
 
 def _product_group(queries: int) -> int:
@@ -187,9 +273,18 @@ def compute_marginals(
     ``"cross_correlation"``: ``mu = f(x_local, y_global)``, ``nu = f(y_local, x_global)`` with
     ``f`` = :func:`cross_correlation_marginals` (needs both globals);
     ``"pooled_cross_correlation"``: the same against each image's :func:`pooled_cells` (the
-    globals are not used); ``"uniform"``: ``1/N`` each. Inputs must already be aligned for
-    broadcasting (as :func:`structural_similarity` does).
+    globals are not used); ``"uniform"``: ``1/N`` each. Inputs must be L2-normalised
+    (:func:`check_normalised`) and already aligned for broadcasting (as
+    :func:`structural_similarity` does).
     """
+    uses_globals = kind == "cross_correlation"
+    check_normalised(x_local=x_local, y_local=y_local, x_global=x_global if uses_globals else None,
+                     y_global=y_global if uses_globals else None)
+    return _compute_marginals(x_local, y_local, x_global, y_global, kind)
+
+
+def _compute_marginals(x_local, y_local, x_global, y_global, kind) -> tuple[Tensor, Tensor]:
+    """:func:`compute_marginals` without the input check."""
     if kind == "uniform":
         return uniform_marginals(x_local), uniform_marginals(y_local)
     x_global, y_global, kind = _marginal_references(x_local, y_local, x_global, y_global, kind)
@@ -251,25 +346,25 @@ def _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global):
     return S, mu, nu
 
 
-def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad):
+def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient):
     """(S, mu, nu, T) for aligned inputs."""
     x_global, y_global, marginals = _marginal_references(x_local, y_local, x_global, y_global, marginals)
-    if marginals == "cross_correlation" and grad == "none_through_plan" and x_global is not None \
+    if marginals == "cross_correlation" and gradient == "none_through_plan" and x_global is not None \
             and y_global is not None:
         S, mu, nu = _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global)
     else:
         S = local_similarity(x_local, y_local)
         # with a constant plan, the marginals need no autograd graph
-        with torch.set_grad_enabled(torch.is_grad_enabled() and grad == "unrolled"):
-            mu, nu = compute_marginals(x_local, y_local, x_global, y_global, marginals)
-    if grad == "none_through_plan" and epsilon > 0 and \
+        with torch.set_grad_enabled(torch.is_grad_enabled() and gradient == "unrolled"):
+            mu, nu = _compute_marginals(x_local, y_local, x_global, y_global, marginals)
+    if gradient == "none_through_plan" and epsilon > 0 and \
             _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[_cdtype(S)]:
         # a constant plan on the plain-scaling path: the kernel straight from S
-        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, iters=iters, tol=tol)
         return S, mu, nu, T
     C = 1.0 - S.clamp(-1.0, 1.0)
     T = sinkhorn(
-        C, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol, grad=grad, cost_range=_COST_RANGE
+        C, mu, nu, epsilon=epsilon, iters=iters, tol=tol, gradient=gradient, cost_range=_COST_RANGE
     )
     return S, mu, nu, T
 
@@ -369,9 +464,9 @@ def _scores_from_products(prod: Tensor, n: int, m: int, k: int, marginals: Margi
         mu = torch.full((c, k, n), 1.0 / n, dtype=prod.dtype, device=prod.device)
         nu = torch.full((c, k, m), 1.0 / m, dtype=prod.dtype, device=prod.device)
     if native:  # the same plans, 16 problems per SIMD lane, never written out
-        ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+        ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=epsilon, iters=iters, tol=tol)
     else:
-        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, max_iter=iters, tol=tol)
+        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, iters=iters, tol=tol)
         ss = T.mul_(S).sum((-2, -1))
     return cos, ss
 
@@ -382,12 +477,12 @@ def structural_similarity(
     x_global: Tensor | None = None,
     y_global: Tensor | None = None,
     *,
-    epsilon: float = 0.05,
-    iters: int = 100,
-    tol: float | None = None,
-    marginals: MarginalKind = "cross_correlation",
-    grad: GradMode = "none_through_plan",
-    differentiable: bool | None = None,
+    epsilon: float = _EPSILON,
+    iters: int = _ITERS,
+    tol: float | None = _TOL,
+    marginals: MarginalKind = _MARGINALS,
+    gradient: GradientMode = _GRADIENT,
+    settings: OTSettings | None = None,
 ) -> Tensor:
     r"""Structural similarity :math:`SS = \sum_{ij} T_{ij} S_{ij}` of each pair.
 
@@ -395,22 +490,41 @@ def structural_similarity(
         x_local, y_local: L2-normalised local embeddings ``(..., N, D)`` / ``(..., M, D)``, batch
             dims left-aligned (``(Q, N, D)`` vs ``(Q, K, N, D)`` gives ``(Q, K)``).
         x_global, y_global: L2-normalised global embeddings ``(..., D)`` with the same batch dims
-            as their local side; may be None with ``marginals="uniform"``.
+            as their local side; may be None with ``marginals="uniform"`` or
+            ``"pooled_cross_correlation"``.
         epsilon: entropic regularisation of the OT problem (cost ``1 - S`` in [0, 2]).
-        iters: Sinkhorn iterations (the maximum when ``tol`` is given).
-        tol: None (default) for a fixed, sync-free iteration count; else the L1 row-marginal
-            tolerance, checked every 5 iterations (see :func:`sinkhorn`).
+        iters: the most Sinkhorn iterations.
+        tol: the L1 row-marginal error at which a problem stops, checked every 5 iterations;
+            None for exactly ``iters`` iterations with no host sync (see :func:`sinkhorn`).
         marginals: ``"cross_correlation"`` (DIML), ``"pooled_cross_correlation"`` (against each
             image's mean cell, for locals not in the globals' space) or ``"uniform"``.
-        grad / differentiable: gradient mode of the plan (see :func:`sinkhorn`).
+        gradient: ``"none_through_plan"`` (the plan is a constant) or ``"unrolled"``.
+        settings: all five at once, instead of the keywords.
 
     Returns:
         ``SS`` with the broadcast batch shape, float32 (float64 for float64 inputs).
     """
-    grad = _resolve_grad(grad, differentiable)
+    ot = _ot_settings(settings, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals,
+                      gradient=gradient)
+    _check_inputs(x_local, y_local, x_global, y_global, ot.marginals)
+    return _structural_similarity(x_local, y_local, x_global, y_global, ot.epsilon, ot.iters,
+                                  ot.tol, ot.marginals, ot.gradient)
+
+
+def _check_inputs(x_local, y_local, x_global, y_global, marginals) -> None:
+    """:func:`check_normalised` on what the marginals ``marginals`` read."""
+    uses_globals = marginals == "cross_correlation"
+    check_normalised(x_local=x_local, y_local=y_local, x_global=x_global if uses_globals else None,
+                     y_global=y_global if uses_globals else None)
+
+
+def _structural_similarity(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals,
+                           gradient) -> Tensor:
+    """:func:`structural_similarity` without the input check (for callers whose inputs are
+    known to be normalised, e.g. re-ranking)."""
     x_local, y_local, x_global, y_global = _align(x_local, y_local, x_global, y_global)
     S, _, _, T = _plan_and_s(
-        x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, grad
+        x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient
     )
     return (T * S).sum((-2, -1))
 
@@ -436,50 +550,66 @@ def multiscale_score(
 ) -> Tensor:
     """Multi-scale ranking score ``cos(gx, gy) + SS`` (in [-2, 2]).
 
-    ``kwargs`` (epsilon, iters, tol, marginals, grad) go to :func:`structural_similarity`.
+    ``kwargs``: the OT settings as for :func:`structural_similarity` (epsilon, iters, tol,
+    marginals, gradient, or settings). All four embeddings are checked.
     """
-    return global_similarity(x_global, y_global) + structural_similarity(
-        x_local, y_local, x_global, y_global, **kwargs
+    ot = _ot_settings(kwargs.pop("settings", None), **kwargs)
+    check_normalised(x_local=x_local, y_local=y_local, x_global=x_global, y_global=y_global)
+    return global_similarity(x_global, y_global) + _structural_similarity(
+        x_local, y_local, x_global, y_global, ot.epsilon, ot.iters, ot.tol, ot.marginals, ot.gradient
     )
 
 
 def structural_similarity_matrix(
     x_local: Tensor,
-    x_global: Tensor | None = None,
     y_local: Tensor | None = None,
+    x_global: Tensor | None = None,
     y_global: Tensor | None = None,
     *,
     chunk_size: int | None = None,
-    epsilon: float = 0.05,
-    iters: int = 100,
-    tol: float | None = None,
-    marginals: MarginalKind = "cross_correlation",
-    grad: GradMode = "none_through_plan",
-    differentiable: bool | None = None,
+    epsilon: float = _EPSILON,
+    iters: int = _ITERS,
+    tol: float | None = _TOL,
+    marginals: MarginalKind = _MARGINALS,
+    gradient: GradientMode = _GRADIENT,
+    settings: OTSettings | None = None,
 ) -> Tensor:
     """``(B, B')`` matrix ``M[a, b] = SS(x_local[a], y_local[b])``; ``y`` defaults to ``x``.
 
-    ``x_local (B, N, D)``, ``x_global (B, D)``, ``y_local (B', M, D)``, ``y_global (B', D)``
-    (globals may be None with uniform marginals). Rows are processed in chunks of
+    The arguments in the order of :func:`structural_similarity`: ``x_local (B, N, D)``,
+    ``y_local (B', M, D)`` (None: ``x_local``, and ``y_global`` is then ``x_global``),
+    ``x_global (B, D)``, ``y_global (B', D)`` (globals may be None with uniform or pooled
+    marginals); the OT settings as keywords or ``settings``. Rows are processed in chunks of
     ``chunk_size`` (None: all at once); each chunk solves ``chunk * B'`` OT problems in one
     batched call. Memory per chunk: tensors of ``chunk * B' * N * M`` floats, about six alive
     at the peak (S, cost, ``-cost/eps``, the two shifted kernels, one product temporary; the
     plan reuses a buffer), i.e. roughly ``24 * chunk * B' * N * M`` bytes in float32
     (B = B' = 112, N = M = 16, one chunk: ~77 MB), plus the autograd graph of every iteration
     in the ``"unrolled"`` mode. The only Python loop is over chunks. With the default
-    ``grad`` the result is differentiable w.r.t. the local embeddings through ``S``, ready for
-    pair-based losses.
+    ``gradient`` the result is differentiable w.r.t. the local embeddings through ``S``, ready
+    for pair-based losses.
     """
-    if x_local.ndim != 3:
-        raise ValueError(f"x_local must be (B, N, D), got {tuple(x_local.shape)}")
+    ot = _ot_settings(settings, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals,
+                      gradient=gradient)
     if y_local is None:
         y_local, y_global = x_local, x_global
+        _check_inputs(x_local, None, x_global, None, ot.marginals)
+    else:
+        _check_inputs(x_local, y_local, x_global, y_global, ot.marginals)
+    return _structural_similarity_matrix(x_local, y_local, x_global, y_global, ot, chunk_size)
+
+
+def _structural_similarity_matrix(x_local, y_local, x_global, y_global, ot: OTSettings,
+                                  chunk_size: int | None) -> Tensor:
+    """:func:`structural_similarity_matrix` of given sides, without the input check."""
+    if x_local.ndim != 3:
+        raise ValueError(f"x_local must be (B, N, D), got {tuple(x_local.shape)}")
+    if y_local.ndim != 3:
+        raise ValueError(f"y_local must be (B', M, D), got {tuple(y_local.shape)}")
     b = x_local.shape[0]
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     step = b if chunk_size is None else chunk_size
-    kw = dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals, grad=grad,
-              differentiable=differentiable)
     yl = y_local[None]  # (1, B', M, D)
     yg = None if y_global is None else y_global[None]  # (1, B', D)
     if b == 0:
@@ -488,7 +618,8 @@ def structural_similarity_matrix(
     for start in range(0, b, max(step, 1)):
         xl = x_local[start : start + step, None]  # (c, 1, N, D)
         xg = None if x_global is None else x_global[start : start + step, None]  # (c, 1, D)
-        rows.append(structural_similarity(xl, yl, xg, yg, **kw))
+        rows.append(_structural_similarity(xl, yl, xg, yg, ot.epsilon, ot.iters, ot.tol,
+                                           ot.marginals, ot.gradient))
     return torch.cat(rows, 0)
 
 
@@ -521,20 +652,25 @@ def explain_pair(
     x_global: Tensor,
     y_global: Tensor,
     *,
-    epsilon: float = 0.05,
-    iters: int = 100,
-    tol: float | None = None,
-    marginals: MarginalKind = "cross_correlation",
+    epsilon: float = _EPSILON,
+    iters: int = _ITERS,
+    tol: float | None = _TOL,
+    marginals: MarginalKind = _MARGINALS,
+    settings: OTSettings | None = None,
 ) -> StructuralExplanation:
     """Everything a person needs to read one match: S, T, mu, nu and the contributions.
 
-    Inputs as for :func:`structural_similarity` (one pair: ``(N, D), (M, D), (D,), (D,)``; batch
-    dims are allowed and lead every field). Computed without autograd.
+    Inputs and OT settings as for :func:`structural_similarity` (one pair: ``(N, D), (M, D),
+    (D,), (D,)``; batch dims are allowed and lead every field); the globals are always checked
+    (they give ``s_global``). Computed without autograd, so a ``settings.gradient`` plays no
+    part.
     """
+    ot = _ot_settings(settings, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals)
+    check_normalised(x_local=x_local, y_local=y_local, x_global=x_global, y_global=y_global)
     with torch.no_grad():
         xl, yl, xg, yg = _align(x_local, y_local, x_global, y_global)
         S, mu, nu, T = _plan_and_s(
-            xl, yl, xg, yg, epsilon, iters, tol, marginals, "none_through_plan"
+            xl, yl, xg, yg, ot.epsilon, ot.iters, ot.tol, ot.marginals, "none_through_plan"
         )
         TS = T * S
         ss = TS.sum((-2, -1))

@@ -22,6 +22,7 @@ from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.introspective_head import UncertaintyHead
 from glassmetric.models.spatial_head import SpatialGridHead
 from glassmetric.similarity.introspective import IntrospectiveParams
+from glassmetric.similarity.ot_settings import OTSettings
 from glassmetric.training.distributed import gather_batch, gather_unique, world
 from glassmetric.retrieval.metrics import retrieval_metrics
 
@@ -52,10 +53,8 @@ def introspective_params(cfg: Config) -> IntrospectiveParams:
 
 
 def structural_settings(cfg: Config, chunk_size: int | None = 32) -> StructuralSettings:
-    s = cfg.structural
     return StructuralSettings(
-        cells=cfg.model.spatial_grid**2, dim=cfg.model.embedding_dim, epsilon=s.epsilon, iters=s.iters,
-        marginals=s.marginals, multiscale=cfg.loss.similarity == "multiscale", chunk_size=chunk_size,
+        ot=OTSettings.from_config(cfg), multiscale=cfg.loss.similarity == "multiscale", chunk_size=chunk_size,
     )
 
 
