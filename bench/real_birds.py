@@ -54,8 +54,9 @@ from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.retrieval.rerank import rerank_sweep
 from glassmetric.retrieval.uncertainty import object_statistics, uncertainty_vs_failure, uncertainty_vs_ground_truth
 from glassmetric.similarity.introspective import image_uncertainty
-from glassmetric.training.fit import eval_transform, fit, make_splits
-from glassmetric.training.module import load_trained
+from glassmetric.factory import eval_transform, make_splits
+from glassmetric.training.fit import fit
+from glassmetric.checkpoints import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 CUB50 = ROOT.parent / "shared" / "data" / "cub50"
@@ -189,7 +190,7 @@ def pretrained_reference(out: Path) -> dict:
         return json.loads(cache.read_text())
     from cub50 import PooledFeatures, score
 
-    from glassmetric.training.module import build_model_from_config
+    from glassmetric.factory import build_model_from_config
 
     cfg = load_config("cub50", [f"data.root={CUB50}"])
     metrics = score(PooledFeatures(build_model_from_config(cfg).backbone), cfg)["metrics"]

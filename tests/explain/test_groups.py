@@ -13,7 +13,7 @@ from glassmetric.cli import main
 from glassmetric.explain.figures import group_pair_figure, save_figure
 from glassmetric.explain.groups import explain_group_files, explain_groups
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.training.module import load_trained
+from glassmetric.checkpoints import load_trained
 
 
 @pytest.fixture(scope="module")

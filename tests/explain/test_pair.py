@@ -7,7 +7,7 @@ from tiny_runs import fit_tiny, save_test_images
 
 from glassmetric.cli import main
 from glassmetric.explain.pair import explain_files
-from glassmetric.training.module import load_trained
+from glassmetric.checkpoints import load_trained
 
 
 @pytest.fixture(scope="module")

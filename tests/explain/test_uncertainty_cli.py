@@ -15,7 +15,7 @@ from glassmetric.data.synthetic import SyntheticParts
 from glassmetric.explain.pair import explain_files, introspective_scores
 from glassmetric.similarity.introspective import IntrospectiveParams, introspective_distance_matrix
 from glassmetric.training.fit import fit
-from glassmetric.training.module import load_trained
+from glassmetric.checkpoints import load_trained
 
 TINY = tiny_runs.TINY + [
     "model.embedding_dim=16", "model.uncertainty_dim=8", "model.pooling=avgmax", "loss.similarity=introspective",
@@ -88,7 +88,7 @@ def test_cross_domain_splits_share_classes_not_style():
 
 def test_cross_domain_fit_tests_photo_queries_against_the_painting_gallery(tmp_path):
     from glassmetric.retrieval.evaluate import evaluate_model
-    from glassmetric.training.fit import make_splits
+    from glassmetric.factory import make_splits
 
     cfg = load_config("cross_domain", [t for t in TINY if "synthetic" not in t] + [
         "data.synthetic.num_classes=8", "data.synthetic.images_per_class=4", f"trainer.output_dir={tmp_path}"])

@@ -14,7 +14,7 @@ from glassmetric.models import build_model
 from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.models.spatial_head import ensure_spatial_head
-from glassmetric.training.module import build_model_from_config
+from glassmetric.factory import build_model_from_config
 
 
 def _run(head: GroupingHead, fmap: torch.Tensor) -> dict:

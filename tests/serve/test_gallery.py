@@ -13,8 +13,8 @@ from glassmetric.errors import DataError
 from glassmetric.report.build import model_fields
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.serve.gallery import folder_source, load_gallery
-from glassmetric.training.fit import eval_transform
-from glassmetric.training.module import load_trained
+from glassmetric.factory import eval_transform
+from glassmetric.checkpoints import load_trained
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from glassmetric.explain.pair import explain_images
 from glassmetric.report.build import model_fields
 from glassmetric.serve.explorer import Explorer, UnknownQuery
 from glassmetric.serve.limits import Limits, read_upload
-from glassmetric.training.fit import eval_transform
+from glassmetric.factory import eval_transform
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

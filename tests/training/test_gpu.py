@@ -8,7 +8,7 @@ from glassmetric.data.synthetic import SyntheticParts
 from glassmetric.data.transforms import build_transforms
 from glassmetric.retrieval.evaluate import evaluate_model, evaluate_rerank_sweep
 from glassmetric.training.fit import fit
-from glassmetric.training.module import load_trained
+from glassmetric.checkpoints import load_trained
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

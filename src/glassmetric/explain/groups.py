@@ -13,17 +13,13 @@ on both images, which shows what the group looked at.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from PIL import Image
 
-from glassmetric.config import Config
-from glassmetric.data.image_io import open_image
 from glassmetric.errors import ConfigError
 from glassmetric.models.output import EmbeddingOutput
 
-__all__ = ["GroupExplanation", "GroupPair", "explain_group_files", "explain_groups"]
+__all__ = ["GroupExplanation", "explain_groups"]
 
 
 @dataclass
@@ -58,19 +54,3 @@ def explain_groups(x: EmbeddingOutput, y: EmbeddingOutput, ix: int = 0, iy: int 
         score=(x.embedding[ix].double() * y.embedding[iy].double()).sum(),
         attention_x=x.attention[ix].double(), attention_y=y.attention[iy].double(),
     )
-
-
-@dataclass
-class GroupPair:
-    images: tuple[Image.Image, Image.Image]  # as the model saw them (resized, centre-cropped)
-    groups: GroupExplanation
-
-
-def explain_group_files(model: torch.nn.Module, cfg: Config, path_x: str | Path, path_y: str | Path) -> GroupPair:
-    """Embed two image files with a grouping model and decompose their similarity over groups."""
-    from glassmetric.explain.pair import explain_images
-
-    if "grouping" not in model.extra_heads:
-        raise ConfigError("explaining groups needs a model with attentive grouping (model.groups > 0)")
-    pair = explain_images(model, cfg, open_image(path_x), open_image(path_y))
-    return GroupPair(images=pair.images, groups=pair.groups)
