@@ -11,7 +11,8 @@ from tiny_runs import fit_tiny, save_test_images
 
 from glassmetric.cli import main
 from glassmetric.explain.figures import group_pair_figure, save_figure
-from glassmetric.explain.groups import explain_group_files, explain_groups
+from glassmetric.explain.groups import explain_groups
+from glassmetric.retriever import Retriever
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.checkpoints import load_trained
 
@@ -38,8 +39,7 @@ def test_group_contributions_sum_to_the_reported_score():
 
 
 def test_explain_group_files_and_figure(checkpoint, images, tmp_path):
-    model, cfg = load_trained(str(checkpoint))
-    pair = explain_group_files(model, cfg, *images)
+    pair = Retriever.from_checkpoint(checkpoint, "cpu").explain(*images)
     e = pair.groups
     assert e.groups == 3 and e.attention_x.shape == (3, 2, 2)
     torch.testing.assert_close(e.attention_x.sum((1, 2)), torch.ones(3, dtype=torch.float64))

@@ -13,7 +13,7 @@ from glassmetric.errors import ConfigError
 from glassmetric.models import build_model
 from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.models.spatial_head import ensure_spatial_head
+from glassmetric.retriever.model import InferenceModel
 from glassmetric.factory import build_model_from_config
 
 
@@ -105,8 +105,11 @@ def test_shared_spatial_head_is_refused_with_groups_and_the_own_head_composes():
 def test_training_free_structural_matching_refuses_a_grouping_model_without_spatial_head():
     model = build_model("resnet18", 6)
     model.add_head("grouping", GroupingHead(512, 6, 3))
+    view = InferenceModel(model)
+    assert "local" not in view.fields
     with pytest.raises(ConfigError, match="spatial_head=own"):
-        ensure_spatial_head(model)
+        view.require_local()
+    assert set(model.extra_heads) == {"grouping"}  # the model is not changed
 
 
 @pytest.mark.parametrize("backbone, kwargs, grid", [

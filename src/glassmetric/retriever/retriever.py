@@ -92,13 +92,13 @@ class Retriever:
 
     def embed(self, source: ImageSource | Embeddings, *, fields: Sequence[str] | None = None,
               progress: bool = False) -> Embeddings:
-        """Every embedding the model gives (or ``fields`` of them) for ``source``: a
+        """Every embedding the model gives (or the global one and ``fields``) for ``source``: a
         :class:`RetrievalDataset`, an image folder (one sub-folder per class, or just images),
         an image file, a PIL image, or a list of files or images. Embeddings pass through."""
         if isinstance(source, Embeddings):
             return source
         data = self.dataset(source)
-        names = tuple(fields) if fields is not None else self.fields
+        names = tuple(dict.fromkeys(("embedding", *fields))) if fields is not None else self.fields  # always the global one
         missing = [n for n in names if n not in self.fields]
         if missing:
             raise ConfigError(f"the model gives no {', '.join(missing)} embeddings (it gives {', '.join(self.fields)})")
