@@ -19,6 +19,7 @@ from glassmetric.models.introspective_head import UncertaintyHead
 from glassmetric.models.spatial_head import SpatialGridHead
 from glassmetric.retrieval.metrics import recall_ks_for
 from glassmetric.similarity.introspective import IntrospectiveParams
+from glassmetric.similarity.ot_settings import OTSettings
 
 __all__ = [
     "build_model_from_config", "build_training_loss", "eval_transform", "evaluation_recall_ks", "introspective_params",
@@ -27,6 +28,8 @@ __all__ = [
 
 
 def build_model_from_config(cfg: Config):
+    """The :class:`~glassmetric.models.EmbeddingModel` of ``cfg.model``: backbone, global head and
+    the extra heads it asks for (grouping, spatial grid, uncertainty), initialised, not trained."""
     m = cfg.model
     model = build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling, head_init=m.head_init)
     if m.trainable_backbone is not None:
@@ -47,15 +50,18 @@ def build_model_from_config(cfg: Config):
 
 
 def introspective_params(cfg: Config) -> IntrospectiveParams:
+    """The offsets and scales of the introspective distance (``cfg.introspective``)."""
     i = cfg.introspective
     return IntrospectiveParams(i.alpha_scale, i.alpha_offset, i.beta_scale, i.beta_offset)
 
 
 def structural_settings(cfg: Config, chunk_size: int | None = 32) -> StructuralSettings:
-    s = cfg.structural
+    """The structural loss's settings: the grid and dimension of the model, the OT settings of
+    :meth:`OTSettings.from_config`."""
+    ot = OTSettings.from_config(cfg)
     return StructuralSettings(
-        cells=cfg.model.spatial_grid**2, dim=cfg.model.embedding_dim, epsilon=s.epsilon, iters=s.iters,
-        marginals=s.marginals, multiscale=cfg.loss.similarity == "multiscale", chunk_size=chunk_size,
+        cells=cfg.model.spatial_grid**2, dim=cfg.model.embedding_dim, epsilon=ot.epsilon, iters=ot.iters,
+        marginals=ot.marginals, multiscale=cfg.loss.similarity == "multiscale", chunk_size=chunk_size,
     )
 
 
