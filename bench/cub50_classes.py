@@ -28,8 +28,10 @@ from markdown_block import write_block
 
 from glassmetric.config import load_config
 from glassmetric.retrieval.evaluate import evaluate_model
-from glassmetric.training.fit import eval_transform, fit, make_splits
-from glassmetric.training.module import build_model_from_config, load_trained
+from glassmetric.factory import eval_transform, make_splits
+from glassmetric.training.fit import fit
+from glassmetric.factory import build_model_from_config
+from glassmetric.checkpoints import load_trained
 
 TEST = [31, 50]
 

@@ -26,8 +26,9 @@ from markdown_block import write_block
 
 from glassmetric.config import load_config
 from glassmetric.retrieval.embed import embed_fields
-from glassmetric.training.fit import eval_transform, make_splits
-from glassmetric.training.module import build_model_from_config, load_trained
+from glassmetric.factory import eval_transform, make_splits
+from glassmetric.factory import build_model_from_config
+from glassmetric.checkpoints import load_trained
 
 NEAR_TIE = 0.02
 

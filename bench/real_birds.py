@@ -48,14 +48,16 @@ from glassmetric.cli import main as cli_main
 from glassmetric.config import load_config
 from glassmetric.explain.correspondence import evaluate_correspondence
 from glassmetric.explain.group_parts import evaluate_group_parts
-from glassmetric.models.spatial_head import ensure_spatial_head
+from glassmetric.retriever.model import InferenceModel
+from glassmetric.similarity.ot_settings import OTSettings
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.retrieval.rerank import rerank_sweep
 from glassmetric.retrieval.uncertainty import object_statistics, uncertainty_vs_failure, uncertainty_vs_ground_truth
 from glassmetric.similarity.introspective import image_uncertainty
-from glassmetric.training.fit import eval_transform, fit, make_splits
-from glassmetric.training.module import load_trained
+from glassmetric.factory import eval_transform, make_splits
+from glassmetric.training.fit import fit
+from glassmetric.checkpoints import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 CUB50 = ROOT.parent / "shared" / "data" / "cub50"
@@ -143,10 +145,10 @@ def evaluate(ckpt: Path, ks: list[int]) -> dict:
 def correspondence(ckpt: Path, pairs: int) -> dict:
     """Keypoint transfer and part correspondence of ``pairs`` same-class test pairs (seed 0)."""
     model, cfg, test = trained_and_test(ckpt)
-    s = cfg.structural
+    ot = OTSettings.from_config(cfg)
     return evaluate_correspondence(model, test, pairs=pairs, grid=cfg.model.spatial_grid or 4, crop=224,
-                                   resize=cfg.data.resize, seed=0, epsilon=s.epsilon, iters=s.iters,
-                                   marginals=s.marginals, mean=model.backbone.mean, std=model.backbone.std,
+                                   resize=cfg.data.resize, seed=0, epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol,
+                                   marginals=ot.marginals, mean=model.backbone.mean, std=model.backbone.std,
                                    num_workers=cfg.data.num_workers)
 
 
@@ -161,18 +163,17 @@ def evaluate_once(ckpt: Path, ks: list[int]) -> dict:
     """Global metrics, the re-ranking sweep and (introspective) the uncertainty report, from one embedding pass."""
     model, cfg, test = trained_and_test(ckpt)
     test.transform = eval_transform(cfg, model)
-    local = "spatial" in model.extra_heads or "grouping" not in model.extra_heads  # groups alone: no locals
-    if local:
-        ensure_spatial_head(model, cfg.model.spatial_grid or 4)
+    model = InferenceModel(model, cfg.model.spatial_grid or 4)  # local cells, training-free without a spatial head
+    local = model.has_local  # groups alone: no locals
     fields = ["embedding"] + (["local"] if local else []) + (["uncertainty"] if cfg.model.uncertainty_dim else [])
     start = time.perf_counter()
     emb = embed_fields(model, test, fields=fields, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
     out = {"embed_seconds": time.perf_counter() - start}
     out["global"] = retrieval_metrics(emb["embedding"], emb["labels"], seed=cfg.seed)
     if local:
-        s = cfg.structural
-        sweep = rerank_sweep(emb["embedding"], emb["local"], query_labels=emb["labels"], ks=ks,
-                             epsilon=s.epsilon, iters=s.iters, marginals=s.marginals)
+        ot = OTSettings.from_config(cfg)
+        sweep = rerank_sweep(query_global=emb["embedding"], query_local=emb["local"], query_labels=emb["labels"], ks=ks,
+                             epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals)
         out["rerank"] = {str(k): v for k, v in sweep.items()}
     if "uncertainty" in emb:
         u = image_uncertainty(emb["uncertainty"])
@@ -189,7 +190,7 @@ def pretrained_reference(out: Path) -> dict:
         return json.loads(cache.read_text())
     from cub50 import PooledFeatures, score
 
-    from glassmetric.training.module import build_model_from_config
+    from glassmetric.factory import build_model_from_config
 
     cfg = load_config("cub50", [f"data.root={CUB50}"])
     metrics = score(PooledFeatures(build_model_from_config(cfg).backbone), cfg)["metrics"]

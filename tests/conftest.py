@@ -47,7 +47,7 @@ def make_checkpoint(tmp_path):
     import torch
 
     from glassmetric.config import load_config
-    from glassmetric.training.module import build_model_from_config
+    from glassmetric.factory import build_model_from_config
 
     def make(*overrides: str, name: str = "untrained.ckpt"):
         cfg = load_config("demo", [

@@ -19,3 +19,12 @@ def test_structural_benchmark_runs_and_prints_its_tables():
                     "ours iters (mean per problem)"):
         assert heading in out, heading
     assert "| 2x2, D=8 |" in out
+
+
+def test_structural_benchmark_times_the_command_line_with_and_without_early_stopping():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "structural.py"), "--cli", "40", "--cli-only", "--repeat", "1"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    assert "glassmetric eval --rerank structural --k 100 end to end" in out
+    assert "| structural.tol=null (100 iterations) |" in out and "| default (structural.tol=1e-4) |" in out

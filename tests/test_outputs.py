@@ -15,7 +15,7 @@ from PIL import Image
 
 from glassmetric.cli import main
 from glassmetric.outputs import atomic_write_text
-from glassmetric.training.checkpoint_io import atomic_torch_save
+from glassmetric.checkpoints import atomic_torch_save
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SMALL = ("data.image_size=64", "data.resize=64")
@@ -73,7 +73,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, mask):
 
 def test_gallery_caches_follow_the_umask(tmp_path, make_checkpoint):
     from glassmetric.serve.gallery import folder_source, load_gallery
-    from glassmetric.training.module import load_trained
+    from glassmetric.checkpoints import load_trained
 
     ckpt = make_checkpoint(*SMALL)
     model, cfg = load_trained(str(ckpt))

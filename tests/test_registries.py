@@ -10,7 +10,8 @@ from glassmetric.config import DataConfig, LossConfig, ModelConfig, load_config
 from glassmetric.data.registry import DATASETS, build_base_splits
 from glassmetric.errors import ConfigError
 from glassmetric.losses.metric_losses import LOSSES
-from glassmetric.models.backbones import BACKBONES, Backbone, build_backbone
+from glassmetric.models.backbone import Backbone
+from glassmetric.models.backbones import BACKBONES, build_backbone
 from glassmetric.models.global_head import HEAD_INITS, POOLINGS
 
 

@@ -1,4 +1,7 @@
-"""Command line: ``glassmetric fit | eval | explain | report | serve | export | presets``.
+"""Command line: ``glassmetric fit | eval | embed | explain | report | serve | export | presets``.
+
+Each verb is a thin wrapper over :class:`glassmetric.Retriever` (inference) or
+:func:`glassmetric.training.fit.fit` (training).
 
 Every error the user can fix (a bad config key, a missing file, a truncated checkpoint) ends
 in one line on stderr naming the culprit, and exit status 2; never a traceback.
@@ -38,8 +41,11 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its test split, or on a query/gallery pair")
     ev.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    ev.add_argument("--data", help="image folder (one sub-folder per class) searched against itself, each query left "
+                    "out of its own results (default: the checkpoint's --split)")
     ev.add_argument("--split", choices=("test", "val", "train"), default="test")
-    ev.add_argument("--query", help="query image folder (one sub-folder per class); needs --gallery")
+    ev.add_argument("--query", help="query image folder (one sub-folder per class); needs --gallery (the same folder "
+                    "as --gallery is searched against itself, as with --data)")
     ev.add_argument("--gallery", help="gallery image folder; classes matched to --query by folder name")
     ev.add_argument("--knn", choices=("torch", "faiss", "index"), help="kNN backend (default: the config's); index: "
                     "the faiss gallery index of eval.index (exact below eval.index.exact_below images, HNSW / IVF above)")
@@ -115,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--image-size", type=int, help="input height = width (default: the config's evaluation size)")
     exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs torch comparison")
 
+    em = sub.add_parser("embed", help="write a folder's embeddings (every one the model gives), labels and paths to .npz")
+    em.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
+    em.add_argument("--data", required=True, help="image folder: one sub-folder per class, or just images (label 0)")
+    em.add_argument("-o", "--output", default="embeddings.npz", help="the .npz file to write")
+    em.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    em.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.on_bad_image=skip")
+
     sub.add_parser("presets", help="list the shipped configuration presets")
     return parser
 
@@ -138,11 +151,24 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from glassmetric.retrieval.evaluate import default_device, eval_datasets, evaluate_model
-    from glassmetric.retrieval.metrics import format_metrics_table
-    from glassmetric.training.fit import evaluation_recall_ks
-    from glassmetric.training.module import load_trained
+    from glassmetric.retriever import Retriever
 
+    _check_eval_args(args)
+    retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.overrides)
+    name, dataset, gallery = retriever.eval_data(split=args.split, query=args.query, gallery=args.gallery,
+                                                 folder=args.data)
+    report: dict = {"checkpoint": args.checkpoint, "data": name}
+    for wanted, analysis in _EVAL_ANALYSES:
+        if wanted(args):
+            analysis(args, retriever, name, dataset, gallery, report)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(report, indent=2, default=float))
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Every eval argument and output file checked before any work."""
     if not 0 < args.groups_fraction <= 1:
         raise ConfigError(f"--groups-fraction: expected a share in (0, 1], got {args.groups_fraction}")
     if args.groups_parts is not None and args.groups_parts < 1:
@@ -152,63 +178,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.rerank:
         _parse_ks(args.k)
     _check_eval_outputs(args)
-    model, cfg = load_trained(args.checkpoint, args.overrides)
-    knn = "index" if args.index_dir else args.knn or cfg.eval.knn_backend
-    kw = dict(batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=knn, device=args.device, progress=True)
-    index_kw = dict(index_settings=cfg.eval.index, index_dir=args.index_dir)
-    name, dataset, gallery = eval_datasets(cfg, model, split=args.split, query=args.query, gallery=args.gallery)
-    report: dict = {"checkpoint": args.checkpoint, "data": name}
-    title = Path(args.checkpoint).name
-    if args.rerank:
-        from glassmetric.retrieval.evaluate import evaluate_rerank_sweep
 
+
+def _eval_metrics(args, retriever, name, dataset, gallery, report: dict) -> None:
+    """The retrieval metrics, or with --rerank the K-sweep of structural re-ranking."""
+    from glassmetric.retrieval.metrics import format_metrics_table
+
+    knn = "index" if args.index_dir else args.knn
+    if args.rerank:
         ks = _parse_ks(args.k)
-        s = cfg.structural
-        sweep = evaluate_rerank_sweep(
-            model, dataset, gallery, ks=ks, grid=cfg.model.spatial_grid or 4, recall_ks=evaluation_recall_ks(cfg),
-            epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, **kw, **index_kw,
-        )
+        sweep = retriever.evaluate(dataset, gallery, rerank_ks=ks, knn_backend=knn, index_dir=args.index_dir, progress=True)
         print(f"{name} ({args.checkpoint}), structural re-ranking of the global top-K:")
         print(format_metrics_table({f"K={k}" if k else "K=0 (global)": m for k, m in sweep.items()}))
         report["rerank"] = {str(k): m for k, m in sweep.items()}
         report["metrics"] = sweep[max(ks)]
     else:
-        report["metrics"] = evaluate_model(model, dataset, gallery, recall_ks=evaluation_recall_ks(cfg), max_k=cfg.eval.knn_k,
-                                           **kw, **index_kw)
+        report["metrics"] = retriever.evaluate(dataset, gallery, knn_backend=knn, index_dir=args.index_dir, progress=True)
         print(f"{name} ({args.checkpoint}):")
-        print(format_metrics_table({title: report["metrics"]}))
-    if args.correspondence:
-        from glassmetric.explain.correspondence import evaluate_correspondence
+        print(format_metrics_table({Path(args.checkpoint).name: report["metrics"]}))
 
-        size = cfg.data.eval_image_size or cfg.data.image_size
-        s = cfg.structural
-        corr = evaluate_correspondence(
-            model, dataset, pairs=args.correspondence, grid=cfg.model.spatial_grid or 4, crop=size, resize=cfg.data.resize,
-            seed=cfg.seed, device=args.device or default_device(), epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
-            mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
-        )
+
+def _eval_correspondence(args, retriever, name, dataset, gallery, report: dict) -> None:
+    from glassmetric.explain.correspondence import evaluate_correspondence
+
+    cfg, ot, model = retriever.cfg, retriever.settings, retriever.model
+    corr = evaluate_correspondence(
+        model, dataset, pairs=args.correspondence, grid=cfg.model.spatial_grid or 4,
+        crop=cfg.data.eval_image_size or cfg.data.image_size, resize=cfg.data.resize, seed=cfg.seed,
+        device=retriever.device, epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals,
+        mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
+    )
+    print(
+        f"part correspondence over {corr['n_pairs']} same-class pairs ({corr['n_parts']} parts): "
+        f"learned plan {corr['learned']:.3f}, uniform marginals {corr['uniform_marginals']:.3f}, "
+        f"uniform plan {corr['uniform']:.3f} (best possible {corr['upper_bound']:.3f})"
+    )
+    if "pck_learned" in corr:
         print(
-            f"part correspondence over {corr['n_pairs']} same-class pairs ({corr['n_parts']} parts): "
-            f"learned plan {corr['learned']:.3f}, uniform marginals {corr['uniform_marginals']:.3f}, "
-            f"uniform plan {corr['uniform']:.3f} (best possible {corr['upper_bound']:.3f})"
+            f"keypoint transfer PCK@{corr['pck_alpha']:g}: learned plan {corr['pck_learned']:.3f}, uniform "
+            f"marginals {corr['pck_uniform_marginals']:.3f}, uniform plan {corr['pck_uniform']:.3f}, nearest cell "
+            f"{corr['pck_nearest']:.3f}, true target cell {corr['pck_oracle_cell']:.3f} (the grid's limit)"
         )
-        if "pck_learned" in corr:
-            print(
-                f"keypoint transfer PCK@{corr['pck_alpha']:g}: learned plan {corr['pck_learned']:.3f}, uniform "
-                f"marginals {corr['pck_uniform_marginals']:.3f}, uniform plan {corr['pck_uniform']:.3f}, nearest cell "
-                f"{corr['pck_nearest']:.3f}, true target cell {corr['pck_oracle_cell']:.3f} (the grid's limit)"
-            )
-        report["correspondence"] = corr
-    if args.uncertainty or args.uncertainty_csv or args.uncertainty_figure:
-        report["uncertainty"] = _eval_uncertainty(args, model, dataset, gallery, kw)
-    if args.groups_parts:
-        report["group_parts"] = _group_parts(args, model, cfg, dataset)
-    if args.groups_figure:
-        _groups_figure(args, model, cfg, dataset, report.get("group_parts"))
-    if args.out:
-        atomic_write_text(args.out, json.dumps(report, indent=2, default=float))
-        print(f"metrics written to {args.out}")
-    return 0
+    report["correspondence"] = corr
 
 
 def _check_eval_outputs(args: argparse.Namespace) -> None:
@@ -222,7 +233,7 @@ def _check_eval_outputs(args: argparse.Namespace) -> None:
             figure_file(path, flag)
 
 
-def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dict) -> dict:
+def _eval_uncertainty(args, retriever, name, dataset, gallery, report: dict) -> None:
     from glassmetric.retrieval.uncertainty import (
         evaluate_uncertainty,
         object_statistics,
@@ -230,9 +241,11 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
         write_csv,
     )
 
-    if "uncertainty" not in model.extra_heads:
+    if "uncertainty" not in retriever.fields:
         raise ConfigError("--uncertainty: this checkpoint has no uncertainty head (train with model.uncertainty_dim > 0)")
-    rep = evaluate_uncertainty(model, dataset, gallery, **{k: v for k, v in kw.items() if k != "knn_backend"})
+    cfg = retriever.cfg
+    rep = evaluate_uncertainty(retriever.model, dataset, gallery, batch_size=cfg.eval.batch_size,
+                               num_workers=cfg.data.num_workers, device=retriever.device, progress=True)
     summary = rep.summary()
     print(
         f"uncertainty of {summary['n_queries']} queries: AUROC for R@1 failure {summary['auroc_uncertainty_vs_r1_failure']:.3f}; "
@@ -258,17 +271,17 @@ def _eval_uncertainty(args: argparse.Namespace, model, dataset, gallery, kw: dic
             show(most), rep.uncertainty[most], rep.correct[most], show(least), rep.uncertainty[least], rep.correct[least],
         )
         print(f"figure written to {save_figure(fig, args.uncertainty_figure)}")
-    return summary
+    report["uncertainty"] = summary
 
 
-def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
+def _eval_group_parts(args, retriever, name, dataset, gallery, report: dict) -> None:
     from glassmetric.explain.group_parts import evaluate_group_parts
-    from glassmetric.retrieval.evaluate import default_device
 
+    cfg, model = retriever.cfg, retriever.model
     out = evaluate_group_parts(
         model, dataset, images=args.groups_parts, fraction=args.groups_fraction,
         crop=cfg.data.eval_image_size or cfg.data.image_size, resize=cfg.data.resize, seed=cfg.seed,
-        device=args.device or default_device(), mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
+        device=retriever.device, mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
     )
     pairs = ", ".join(f"{p} {v:.3f}" for p, v in out["iou_pairs"].items())
     print(f"group distinctness over {out['n_images']} images: top-{100 * out['fraction']:.0f}% region IoU "
@@ -278,29 +291,35 @@ def _group_parts(args: argparse.Namespace, model, cfg, dataset) -> dict:
               f"(peak at its most frequent position in {100 * v['fixed_position']:.1f}%; attends to "
               f"{v['spread']:.1f} of {out['positions']} positions)")
     print(f"  mutual information between group and part {out['mi']:.3f} nats (random maps {out['mi_random']:.3f})")
-    return out
+    report["group_parts"] = out
 
 
-def _groups_figure(args: argparse.Namespace, model, cfg, dataset, parts: dict | None) -> None:
+def _eval_groups_figure(args, retriever, name, dataset, gallery, report: dict) -> None:
     import numpy as np
-    import torch
 
     from glassmetric.explain.figures import group_attention_grid_figure, save_figure
     from glassmetric.explain.pair import model_view
-    from glassmetric.training.fit import eval_transform
 
-    if "grouping" not in model.extra_heads:
+    cfg, parts = retriever.cfg, report.get("group_parts")
+    if "attention" not in retriever.fields:
         raise ConfigError("--groups-figure: the checkpoint has no attention groups (train with model.groups > 0)")
     picked = np.sort(np.random.default_rng(cfg.seed).choice(len(dataset), size=min(12, len(dataset)), replace=False))
     raw = [dataset.load(int(i)).image for i in picked]
-    transform = eval_transform(cfg, model)
-    model.eval()
-    with torch.inference_mode():
-        att = model(torch.stack([transform(img) for img in raw]).to(next(model.parameters()).device)).attention
+    att = retriever.embed(raw, fields=("attention",)).attention
     heads = [v["part"] for v in parts["groups"].values()] if parts else None
     fig = group_attention_grid_figure([model_view(cfg, img) for img in raw], att.float().cpu(), group_parts=heads,
                                       titles=[f"class {int(dataset.labels[i])}" for i in picked])
     print(f"figure written to {save_figure(fig, args.groups_figure)}")
+
+
+#: eval's analyses, in the order they run: (is it asked for?, handler adding its part to the report)
+_EVAL_ANALYSES = (
+    (lambda a: True, _eval_metrics),
+    (lambda a: bool(a.correspondence), _eval_correspondence),
+    (lambda a: bool(a.uncertainty or a.uncertainty_csv or a.uncertainty_figure), _eval_uncertainty),
+    (lambda a: bool(a.groups_parts), _eval_group_parts),
+    (lambda a: bool(a.groups_figure), _eval_groups_figure),
+)
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:
@@ -316,40 +335,34 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from glassmetric.explain.figures import save_figure
     from glassmetric.explain.panels import group_summary, pair_figures, pair_summary
-    from glassmetric.explain.pair import explain_files, explain_images
-    from glassmetric.data.image_io import open_image
-    from glassmetric.training.module import load_trained
+    from glassmetric.retriever import Retriever
 
     if args.top_flows < 0:
         raise ConfigError(f"--top-flows: expected a number of flows >= 0, got {args.top_flows}")
     figure_file(args.output, "-o")
-    model, cfg = load_trained(args.checkpoint)
+    retriever = Retriever.from_checkpoint(args.checkpoint, "cpu")
     titles = (Path(args.image_x).name, Path(args.image_y).name)
-    if "grouping" in model.extra_heads:  # the per-group panels, structural or not
-        pair = explain_images(model, cfg, open_image(args.image_x), open_image(args.image_y))
-        path = save_figure(pair_figures(pair, titles, top_flows=args.top_flows)["groups"], args.output)
-        print(group_summary(pair))
-    else:
-        pair = explain_files(model, cfg, args.image_x, args.image_y)
-        path = save_figure(pair_figures(pair, titles, top_flows=args.top_flows)["flows"], args.output)
-        print("\n".join(pair_summary(pair)))
+    grouping = "attention" in retriever.fields  # the per-group panels, structural or not
+    if not grouping:
+        retriever.model.require_local()
+    pair = retriever.explain(args.image_x, args.image_y)
+    figures = pair_figures(pair, titles, top_flows=args.top_flows)
+    path = save_figure(figures["groups" if grouping else "flows"], args.output)
+    print(group_summary(pair) if grouping else "\n".join(pair_summary(pair)))
     print(f"figure written to {path}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from glassmetric.report import build_report
-    from glassmetric.retrieval.evaluate import default_device, eval_datasets
-    from glassmetric.training.module import load_trained
+    from glassmetric.retriever import Retriever
 
     ks = _parse_ks(args.k)
     writable_folder(args.output, "-o")
-    model, cfg = load_trained(args.checkpoint, args.overrides)
-    name, dataset, gallery = eval_datasets(cfg, model, split=args.split, query=args.query, gallery=args.gallery, folder=args.data)
-    page = build_report(
-        model, cfg, dataset, gallery, args.output, checkpoint=args.checkpoint, data_name=name, per_group=args.queries,
-        top=args.top, ks=ks, seed=cfg.seed, device=str(args.device or default_device()),
-    )
+    retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.overrides)
+    name, dataset, gallery = retriever.eval_data(split=args.split, query=args.query, gallery=args.gallery, folder=args.data)
+    page = build_report(retriever, dataset, gallery, args.output, data_name=name, per_group=args.queries,
+                        top=args.top, ks=ks, seed=retriever.cfg.seed)
     print(f"report written to {page} (open it in a browser; it works offline)")
     return 0
 
@@ -372,18 +385,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from glassmetric.export.onnx import compare_with_torch, export_onnx
-    from glassmetric.training.module import load_trained
+    from glassmetric.retriever import Retriever
 
     if args.image_size is not None and not 16 <= args.image_size <= 4096:  # data.image_size's range
         raise ConfigError(f"--image-size: expected between 16 and 4096, got {args.image_size}")
     writable_file(args.output, "-o")
-    model, cfg = load_trained(args.checkpoint)
+    retriever = Retriever.from_checkpoint(args.checkpoint, "cpu")
+    model, cfg = retriever.model.model, retriever.cfg  # the model's own heads, as trained
     size = args.image_size or cfg.data.eval_image_size or cfg.data.image_size
     names = export_onnx(model, args.output, size)
     print(f"{args.output}: input images (batch, 3, {size}, {size}); outputs {', '.join(names)}")
     if not args.no_check:
         diffs = compare_with_torch(model, args.output, size)
         print("onnxruntime vs torch, max abs diff: " + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()))
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from glassmetric.retriever import Retriever
+
+    writable_file(args.output, "-o")
+    retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.overrides)
+    embeddings = retriever.embed(args.data, progress=True)
+    embeddings.save_npz(args.output)
+    print(f"{args.output}: {len(embeddings)} images of {args.data}; {', '.join(embeddings.fields)}, labels, positions, paths")
     return 0
 
 
@@ -396,7 +421,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "explain": _cmd_explain, "export": _cmd_export,
+COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "embed": _cmd_embed, "explain": _cmd_explain, "export": _cmd_export,
             "presets": _cmd_presets, "report": _cmd_report, "serve": _cmd_serve}
 
 

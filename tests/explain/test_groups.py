@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from tiny_runs import fit_tiny, save_test_images
 
 from glassmetric.cli import main
-from glassmetric.data.image_io import open_image
 from glassmetric.explain.figures import group_pair_figure, save_figure
 from glassmetric.explain.groups import explain_groups
-from glassmetric.explain.pair import explain_images
+from glassmetric.retriever import Retriever
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.training.module import load_trained
+from glassmetric.checkpoints import load_trained
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +38,8 @@ def test_group_contributions_sum_to_the_reported_score():
     assert float(e.score) == pytest.approx(float(F.cosine_similarity(out.embedding[0], out.embedding[1], dim=0)), abs=1e-6)
 
 
-def test_explain_images_decomposes_over_groups_and_draws_the_figure(checkpoint, images, tmp_path):
-    model, cfg = load_trained(str(checkpoint))
-    pair = explain_images(model, cfg, *(open_image(p) for p in images))
+def test_retriever_explains_a_pair_over_groups_and_draws_the_figure(checkpoint, images, tmp_path):
+    pair = Retriever.from_checkpoint(checkpoint, "cpu").explain(*images)
     e = pair.groups
     assert e.groups == 3 and e.attention_x.shape == (3, 2, 2)
     torch.testing.assert_close(e.attention_x.sum((1, 2)), torch.ones(3, dtype=torch.float64))

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from PIL import Image
 
 from tiny_runs import fit_tiny, save_test_images
 
 from glassmetric.cli import main
-from glassmetric.explain.pair import explain_files
-from glassmetric.training.module import load_trained
+from glassmetric.checkpoints import load_trained
+from glassmetric.retriever import Retriever
+from glassmetric.similarity.structural import explain_pair
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +22,25 @@ def images(tmp_path_factory):
     return save_test_images(tmp_path_factory.mktemp("images"), (0, 1))
 
 
-def test_explain_files_matches_the_structural_decomposition(checkpoint, images):
-    model, cfg = load_trained(str(checkpoint))
-    pair = explain_files(model, cfg, *images)
+def test_retriever_explains_a_pair_training_free_without_changing_the_model(checkpoint, images):
+    retriever = Retriever.from_checkpoint(checkpoint, "cpu")
+    pair = retriever.explain(*images)
     e = pair.structural
     assert pair.images[0].size == (64, 64)
-    out = model(torch.stack([torch.zeros(3, 64, 64)]))  # the training-free spatial head is now present
-    assert out.local.shape == (1, 16, 16)
+    assert set(retriever.model.model.extra_heads) == set()  # no head added to the model
+    model, cfg = load_trained(checkpoint)
+    # the training-free cells: the global head's linear layer at every location, pooled to 4 x 4, normalised
+    x = torch.stack([retriever.transform(Image.open(p).convert("RGB")) for p in images])
+    with torch.no_grad():
+        out = model(x)
+        lin = model.head.linear
+        proj = torch.einsum("bchw,dc->bdhw", out.feature_map, lin.weight) + lin.bias[None, :, None, None]
+        up = torch.nn.functional.interpolate(proj, size=(16, 16), mode="bilinear", align_corners=False)
+        cells = torch.nn.functional.normalize(torch.nn.functional.adaptive_avg_pool2d(up, 4).flatten(2).transpose(1, 2), dim=-1)
+    ot = retriever.settings
+    ref = explain_pair(x_local=cells[0], y_local=cells[1], x_global=out.embedding[0], y_global=out.embedding[1],
+                       epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals)
+    torch.testing.assert_close(e.T, ref.T, atol=1e-5, rtol=0)
     torch.testing.assert_close(e.region_contribution_x.sum(), e.ss, atol=1e-5, rtol=0)
     torch.testing.assert_close(e.score, e.s_global + e.ss)
 

@@ -12,10 +12,11 @@ from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.data.registry import build_splits
 from glassmetric.data.synthetic import SyntheticParts
-from glassmetric.explain.pair import explain_files, introspective_scores
+from glassmetric.explain.pair import introspective_scores
+from glassmetric.retriever import Retriever
 from glassmetric.similarity.introspective import IntrospectiveParams, introspective_distance_matrix
 from glassmetric.training.fit import fit
-from glassmetric.training.module import load_trained
+from glassmetric.checkpoints import load_trained
 
 TINY = tiny_runs.TINY + [
     "model.embedding_dim=16", "model.uncertainty_dim=8", "model.pooling=avgmax", "loss.similarity=introspective",
@@ -57,8 +58,7 @@ def test_explain_shows_the_uncertainties_and_both_distances(checkpoint, tmp_path
     for i in (0, 5):
         paths.append(tmp_path / f"img {i}.png")
         data.load(i).image.save(paths[-1])
-    model, cfg = load_trained(str(checkpoint))
-    pair = explain_files(model, cfg, *paths)
+    pair = Retriever.from_checkpoint(checkpoint, "cpu").explain(*paths)
     scores = pair.introspective
     assert scores is not None and min(scores.uncertainty) > 0
     assert 0 <= scores.introspective_distance <= scores.semantic_distance <= 4
@@ -88,7 +88,7 @@ def test_cross_domain_splits_share_classes_not_style():
 
 def test_cross_domain_fit_tests_photo_queries_against_the_painting_gallery(tmp_path):
     from glassmetric.retrieval.evaluate import evaluate_model
-    from glassmetric.training.fit import make_splits
+    from glassmetric.factory import make_splits
 
     cfg = load_config("cross_domain", [t for t in TINY if "synthetic" not in t] + [
         "data.synthetic.num_classes=8", "data.synthetic.images_per_class=4", f"trainer.output_dir={tmp_path}"])

@@ -10,7 +10,8 @@ onnx = pytest.importorskip("onnx")
 from glassmetric.cli import main  # noqa: E402
 from glassmetric.config import load_config  # noqa: E402
 from glassmetric.export.onnx import export_onnx  # noqa: E402
-from glassmetric.training.module import build_model_from_config, load_trained  # noqa: E402
+from glassmetric.factory import build_model_from_config  # noqa: E402
+from glassmetric.checkpoints import load_trained  # noqa: E402
 
 
 def run_onnx(path, images: torch.Tensor) -> dict[str, np.ndarray]:

@@ -13,8 +13,8 @@ from glassmetric.errors import ConfigError
 from glassmetric.models import build_model
 from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.models.spatial_head import ensure_spatial_head
-from glassmetric.training.module import build_model_from_config
+from glassmetric.retriever.model import InferenceModel
+from glassmetric.factory import build_model_from_config
 
 
 def _run(head: GroupingHead, fmap: torch.Tensor) -> dict:
@@ -105,8 +105,11 @@ def test_shared_spatial_head_is_refused_with_groups_and_the_own_head_composes():
 def test_training_free_structural_matching_refuses_a_grouping_model_without_spatial_head():
     model = build_model("resnet18", 6)
     model.add_head("grouping", GroupingHead(512, 6, 3))
+    view = InferenceModel(model)
+    assert "local" not in view.fields
     with pytest.raises(ConfigError, match="spatial_head=own"):
-        ensure_spatial_head(model)
+        view.require_local()
+    assert set(model.extra_heads) == {"grouping"}  # the model is not changed
 
 
 @pytest.mark.parametrize("backbone, kwargs, grid", [

@@ -8,7 +8,7 @@ from glassmetric.errors import ConfigError
 from glassmetric.losses.metric_losses import build_loss
 from glassmetric.models.introspective_head import UncertaintyHead
 from glassmetric.similarity.introspective import IntrospectiveParams, image_uncertainty
-from glassmetric.training.module import build_model_from_config
+from glassmetric.factory import build_model_from_config
 
 
 def _model(**extra):

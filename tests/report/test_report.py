@@ -16,8 +16,8 @@ from tiny_runs import fit_tiny  # noqa: E402
 from glassmetric.cli import main  # noqa: E402
 from glassmetric.retrieval.embed import embed_dataset  # noqa: E402
 from glassmetric.retrieval.evaluate import evaluate_model  # noqa: E402
-from glassmetric.training.fit import make_splits  # noqa: E402
-from glassmetric.training.module import load_trained  # noqa: E402
+from glassmetric.factory import make_splits  # noqa: E402
+from glassmetric.checkpoints import load_trained  # noqa: E402
 
 
 class _Page(HTMLParser):
@@ -168,7 +168,7 @@ def test_a_skipped_unreadable_image_leaves_every_shown_image_its_own(checkpoint,
     from glassmetric.data.folder import ImageFolderDataset
     from glassmetric.data.image_io import open_image
     from glassmetric.explain.pair import model_view
-    from glassmetric.training.fit import eval_transform
+    from glassmetric.factory import eval_transform
 
     model, cfg = load_trained(str(checkpoint))
     gallery = _folder_with_an_unreadable_image(tmp_path / "gallery")

@@ -185,8 +185,8 @@ def test_eval_rebuilds_an_index_built_from_another_checkpoints_embeddings(tmp_pa
     size): B's metrics are those of exact search on B's embeddings, from a rebuilt index."""
     from glassmetric.retrieval.embed import embed_dataset
     from glassmetric.retrieval.index import fingerprint
-    from glassmetric.training.fit import make_splits
-    from glassmetric.training.module import load_trained
+    from glassmetric.factory import make_splits
+    from glassmetric.checkpoints import load_trained
 
     a = make_checkpoint("data.image_size=64", "data.resize=64")
     b = _other_weights(a)

@@ -16,8 +16,8 @@ from glassmetric.retrieval.embed import embed_fields
 from glassmetric.serve.app import create_app
 from glassmetric.serve.explorer import Explorer
 from glassmetric.serve.limits import Limits
-from glassmetric.training.fit import eval_transform
-from glassmetric.training.module import load_trained
+from glassmetric.factory import eval_transform
+from glassmetric.checkpoints import load_trained
 
 
 @pytest.fixture(scope="module")

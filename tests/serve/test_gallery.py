@@ -10,11 +10,12 @@ from serve_runs import fit_idml, write_gallery
 
 from glassmetric.data.folder import ImageFolderDataset
 from glassmetric.errors import DataError
-from glassmetric.report.build import model_fields
+from glassmetric.report.build import report_fields
+from glassmetric.retriever import Retriever
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.serve.gallery import folder_source, load_gallery
-from glassmetric.training.fit import eval_transform
-from glassmetric.training.module import load_trained
+from glassmetric.factory import eval_transform
+from glassmetric.checkpoints import load_trained
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def checkpoint(tmp_path_factory):
 
 
 def test_cache_is_reused_until_the_gallery_changes(checkpoint, tmp_path):
-    model, cfg = load_trained(str(checkpoint))
-    fields = model_fields(model, cfg)
+    retriever = Retriever.from_checkpoint(checkpoint, "cpu")
+    model, cfg, fields = retriever.model, retriever.cfg, report_fields(retriever)
     paths = write_gallery(tmp_path / "gallery", 8)
     load = lambda: load_gallery(model, cfg, checkpoint, folder_source(tmp_path / "gallery"), fields,
                                 cache_dir=tmp_path / "cache", progress=False)
@@ -59,8 +60,8 @@ def test_rows_name_the_right_images_when_an_unreadable_one_is_skipped(checkpoint
     """Under ``data.on_bad_image: skip`` a gallery row is not a data-set position: the rows
     after an unreadable image must still name, show and label their own image, from the cache
     too."""
-    model, cfg = load_trained(str(checkpoint))
-    fields = model_fields(model, cfg)
+    retriever = Retriever.from_checkpoint(checkpoint, "cpu")
+    model, cfg, fields = retriever.model, retriever.cfg, report_fields(retriever)
     paths = write_gallery(tmp_path / "gallery", 6)
     paths[2].write_bytes(b"not an image")
 

@@ -17,11 +17,9 @@ from serve_runs import fit_idml, write_gallery
 
 from glassmetric.data.image_io import open_image
 from glassmetric.explain.panels import pair_summary
-from glassmetric.explain.pair import explain_images
-from glassmetric.report.build import model_fields
 from glassmetric.serve.explorer import Explorer, UnknownQuery
 from glassmetric.serve.limits import Limits, read_upload
-from glassmetric.training.fit import eval_transform
+from glassmetric.factory import eval_transform
 from memory_cap import run_capped
 
 
@@ -163,10 +161,10 @@ def test_the_upload_store_keeps_small_views_within_its_bytes(files, explorer):
     images = [read_upload(data, Limits()) for data in uploads]
     with torch.inference_mode():  # an entry's bytes, counted independently: view pixels + the model's outputs
         out = model(eval_transform(cfg, model)(images[0])[None])
-    entry = 64 * 64 * 3 + sum(getattr(out, f).numel() * 4 for f in model_fields(model, cfg))
+    entry = 64 * 64 * 3 + sum(getattr(out, f).numel() * 4 for f in explorer.fields)
     assert entry < 200_000
 
-    store = Explorer(model, cfg, explorer.gallery, fields=explorer.fields, upload_store_bytes=3 * entry + 1000)
+    store = Explorer(explorer.retriever, explorer.gallery, fields=explorer.fields, upload_store_bytes=3 * entry + 1000)
     qids = [store.add_upload(img) for img in images]
     assert len(set(qids)) == 12 and len(store.uploads.items) == 3 and store.uploads.total_bytes == 3 * entry
     assert list(store.uploads.items) == qids[-3:]
@@ -176,7 +174,7 @@ def test_the_upload_store_keeps_small_views_within_its_bytes(files, explorer):
             store.search(qid, 2)
     assert store.search(qids[-1], 2)["results"][0]["rank"] == 1
 
-    roomy = Explorer(model, cfg, explorer.gallery, fields=explorer.fields)  # the defaults: 64 uploads, 64 MiB
+    roomy = Explorer(explorer.retriever, explorer.gallery, fields=explorer.fields)  # the defaults: 64 uploads, 64 MiB
     kept = [roomy.add_upload(img) for img in images]
     assert len(roomy.uploads.items) == 12 and roomy.uploads.total_bytes == 12 * entry
     assert all(img.size == (64, 64) for img in _images_held(roomy.uploads.items, set()))
@@ -184,9 +182,9 @@ def test_the_upload_store_keeps_small_views_within_its_bytes(files, explorer):
     path = modes["rgba.png"]
     qid = roomy.add_upload(read_upload(path.read_bytes(), Limits()))
     other = open_image(root / "gallery" / roomy.gallery.name(2))
-    assert roomy.explain(qid, "g2")["lines"] == pair_summary(explain_images(model, cfg, open_image(path), other))
+    assert roomy.explain(qid, "g2")["lines"] == pair_summary(explorer.retriever.explain(open_image(path), other))
     expected_view = io.BytesIO()
-    explain_images(model, cfg, open_image(path), other).images[0].save(expected_view, format="PNG")
+    explorer.retriever.explain(open_image(path), other).images[0].save(expected_view, format="PNG")
     assert roomy.view_png(qid) == expected_view.getvalue()
     assert kept[0] in roomy.uploads.items
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from glassmetric.config import load_config
 from glassmetric.data.base import Sample
-from glassmetric.training.checkpoint_io import safe_torch_load
+from glassmetric.checkpoints import safe_torch_load
 from glassmetric.training.fit import fit
 
 EPOCHS = 3

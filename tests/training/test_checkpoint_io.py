@@ -9,8 +9,8 @@ import torch
 
 from glassmetric.cli import main
 from glassmetric.errors import CheckpointError
-from glassmetric.training import checkpoint_io
-from glassmetric.training.checkpoint_io import atomic_torch_save, previous_path, safe_torch_load
+from glassmetric import checkpoints as checkpoint_io
+from glassmetric.checkpoints import atomic_torch_save, previous_path, safe_torch_load
 
 
 class Payload:

@@ -15,8 +15,8 @@ from glassmetric.config import load_config
 from glassmetric.retrieval.embed import embed_dataset
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.training.distributed import IndexedDataset, ddp_strategy, device_count, gather_unique, world
-from glassmetric.training.fit import make_splits
-from glassmetric.training.module import load_trained
+from glassmetric.factory import make_splits
+from glassmetric.checkpoints import load_trained
 
 HERE = Path(__file__).parent
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -14,9 +14,10 @@ from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.data.registry import build_splits
 from glassmetric.errors import CheckpointError
-from glassmetric.training.checkpoint_io import safe_torch_load
+from glassmetric.checkpoints import safe_torch_load
 from glassmetric.training.fit import fit
-from glassmetric.training.module import build_model_from_config, load_trained
+from glassmetric.factory import build_model_from_config
+from glassmetric.checkpoints import load_trained
 
 TINY = [
     "data.image_size=64", "data.resize=64", "data.num_workers=0",

@@ -8,7 +8,8 @@ from glassmetric.data.synthetic import SyntheticParts
 from glassmetric.data.transforms import build_transforms
 from glassmetric.retrieval.evaluate import evaluate_model, evaluate_rerank_sweep
 from glassmetric.training.fit import fit
-from glassmetric.training.module import load_trained
+from glassmetric.checkpoints import load_trained
+from glassmetric.retriever.model import InferenceModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -37,5 +38,5 @@ def test_method_trains_on_cuda_and_evaluates_like_the_cpu(tmp_path, method):
     cpu = evaluate_model(model, data, device="cpu")
     assert evaluate_model(model, data, device="cuda") == pytest.approx(cpu, abs=one_query)
     if method != "groups":
-        kw = dict(ks=(0, 5), grid=2)
-        assert evaluate_rerank_sweep(model, data, device="cuda", **kw) == pytest.approx(evaluate_rerank_sweep(model, data, device="cpu", **kw), abs=one_query)
+        view, kw = InferenceModel(model, grid=2), dict(ks=(0, 5))
+        assert evaluate_rerank_sweep(view, data, device="cuda", **kw) == pytest.approx(evaluate_rerank_sweep(view, data, device="cpu", **kw), abs=one_query)

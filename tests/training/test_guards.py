@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.errors import NonFiniteError
-from glassmetric.training.checkpoint_io import safe_torch_load
+from glassmetric.checkpoints import safe_torch_load
 from glassmetric.training.fit import fit
 
 #: 8 classes x 12 images at 64 px: 4 training classes, 4 steps of 12 images per epoch

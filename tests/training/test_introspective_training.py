@@ -5,7 +5,8 @@ import torch
 
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.training.fit import fit
-from glassmetric.training.module import load_trained, mixup_loss
+from glassmetric.checkpoints import load_trained
+from glassmetric.training.module import mixup_loss
 
 from test_fit import tiny_config
 

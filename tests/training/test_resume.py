@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.errors import CheckpointError
-from glassmetric.training.checkpoint_io import previous_path, safe_torch_load
+from glassmetric.checkpoints import previous_path, safe_torch_load
 from glassmetric.training.fit import fit
 from glassmetric.training.resume import resume_checkpoint
 

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.errors import OutputError
-from glassmetric.training.checkpoint_io import safe_torch_load
+from glassmetric.checkpoints import safe_torch_load
 from glassmetric.training.fit import fit
 from glassmetric.training.run_folder import is_launching_process, run_folder_lock
 

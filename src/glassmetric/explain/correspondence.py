@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.image_io import collate_readable
 from glassmetric.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, default_resize
-from glassmetric.errors import DataError
+from glassmetric.errors import ConfigError, DataError
 from glassmetric.explain.keypoint_transfer import (
     cell_centre_grid,
     nearest_cell_transfer,
@@ -58,7 +58,7 @@ from glassmetric.explain.keypoint_transfer import (
     plan_transfer,
 )
 from glassmetric.models.heads import GROUPING
-from glassmetric.models.spatial_head import SpatialGridHead, ensure_spatial_head
+from glassmetric.models.spatial_head import SpatialGridHead
 from glassmetric.similarity.structural import MarginalKind, explain_pair
 
 __all__ = [
@@ -342,8 +342,11 @@ def _embed(model, loader, grid: int | None, device) -> tuple[Tensor, Tensor, Ten
             out = model(batch["image"].to(device))
             local = out.local
             if local is None:  # training-free spatial head on the model's own global head
-                if spatial is None and GROUPING in getattr(model, "extra_heads", {}):
-                    ensure_spatial_head(model)  # raises: a grouping model's global head is untrained
+                if spatial is None and GROUPING in getattr(model, "extra_heads", {}):  # its global head is untrained
+                    raise ConfigError(
+                        "structural matching on a model.groups checkpoint needs its own trained spatial head: "
+                        "train with model.spatial_grid=4 model.spatial_head=own loss.similarity=structural"
+                    )
                 if spatial is None:
                     spatial = SpatialGridHead.sharing(model.head, grid or 4)
                 local = spatial(out.feature_map, out.pooled, out)["local"]
@@ -380,6 +383,7 @@ def evaluate_correspondence(
     device: str | torch.device = "cpu",
     epsilon: float = 0.05,
     iters: int = 100,
+    tol: float | None = None,
     marginals: MarginalKind = "cross_correlation",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -451,11 +455,11 @@ def evaluate_correspondence(
         xl, yl = local[a].to(device), local[b].to(device)
         xg, yg = glob[a].to(device), glob[b].to(device)
         cx, cy = cells[a], cells[b]
-        learned = explain_pair(xl, yl, xg, yg, epsilon=epsilon, iters=iters, marginals=marginals)
+        tensors = dict(x_local=xl, y_local=yl, x_global=xg, y_global=yg)
+        learned = explain_pair(**tensors, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals)
         plans = {
             "learned": learned.T,
-            "uniform_marginals": explain_pair(xl, yl, xg, yg, epsilon=epsilon, iters=iters,
-                                              marginals="uniform").T,
+            "uniform_marginals": explain_pair(**tensors, epsilon=epsilon, iters=iters, tol=tol, marginals="uniform").T,
             "uniform": torch.full((len(a), n_cells, n_cells), 1.0 / n_cells**2, dtype=torch.float64),
         }
         for name, plan in plans.items():

@@ -1,13 +1,7 @@
 """Backbones, embedding heads and the model that combines them."""
 
-from glassmetric.models.backbones import (
-    BACKBONES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TORCHVISION_BACKBONES,
-    Backbone,
-    build_backbone,
-)
+from glassmetric.models.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from glassmetric.models.backbones import BACKBONES, TORCHVISION_BACKBONES, build_backbone
 from glassmetric.models.embedding_model import EmbeddingModel, build_model
 from glassmetric.models.global_head import POOLINGS, GlobalHead, gem_pool
 from glassmetric.models.output import EmbeddingOutput

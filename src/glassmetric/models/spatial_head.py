@@ -22,7 +22,6 @@ from torch import nn
 
 from glassmetric.errors import ConfigError
 from glassmetric.models.global_head import GlobalHead
-from glassmetric.models.heads import GROUPING, SPATIAL
 from glassmetric.models.output import EmbeddingOutput
 
 
@@ -81,19 +80,3 @@ class SpatialGridHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, {'shares the global head' if self._shared else 'own 1x1 conv'}"
-
-
-def ensure_spatial_head(model, grid: int = 4) -> SpatialGridHead:
-    """The model's spatial head; if it has none, add the training-free one sharing its global head.
-
-    A model with attentive groups and no spatial head has no trained per-location embedding
-    (its global head is replaced by the groups and left untrained): that is a ConfigError.
-    """
-    if SPATIAL not in model.extra_heads:
-        if GROUPING in model.extra_heads:
-            raise ConfigError(
-                "structural matching on a model.groups checkpoint needs its own trained spatial head: "
-                "train with model.spatial_grid=4 model.spatial_head=own loss.similarity=structural"
-            )
-        model.add_head(SPATIAL, SpatialGridHead.sharing(model.head, grid))
-    return model.extra_heads[SPATIAL]

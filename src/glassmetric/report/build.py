@@ -4,12 +4,11 @@ The queries are embedded once (global, local and uncertainty embeddings, as the 
 them); from those come the metrics table, the K-sweep of structural re-ranking, each query's
 R@1 hit and AP@R (to pick the worst, a random sample and the best queries) and the scores of
 their top results. Every shown pair is then explained from its two images
-(:func:`glassmetric.explain.pair.explain_images`), its figures written next to the page.
+(:meth:`glassmetric.Retriever.explain`), its figures written next to the page.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,74 +18,30 @@ from glassmetric.config import Config
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.errors import ConfigError
 from glassmetric.explain.figures import save_figure
-from glassmetric.explain.pair import explain_images, has_structural, model_view
+from glassmetric.explain.pair import model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
-from glassmetric.models.spatial_head import ensure_spatial_head
-from glassmetric.retrieval.embed import embed_fields
+from glassmetric.factory import evaluation_recall_ks
+from glassmetric.report.data import QueryRow, ReportData, Result
+from glassmetric.report.html import write_html
+from glassmetric.report.plots import sweep_figure
+from glassmetric.report.queries import select_queries
 from glassmetric.retrieval.knn import knn
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.retrieval.per_query import per_query_metrics, relevant_counts
 from glassmetric.retrieval.rerank import rerank_sweep
 from glassmetric.retrieval.shortlist import score_shortlist
-from glassmetric.report.plots import sweep_figure
-from glassmetric.report.queries import select_queries
-from glassmetric.training.fit import evaluation_recall_ks
-from glassmetric.training.module import introspective_params
+from glassmetric.retriever import Retriever
 
-__all__ = ["QueryRow", "ReportData", "Result", "build_report", "model_fields"]
+__all__ = ["QueryRow", "ReportData", "Result", "build_report", "report_fields"]
 
 #: the shortlist sizes swept by default (capped at the gallery size)
 REPORT_KS = (0, 5, 10, 50, 100)
 
 
-@dataclass
-class Result:
-    rank: int  #: 1-based, by the global score
-    index: int  #: position of the image in the gallery data set
-    image: str  #: path relative to the report folder
-    label: str
-    correct: bool
-    scores: dict[str, float]  #: "global", and "structural", "multiscale", "introspective", "uncertainty" when present
-    figures: dict[str, str] = field(default_factory=dict)  #: kind ("flows", "groups") -> relative path
-    lines: list[str] = field(default_factory=list)  #: the explanation in words
-
-
-@dataclass
-class QueryRow:
-    index: int  #: position of the query image in its data set
-    image: str
-    label: str
-    hit_at_1: bool
-    ap_at_r: float
-    uncertainty: float | None
-    results: list[Result]
-
-
-@dataclass
-class ReportData:
-    title: str
-    checkpoint: str
-    data: str
-    model: str
-    metrics: dict[str, float]
-    sweep: dict[int, dict[str, float]] | None
-    sweep_image: str | None
-    groups: dict[str, list[QueryRow]]
-    n_queries: int
-    n_gallery: int
-
-
-def model_fields(model: torch.nn.Module, cfg: Config) -> tuple[str, ...]:
-    """The embedding fields the report and the explorer read from ``model``: the global
-    embedding, local cells when it can be explained structurally (adding the training-free
-    spatial head if needed), the uncertainty embedding with an uncertainty head."""
-    fields = ["embedding"]
-    if has_structural(model):
-        ensure_spatial_head(model, cfg.model.spatial_grid or 4)
-        fields.append("local")
-    if "uncertainty" in model.extra_heads:
-        fields.append("uncertainty")
-    return tuple(fields)
+def report_fields(retriever: Retriever) -> tuple[str, ...]:
+    """The embedding fields the report and the explorer read: the global embedding, local cells
+    when the model gives them, the uncertainty embedding with an uncertainty head."""
+    return tuple(f for f in retriever.fields if f in ("embedding", "local", "uncertainty"))
 
 
 def _describe_model(cfg: Config, fields: tuple[str, ...], model: torch.nn.Module) -> str:
@@ -108,26 +63,24 @@ def _class_name(dataset: RetrievalDataset, label: int) -> str:
 
 
 def build_report(
-    model: torch.nn.Module,
-    cfg: Config,
+    retriever: Retriever,
     dataset: RetrievalDataset,
     gallery: RetrievalDataset | None,
     out_dir: str | Path,
     *,
-    checkpoint: str = "",
     data_name: str = "",
     per_group: int = 4,
     top: int = 10,
     ks: tuple[int, ...] = REPORT_KS,
     seed: int = 0,
-    device: str = "cpu",
     dpi: int = 80,
     top_flows: int = 12,
     progress: bool = True,
 ) -> Path:
-    """Write ``out_dir/index.html`` (and its ``images/``, ``pairs/`` and ``sweep.png``); returns the page."""
-    from glassmetric.report.html import write_html
-
+    """Write ``out_dir/index.html`` (and its ``images/``, ``pairs/`` and ``sweep.png``) for
+    ``retriever``'s model on ``dataset`` (against ``gallery``, or itself); returns the page."""
+    model, cfg, ot = retriever.model, retriever.cfg, retriever.settings
+    checkpoint = retriever.checkpoint or ""
     out = Path(out_dir)
     same = gallery is None
     ref = dataset if same else gallery
@@ -136,15 +89,13 @@ def build_report(
         raise ConfigError(f"--top must be >= 1 and --queries >= 0, got {top} and {per_group}")
     if available < top:
         raise ConfigError(f"the gallery has {available} images to rank, fewer than --top {top}")
-    model.eval().to(device)
-    fields = model_fields(model, cfg)
+    fields = report_fields(retriever)
     n_shown = 3 * min(per_group, max(1, len(dataset) // 3))
     bar = tqdm(total=4 + n_shown * top, desc="report", unit="step", disable=not progress)
 
-    kw = dict(fields=fields, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device, progress=progress)
     bar.set_postfix_str("embedding")
-    q = embed_fields(model, dataset, **kw)
-    g = q if same else embed_fields(model, ref, **kw)
+    q = retriever.embed(dataset, fields=fields, progress=progress).as_dict()
+    g = q if same else retriever.embed(ref, fields=fields, progress=progress).as_dict()
     bar.update()
 
     bar.set_postfix_str("metrics")
@@ -156,12 +107,12 @@ def build_report(
     sweep = None
     if "local" in fields:
         bar.set_postfix_str("re-ranking sweep")
-        s = cfg.structural
         sweep_ks = tuple(sorted({min(k, available) for k in ks}))
         sweep = rerank_sweep(
-            q["embedding"], q["local"], None if same else g["embedding"], None if same else g["local"],
-            query_labels=q["labels"], gallery_labels=None if same else g["labels"], ks=sweep_ks, recall_ks=recall_ks,
-            epsilon=s.epsilon, iters=s.iters, marginals=s.marginals,
+            query_global=q["embedding"], query_local=q["local"], gallery_global=None if same else g["embedding"],
+            gallery_local=None if same else g["local"], query_labels=q["labels"],
+            gallery_labels=None if same else g["labels"], ks=sweep_ks, recall_ks=recall_ks,
+            epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals,
         )
     bar.update()
 
@@ -180,7 +131,6 @@ def build_report(
         sweep_image = "sweep.png"
         save_figure(sweep_figure(sweep), out / sweep_image, dpi=100)
 
-    s = cfg.structural
     written: dict[tuple[str, int], str] = {}
     # embedding rows -> data-set positions (images skipped as unreadable have no row)
     q_pos, g_pos = q["index"].tolist(), g["index"].tolist()
@@ -200,14 +150,14 @@ def build_report(
             sel = torch.tensor([qi])
             scored = score_shortlist(
                 {k: v[sel] for k, v in q.items() if k != "labels"}, g, ranked[sel, :top],
-                epsilon=s.epsilon, iters=s.iters, marginals=s.marginals, introspective=introspective_params(cfg),
+                epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals, introspective=retriever.introspective,
             )
             q_raw, q_img = thumbnail("query", dataset, q_pos[qi])
             results = []
             for r, (gi, scores) in enumerate(zip(scored.indices[0].tolist(), scored.scores(0))):
                 bar.set_postfix_str(f"explaining {group} queries")
                 g_raw, g_img = thumbnail("gallery", ref, g_pos[gi])
-                pair = explain_images(model, cfg, q_raw, g_raw)
+                pair = retriever.explain(q_raw, g_raw)
                 figures = {}
                 for kind, fig in pair_figures(pair, ("query", f"result {r + 1}"), top_flows=top_flows).items():
                     figures[kind] = f"pairs/{'item' if same else 'query'}-{q_pos[qi]}_{g_pos[gi]}_{kind}.png"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from glassmetric.report.build import QueryRow, ReportData, Result
+from glassmetric.report.data import QueryRow, ReportData, Result
 from glassmetric.retrieval.metrics import _short_name
 
 __all__ = ["write_html"]

@@ -19,59 +19,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def eval_datasets(
-    cfg, model: torch.nn.Module, *, split: str = "test", query: str | None = None, gallery: str | None = None,
-    folder: str | None = None,
-) -> tuple[str, RetrievalDataset, RetrievalDataset | None]:
-    """``(description, queries, gallery or None)`` to evaluate ``model`` on, with its evaluation
-    transform: ``folder`` (one sub-folder per class) searched against itself, ``query`` images
-    against ``gallery`` images (classes matched by folder name), or else the ``split`` of the
-    checkpoint's data (the test split with its cross-domain gallery, if the data has one)."""
-    from glassmetric.errors import ConfigError
-    from glassmetric.training.fit import eval_transform, make_splits
-
-    if bool(query) != bool(gallery):
-        raise ConfigError("--query and --gallery go together: give both folders")
-    if folder and query:
-        raise ConfigError("give either --data or --query / --gallery, not both")
-    if folder:
-        from glassmetric.data.folder import ImageFolderDataset
-
-        images = ImageFolderDataset(folder, transform=eval_transform(cfg, model))
-        return f"images of {folder}", images.set_bad_image_policy(cfg.data.on_bad_image), None
-    if query:
-        from glassmetric.data.folder import build_query_gallery
-
-        pair = build_query_gallery(query, gallery, transform=eval_transform(cfg, model))
-        _check_shared_folders(pair, query, gallery)
-        pair.query.set_bad_image_policy(cfg.data.on_bad_image)
-        pair.gallery.set_bad_image_policy(cfg.data.on_bad_image)
-        return f"query {query} / gallery {gallery}", pair.query, pair.gallery
-    splits = make_splits(cfg, model)
-    dataset, ref = getattr(splits, split), (splits.gallery if split == "test" else None)
-    if dataset is None:
-        raise ConfigError(f"--split {split}: this config has no {split} split (data.val_classes = 0)")
-    if split == "train":
-        dataset.transform = splits.test.transform  # evaluate without augmentation
-    return f"{split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if ref is not None else ""), dataset, ref
-
-
-def _check_shared_folders(pair, query: str, gallery: str) -> None:
-    """ConfigError when no class folder with images is in both ``query`` and ``gallery``."""
-    import numpy as np
-
-    from glassmetric.errors import ConfigError
-
-    names = pair.query.class_names
-    q, g = (sorted(names[i] for i in np.unique(d.labels)) for d in (pair.query, pair.gallery))
-    if not set(q) & set(g):
-        few = lambda classes: ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
-        raise ConfigError(
-            f"--query {query} and --gallery {gallery} share no class folder (classes are matched by folder name): "
-            f"query {len(q)} ({few(q)}), gallery {len(g)} ({few(g)})"
-        )
-
-
 def cached_gallery_index(gallery: torch.Tensor, settings=None, folder: str | Path | None = None):
     """The :class:`.index.GalleryIndex` of ``gallery`` embeddings: read from ``folder`` when it
     holds the index of these very embeddings (their fingerprint, size and dimension) built with
@@ -135,10 +82,10 @@ def evaluate_rerank_sweep(
     gallery: RetrievalDataset | None = None,
     *,
     ks: tuple[int, ...] = DEFAULT_SWEEP_KS,
-    grid: int = 4,
     recall_ks: tuple[int, ...] = (1, 2, 4, 8),
     epsilon: float = 0.05,
     iters: int = 100,
+    tol: float | None = None,
     marginals: str = "cross_correlation",
     batch_size: int = 128,
     num_workers: int = 0,
@@ -149,16 +96,15 @@ def evaluate_rerank_sweep(
     index_dir: str | Path | None = None,
 ) -> dict[int, dict[str, float]]:
     """R@K / R-Precision / MAP@R after structural re-ranking of each query's global top-K, for
-    every K of ``ks`` (K = 0: the global ranking). Training-free on any model: without a spatial
-    head, its global head is applied at every location (DIML, Zhao et al. 2021, Sec. 3.5).
+    every K of ``ks`` (K = 0: the global ranking). ``model``'s output must carry ``local`` cells
+    (:class:`glassmetric.retriever.model.InferenceModel` gives them training-free for a model
+    without a spatial head). ``epsilon, iters, tol, marginals``: the OT settings.
 
     Embeddings, shortlist and optimal transport on ``device``; with ``knn_backend="index"``
     the shortlist comes from the faiss gallery index (as in :func:`evaluate_model`)."""
-    from glassmetric.models.spatial_head import ensure_spatial_head
     from glassmetric.retrieval.embed import embed_fields
     from glassmetric.retrieval.rerank import rerank_sweep
 
-    ensure_spatial_head(model, grid)
     kw = dict(batch_size=batch_size, num_workers=num_workers, device=device or default_device(), progress=progress)
     query = embed_fields(model, dataset, **kw)
     ref = embed_fields(model, gallery, **kw) if gallery is not None else None
@@ -172,5 +118,5 @@ def evaluate_rerank_sweep(
         query["embedding"], query["local"],
         None if ref is None else ref["embedding"], None if ref is None else ref["local"],
         query_labels=query["labels"], gallery_labels=None if ref is None else ref["labels"],
-        ks=ks, recall_ks=recall_ks, epsilon=epsilon, iters=iters, marginals=marginals, index=index,
+        ks=ks, recall_ks=recall_ks, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals, index=index,
     )

@@ -59,6 +59,7 @@ def score_shortlist(
     *,
     epsilon: float = 0.05,
     iters: int = 100,
+    tol: float | None = None,
     marginals: str = "cross_correlation",
     introspective: IntrospectiveParams | None = None,
 ) -> ScoredShortlist:
@@ -66,7 +67,8 @@ def score_shortlist(
 
     ``query`` and ``gallery`` hold :func:`glassmetric.retrieval.embed.embed_fields` outputs:
     ``"embedding"`` (N, D) always, ``"local"`` (N, g*g, D) and ``"uncertainty"`` (N, Du) when
-    the model has them (both sides must). ``introspective`` defaults to the paper's parameters.
+    the model has them (both sides must). ``epsilon, iters, tol, marginals``: the OT settings of the
+    structural score. ``introspective`` defaults to the paper's parameters.
     """
     idx = torch.as_tensor(indices).long()
     qg, gg = query["embedding"].float(), gallery["embedding"].float()
@@ -74,7 +76,7 @@ def score_shortlist(
         raise ValueError(f"indices must be (Q={len(qg)}, k), got shape {tuple(idx.shape)}")
     out = ScoredShortlist(indices=idx, global_scores=(qg[:, None, :] * gg[idx]).sum(-1))
     if query.get("local") is not None and gallery.get("local") is not None and idx.numel():
-        kw = dict(epsilon=epsilon, iters=iters, tol=None, marginals=marginals)
+        kw = dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals)
         _, ss = _rescore(qg, query["local"].float(), gg, gallery["local"].float(), idx, None, kw)
         out.structural_scores, out.multiscale_scores = ss, out.global_scores + ss
     uq, ug = query.get("uncertainty"), gallery.get("uncertainty")

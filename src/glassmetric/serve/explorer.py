@@ -24,16 +24,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from glassmetric.config import Config
 from glassmetric.errors import ConfigError, GlassmetricError
 from glassmetric.data.transforms import normalisation
 from glassmetric.explain.pair import explain_views, model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
-from glassmetric.report.build import model_fields
+from glassmetric.report.build import report_fields
 from glassmetric.retrieval.shortlist import score_shortlist
+from glassmetric.retriever import Retriever
 from glassmetric.serve.gallery import Gallery, folder_source, load_gallery, split_source
 from glassmetric.serve.search import ExactSearch, GallerySearch, IndexSearch, top_k
-from glassmetric.training.module import introspective_params, load_trained
 
 __all__ = ["Explorer", "UnknownQuery"]
 
@@ -90,13 +89,13 @@ def _upload_bytes(q: _Query) -> int:
 
 
 class Explorer:
-    def __init__(self, model: torch.nn.Module, cfg: Config, gallery: Gallery, search: GallerySearch | None = None, *,
-                 fields: tuple[str, ...], checkpoint: str = "", recent: int = 64, upload_store_bytes: int = 64 * 2**20,
-                 device: str = "cpu"):
-        self.model, self.cfg, self.gallery, self.fields = model.eval(), cfg, gallery, fields
+    def __init__(self, retriever: Retriever, gallery: Gallery, search: GallerySearch | None = None, *,
+                 fields: tuple[str, ...], checkpoint: str = "", recent: int = 64, upload_store_bytes: int = 64 * 2**20):
+        self.retriever, self.gallery, self.fields = retriever, gallery, fields
+        self.model, self.cfg, self.device = retriever.model, retriever.cfg, retriever.device
         self.search_index = search or ExactSearch(gallery.fields["embedding"])
-        self.checkpoint, self.device = checkpoint, device
-        self.normalise = normalisation(model.backbone.mean, model.backbone.std)
+        self.checkpoint = checkpoint
+        self.normalise = normalisation(self.model.backbone.mean, self.model.backbone.std)
         self.uploads, self.figures = _Recent(recent, upload_store_bytes, _upload_bytes), _Recent(4 * recent)
 
     @classmethod
@@ -115,16 +114,16 @@ class Explorer:
 
         if knn not in ("exact", "index"):
             raise ConfigError(f"knn: expected 'exact' or 'index', got {knn!r}")
-        model, cfg = load_trained(checkpoint, list(overrides))
-        model.to(device)
-        fields = model_fields(model, cfg)
-        source = folder_source(gallery_root) if gallery_root is not None else split_source(cfg, model, split)
+        retriever = Retriever.from_checkpoint(checkpoint, device, list(overrides))
+        cfg, fields = retriever.cfg, report_fields(retriever)
+        source = folder_source(gallery_root) if gallery_root is not None else split_source(retriever, split)
         source.dataset.set_bad_image_policy(cfg.data.on_bad_image)
-        gallery = load_gallery(model, cfg, checkpoint, source, fields, cache_dir=cache_dir, device=device, progress=progress)
+        gallery = load_gallery(retriever.model, cfg, checkpoint, source, fields, cache_dir=cache_dir, device=device,
+                               progress=progress)
         search = None
         if knn == "index" or index_dir is not None:
             search = IndexSearch(cached_gallery_index(gallery.fields["embedding"], cfg.eval.index, index_dir))
-        return cls(model, cfg, gallery, search, fields=fields, checkpoint=str(checkpoint), device=device,
+        return cls(retriever, gallery, search, fields=fields, checkpoint=str(checkpoint),
                    upload_store_bytes=upload_store_bytes)
 
     # ------------------------------------------------------------------------------ queries
@@ -178,9 +177,9 @@ class Explorer:
         query picked from a labelled gallery, whether each is of its class)."""
         q = self.query(qid)
         _, idx = top_k(self.search_index, q.fields["embedding"], k, exclude=q.index)
-        s = self.cfg.structural
-        scored = score_shortlist(q.fields, self.gallery.fields, idx[None], epsilon=s.epsilon, iters=s.iters,
-                                 marginals=s.marginals, introspective=introspective_params(self.cfg))
+        ot = self.retriever.settings
+        scored = score_shortlist(q.fields, self.gallery.fields, idx[None], epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol,
+                                 marginals=ot.marginals, introspective=self.retriever.introspective)
         results = []
         for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0))):
             correct = None
@@ -201,7 +200,8 @@ class Explorer:
         cached = self.figures.get(key)
         if cached is None:
             q, gi = self.query(qid), self.gallery_index(gid)
-            pair = explain_views(self.model, self.cfg, q.view(), model_view(self.cfg, self.gallery.image(gi)))
+            pair = explain_views(self.model, self.cfg, q.view(), model_view(self.cfg, self.gallery.image(gi)),
+                                 introspective=self.retriever.introspective)
             pngs = {}
             for kind, fig in pair_figures(pair, ("query", self.gallery.name(gi))).items():
                 buffer = io.BytesIO()

@@ -28,9 +28,9 @@ from glassmetric.config import Config
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.folder import ImageFolderDataset, _image_files, _PathDataset, class_folders
 from glassmetric.errors import DataError
+from glassmetric.checkpoints import atomic_torch_save, safe_torch_load
+from glassmetric.factory import eval_transform
 from glassmetric.retrieval.embed import embed_fields
-from glassmetric.training.checkpoint_io import atomic_torch_save, safe_torch_load
-from glassmetric.training.fit import eval_transform
 
 __all__ = ["Gallery", "GallerySource", "default_cache_dir", "folder_source", "load_gallery", "split_source"]
 
@@ -109,11 +109,11 @@ def folder_source(root: str | Path, transform=None) -> GallerySource:
     return GallerySource(str(root), data, names, tuple(classes), "\n".join(lines))
 
 
-def split_source(cfg: Config, model: torch.nn.Module, split: str = "test") -> GallerySource:
-    """The ``split`` of the checkpoint's data set (its class labels as class names)."""
-    from glassmetric.retrieval.evaluate import eval_datasets
-
-    name, data, _ = eval_datasets(cfg, model, split=split)
+def split_source(retriever, split: str = "test") -> GallerySource:
+    """The ``split`` of the checkpoint's data set (its class labels as class names), from a
+    :class:`glassmetric.Retriever`."""
+    cfg = retriever.cfg
+    name, data, _ = retriever.eval_data(split=split)
     classes = tuple(str(c) for c in range(int(data.labels.max()) + 1)) if len(data) else ()
     fingerprint = json.dumps({"split": split, "data": cfg.to_dict()["data"], "n": len(data)}, sort_keys=True, default=str)
     return GallerySource(name, data, [f"{split} image {i}" for i in range(len(data))], classes, fingerprint)

@@ -32,15 +32,15 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from glassmetric.config import Config, save_config
-from glassmetric.data.registry import Splits, build_splits
+from glassmetric.checkpoints import safe_torch_load
+from glassmetric.data.image_io import collate_readable
+from glassmetric.data.registry import Splits
 from glassmetric.data.sampler import MPerClassBatchSampler
-from glassmetric.data.transforms import build_transforms
 from glassmetric.errors import CheckpointError
+from glassmetric.factory import build_model_from_config, evaluation_recall_ks, make_splits
 from glassmetric.outputs import atomic_write_text, writable_folder
 from glassmetric.retrieval.evaluate import evaluate_model
-from glassmetric.retrieval.metrics import recall_ks_for
-from glassmetric.data.image_io import collate_readable
-from glassmetric.training.checkpoint_io import AtomicCheckpointIO, safe_torch_load
+from glassmetric.training.checkpoint_io import AtomicCheckpointIO
 from glassmetric.training.distributed import IndexedDataset, check_devices, ddp_strategy, eval_sampler
 from glassmetric.training.guards import reliability_callbacks
 from glassmetric.training.resume import (
@@ -51,7 +51,7 @@ from glassmetric.training.resume import (
     resume_checkpoint,
 )
 from glassmetric.training.run_folder import clear_previous_run, is_launching_process, run_folder_lock
-from glassmetric.training.module import MetricLearner, build_model_from_config
+from glassmetric.training.module import MetricLearner
 from glassmetric.training.throughput import ThroughputMonitor
 
 
@@ -125,22 +125,6 @@ class FitResult:
     #: wall time of each epoch run in this call, and the share of step time spent waiting for data
     epoch_seconds: list[float] = field(default_factory=list)
     data_wait_share: float = 0.0
-
-
-def eval_transform(cfg: Config, model: torch.nn.Module):
-    """Resize + centre crop at the evaluation size, normalised as the backbone expects."""
-    d = cfg.data
-    return build_transforms(False, d.eval_image_size or d.image_size, d.resize, mean=model.backbone.mean, std=model.backbone.std)
-
-
-def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
-    d = cfg.data
-    train_tf = build_transforms(True, d.image_size, mean=model.backbone.mean, std=model.backbone.std, crop_scale=d.crop_scale)
-    return build_splits(d, train_tf, eval_transform(cfg, model), seed=cfg.seed)
-
-
-def evaluation_recall_ks(cfg: Config) -> tuple[int, ...]:
-    return tuple(cfg.eval.recall_ks) if cfg.eval.recall_ks else recall_ks_for(cfg.data.name)
 
 
 def fit(

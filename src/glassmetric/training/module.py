@@ -13,49 +13,12 @@ import numpy as np
 import lightning.pytorch as pl
 import torch
 
+from glassmetric.checkpoints import METADATA_KEY, checkpoint_metadata
 from glassmetric.config import Config
+from glassmetric.factory import build_model_from_config, build_training_loss
 from glassmetric.losses.grouped import GroupedLoss
-from glassmetric.losses.metric_losses import build_loss
-from glassmetric.losses.structural import StructuralSettings
-from glassmetric.models import build_model
-from glassmetric.models.grouping_head import GroupingHead
-from glassmetric.models.introspective_head import UncertaintyHead
-from glassmetric.models.spatial_head import SpatialGridHead
-from glassmetric.similarity.introspective import IntrospectiveParams
-from glassmetric.similarity.ot_settings import OTSettings
-from glassmetric.training.distributed import gather_batch, gather_unique, world
 from glassmetric.retrieval.metrics import retrieval_metrics
-
-
-def build_model_from_config(cfg: Config):
-    m = cfg.model
-    model = build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling, head_init=m.head_init)
-    if m.trainable_backbone is not None:
-        model.backbone.freeze_except(m.trainable_backbone)
-    if m.groups:
-        model.add_head("grouping", GroupingHead(model.backbone.out_channels, m.embedding_dim, m.groups,
-                                                query_std=m.group_query_std))
-    if m.spatial_grid:
-        head = (
-            SpatialGridHead.sharing(model.head, m.spatial_grid)
-            if m.spatial_head == "shared"
-            else SpatialGridHead(model.backbone.out_channels, m.embedding_dim, m.spatial_grid)
-        )
-        model.add_head("spatial", head)
-    if m.uncertainty_dim:
-        model.add_head("uncertainty", UncertaintyHead(model.backbone.out_channels, m.uncertainty_dim))
-    return model
-
-
-def introspective_params(cfg: Config) -> IntrospectiveParams:
-    i = cfg.introspective
-    return IntrospectiveParams(i.alpha_scale, i.alpha_offset, i.beta_scale, i.beta_offset)
-
-
-def structural_settings(cfg: Config, chunk_size: int | None = 32) -> StructuralSettings:
-    return StructuralSettings(
-        ot=OTSettings.from_config(cfg), multiscale=cfg.loss.similarity == "multiscale", chunk_size=chunk_size,
-    )
+from glassmetric.training.distributed import gather_batch, gather_unique, world
 
 
 def mixup_loss(model: torch.nn.Module, loss_fn, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -67,26 +30,6 @@ def mixup_loss(model: torch.nn.Module, loss_fn, images: torch.Tensor, labels: to
     perm = torch.randperm(len(images), device=images.device)
     mixed = model(lam * images + (1.0 - lam) * images[perm])
     return lam * loss_fn(mixed, labels) + (1.0 - lam) * loss_fn(mixed, labels[perm])
-
-
-def build_training_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The loss of ``cfg``: the chosen metric loss (on the global, structural or introspective
-    similarity), or with ``model.groups`` the DGML objective (that loss on every group + the
-    diversity loss, :class:`GroupedLoss`)."""
-    l, m = cfg.loss, cfg.model
-    structural = structural_settings(cfg) if l.similarity in ("structural", "multiscale") else None
-    introspective = introspective_params(cfg) if l.similarity == "introspective" else None
-
-    def make(dim: int, structural_settings_=None):
-        return build_loss(l.name, embedding_dim=dim, num_classes=num_classes, params=l.params,
-                          miner_params=l.miner_params, structural=structural_settings_,
-                          introspective_params=introspective)
-
-    if not m.groups:
-        return make(m.embedding_dim, structural)
-    # with introspection, each group's semantic distance meets the image's uncertainty
-    per_group = [make(m.embedding_dim // m.groups) for _ in range(m.groups)]
-    return GroupedLoss(per_group, l.diversity_weight, make(m.embedding_dim, structural) if structural else None)
 
 
 class MetricLearner(pl.LightningModule):
@@ -207,74 +150,4 @@ class MetricLearner(pl.LightningModule):
         return factor
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from glassmetric import __version__
-
-        checkpoint["glassmetric"] = {"version": __version__, "config": self.cfg.to_dict()}
-
-
-def _checkpoint_parts(ckpt, path) -> tuple[dict, dict]:
-    """The stored config (a copy) and the weights of a ``glassmetric fit`` checkpoint;
-    CheckpointError saying what is wrong with anything else torch can load."""
-    from glassmetric.errors import CheckpointError
-
-    def foreign(what: str) -> CheckpointError:
-        return CheckpointError(f"cannot load checkpoint {path}: not a glassmetric checkpoint: {what}")
-
-    kind = lambda v: type(v).__name__
-    if not isinstance(ckpt, dict):
-        raise foreign(f"the top level is a {kind(ckpt)}, not a mapping")
-    if "state_dict" not in ckpt or not isinstance(ckpt.get("glassmetric"), dict) or "config" not in ckpt["glassmetric"]:
-        raise foreign(f"no 'state_dict' and 'glassmetric' config (its keys: {', '.join(map(str, list(ckpt)[:8]))})")
-    weights, stored = ckpt["state_dict"], ckpt["glassmetric"]["config"]
-    if not isinstance(weights, dict):
-        raise foreign(f"'state_dict' is a {kind(weights)}, not a mapping of tensors")
-    bad = next((k for k, v in weights.items() if not isinstance(v, torch.Tensor)), None)
-    if bad is not None:
-        raise foreign(f"'state_dict' entry {bad!r} is a {kind(weights[bad])}, not a tensor")
-    if not isinstance(stored, dict):
-        raise foreign(f"the 'glassmetric' config is a {kind(stored)}, not a mapping")
-    if not isinstance(stored.get("model", {}), dict):
-        raise foreign(f"the stored config's 'model' is a {kind(stored.get('model'))}, not a mapping")
-    return dict(stored), weights
-
-
-def load_trained(path: str, overrides: list[str] = ()) -> tuple[torch.nn.Module, Config]:
-    """The EmbeddingModel and Config stored in a ``glassmetric fit`` checkpoint (weights only).
-
-    ``overrides`` change the stored config (e.g. ``data.root=...`` to evaluate elsewhere);
-    model keys cannot be overridden, since the weights were trained with them.
-    """
-    from glassmetric.config import config_from_dict
-    from glassmetric.errors import CheckpointError, ConfigError
-    from glassmetric.training.checkpoint_io import safe_torch_load
-
-    fixed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith("model.")]
-    if fixed:
-        raise ConfigError(f"{fixed[0]}: model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint")
-    stored, weights = _checkpoint_parts(safe_torch_load(path), path)
-    stored["model"] = {**stored.get("model", {}), "pretrained": False}  # the checkpoint holds the weights
-    try:
-        config_from_dict(stored)
-    except ConfigError as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: its stored config is invalid: {e}") from e
-    cfg = config_from_dict(stored, overrides)
-    model = build_model_from_config(cfg)
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    expected = model.state_dict()
-    misfit = next((k for k, v in state.items() if k in expected and v.shape != expected[k].shape), None)
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if misfit or missing or unexpected:
-        m = cfg.model
-        if misfit:
-            what = (f"{prefix}{misfit} is {tuple(state[misfit].shape)} in the file, "
-                    f"{tuple(expected[misfit].shape)} in the model of the config")
-        else:
-            what = f"missing {[prefix + k for k in missing[:5]]}, unexpected {[prefix + k for k in unexpected[:5]]}"
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: the stored config (model.backbone {m.backbone}, model.embedding_dim "
-            f"{m.embedding_dim}) does not fit the weights: {what}"
-        )
-    model.load_state_dict(state)
-    model.eval()
-    return model, cfg
+        checkpoint[METADATA_KEY] = checkpoint_metadata(self.cfg)

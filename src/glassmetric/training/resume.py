@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from glassmetric.data.image_io import collate_training
 from glassmetric.errors import CheckpointError
-from glassmetric.training.checkpoint_io import previous_path, safe_torch_load
+from glassmetric.checkpoints import previous_path, safe_torch_load
 
 
 def derived_seed(*key: int) -> int:
