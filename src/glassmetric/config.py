@@ -69,7 +69,7 @@ class ModelConfig:
     #: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2) or ``timm:<model>``
     backbone: str = "resnet50"
     #: false, true (ImageNet weights from the usual cache) or a path to a weights file
-    pretrained: Union[bool, str] = False
+    pretrained: bool | str = False
     frozen_bn: bool = False
     #: module paths of the backbone to train (e.g. [blocks.5, blocks.6, conv_head]); null: all
     trainable_backbone: tuple[str, ...] | None = None
@@ -180,7 +180,7 @@ class TrainerConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     #: devices per node: a number >= 1, "auto", or the indices of the GPUs ([0, 1] or "0,1");
     #: the losses see devices x num_nodes x batch_size
-    devices: Union[int, str, tuple[int, ...]] = 1
+    devices: int | str | tuple[int, ...] = 1
     num_nodes: int = 1
     #: "auto" (one device: none; several: Lightning's DDP) or "ddp" (processes started by
     #: Lightning or by torchrun), "ddp_spawn"; see README "Training on several GPUs"
@@ -354,7 +354,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if args and args[-1] is Ellipsis:
                 return tuple(_coerce(v, args[0], key) for v in value)
             if len(value) == len(args):
-                return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+                return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     elif origin is dict:
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return dict(value)
@@ -377,9 +377,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, dict):
-            return _build(tp, value, key + ".")
+    elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _build(tp, value, key + ".")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -529,7 +528,7 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def _line_column(text: str | bytes, index: int) -> str:

@@ -8,8 +8,8 @@ dictionary the training and evaluation loops batch together.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
     #: the file, ``skip`` logs it and returns None (see :mod:`glassmetric.data.image_io`)
     on_bad_image: str = "error"
 
-    def set_bad_image_policy(self, policy: str) -> "RetrievalDataset":
+    def set_bad_image_policy(self, policy: str) -> RetrievalDataset:
         self.on_bad_image = check_policy(policy)
         return self
 

@@ -7,8 +7,9 @@ for, are carved out of the training classes, so model selection never sees a tes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def _synthetic(cfg: DataConfig, train_transform: Callable | None, eval_transform
     from glassmetric.data.synthetic import SyntheticParts
 
     s = cfg.synthetic
-    common = dict(num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size, seed=s.seed, style=s.style)
+    common: dict[str, Any] = {"num_classes": s.num_classes, "images_per_class": s.images_per_class, "image_size": cfg.image_size, "seed": s.seed, "style": s.style}
     return SyntheticParts("train", transform=train_transform, **common), SyntheticParts("test", transform=eval_transform, **common)
 
 
@@ -155,4 +156,4 @@ def build_splits(cfg: DataConfig, train_transform: Callable | None, eval_transfo
     return splits
 
 
-__all__ = ["DATASETS", "Splits", "build_splits", "build_base_splits", "carve_validation", "split_by_classes"]
+__all__ = ["DATASETS", "Splits", "build_base_splits", "build_splits", "carve_validation", "split_by_classes"]

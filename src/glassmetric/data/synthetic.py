@@ -25,9 +25,9 @@ from __future__ import annotations
 import colorsys
 import itertools
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -87,7 +87,7 @@ _BIRD_CENTRE = np.array([0.04, 0.08])  # centre of the bird's extent, placed nea
 
 def class_attributes(class_id: int) -> dict[str, str]:
     """The attribute combination that defines class ``class_id`` (0 <= class_id < MAX_CLASSES)."""
-    return dict(zip(ATTRIBUTES, _COMBINATIONS[_CLASS_ORDER[class_id]]))
+    return dict(zip(ATTRIBUTES, _COMBINATIONS[_CLASS_ORDER[class_id]], strict=True))
 
 
 @dataclass
@@ -131,7 +131,7 @@ def _muted(rng: np.random.Generator, value=(0.3, 0.8), saturation=(0.05, 0.35)) 
     return tuple(int(255 * c) for c in rgb)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _paint_rgb(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     """The painting palette: hue turned by 25 degrees, paler and lighter."""
     h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
@@ -183,13 +183,13 @@ def _bird(attrs: dict[str, str], rng: np.random.Generator, palette: Callable) ->
 
     head, radius = np.array([0.5 * sb, -0.3 * sb]), 0.19 * sh
     shapes.append(_Shape(HEAD, _CIRCLE * radius + head, _jitter(palette(_HEAD_RGB[attrs["head_colour"]]), rng)))
-    eye = head + (0.45 * radius, -0.3 * radius)
+    eye = head + np.array((0.45 * radius, -0.3 * radius))
     shapes.append(_Shape(HEAD, _SPOT * 0.2 * radius + eye, palette(_EYE_RGB), detail=True))
     shapes.append(_Shape(HEAD, _SPOT * 0.12 * radius + eye, palette(_PUPIL_RGB), detail=True))
     anchors[HEAD] = head
 
     beak, beak_anchor = _BEAKS[attrs["beak_shape"]]
-    beak_base, beak_angle = head + (radius - 0.03, 0.02), 0.12
+    beak_base, beak_angle = head + np.array((radius - 0.03, 0.02)), 0.12
     shapes.append(_Shape(BEAK, _place(beak * sk, beak_angle, beak_base), _jitter(palette(_BEAK_RGB), rng)))
     anchors[BEAK] = _place([[beak_anchor * sk, 0.0]], beak_angle, beak_base)[0]
     return shapes, anchors

@@ -255,12 +255,12 @@ def structural_pair_figure(
     ax.imshow(img_x, extent=ext_x, interpolation="antialiased")
     ax.imshow(img_y, extent=ext_y, interpolation="antialiased")
     mass_norm = Normalize(0.0, max(float(mu.max()), float(nu.max()), 1e-12))
-    heat_kw = dict(cmap=_MASS_CMAP, norm=mass_norm, alpha=_HEAT_ALPHA, interpolation="nearest")
+    heat_kw: dict[str, Any] = {"cmap": _MASS_CMAP, "norm": mass_norm, "alpha": _HEAT_ALPHA, "interpolation": "nearest"}
     heat = ax.imshow(mu.reshape(gx, gx), extent=ext_x, **heat_kw)
     ax.imshow(nu.reshape(gy, gy), extent=ext_y, **heat_kw)
 
     # cell grid and row / column indices
-    grid_style = dict(color="white", lw=0.6, alpha=0.55)
+    grid_style: dict[str, Any] = {"color": "white", "lw": 0.6, "alpha": 0.55}
     # row indices left of the query and right of the candidate, clear of the flows in the gap
     for x0, w, g, left in ((0.0, wx, gx, True), (x0_y, wy, gy, False)):
         for k in range(1, g):
@@ -341,7 +341,7 @@ def structural_pair_figure(
         axb.spines[side].set_visible(False)
     if not many:
         span = float(np.abs(vals).max()) or 1.0
-        for p, v in zip(pos, vals):
+        for p, v in zip(pos, vals, strict=True):
             if abs(v) < 0.01 * span:  # labels of invisible bars would only clutter
                 continue
             axb.text(p, v + (0.02 if v >= 0 else -0.02) * span, f"{v:.2g}", ha="center",
@@ -461,8 +461,7 @@ def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] 
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(3, k + 1, height_ratios=[1.0, 1.0, 0.62])
     vmax = max(float(a.max()) for a in att)
-    for row, (img, maps, title) in enumerate(zip(images, att, titles)):
-        h, w = img.shape[:2]
+    for row, (img, maps, title) in enumerate(zip(images, att, titles, strict=False)):
         ax = fig.add_subplot(gs[row, 0])
         ax.imshow(img)
         ax.set_title(title, fontsize=10, fontweight="bold")
@@ -477,7 +476,7 @@ def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] 
     pos = np.arange(k)
     axb.bar(pos, contrib, color=np.where(contrib >= 0, "#2a7f9e", "#d9603b"), width=0.6, zorder=2)
     axb.axhline(0.0, color="0.3", lw=0.8)
-    for p, v in zip(pos, contrib):
+    for p, v in zip(pos, contrib, strict=True):
         axb.text(p, v, f"{v:.3f}", ha="center", va="bottom" if v >= 0 else "top", fontsize=9)
     axb.set_xticks(pos, [f"group {i + 1}" for i in range(k)])
     axb.set_ylabel("contribution\n$\\cos_i / k$", fontsize=9)

@@ -89,4 +89,4 @@ def compare_with_torch(model: nn.Module, path: str | Path, image_size: int, *, b
     got = session.run(names, {"images": images.numpy()})
     with torch.no_grad():
         ref = model.eval().cpu()(images)
-    return {n: float((torch.from_numpy(g) - getattr(ref, n)).abs().max()) for n, g in zip(names, got)}
+    return {n: float((torch.from_numpy(g) - getattr(ref, n)).abs().max()) for n, g in zip(names, got, strict=True)}

@@ -167,7 +167,7 @@ class Backbone(nn.Module):
         ]
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
         frozen = self.batchnorm_layers() if self.frozen_bn else getattr(self, "_frozen_bn_layers", [])
         for bn in frozen:
@@ -326,8 +326,8 @@ def _torchvision_state_dict(arch: str, url: str) -> dict[str, torch.Tensor]:
 #: backbone name -> builder(name, pretrained): the names :func:`build_backbone` accepts as they
 #: are; besides these, any timm model as ``"timm:<model>"``
 BACKBONES: dict[str, Callable[[str, bool | str | os.PathLike[str]], Backbone]] = {
-    **{arch: _build_torchvision for arch in TORCHVISION_BACKBONES},
-    **{arch: _build_efficientnet_lite for arch in EFFICIENTNET_LITE_BACKBONES},
+    **dict.fromkeys(TORCHVISION_BACKBONES, _build_torchvision),
+    **dict.fromkeys(EFFICIENTNET_LITE_BACKBONES, _build_efficientnet_lite),
 }
 
 

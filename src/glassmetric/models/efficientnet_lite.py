@@ -262,9 +262,9 @@ def map_efficientnet_pytorch_state_dict(
     for key in state:
         structural = source_structural_name(key)
         if structural is None or structural not in by_structure:
-            if structural is not None and structural.startswith("classifier."):
-                if not any(s.startswith("classifier.") for s in by_structure):
-                    continue  # a headless model: the ImageNet classifier is not used
+            if (structural is not None and structural.startswith("classifier.")
+                    and not any(s.startswith("classifier.") for s in by_structure)):
+                continue  # a headless model: the ImageNet classifier is not used
             unexpected.append(key)
         elif structural in from_source:
             duplicated.append(f"{key} and {from_source[structural]}")

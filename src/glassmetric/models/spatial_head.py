@@ -45,7 +45,7 @@ class SpatialGridHead(nn.Module):
         self._shared = (share,) if share is not None else None
 
     @classmethod
-    def sharing(cls, head: GlobalHead, grid: int = 4) -> "SpatialGridHead":
+    def sharing(cls, head: GlobalHead, grid: int = 4) -> SpatialGridHead:
         """A grid head that applies ``head``'s linear layer at every location (no own weights)."""
         return cls(head.in_channels, head.embedding_dim, grid, share=head)
 

@@ -65,8 +65,9 @@ def fingerprint(vectors: Tensor | np.ndarray) -> str:
     return "blake2b:" + h.hexdigest()
 
 
-def choose_kind(size: int, settings: IndexConfig = IndexConfig()) -> str:
+def choose_kind(size: int, settings: IndexConfig | None = None) -> str:
     """The index kind for a gallery of ``size`` items."""
+    settings = IndexConfig() if settings is None else settings
     if settings.kind != "auto":
         return settings.kind
     if size < settings.exact_below:
@@ -88,8 +89,9 @@ def _search_request(settings: IndexConfig) -> dict:
     return {"nprobe": settings.nprobe, "ef_search": settings.ef_search, "target_recall": settings.target_recall}
 
 
-def build_plan(size: int, settings: IndexConfig = IndexConfig()) -> tuple[str, dict]:
+def build_plan(size: int, settings: IndexConfig | None = None) -> tuple[str, dict]:
     """``(kind, build parameters)`` of an index over ``size`` items under ``settings``."""
+    settings = IndexConfig() if settings is None else settings
     kind = choose_kind(size, settings)
     if kind == "hnsw":
         return kind, {"hnsw_m": settings.hnsw_m, "ef_construction": settings.ef_construction}
@@ -133,9 +135,10 @@ class GalleryIndex:
         return f"GalleryIndex(kind={self.kind!r}, size={len(self)}, dim={self.dim}, params={self.params})"
 
     @classmethod
-    def build(cls, vectors: Tensor | np.ndarray, settings: IndexConfig = IndexConfig(), *, seed: int = 0) -> "GalleryIndex":
+    def build(cls, vectors: Tensor | np.ndarray, settings: IndexConfig | None = None, *, seed: int = 0) -> GalleryIndex:
         """Index ``vectors`` ``(N, D)`` (row i gets id i) with the kind :func:`choose_kind` picks,
         its search tuned to ``settings.target_recall`` (see :meth:`set_search_params`)."""
+        settings = IndexConfig() if settings is None else settings
         faiss = import_faiss()
         x = _as_array(vectors)
         n, d = x.shape
@@ -222,7 +225,7 @@ class GalleryIndex:
         _, truth = knn(torch.from_numpy(x[own]), torch.from_numpy(x), k + 1)
         _, found = self.faiss_index.search(x[own], k + 1)
         truth, found = _drop_own(truth.numpy(), own, k), _drop_own(found, own, k)
-        hits = sum(len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(found, truth))
+        hits = sum(len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True))
         return hits / truth.size
 
     def search(self, queries: Tensor | np.ndarray, k: int, *, exclude_self: bool = False) -> tuple[Tensor, Tensor]:
@@ -246,9 +249,10 @@ class GalleryIndex:
                 f"the gallery index holds {len(self)} vectors of dim {self.dim}, the gallery is {tuple(gallery.shape)}"
             )
 
-    def mismatch(self, gallery: Tensor | np.ndarray, settings: IndexConfig = IndexConfig()) -> str | None:
+    def mismatch(self, gallery: Tensor | np.ndarray, settings: IndexConfig | None = None) -> str | None:
         """Why this index does not serve ``gallery`` under ``settings`` (another size, other
         embeddings, another kind or build parameters), or None when it does."""
+        settings = IndexConfig() if settings is None else settings
         x = _as_array(gallery)
         if x.shape != (len(self), self.dim):
             return f"holds {len(self)} vectors of dim {self.dim}, the gallery is {x.shape}"
@@ -288,7 +292,7 @@ class GalleryIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, settings: IndexConfig | None = None) -> "GalleryIndex":
+    def load(cls, folder: str | Path, settings: IndexConfig | None = None) -> GalleryIndex:
         """Read a folder written by :meth:`save`. Its stored (tuned) search knobs are kept, unless
         ``settings`` ask for other ones: those are then set as given, untuned."""
         faiss = import_faiss()

@@ -44,7 +44,7 @@ class UncertaintyReport:
             "recall@1_uncertain_half": self.recall_at_1_uncertain_half,
             "uncertainty_mean": float(self.uncertainty.mean()) if len(self.uncertainty) else float("nan"),
             "uncertainty_std": float(self.uncertainty.std()) if len(self.uncertainty) else float("nan"),
-            "n_queries": int(len(self.uncertainty)),
+            "n_queries": len(self.uncertainty),
         }
 
 
@@ -74,7 +74,10 @@ def uncertainty_vs_failure(
     u = uncertainty.double().numpy()
     order = np.argsort(u, kind="stable")
     half = len(u) // 2
-    r1 = lambda sel: float(correct[sel].mean()) if len(sel) else float("nan")
+
+    def r1(sel: np.ndarray) -> float:
+        return float(correct[sel].mean()) if len(sel) else float("nan")
+
     return UncertaintyReport(
         uncertainty=u, labels=query_labels.numpy(), neighbour=neighbour.numpy(), correct=correct,
         auroc=auroc(u, ~correct), recall_at_1_certain_half=r1(order[:half]), recall_at_1_uncertain_half=r1(order[half:]),

@@ -98,7 +98,7 @@ def folder_source(root: str | Path, transform=None) -> GallerySource:
             raise DataError(f"no images under the gallery folder {root}")
         data, classes = _PathDataset(files, [0] * len(files), (), transform), ()
     lines = []
-    for path, label in zip(data.paths, data.labels):
+    for path, label in zip(data.paths, data.labels, strict=True):
         try:
             st = path.stat()
             stamp = f"{st.st_size}\0{st.st_mtime_ns}"

@@ -88,7 +88,7 @@ def _all_gather_rows(tensor: Tensor) -> list[Tensor]:
     padded[: len(t)] = t
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return [o[: int(s.item())].to(tensor.device) for o, s in zip(out, sizes)]
+    return [o[: int(s.item())].to(tensor.device) for o, s in zip(out, sizes, strict=True)]
 
 
 def gather_unique(values: Mapping[str, Tensor], index: Tensor, size: int | None = None,

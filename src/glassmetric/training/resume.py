@@ -26,8 +26,8 @@ the one the checkpoint was trained with, naming the keys and both values.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import lightning.pytorch as pl
 import numpy as np
@@ -280,7 +280,10 @@ def check_resumed_shapes(cfg, path: Path, checkpoint: dict, module: torch.nn.Mod
     if mine == theirs:
         return
     name = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
-    shape = lambda shapes: f"of shape {list(shapes[name])}" if name in shapes else "absent"
+
+    def shape(shapes: dict[str, tuple[int, ...]]) -> str:
+        return f"of shape {list(shapes[name])}" if name in shapes else "absent"
+
     why = ""
     stored = checkpoint.get("glassmetric", {}).get("config") if isinstance(checkpoint.get("glassmetric"), dict) else None
     if isinstance(stored, dict):
