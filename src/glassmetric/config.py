@@ -12,6 +12,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -377,7 +378,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
         return _build(tp, value, key + ".")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
@@ -532,9 +533,11 @@ def _load_yaml(text: str) -> Any:
 
 
 def _line_column(text: str | bytes, index: int) -> str:
-    newline = "\n" if isinstance(text, str) else b"\n"
-    line = text.count(newline, 0, index) + 1
-    return f"line {line}, column {index - (text.rfind(newline, 0, index) + 1) + 1}"
+    if isinstance(text, str):
+        line, start = text.count("\n", 0, index) + 1, text.rfind("\n", 0, index) + 1
+    else:
+        line, start = text.count(b"\n", 0, index) + 1, text.rfind(b"\n", 0, index) + 1
+    return f"line {line}, column {index - start + 1}"
 
 
 def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
@@ -595,14 +598,14 @@ def resolve_config_path(name_or_path: str) -> Path:
     return preset
 
 
-def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+def config_from_dict(values: dict, overrides: Sequence[str] = ()) -> Config:
     values = dict(values)
     for text in overrides:
         _merge(values, *parse_override(text))
     return validate(_build(Config, values))
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> Config:
+def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a preset or YAML file (or the defaults when None), apply overrides, validate."""
     values = read_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
     return config_from_dict(values, overrides)

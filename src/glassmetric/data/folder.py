@@ -40,7 +40,7 @@ def class_folders(root: str | Path) -> list[str]:
 
 def _image_files(folder: Path) -> list[Path]:
     """The image files under ``folder`` at any depth, sorted by relative path."""
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         files.extend(

@@ -123,20 +123,21 @@ def _place(points, angle: float, offset) -> np.ndarray:
 
 
 def _jitter(rgb, rng: np.random.Generator, amount: int = 10) -> tuple[int, int, int]:
-    return tuple(int(v) for v in np.clip(np.add(rgb, rng.integers(-amount, amount + 1, 3)), 0, 255))
+    r, g, b = (int(v) for v in np.clip(np.add(rgb, rng.integers(-amount, amount + 1, 3)), 0, 255))
+    return r, g, b
 
 
 def _muted(rng: np.random.Generator, value=(0.3, 0.8), saturation=(0.05, 0.35)) -> tuple[int, int, int]:
-    rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*saturation), rng.uniform(*value))
-    return tuple(int(255 * c) for c in rgb)
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*saturation), rng.uniform(*value))
+    return int(255 * r), int(255 * g), int(255 * b)
 
 
 @cache
 def _paint_rgb(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     """The painting palette: hue turned by 25 degrees, paler and lighter."""
     h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
-    out = colorsys.hsv_to_rgb((h + 25 / 360) % 1.0, 0.65 * s, 0.35 + 0.6 * v)
-    return tuple(int(255 * c) for c in out)
+    r, g, b = colorsys.hsv_to_rgb((h + 25 / 360) % 1.0, 0.65 * s, 0.35 + 0.6 * v)
+    return int(255 * r), int(255 * g), int(255 * b)
 
 
 def _inside(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:

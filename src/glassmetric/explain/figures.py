@@ -290,7 +290,8 @@ def structural_pair_figure(
         if len(rows) else np.zeros(0)
     )
     flows = LineCollection(
-        segments, linewidths=widths, cmap=_SIM_CMAP, norm=sim_norm, capstyle="round", zorder=4
+        segments,  # type: ignore[arg-type]  # an (F, points, 2) array works; matplotlib's stubs ask for a Sequence
+        linewidths=widths, cmap=_SIM_CMAP, norm=sim_norm, capstyle="round", zorder=4
     )
     flows.set_array(S[rows[order], cols[order]] if len(rows) else np.zeros(0))
     flows.set_gid(FLOWS_GID)
@@ -298,7 +299,8 @@ def structural_pair_figure(
     if len(rows):
         # a black outline 1.6 pt wider than each line keeps it visible on any background
         outline = LineCollection(
-            segments, linewidths=widths + 1.6, colors="black", capstyle="round", zorder=3.9, alpha=0.8
+            segments,  # type: ignore[arg-type]  # an (F, points, 2) array works; matplotlib's stubs ask for a Sequence
+            linewidths=widths + 1.6, colors="black", capstyle="round", zorder=3.9, alpha=0.8
         )
         ax.add_collection(outline)
         ends = np.concatenate([cx[np.unique(rows)], cy[np.unique(cols)]])
@@ -344,7 +346,7 @@ def structural_pair_figure(
         for p, v in zip(pos, vals, strict=True):
             if abs(v) < 0.01 * span:  # labels of invisible bars would only clutter
                 continue
-            axb.text(p, v + (0.02 if v >= 0 else -0.02) * span, f"{v:.2g}", ha="center",
+            axb.text(float(p), v + (0.02 if v >= 0 else -0.02) * span, f"{v:.2g}", ha="center",
                      va="bottom" if v >= 0 else "top", fontsize=7, color="0.25")
         axb.margins(y=0.12)
     if abs(ss) >= 1e-12 and np.all(vals * np.sign(ss) >= 0):
@@ -430,6 +432,7 @@ def group_attention_grid_figure(images, attention, *, titles=None, group_parts=N
             if row == 0:
                 head = f"group {i + 1}" + (f"\n({group_parts[i]})" if group_parts is not None else "")
                 ax.set_title(head, fontsize=9)
+    assert heat is not None  # at least one image and one group
     fig.colorbar(heat, ax=fig.axes, location="right", shrink=0.4, label="attention")
     return fig
 

@@ -72,6 +72,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, opset: i
             wrapper, (example,), dynamo=True, verbose=False, input_names=["images"], output_names=names, opset_version=opset,
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False,
         )
+    assert program is not None  # the dynamo exporter returns the program
     program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path))
     return names

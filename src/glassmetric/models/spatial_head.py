@@ -52,6 +52,7 @@ class SpatialGridHead(nn.Module):
     def project(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, D, h, w): the embedding layer at every location."""
         if self._shared is None:
+            assert self.conv is not None  # built when no head is shared
             return self.conv(feature_map)
         linear = self._shared[0].linear
         return F.linear(feature_map.movedim(1, -1), linear.weight, linear.bias).movedim(-1, 1)

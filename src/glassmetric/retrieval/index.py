@@ -30,6 +30,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from glassmetric.config import IndexConfig
 from glassmetric.errors import IndexFileError
 
 from .knn import import_faiss, iter_faiss_index
+
+#: the kinds of a built index (``eval.index.kind`` also takes ``auto``)
+IndexKind = Literal["exact", "hnsw", "ivf"]
 
 __all__ = ["FORMAT", "GalleryIndex", "IndexRecallWarning", "build_plan", "choose_kind", "fingerprint"]
 
@@ -61,7 +65,7 @@ def fingerprint(vectors: Tensor | np.ndarray) -> str:
     gallery and the transform that made them."""
     x = _as_array(vectors)
     h = hashlib.blake2b(f"{x.shape}".encode(), digest_size=16)
-    h.update(memoryview(x).cast("B"))
+    h.update(memoryview(x).cast("B"))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
     return "blake2b:" + h.hexdigest()
 
 
@@ -222,9 +226,9 @@ class GalleryIndex:
         if k < 1:
             return 1.0
         own = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
-        _, truth = knn(torch.from_numpy(x[own]), torch.from_numpy(x), k + 1)
-        _, found = self.faiss_index.search(x[own], k + 1)
-        truth, found = _drop_own(truth.numpy(), own, k), _drop_own(found, own, k)
+        _, exact = knn(torch.from_numpy(x[own]), torch.from_numpy(x), k + 1)
+        _, approximate = self.faiss_index.search(x[own], k + 1)
+        truth, found = _drop_own(exact.numpy(), own, k), _drop_own(approximate, own, k)
         hits = sum(len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True))
         return hits / truth.size
 
@@ -261,7 +265,7 @@ class GalleryIndex:
         if self.fingerprint != fingerprint(x):
             return "was built from other embeddings (another checkpoint, gallery or transform)"
         kind, params = build_plan(len(x), settings)
-        built = {key: self.params.get(key) for key in build_plan(len(x), IndexConfig(kind=self.kind))[1]}
+        built = {key: self.params.get(key) for key in build_plan(len(x), IndexConfig(kind=cast(IndexKind, self.kind)))[1]}  # a kind choose_kind picked
         if (kind, params) != (self.kind, built):
             return f"is {_describe(self.kind, built)}, eval.index asks for {_describe(kind, params)}"
         return None
