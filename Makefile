@@ -2,6 +2,7 @@
 # `make demo` ends with an HTML report: open runs/demo/report/index.html; `make serve-demo` explores it.
 # `make test`: set up .venv with the dev extras and run the whole test suite (browser tests included
 # where /usr/bin/chromium exists); `make test-browser`: the headless-Chromium tests alone.
+# `make lint`: ruff (lint and format check) on src, tests and bench, and mypy on src.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 
 DEMO_CKPT := runs/demo/checkpoints/best.ckpt
 
-.PHONY: demo serve-demo test test-browser setup setup-dev clean
+.PHONY: demo serve-demo test test-browser lint setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +47,8 @@ test: setup-dev
 test-browser: setup-dev
 	$(BIN)/python -m pytest -m browser $(PYTEST_ARGS)
 
+lint: setup-dev
+	$(BIN)/ruff check src tests bench && $(BIN)/ruff format --check src tests bench && $(BIN)/mypy
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -12,6 +12,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -69,7 +70,7 @@ class ModelConfig:
     #: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2) or ``timm:<model>``
     backbone: str = "resnet50"
     #: false, true (ImageNet weights from the usual cache) or a path to a weights file
-    pretrained: Union[bool, str] = False
+    pretrained: bool | str = False
     frozen_bn: bool = False
     #: module paths of the backbone to train (e.g. [blocks.5, blocks.6, conv_head]); null: all
     trainable_backbone: tuple[str, ...] | None = None
@@ -180,7 +181,7 @@ class TrainerConfig:
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     #: devices per node: a number >= 1, "auto", or the indices of the GPUs ([0, 1] or "0,1");
     #: the losses see devices x num_nodes x batch_size
-    devices: Union[int, str, tuple[int, ...]] = 1
+    devices: int | str | tuple[int, ...] = 1
     num_nodes: int = 1
     #: "auto" (one device: none; several: Lightning's DDP) or "ddp" (processes started by
     #: Lightning or by torchrun), "ddp_spawn"; see README "Training on several GPUs"
@@ -354,7 +355,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if args and args[-1] is Ellipsis:
                 return tuple(_coerce(v, args[0], key) for v in value)
             if len(value) == len(args):
-                return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+                return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     elif origin is dict:
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
             return dict(value)
@@ -377,9 +378,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, dict):
-            return _build(tp, value, key + ".")
+    elif isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _build(tp, value, key + ".")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -529,13 +529,15 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 def _line_column(text: str | bytes, index: int) -> str:
-    newline = "\n" if isinstance(text, str) else b"\n"
-    line = text.count(newline, 0, index) + 1
-    return f"line {line}, column {index - (text.rfind(newline, 0, index) + 1) + 1}"
+    if isinstance(text, str):
+        line, start = text.count("\n", 0, index) + 1, text.rfind("\n", 0, index) + 1
+    else:
+        line, start = text.count(b"\n", 0, index) + 1, text.rfind(b"\n", 0, index) + 1
+    return f"line {line}, column {index - start + 1}"
 
 
 def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
@@ -596,14 +598,14 @@ def resolve_config_path(name_or_path: str) -> Path:
     return preset
 
 
-def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+def config_from_dict(values: dict, overrides: Sequence[str] = ()) -> Config:
     values = dict(values)
     for text in overrides:
         _merge(values, *parse_override(text))
     return validate(_build(Config, values))
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] = ()) -> Config:
+def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a preset or YAML file (or the defaults when None), apply overrides, validate."""
     values = read_yaml(resolve_config_path(name_or_path)) if name_or_path else {}
     return config_from_dict(values, overrides)

@@ -285,3 +285,18 @@ def test_freeze_except_rejects_unknown_paths():
     with pytest.raises(ConfigError, match="layer9") as e:
         backbone.freeze_except(["layer9"])
     assert "layer4" in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["https://weights.example.org/models/net_a.pth", ("https://weights.example.org/dl?id=7", "net_a.pth")])
+def test_timm_url_weights_are_found_in_timms_cache_by_their_file_name(url, tmp_path, monkeypatch):
+    """timm names a url's cached file by the url's last path part, or by the second item of a
+    ``(url, file name)`` pair."""
+    import timm.models
+    import timm.models._hub
+    from timm.models import PretrainedCfg
+
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: PretrainedCfg(url=url))
+    monkeypatch.setattr(timm.models._hub, "get_cache_dir", lambda: str(tmp_path))
+    assert backbones._timm_weights_source("net_a") == (None, "weights.example.org")
+    (tmp_path / "net_a.pth").write_bytes(b"")
+    assert backbones._timm_weights_source("net_a") == ({"file": str(tmp_path / "net_a.pth")}, None)

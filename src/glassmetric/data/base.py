@@ -8,8 +8,9 @@ dictionary the training and evaluation loops batch together.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
     #: the file, ``skip`` logs it and returns None (see :mod:`glassmetric.data.image_io`)
     on_bad_image: str = "error"
 
-    def set_bad_image_policy(self, policy: str) -> "RetrievalDataset":
+    def set_bad_image_policy(self, policy: str) -> RetrievalDataset:
         self.on_bad_image = check_policy(policy)
         return self
 
@@ -84,7 +85,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
 class Subset(RetrievalDataset):
     """The images of ``base`` at ``indices`` (used for class-range splits and validation)."""
 
-    def __init__(self, base: RetrievalDataset, indices: Sequence[int], transform: Callable | None = None):
+    def __init__(self, base: RetrievalDataset, indices: Sequence[int] | np.ndarray, transform: Callable | None = None):
         super().__init__(transform if transform is not None else base.transform)
         self.base = base
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -101,11 +102,19 @@ def split_by_classes(dataset: RetrievalDataset, classes: Sequence[int], transfor
     return Subset(dataset, np.flatnonzero(mask), transform)
 
 
+class SizedDataset(Protocol):
+    """A data set with a length: items by position (a sequence, a RetrievalDataset)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
 class IndexedDataset(torch.utils.data.Dataset):
     """A data set whose items also carry their position ``index`` in it (to undo a sampler's
     sharding, or to know which images a pass over the data kept)."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset):
+    def __init__(self, dataset: SizedDataset):
         self.dataset = dataset
 
     def __len__(self) -> int:

@@ -14,15 +14,15 @@ classes 1-98 and tests on 99-196 by default.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import scipy.io
 
 from glassmetric.data.base import RetrievalDataset, Sample
-from glassmetric.data.image_io import open_image
 from glassmetric.data.cub import SPLITS, class_range
+from glassmetric.data.image_io import open_image
 from glassmetric.errors import ConfigError, DataError
 
 FIELDS = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class")

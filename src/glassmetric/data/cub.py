@@ -16,8 +16,8 @@ on one range of classes and tests on the disjoint rest (by default classes 1-100
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def read_table(path: Path, fmt: str, types: Sequence[type], header: bool = False
             if len(fields) != len(types):
                 raise DataError(f"{path}:{lineno}: expected '{fmt}', got {line.strip()!r}")
             try:
-                rows.append((lineno, tuple(t(v.strip()) for t, v in zip(types, fields))))
+                rows.append((lineno, tuple(t(v.strip()) for t, v in zip(types, fields, strict=True))))
             except ValueError:
                 raise DataError(f"{path}:{lineno}: expected '{fmt}', got {line.strip()!r}") from None
     return rows
@@ -138,7 +138,7 @@ class CUB200(RetrievalDataset):
                 )
         self.labels = np.array([labels[i][1][0] for i in self.image_ids], dtype=np.int64)
         self.paths = [self.root / "images" / images[i][1][0] for i in self.image_ids]
-        for image_id, path in zip(self.image_ids, self.paths):
+        for image_id, path in zip(self.image_ids, self.paths, strict=True):
             if not path.is_file():
                 raise DataError(f"image file not found: {path} (images.txt line {images[image_id][0]})")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def class_folders(root: str | Path) -> list[str]:
 
 def _image_files(folder: Path) -> list[Path]:
     """The image files under ``folder`` at any depth, sorted by relative path."""
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         files.extend(

@@ -82,10 +82,11 @@ def decode_image(source: str | Path | bytes, name: str | None = None, *, max_pix
     """A file (a path) or an image's bytes as 8-bit RGB; ``name`` names it in errors (default:
     the path). The size is checked from the header before decoding: at most ``max_pixels``
     (and ``PIL.Image.MAX_IMAGE_PIXELS``) pixels, at most :data:`MAX_ASPECT_RATIO` : 1."""
-    from_file = not isinstance(source, (bytes, bytearray, memoryview))
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+    from_file = isinstance(stream, Path)
     name = str(source) if name is None and from_file else name or "image"
     try:
-        with Image.open(Path(source) if from_file else io.BytesIO(source)) as img:
+        with Image.open(stream) as img:
             _check_size(img, name, max_pixels)
             img.load()
             return _to_rgb(ImageOps.exif_transpose(img))

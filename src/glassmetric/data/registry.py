@@ -7,8 +7,9 @@ for, are carved out of the training classes, so model selection never sees a tes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
@@ -40,11 +41,18 @@ def _class_range_kwargs(cfg: DataConfig) -> dict:
 DatasetFactory = Callable[[DataConfig, Callable | None, Callable | None], tuple[RetrievalDataset, RetrievalDataset]]
 
 
+def _root(cfg: DataConfig) -> str:
+    """``data.root``, which every data set but the synthetic one reads its images from."""
+    if cfg.root is None:
+        raise ConfigError(f"data.root: data set {cfg.name!r} needs a root folder")
+    return cfg.root
+
+
 def _synthetic(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
     from glassmetric.data.synthetic import SyntheticParts
 
     s = cfg.synthetic
-    common = dict(num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size, seed=s.seed, style=s.style)
+    common: dict[str, Any] = {"num_classes": s.num_classes, "images_per_class": s.images_per_class, "image_size": cfg.image_size, "seed": s.seed, "style": s.style}
     return SyntheticParts("train", transform=train_transform, **common), SyntheticParts("test", transform=eval_transform, **common)
 
 
@@ -53,7 +61,7 @@ def _class_range_benchmark(load_class: Callable[[], type]) -> DatasetFactory:
 
     def factory(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
         cls, kwargs = load_class(), _class_range_kwargs(cfg)
-        return cls(cfg.root, "train", transform=train_transform, **kwargs), cls(cfg.root, "test", transform=eval_transform, **kwargs)
+        return cls(_root(cfg), "train", transform=train_transform, **kwargs), cls(_root(cfg), "test", transform=eval_transform, **kwargs)
 
     return factory
 
@@ -74,8 +82,8 @@ def _sop(cfg: DataConfig, train_transform: Callable | None, eval_transform: Call
     from glassmetric.data.sop import StanfordOnlineProducts
 
     return (
-        StanfordOnlineProducts(cfg.root, "train", transform=train_transform),
-        StanfordOnlineProducts(cfg.root, "test", transform=eval_transform),
+        StanfordOnlineProducts(_root(cfg), "train", transform=train_transform),
+        StanfordOnlineProducts(_root(cfg), "test", transform=eval_transform),
     )
 
 
@@ -89,7 +97,7 @@ def _user_folders(kind: str) -> DatasetFactory:
         make = ImageFolderDataset if kind == "folder" else CSVDataset
         if cfg.test_root is None:
             raise ConfigError(f"data.test_root: data set {kind!r} needs a test_root with the (disjoint) test classes")
-        return make(cfg.root, transform=train_transform), make(cfg.test_root, transform=eval_transform)
+        return make(_root(cfg), transform=train_transform), make(cfg.test_root, transform=eval_transform)
 
     return factory
 
@@ -129,14 +137,15 @@ def carve_validation(train: RetrievalDataset, num_val_classes: int, seed: int, e
 
 def build_gallery(cfg: DataConfig, eval_transform: Callable | None) -> RetrievalDataset | None:
     """The cross-domain gallery of the test classes, when the config asks for one."""
-    if cfg.name != "synthetic" or cfg.synthetic.gallery_style is None:
+    style = cfg.synthetic.gallery_style
+    if cfg.name != "synthetic" or style is None:
         return None
     from glassmetric.data.synthetic import SyntheticParts
 
     s = cfg.synthetic
     return SyntheticParts(
         "test", num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size,
-        seed=s.seed, style=s.gallery_style, transform=eval_transform,
+        seed=s.seed, style=style, transform=eval_transform,
     )
 
 
@@ -155,4 +164,4 @@ def build_splits(cfg: DataConfig, train_transform: Callable | None, eval_transfo
     return splits
 
 
-__all__ = ["DATASETS", "Splits", "build_splits", "build_base_splits", "carve_validation", "split_by_classes"]
+__all__ = ["DATASETS", "Splits", "build_base_splits", "build_splits", "carve_validation", "split_by_classes"]

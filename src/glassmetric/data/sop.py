@@ -11,14 +11,14 @@ The split is the file: ``split="train"`` reads ``Ebay_train.txt``, ``"test"`` ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from glassmetric.data.base import RetrievalDataset, Sample
-from glassmetric.data.image_io import open_image
 from glassmetric.data.cub import read_table
+from glassmetric.data.image_io import open_image
 from glassmetric.errors import ConfigError, DataError
 
 SPLIT_FILES = {"train": "Ebay_train.txt", "test": "Ebay_test.txt"}

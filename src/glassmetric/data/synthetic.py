@@ -25,9 +25,9 @@ from __future__ import annotations
 import colorsys
 import itertools
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -87,7 +87,7 @@ _BIRD_CENTRE = np.array([0.04, 0.08])  # centre of the bird's extent, placed nea
 
 def class_attributes(class_id: int) -> dict[str, str]:
     """The attribute combination that defines class ``class_id`` (0 <= class_id < MAX_CLASSES)."""
-    return dict(zip(ATTRIBUTES, _COMBINATIONS[_CLASS_ORDER[class_id]]))
+    return dict(zip(ATTRIBUTES, _COMBINATIONS[_CLASS_ORDER[class_id]], strict=True))
 
 
 @dataclass
@@ -123,20 +123,21 @@ def _place(points, angle: float, offset) -> np.ndarray:
 
 
 def _jitter(rgb, rng: np.random.Generator, amount: int = 10) -> tuple[int, int, int]:
-    return tuple(int(v) for v in np.clip(np.add(rgb, rng.integers(-amount, amount + 1, 3)), 0, 255))
+    r, g, b = (int(v) for v in np.clip(np.add(rgb, rng.integers(-amount, amount + 1, 3)), 0, 255))
+    return r, g, b
 
 
 def _muted(rng: np.random.Generator, value=(0.3, 0.8), saturation=(0.05, 0.35)) -> tuple[int, int, int]:
-    rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*saturation), rng.uniform(*value))
-    return tuple(int(255 * c) for c in rgb)
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*saturation), rng.uniform(*value))
+    return int(255 * r), int(255 * g), int(255 * b)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _paint_rgb(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     """The painting palette: hue turned by 25 degrees, paler and lighter."""
     h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
-    out = colorsys.hsv_to_rgb((h + 25 / 360) % 1.0, 0.65 * s, 0.35 + 0.6 * v)
-    return tuple(int(255 * c) for c in out)
+    r, g, b = colorsys.hsv_to_rgb((h + 25 / 360) % 1.0, 0.65 * s, 0.35 + 0.6 * v)
+    return int(255 * r), int(255 * g), int(255 * b)
 
 
 def _inside(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
@@ -183,13 +184,13 @@ def _bird(attrs: dict[str, str], rng: np.random.Generator, palette: Callable) ->
 
     head, radius = np.array([0.5 * sb, -0.3 * sb]), 0.19 * sh
     shapes.append(_Shape(HEAD, _CIRCLE * radius + head, _jitter(palette(_HEAD_RGB[attrs["head_colour"]]), rng)))
-    eye = head + (0.45 * radius, -0.3 * radius)
+    eye = head + np.array((0.45 * radius, -0.3 * radius))
     shapes.append(_Shape(HEAD, _SPOT * 0.2 * radius + eye, palette(_EYE_RGB), detail=True))
     shapes.append(_Shape(HEAD, _SPOT * 0.12 * radius + eye, palette(_PUPIL_RGB), detail=True))
     anchors[HEAD] = head
 
     beak, beak_anchor = _BEAKS[attrs["beak_shape"]]
-    beak_base, beak_angle = head + (radius - 0.03, 0.02), 0.12
+    beak_base, beak_angle = head + np.array((radius - 0.03, 0.02)), 0.12
     shapes.append(_Shape(BEAK, _place(beak * sk, beak_angle, beak_base), _jitter(palette(_BEAK_RGB), rng)))
     anchors[BEAK] = _place([[beak_anchor * sk, 0.0]], beak_angle, beak_base)[0]
     return shapes, anchors

@@ -255,12 +255,12 @@ def structural_pair_figure(
     ax.imshow(img_x, extent=ext_x, interpolation="antialiased")
     ax.imshow(img_y, extent=ext_y, interpolation="antialiased")
     mass_norm = Normalize(0.0, max(float(mu.max()), float(nu.max()), 1e-12))
-    heat_kw = dict(cmap=_MASS_CMAP, norm=mass_norm, alpha=_HEAT_ALPHA, interpolation="nearest")
+    heat_kw: dict[str, Any] = {"cmap": _MASS_CMAP, "norm": mass_norm, "alpha": _HEAT_ALPHA, "interpolation": "nearest"}
     heat = ax.imshow(mu.reshape(gx, gx), extent=ext_x, **heat_kw)
     ax.imshow(nu.reshape(gy, gy), extent=ext_y, **heat_kw)
 
     # cell grid and row / column indices
-    grid_style = dict(color="white", lw=0.6, alpha=0.55)
+    grid_style: dict[str, Any] = {"color": "white", "lw": 0.6, "alpha": 0.55}
     # row indices left of the query and right of the candidate, clear of the flows in the gap
     for x0, w, g, left in ((0.0, wx, gx, True), (x0_y, wy, gy, False)):
         for k in range(1, g):
@@ -290,7 +290,8 @@ def structural_pair_figure(
         if len(rows) else np.zeros(0)
     )
     flows = LineCollection(
-        segments, linewidths=widths, cmap=_SIM_CMAP, norm=sim_norm, capstyle="round", zorder=4
+        segments,  # type: ignore[arg-type]  # an (F, points, 2) array works; matplotlib's stubs ask for a Sequence
+        linewidths=widths, cmap=_SIM_CMAP, norm=sim_norm, capstyle="round", zorder=4
     )
     flows.set_array(S[rows[order], cols[order]] if len(rows) else np.zeros(0))
     flows.set_gid(FLOWS_GID)
@@ -298,7 +299,8 @@ def structural_pair_figure(
     if len(rows):
         # a black outline 1.6 pt wider than each line keeps it visible on any background
         outline = LineCollection(
-            segments, linewidths=widths + 1.6, colors="black", capstyle="round", zorder=3.9, alpha=0.8
+            segments,  # type: ignore[arg-type]  # an (F, points, 2) array works; matplotlib's stubs ask for a Sequence
+            linewidths=widths + 1.6, colors="black", capstyle="round", zorder=3.9, alpha=0.8
         )
         ax.add_collection(outline)
         ends = np.concatenate([cx[np.unique(rows)], cy[np.unique(cols)]])
@@ -341,10 +343,10 @@ def structural_pair_figure(
         axb.spines[side].set_visible(False)
     if not many:
         span = float(np.abs(vals).max()) or 1.0
-        for p, v in zip(pos, vals):
+        for p, v in zip(pos, vals, strict=True):
             if abs(v) < 0.01 * span:  # labels of invisible bars would only clutter
                 continue
-            axb.text(p, v + (0.02 if v >= 0 else -0.02) * span, f"{v:.2g}", ha="center",
+            axb.text(float(p), v + (0.02 if v >= 0 else -0.02) * span, f"{v:.2g}", ha="center",
                      va="bottom" if v >= 0 else "top", fontsize=7, color="0.25")
         axb.margins(y=0.12)
     if abs(ss) >= 1e-12 and np.all(vals * np.sign(ss) >= 0):
@@ -430,6 +432,7 @@ def group_attention_grid_figure(images, attention, *, titles=None, group_parts=N
             if row == 0:
                 head = f"group {i + 1}" + (f"\n({group_parts[i]})" if group_parts is not None else "")
                 ax.set_title(head, fontsize=9)
+    assert heat is not None  # at least one image and one group
     fig.colorbar(heat, ax=fig.axes, location="right", shrink=0.4, label="attention")
     return fig
 
@@ -461,8 +464,7 @@ def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] 
     FigureCanvasAgg(fig)
     gs = fig.add_gridspec(3, k + 1, height_ratios=[1.0, 1.0, 0.62])
     vmax = max(float(a.max()) for a in att)
-    for row, (img, maps, title) in enumerate(zip(images, att, titles)):
-        h, w = img.shape[:2]
+    for row, (img, maps, title) in enumerate(zip(images, att, titles, strict=False)):
         ax = fig.add_subplot(gs[row, 0])
         ax.imshow(img)
         ax.set_title(title, fontsize=10, fontweight="bold")
@@ -477,7 +479,7 @@ def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] 
     pos = np.arange(k)
     axb.bar(pos, contrib, color=np.where(contrib >= 0, "#2a7f9e", "#d9603b"), width=0.6, zorder=2)
     axb.axhline(0.0, color="0.3", lw=0.8)
-    for p, v in zip(pos, contrib):
+    for p, v in zip(pos, contrib, strict=True):
         axb.text(p, v, f"{v:.3f}", ha="center", va="bottom" if v >= 0 else "top", fontsize=9)
     axb.set_xticks(pos, [f"group {i + 1}" for i in range(k)])
     axb.set_ylabel("contribution\n$\\cos_i / k$", fontsize=9)

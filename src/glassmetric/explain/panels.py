@@ -24,7 +24,10 @@ def pair_figures(pair: PairExplanation, titles: tuple[str, str] = ("query", "can
     e, intro = pair.structural, pair.introspective
     if e is not None:
         # each image's uncertainty over it, the pair's two distances in the title
-        notes = tuple(f"uncertainty {u:.3g}" for u in intro.uncertainty) if intro is not None else None
+        notes: tuple[str, str] | None = None
+        if intro is not None:
+            ux, uy = intro.uncertainty
+            notes = (f"uncertainty {ux:.3g}", f"uncertainty {uy:.3g}")
         fig = structural_pair_figure(*pair.images, e, top_flows=top_flows, titles=titles, notes=notes)
         if intro is not None:
             fig.suptitle(
@@ -41,6 +44,8 @@ def pair_figures(pair: PairExplanation, titles: tuple[str, str] = ("query", "can
 def group_summary(pair: PairExplanation) -> str:
     """``"score 0.612 = (0.7 + 0.5 + 0.6) / 3  (per-group cosines)"``."""
     g = pair.groups
+    if g is None:
+        raise ValueError("the pair has no group explanation (the model has no grouping head)")
     parts = " + ".join(f"{float(s):.3f}" for s in g.group_similarity)
     return f"score {float(g.score):.3f} = ({parts}) / {g.groups}  (per-group cosines)"
 

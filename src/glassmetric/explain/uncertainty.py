@@ -39,7 +39,7 @@ def uncertainty_grid_figure(
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(sum(rows_of), columns, hspace=0.45, wspace=0.08)
     row0 = 0
-    for (name, images, values, correct), rows in zip(blocks, rows_of):
+    for (name, images, values, correct), rows in zip(blocks, rows_of, strict=True):
         for k in range(rows * columns):
             ax = fig.add_subplot(grid[row0 + k // columns, k % columns])
             ax.set_xticks([])

@@ -72,6 +72,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, opset: i
             wrapper, (example,), dynamo=True, verbose=False, input_names=["images"], output_names=names, opset_version=opset,
             dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False,
         )
+    assert program is not None  # the dynamo exporter returns the program
     program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path))
     return names
@@ -89,4 +90,4 @@ def compare_with_torch(model: nn.Module, path: str | Path, image_size: int, *, b
     got = session.run(names, {"images": images.numpy()})
     with torch.no_grad():
         ref = model.eval().cpu()(images)
-    return {n: float((torch.from_numpy(g) - getattr(ref, n)).abs().max()) for n, g in zip(names, got)}
+    return {n: float((torch.from_numpy(g) - getattr(ref, n)).abs().max()) for n, g in zip(names, got, strict=True)}

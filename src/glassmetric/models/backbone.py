@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -73,7 +73,10 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` images -> ``(B, out_channels, h, w)`` feature map."""
-        feats = self.trunk.forward_features(images) if self._use_forward_features else self.trunk(images)
+        if self._use_forward_features:  # a timm model; nn.Module types its attributes as Tensor | Module
+            feats = cast(Callable[[torch.Tensor], torch.Tensor], self.trunk.forward_features)(images)
+        else:
+            feats = self.trunk(images)
         return self._to_feature_map(feats, images.shape[-2:])
 
     def _to_feature_map(self, feats: torch.Tensor, image_hw: torch.Size) -> torch.Tensor:
@@ -148,7 +151,7 @@ class Backbone(nn.Module):
         ]
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
         frozen = self.batchnorm_layers() if self.frozen_bn else getattr(self, "_frozen_bn_layers", [])
         for bn in frozen:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import torch
@@ -192,7 +192,7 @@ def _build_timm(
     backbone = Backbone(
         model,
         name=f"timm:{model_name}",
-        out_channels=model.num_features,
+        out_channels=cast(int, model.num_features),  # timm sets an int; nn.Module types attributes as Tensor | Module
         stride=_timm_stride(model),
         mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
         std=tuple(cfg.get("std", IMAGENET_STD)),
@@ -234,10 +234,12 @@ def _timm_weights_source(model_name: str) -> tuple[dict[str, Any] | None, str | 
     if cfg.url:
         from timm.models._hub import get_cache_dir
 
-        cached = Path(get_cache_dir()) / os.path.basename(urlparse(cfg.url).path)
+        # timm's url is a URL or a (URL, cached file name) pair
+        url, filename = cfg.url if isinstance(cfg.url, tuple) else (cfg.url, os.path.basename(urlparse(cfg.url).path))
+        cached = Path(get_cache_dir()) / filename
         if cached.is_file():
             return {"file": str(cached)}, None
-        return None, urlparse(cfg.url).hostname
+        return None, urlparse(url).hostname
     return None, None
 
 

@@ -25,6 +25,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -265,9 +266,9 @@ def map_efficientnet_pytorch_state_dict(
     for key in state:
         structural = source_structural_name(key)
         if structural is None or structural not in by_structure:
-            if structural is not None and structural.startswith("classifier."):
-                if not any(s.startswith("classifier.") for s in by_structure):
-                    continue  # a headless model: the ImageNet classifier is not used
+            if (structural is not None and structural.startswith("classifier.")
+                    and not any(s.startswith("classifier.") for s in by_structure)):
+                continue  # a headless model: the ImageNet classifier is not used
             unexpected.append(key)
         elif structural in from_source:
             duplicated.append(f"{key} and {from_source[structural]}")
@@ -301,11 +302,11 @@ def map_efficientnet_pytorch_state_dict(
 
     mapped: dict[str, torch.Tensor] = {}
     for structural, target in by_structure.items():
-        key = from_source.get(structural)
-        if key is None:  # a num_batches_tracked the source lacks
+        source_key = from_source.get(structural)
+        if source_key is None:  # a num_batches_tracked the source lacks
             mapped[target] = target_state[target].clone()
         else:
-            mapped[target] = state[key].to(dtype=target_state[target].dtype)
+            mapped[target] = state[source_key].to(dtype=target_state[target].dtype)
     return mapped
 
 
@@ -339,7 +340,7 @@ def build_efficientnet_lite(
     pretrained: bool | str | os.PathLike[str] = False,
     *,
     num_classes: int = 1000,
-    **timm_kwargs: object,
+    **timm_kwargs: Any,
 ) -> nn.Module:
     """timm ``tf_efficientnet_liteN`` (a full classifier by default), optionally pretrained.
 
@@ -391,7 +392,7 @@ def build_efficientnet_lite_backbone(
     backbone = Backbone(
         model,
         name=key,
-        out_channels=model.num_features,
+        out_channels=cast(int, model.num_features),  # timm sets an int; nn.Module types attributes as Tensor | Module
         stride=32,
         mean=EFFICIENTNET_LITE_MEAN,
         std=EFFICIENTNET_LITE_STD,

@@ -98,8 +98,9 @@ class EmbeddingModel(nn.Module):
         """
         groups = {"backbone": _trainable(self.backbone), "head": _trainable(self.head)}
         for name, extra in self.extra_heads.items():
-            if hasattr(extra, "parameter_groups"):
-                for part, params in extra.parameter_groups().items():
+            parameter_groups = getattr(extra, "parameter_groups", None)
+            if parameter_groups is not None:
+                for part, params in parameter_groups().items():
                     groups[f"{name}.{part}"] = [p for p in params if p.requires_grad]
             else:
                 groups[name] = _trainable(extra)

@@ -87,6 +87,7 @@ class GlobalHead(nn.Module):
             return x.amax(dim=-1)
         if self.pooling == "avgmax":
             return x.mean(dim=-1) + x.amax(dim=-1)
+        assert self.gem_p is not None  # built for pooling == "gem"
         return gem_pool(x, self.gem_p, self.gem_eps)
 
     def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

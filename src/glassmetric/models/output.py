@@ -36,5 +36,5 @@ class EmbeddingOutput:
         """The fields that are set, by name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
-    def detach(self) -> "EmbeddingOutput":
+    def detach(self) -> EmbeddingOutput:
         return EmbeddingOutput(**{k: v.detach() for k, v in self.present().items()})

@@ -64,13 +64,14 @@ class SpatialGridHead(nn.Module):
         self._shared = (share,) if share is not None else None
 
     @classmethod
-    def sharing(cls, head: GlobalHead, grid: int = 4) -> "SpatialGridHead":
+    def sharing(cls, head: GlobalHead, grid: int = 4) -> SpatialGridHead:
         """A grid head that applies ``head``'s linear layer at every location (no own weights)."""
         return cls(head.in_channels, head.embedding_dim, grid, share=head)
 
     def project(self, feature_map: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, D, h, w): the embedding layer at every location."""
         if self._shared is None:
+            assert self.conv is not None  # built when no head is shared
             return self.conv(feature_map)
         linear = self._shared[0].linear
         return F.linear(feature_map.movedim(1, -1), linear.weight, linear.bias).movedim(-1, 1)

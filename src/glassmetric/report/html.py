@@ -122,10 +122,10 @@ def write_html(report: ReportData, path: Path) -> Path:
     sections, details = [], []
     sections.append(f"<section><h2>Metrics (global ranking)</h2>{_metrics_table({'global': report.metrics})}</section>")
     if report.sweep is not None:
-        rows = {("K=0 (global)" if k == 0 else f"K={k}"): v for k, v in report.sweep.items()}
+        sweep_rows = {("K=0 (global)" if k == 0 else f"K={k}"): v for k, v in report.sweep.items()}
         img = f'<img src="{_e(report.sweep_image)}" alt="K-sweep of structural re-ranking" width="600">' if report.sweep_image else ""
         sections.append(f'<section><h2>Structural re-ranking: the K-sweep</h2><div class="sweep">{img}'
-                        f"{_metrics_table(rows)}</div></section>")
+                        f"{_metrics_table(sweep_rows)}</div></section>")
     for group, rows in report.groups.items():
         if not rows:
             continue

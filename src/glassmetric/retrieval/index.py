@@ -30,6 +30,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from glassmetric.config import IndexConfig
 from glassmetric.errors import IndexFileError
 
 from .knn import import_faiss, iter_faiss_index
+
+#: the kinds of a built index (``eval.index.kind`` also takes ``auto``)
+IndexKind = Literal["exact", "hnsw", "ivf"]
 
 __all__ = ["FORMAT", "GalleryIndex", "IndexRecallWarning", "build_plan", "choose_kind", "fingerprint"]
 
@@ -61,12 +65,13 @@ def fingerprint(vectors: Tensor | np.ndarray) -> str:
     gallery and the transform that made them."""
     x = _as_array(vectors)
     h = hashlib.blake2b(f"{x.shape}".encode(), digest_size=16)
-    h.update(memoryview(x).cast("B"))
+    h.update(memoryview(x).cast("B"))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
     return "blake2b:" + h.hexdigest()
 
 
-def choose_kind(size: int, settings: IndexConfig = IndexConfig()) -> str:
+def choose_kind(size: int, settings: IndexConfig | None = None) -> str:
     """The index kind for a gallery of ``size`` items."""
+    settings = IndexConfig() if settings is None else settings
     if settings.kind != "auto":
         return settings.kind
     if size < settings.exact_below:
@@ -88,8 +93,9 @@ def _search_request(settings: IndexConfig) -> dict:
     return {"nprobe": settings.nprobe, "ef_search": settings.ef_search, "target_recall": settings.target_recall}
 
 
-def build_plan(size: int, settings: IndexConfig = IndexConfig()) -> tuple[str, dict]:
+def build_plan(size: int, settings: IndexConfig | None = None) -> tuple[str, dict]:
     """``(kind, build parameters)`` of an index over ``size`` items under ``settings``."""
+    settings = IndexConfig() if settings is None else settings
     kind = choose_kind(size, settings)
     if kind == "hnsw":
         return kind, {"hnsw_m": settings.hnsw_m, "ef_construction": settings.ef_construction}
@@ -133,9 +139,10 @@ class GalleryIndex:
         return f"GalleryIndex(kind={self.kind!r}, size={len(self)}, dim={self.dim}, params={self.params})"
 
     @classmethod
-    def build(cls, vectors: Tensor | np.ndarray, settings: IndexConfig = IndexConfig(), *, seed: int = 0) -> "GalleryIndex":
+    def build(cls, vectors: Tensor | np.ndarray, settings: IndexConfig | None = None, *, seed: int = 0) -> GalleryIndex:
         """Index ``vectors`` ``(N, D)`` (row i gets id i) with the kind :func:`choose_kind` picks,
         its search tuned to ``settings.target_recall`` (see :meth:`set_search_params`)."""
+        settings = IndexConfig() if settings is None else settings
         faiss = import_faiss()
         x = _as_array(vectors)
         n, d = x.shape
@@ -219,10 +226,10 @@ class GalleryIndex:
         if k < 1:
             return 1.0
         own = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
-        _, truth = knn(torch.from_numpy(x[own]), torch.from_numpy(x), k + 1)
-        _, found = self.faiss_index.search(x[own], k + 1)
-        truth, found = _drop_own(truth.numpy(), own, k), _drop_own(found, own, k)
-        hits = sum(len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(found, truth))
+        _, exact = knn(torch.from_numpy(x[own]), torch.from_numpy(x), k + 1)
+        _, approximate = self.faiss_index.search(x[own], k + 1)
+        truth, found = _drop_own(exact.numpy(), own, k), _drop_own(approximate, own, k)
+        hits = sum(len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True))
         return hits / truth.size
 
     def search(self, queries: Tensor | np.ndarray, k: int, *, exclude_self: bool = False) -> tuple[Tensor, Tensor]:
@@ -246,9 +253,10 @@ class GalleryIndex:
                 f"the gallery index holds {len(self)} vectors of dim {self.dim}, the gallery is {tuple(gallery.shape)}"
             )
 
-    def mismatch(self, gallery: Tensor | np.ndarray, settings: IndexConfig = IndexConfig()) -> str | None:
+    def mismatch(self, gallery: Tensor | np.ndarray, settings: IndexConfig | None = None) -> str | None:
         """Why this index does not serve ``gallery`` under ``settings`` (another size, other
         embeddings, another kind or build parameters), or None when it does."""
+        settings = IndexConfig() if settings is None else settings
         x = _as_array(gallery)
         if x.shape != (len(self), self.dim):
             return f"holds {len(self)} vectors of dim {self.dim}, the gallery is {x.shape}"
@@ -257,7 +265,7 @@ class GalleryIndex:
         if self.fingerprint != fingerprint(x):
             return "was built from other embeddings (another checkpoint, gallery or transform)"
         kind, params = build_plan(len(x), settings)
-        built = {key: self.params.get(key) for key in build_plan(len(x), IndexConfig(kind=self.kind))[1]}
+        built = {key: self.params.get(key) for key in build_plan(len(x), IndexConfig(kind=cast(IndexKind, self.kind)))[1]}  # a kind choose_kind picked
         if (kind, params) != (self.kind, built):
             return f"is {_describe(self.kind, built)}, eval.index asks for {_describe(kind, params)}"
         return None
@@ -288,7 +296,7 @@ class GalleryIndex:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, settings: IndexConfig | None = None) -> "GalleryIndex":
+    def load(cls, folder: str | Path, settings: IndexConfig | None = None) -> GalleryIndex:
         """Read a folder written by :meth:`save`. Its stored (tuned) search knobs are kept, unless
         ``settings`` ask for other ones: those are then set as given, untuned."""
         faiss = import_faiss()

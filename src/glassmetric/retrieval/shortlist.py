@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,7 +77,7 @@ def score_shortlist(
         raise ValueError(f"indices must be (Q={len(qg)}, k), got shape {tuple(idx.shape)}")
     out = ScoredShortlist(indices=idx, global_scores=(qg[:, None, :] * gg[idx]).sum(-1))
     if query.get("local") is not None and gallery.get("local") is not None and idx.numel():
-        kw = dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals)
+        kw: dict[str, Any] = {"epsilon": epsilon, "iters": iters, "tol": tol, "marginals": marginals}
         _, ss = _rescore(qg, query["local"].float(), gg, gallery["local"].float(), idx, None, kw)
         out.structural_scores, out.multiscale_scores = ss, out.global_scores + ss
     uq, ug = query.get("uncertainty"), gallery.get("uncertainty")

@@ -44,7 +44,7 @@ class UncertaintyReport:
             "recall@1_uncertain_half": self.recall_at_1_uncertain_half,
             "uncertainty_mean": float(self.uncertainty.mean()) if len(self.uncertainty) else float("nan"),
             "uncertainty_std": float(self.uncertainty.std()) if len(self.uncertainty) else float("nan"),
-            "n_queries": int(len(self.uncertainty)),
+            "n_queries": len(self.uncertainty),
         }
 
 
@@ -67,14 +67,21 @@ def uncertainty_vs_failure(
 ) -> UncertaintyReport:
     """The report from embeddings: ``uncertainty`` (N,), semantic ``query`` (N, D)."""
     same = gallery is None
-    ref, ref_labels = (query, query_labels) if same else (gallery, gallery_labels)
+    ref, ref_labels = query, query_labels
+    if gallery is not None:
+        if gallery_labels is None:
+            raise ValueError("gallery_labels are needed with a gallery")
+        ref, ref_labels = gallery, gallery_labels
     _, idx = knn(query, ref, 1, exclude_self=same)
     neighbour = idx[:, 0]
     correct = (ref_labels[neighbour] == query_labels).numpy()
     u = uncertainty.double().numpy()
     order = np.argsort(u, kind="stable")
     half = len(u) // 2
-    r1 = lambda sel: float(correct[sel].mean()) if len(sel) else float("nan")
+
+    def r1(sel: np.ndarray) -> float:
+        return float(correct[sel].mean()) if len(sel) else float("nan")
+
     return UncertaintyReport(
         uncertainty=u, labels=query_labels.numpy(), neighbour=neighbour.numpy(), correct=correct,
         auroc=auroc(u, ~correct), recall_at_1_certain_half=r1(order[:half]), recall_at_1_uncertain_half=r1(order[half:]),
@@ -122,6 +129,7 @@ def object_statistics(dataset: RetrievalDataset, indices=None) -> dict[str, np.n
             if not has_boxes:
                 return None
         w, h = sample.image.size
+        assert sample.bbox is not None  # a data set has boxes for every image or for none
         share[row] = sample.bbox[2] * sample.bbox[3] / float(w * h)
         parts[row] = float((sample.keypoints[:, 2] > 0).sum()) if sample.keypoints is not None else np.nan
     if not has_boxes:  # no image, or none readable
@@ -154,6 +162,7 @@ def write_csv(report: UncertaintyReport, path, names: list[str] | None = None) -
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "name", "label", "uncertainty", "nearest_neighbour", "r1_correct"])
+        assert report.index is not None  # set by __post_init__
         for i in range(len(report.uncertainty)):
             index = int(report.index[i])
             w.writerow([index, names[index] if names else "", int(report.labels[i]), f"{report.uncertainty[i]:.6g}",

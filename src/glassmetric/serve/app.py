@@ -23,7 +23,7 @@ from glassmetric.errors import GlassmetricError
 from glassmetric.serve.api_docs import api_docs_page
 from glassmetric.serve.explorer import Explorer, UnknownQuery
 from glassmetric.serve.hosts import HostCheck
-from glassmetric.serve.limits import Limits, RequestLimits, RequestError, read_upload
+from glassmetric.serve.limits import Limits, RequestError, RequestLimits, read_upload
 from glassmetric.serve.page import PAGE
 
 __all__ = ["create_app"]

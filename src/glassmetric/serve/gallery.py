@@ -69,16 +69,21 @@ class Gallery:
     def labelled(self) -> bool:
         return bool(self.source.class_names)
 
+    def _position(self, i: int) -> int:
+        """Row ``i``'s position in ``source.dataset``."""
+        assert self.index is not None  # set by __post_init__
+        return int(self.index[i])
+
     def name(self, i: int) -> str:
         """The name of the image of row ``i``."""
-        return self.source.names[int(self.index[i])]
+        return self.source.names[self._position(i)]
 
     def class_name(self, i: int) -> str | None:
         return self.source.class_names[int(self.labels[i])] if self.labelled else None
 
     def image(self, i: int) -> Image.Image:
         """The image of row ``i``."""
-        return self.source.dataset.load(int(self.index[i])).image
+        return self.source.dataset.load(self._position(i)).image
 
 
 def default_cache_dir() -> Path:
@@ -90,7 +95,7 @@ def folder_source(root: str | Path, transform=None) -> GallerySource:
     """The class sub-folders of ``root``, or (with none) all its images, unlabelled."""
     root = Path(root)
     if class_folders(root):
-        data = ImageFolderDataset(root, transform=transform)
+        data: _PathDataset = ImageFolderDataset(root, transform=transform)
         classes = data.class_names
     else:
         files = _image_files(root)
@@ -98,7 +103,7 @@ def folder_source(root: str | Path, transform=None) -> GallerySource:
             raise DataError(f"no images under the gallery folder {root}")
         data, classes = _PathDataset(files, [0] * len(files), (), transform), ()
     lines = []
-    for path, label in zip(data.paths, data.labels):
+    for path, label in zip(data.paths, data.labels, strict=True):
         try:
             st = path.stat()
             stamp = f"{st.st_size}\0{st.st_mtime_ns}"

@@ -24,7 +24,7 @@ from PIL import Image
 from glassmetric.data.image_io import ImageTooLarge, decode_image
 from glassmetric.errors import DataError, GlassmetricError
 
-__all__ = ["Limits", "RequestLimits", "RequestError", "read_upload"]
+__all__ = ["Limits", "RequestError", "RequestLimits", "read_upload"]
 
 
 class RequestError(GlassmetricError):

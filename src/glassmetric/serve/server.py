@@ -8,6 +8,7 @@ import ipaddress
 import math
 import socket
 import sys
+from collections.abc import Sequence
 
 from glassmetric.errors import ConfigError
 
@@ -33,7 +34,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: str = "127.0.0.1", port: int = 8000,
           cache_dir: str | None = None, device: str = "cpu", max_upload_mb: float = 10.0, max_megapixels: float = 25.0,
           max_in_flight: int = 32, body_timeout: float = 30.0, workers: int = 1, knn: str = "exact",
-          index_dir: str | None = None, overrides: list[str] = (), upload_store_mb: float = 64.0) -> int:
+          index_dir: str | None = None, overrides: Sequence[str] = (), upload_store_mb: float = 64.0) -> int:
     import uvicorn
 
     from glassmetric.serve.app import create_app
@@ -52,7 +53,7 @@ def serve(checkpoint: str, gallery: str | None, *, split: str = "test", host: st
                     max_in_flight=max_in_flight, body_timeout_s=body_timeout)
     with _bind(host, port) as sock:  # before the embedding: a busy port is known at once
         explorer = Explorer.open(checkpoint, gallery, split=split, cache_dir=cache_dir, device=device, knn=knn,
-                                 index_dir=index_dir, overrides=overrides,
+                                 index_dir=index_dir, overrides=list(overrides),
                                  upload_store_bytes=int(upload_store_mb * 2**20))
         g = explorer.gallery
         print(f"gallery {g.source.description}: {len(g)} images, embeddings "

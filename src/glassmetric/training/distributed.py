@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
-from glassmetric.data.base import IndexedDataset
+from glassmetric.data.base import IndexedDataset, RetrievalDataset
 from glassmetric.models.output import EmbeddingOutput
 
 __all__ = [
@@ -88,7 +88,7 @@ def _all_gather_rows(tensor: Tensor) -> list[Tensor]:
     padded[: len(t)] = t
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return [o[: int(s.item())].to(tensor.device) for o, s in zip(out, sizes)]
+    return [o[: int(s.item())].to(tensor.device) for o, s in zip(out, sizes, strict=True)]
 
 
 def gather_unique(values: Mapping[str, Tensor], index: Tensor, size: int | None = None,
@@ -127,7 +127,7 @@ def eval_sampler(dataset: Dataset, num_replicas: int, rank: int) -> DistributedS
 
 def distributed_embed(
     model: torch.nn.Module,
-    dataset: Dataset,
+    dataset: RetrievalDataset,
     *,
     fields: Sequence[str] = ("embedding",),
     **embed_kw,
@@ -141,7 +141,8 @@ def distributed_embed(
     if sampler is None:
         return embed_fields(model, dataset, fields=fields, **embed_kw)
     indices = torch.tensor(list(sampler), dtype=torch.long)
-    local = embed_fields(model, Subset(dataset, indices.tolist()), fields=fields, **embed_kw)
+    shard = Subset(dataset, indices.tolist())
+    local = embed_fields(model, shard, fields=fields, **embed_kw)  # type: ignore[arg-type]  # embed_fields reads only len() and items
     local["index"] = indices[local["index"]]  # shard positions -> data-set positions
     # images skipped as unreadable (data.on_bad_image: skip) are on no rank: left out
     skip = _bad_image_policy(dataset) == "skip"

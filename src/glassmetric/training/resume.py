@@ -26,8 +26,9 @@ the one the checkpoint was trained with, naming the keys and both values.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Protocol, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from glassmetric.data.base import SizedDataset
 from glassmetric.data.image_io import collate_training
 from glassmetric.errors import CheckpointError
 from glassmetric.checkpoints import previous_path, safe_torch_load
@@ -52,10 +54,24 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def replica_of(batches: Sampler) -> tuple[int, int]:
+def replica_of(batches: EpochBatchSampler | Sampler) -> tuple[int, int]:
     """``(num_replicas, rank)`` of a batch sampler that splits one global sequence between
     replicas (:class:`~glassmetric.data.sampler.MPerClassBatchSampler`); ``(1, 0)`` otherwise."""
     return int(getattr(batches, "num_replicas", 1)), int(getattr(batches, "rank", 0))
+
+
+class EpochBatchSampler(Protocol):
+    """A batch sampler whose batch order is chosen by ``set_epoch``
+    (:class:`~glassmetric.data.sampler.MPerClassBatchSampler`)."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[list[int]]: ...
 
 
 class ResumableBatches(Sampler[list]):
@@ -63,7 +79,7 @@ class ResumableBatches(Sampler[list]):
     ``(index, sample_seed)`` pairs for :class:`SeededSamples`, and can start the current epoch
     at a later batch (:meth:`resume_at`) to continue it from its middle."""
 
-    def __init__(self, batches: Sampler, seed: int):
+    def __init__(self, batches: EpochBatchSampler, seed: int):
         self.batches = batches
         self.seed = seed
         self._resume: tuple[int, int] | None = None  # (epoch, first batch)
@@ -103,7 +119,7 @@ class ResumableBatches(Sampler[list]):
 class SeededSamples(Dataset):
     """``dataset[index]`` with the global RNGs seeded first by the key's sample seed."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: SizedDataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -123,23 +139,29 @@ class ResumableLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._progress = progress
 
+    @property
+    def _batches(self) -> ResumableBatches:
+        # DataLoader types batch_sampler loosely; this loader is always built over ResumableBatches
+        return cast(ResumableBatches, self.batch_sampler)
+
     def state_dict(self) -> dict:
-        return {"epoch": int(self.batch_sampler.epoch), "batches_done": int(self._progress())}
+        return {"epoch": int(self._batches.epoch), "batches_done": int(self._progress())}
 
     def load_state_dict(self, state: dict) -> None:
         done = int(state.get("batches_done", 0))
-        if int(state.get("epoch", -1)) == self.batch_sampler.epoch and 0 < done < len(self.batch_sampler):
-            print(f"resuming epoch {self.batch_sampler.epoch} at batch {done} of {len(self.batch_sampler)}")
-            self.batch_sampler.resume_at(done)
+        if int(state.get("epoch", -1)) == self._batches.epoch and 0 < done < len(self._batches):
+            print(f"resuming epoch {self._batches.epoch} at batch {done} of {len(self._batches)}")
+            self._batches.resume_at(done)
 
 
-def resumable_train_loader(dataset: Dataset, batch_sampler: Sampler, *, seed: int, num_workers: int,
+def resumable_train_loader(dataset: SizedDataset, batch_sampler: EpochBatchSampler, *, seed: int, num_workers: int,
                            trainer: pl.Trainer | None) -> ResumableLoader:
     """The training loader of ``fit``: seeded samples, resumable batches, unreadable images
     left out (``data.on_bad_image: skip``)."""
 
     def progress() -> int:
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        # Lightning annotates batch_progress.current as _ReadyCompletedTracker; it holds a _ProcessedTracker
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0  # type: ignore[attr-defined]
 
     return ResumableLoader(
         SeededSamples(dataset), batch_sampler=ResumableBatches(batch_sampler, seed), num_workers=num_workers,
@@ -280,7 +302,10 @@ def check_resumed_shapes(cfg, path: Path, checkpoint: dict, module: torch.nn.Mod
     if mine == theirs:
         return
     name = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
-    shape = lambda shapes: f"of shape {list(shapes[name])}" if name in shapes else "absent"
+
+    def shape(shapes: dict[str, tuple[int, ...]]) -> str:
+        return f"of shape {list(shapes[name])}" if name in shapes else "absent"
+
     why = ""
     stored = checkpoint.get("glassmetric", {}).get("config") if isinstance(checkpoint.get("glassmetric"), dict) else None
     if isinstance(stored, dict):
