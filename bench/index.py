@@ -75,7 +75,7 @@ def run(n: int, dim: int, args) -> list[dict]:
     t, (_, truth) = best_time(lambda: (knn(qd, xd, args.k), sync())[0], args.repeat)
     truth = truth.cpu()
     del xd, qd
-    rows.append(dict(method=f"exact: torch kNN ({args.device})", build=0.0, tune=0.0, qps=len(q) / t, recall=1.0))
+    rows.append({"method": f"exact: torch kNN ({args.device})", "build": 0.0, "tune": 0.0, "qps": len(q) / t, "recall": 1.0})
     plans = [("exact", {})]
     if n <= args.hnsw_max:
         plans.append(("hnsw", {"ef_search": [32, 128, 512]}))
@@ -97,7 +97,7 @@ def run(n: int, dim: int, args) -> list[dict]:
             label = f"{kind}" + (f" ({knobs})" if knobs else " (faiss IndexFlatIP)")
             if s is None and kind != "exact":
                 label += f" [default: tuned, estimated recall@10 {index.params['recall@10']:.3f}]"
-            rows.append(dict(method=label, build=build, tune=tune if s is None else 0.0, qps=len(q) / t, recall=recall(ids, truth)))
+            rows.append({"method": label, "build": build, "tune": tune if s is None else 0.0, "qps": len(q) / t, "recall": recall(ids, truth)})
             if kind == "exact":
                 break
         del index

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from glassmetric.config import load_config
+from glassmetric.factory import build_training_loss
 from glassmetric.losses.diversity import diversity_loss
 from glassmetric.losses.grouped import GroupedLoss
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.training.module import MetricLearner
-from glassmetric.factory import build_training_loss
 
 
 def test_grouped_loss_averages_one_loss_instance_per_group_plus_diversity():

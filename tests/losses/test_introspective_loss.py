@@ -71,8 +71,8 @@ def test_duplicate_images_give_no_nan(name):
 
 
 def _d(si, ui, sj, uj, p=IntrospectiveParams()):
-    alpha = sum((a - b) ** 2 for a, b in zip(si, sj))
-    beta = sum((a - b) ** 2 for a, b in zip(ui, uj))
+    alpha = sum((a - b) ** 2 for a, b in zip(si, sj, strict=True))
+    beta = sum((a - b) ** 2 for a, b in zip(ui, uj, strict=True))
     ratio = (p.beta_scale * beta + p.beta_offset) / (p.alpha_scale * alpha + p.alpha_offset)
     return alpha * math.exp(-ratio)
 
@@ -121,7 +121,7 @@ def test_proxyanchor_matches_the_release_formula():
 
 def test_missing_uncertainty_is_a_config_error():
     s, _ = batch(6)
-    with pytest.raises(ConfigError, match="model.uncertainty_dim"):
+    with pytest.raises(ConfigError, match=r"model\.uncertainty_dim"):
         build("multisimilarity")(EmbeddingOutput(embedding=s), LABELS)
 
 

@@ -5,17 +5,16 @@ import os
 import pytest
 import torch
 from PIL import Image
-
 from serve_runs import fit_idml, write_gallery
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.data.folder import ImageFolderDataset
 from glassmetric.errors import DataError
-from glassmetric.report.build import report_fields
-from glassmetric.retriever import Retriever
-from glassmetric.retrieval.embed import embed_fields
-from glassmetric.serve.gallery import folder_source, load_gallery
 from glassmetric.factory import eval_transform
-from glassmetric.checkpoints import load_trained
+from glassmetric.report.build import report_fields
+from glassmetric.retrieval.embed import embed_fields
+from glassmetric.retriever import Retriever
+from glassmetric.serve.gallery import folder_source, load_gallery
 
 
 @pytest.fixture(scope="module")

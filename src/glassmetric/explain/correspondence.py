@@ -94,7 +94,7 @@ def _crop_offset(size: int, crop: int) -> int:
     """Pixels removed before the crop along one side (negative: padding), as CenterCrop does."""
     if crop > size:  # torchvision pads (crop - size) // 2 on the left/top, then crops at 0
         return -((crop - size) // 2)
-    return int(round((size - crop) / 2.0))
+    return round((size - crop) / 2.0)
 
 
 def keypoints_to_eval_frame(
@@ -256,11 +256,11 @@ def correspondence_upper_bound(cells_x: np.ndarray, cells_y: np.ndarray) -> np.n
     """
     cells_x, cells_y = np.atleast_2d(cells_x), np.atleast_2d(cells_y)
     out = np.full(len(cells_x), np.nan)
-    for b, (cx, cy) in enumerate(zip(cells_x, cells_y)):
+    for b, (cx, cy) in enumerate(zip(cells_x, cells_y, strict=True)):
         keep = (cx >= 0) & (cy >= 0)
         if keep.any():
             best: dict[int, int] = {}  # x cell -> most parts it holds with one common y cell
-            for (c, _), k in Counter(zip(cx[keep].tolist(), cy[keep].tolist())).items():
+            for (c, _), k in Counter(zip(cx[keep].tolist(), cy[keep].tolist(), strict=True)).items():
                 best[c] = max(best.get(c, 0), k)
             out[b] = sum(best.values()) / keep.sum()
     return out
@@ -455,7 +455,7 @@ def evaluate_correspondence(
         xl, yl = local[a].to(device), local[b].to(device)
         xg, yg = glob[a].to(device), glob[b].to(device)
         cx, cy = cells[a], cells[b]
-        tensors = dict(x_local=xl, y_local=yl, x_global=xg, y_global=yg)
+        tensors = {"x_local": xl, "y_local": yl, "x_global": xg, "y_global": yg}
         learned = explain_pair(**tensors, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals)
         plans = {
             "learned": learned.T,

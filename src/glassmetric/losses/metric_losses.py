@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from pytorch_metric_learning import losses, miners
@@ -35,8 +36,8 @@ from glassmetric.errors import ConfigError
 from glassmetric.losses import introspective
 from glassmetric.losses.miners import SphereDistanceWeightedMiner
 from glassmetric.losses.structural import StructuralSettings, structural_loss, use_structural_distance
-from glassmetric.similarity.introspective import IntrospectiveParams
 from glassmetric.models.output import EmbeddingOutput
+from glassmetric.similarity.introspective import IntrospectiveParams
 
 
 @dataclass(frozen=True)

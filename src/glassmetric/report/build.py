@@ -154,7 +154,7 @@ def build_report(
             )
             q_raw, q_img = thumbnail("query", dataset, q_pos[qi])
             results = []
-            for r, (gi, scores) in enumerate(zip(scored.indices[0].tolist(), scored.scores(0))):
+            for r, (gi, scores) in enumerate(zip(scored.indices[0].tolist(), scored.scores(0), strict=True)):
                 bar.set_postfix_str(f"explaining {group} queries")
                 g_raw, g_img = thumbnail("gallery", ref, g_pos[gi])
                 pair = retriever.explain(q_raw, g_raw)

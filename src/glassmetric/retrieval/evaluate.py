@@ -65,7 +65,7 @@ def evaluate_model(
     (see :func:`~glassmetric.retrieval.metrics.retrieval_metrics`).
     """
     device = device or default_device()
-    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress}
     query, query_labels = embed_dataset(model, dataset, **kw)
     ref, ref_labels = embed_dataset(model, gallery, **kw) if gallery is not None else (None, None)
     index = cached_gallery_index(query if ref is None else ref, index_settings, index_dir) if knn_backend == "index" else None
@@ -105,7 +105,7 @@ def evaluate_rerank_sweep(
     from glassmetric.retrieval.embed import embed_fields
     from glassmetric.retrieval.rerank import rerank_sweep
 
-    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device or default_device(), progress=progress)
+    kw = {"batch_size": batch_size, "num_workers": num_workers, "device": device or default_device(), "progress": progress}
     query = embed_fields(model, dataset, **kw)
     ref = embed_fields(model, gallery, **kw) if gallery is not None else None
     index = None

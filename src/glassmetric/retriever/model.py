@@ -19,7 +19,7 @@ from glassmetric.models.heads import GROUPING, SPATIAL, UNCERTAINTY
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.models.spatial_head import SpatialGridHead
 
-__all__ = ["InferenceModel", "NO_LOCAL_FOR_GROUPS"]
+__all__ = ["NO_LOCAL_FOR_GROUPS", "InferenceModel"]
 
 #: why a grouping model without its own spatial head has no structural matching, and the fix
 NO_LOCAL_FOR_GROUPS = (

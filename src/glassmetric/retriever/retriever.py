@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.config import Config, load_config
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.image_io import open_image
@@ -24,7 +25,6 @@ from glassmetric.factory import (
     introspective_params,
     make_splits,
 )
-from glassmetric.checkpoints import load_trained
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.retrieval.evaluate import cached_gallery_index, default_device, evaluate_model, evaluate_rerank_sweep
 from glassmetric.retrieval.knn import knn
@@ -58,14 +58,14 @@ class Retriever:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
-                        overrides: Sequence[str] = ()) -> "Retriever":
+                        overrides: Sequence[str] = ()) -> Retriever:
         """The model of a ``glassmetric fit`` checkpoint; ``overrides`` (``key=value``) change its
         stored config (not ``model.*``, which the weights fix)."""
         model, cfg = load_trained(path, list(overrides))
         return cls(model, cfg, device=device, checkpoint=path)
 
     @classmethod
-    def from_preset(cls, name: str, overrides: Sequence[str] = (), device: str | torch.device | None = None) -> "Retriever":
+    def from_preset(cls, name: str, overrides: Sequence[str] = (), device: str | torch.device | None = None) -> Retriever:
         """The untrained model of a preset or YAML config (e.g. ``cub50``: ImageNet features and a
         random embedding head), for a baseline without training."""
         cfg = load_config(name, list(overrides))
@@ -170,9 +170,9 @@ class Retriever:
             gallery = self.dataset(gallery)
         e = self.cfg.eval
         backend = "index" if index_dir else knn_backend or e.knn_backend
-        kw = dict(batch_size=e.batch_size, num_workers=self.cfg.data.num_workers, knn_backend=backend, device=self.device,
-                  progress=progress, index_settings=e.index, index_dir=index_dir,
-                  recall_ks=evaluation_recall_ks(self.cfg))
+        kw = {"batch_size": e.batch_size, "num_workers": self.cfg.data.num_workers, "knn_backend": backend, "device": self.device,
+                  "progress": progress, "index_settings": e.index, "index_dir": index_dir,
+                  "recall_ks": evaluation_recall_ks(self.cfg)}
         if not rerank_ks:
             return evaluate_model(self.model, dataset, gallery, max_k=e.knn_k, **kw)
         self.model.require_local()

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from glassmetric.errors import ConfigError, GlassmetricError
 from glassmetric.data.transforms import normalisation
+from glassmetric.errors import ConfigError, GlassmetricError
 from glassmetric.explain.pair import explain_views, model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
 from glassmetric.report.build import report_fields
@@ -101,7 +101,7 @@ class Explorer:
     @classmethod
     def open(cls, checkpoint: str, gallery_root: str | Path | None = None, *, split: str = "test", cache_dir=None,
              device: str = "cpu", progress: bool = True, knn: str = "exact", index_dir: str | Path | None = None,
-             overrides: list[str] = (), upload_store_bytes: int = 64 * 2**20) -> "Explorer":
+             overrides: list[str] = (), upload_store_bytes: int = 64 * 2**20) -> Explorer:
         """Load the checkpoint and embed (or load the cached embeddings of) the gallery folder,
         or without one the ``split`` of the checkpoint's own data. An unreadable gallery image (a
         dangling link included) raises or is left out as the checkpoint's ``data.on_bad_image`` says.
@@ -181,7 +181,7 @@ class Explorer:
         scored = score_shortlist(q.fields, self.gallery.fields, idx[None], epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol,
                                  marginals=ot.marginals, introspective=self.retriever.introspective)
         results = []
-        for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0))):
+        for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0), strict=True)):
             correct = None
             if q.index is not None and self.gallery.labelled:
                 correct = bool(self.gallery.labels[gi] == self.gallery.labels[q.index])
@@ -227,5 +227,5 @@ class Explorer:
     def info(self) -> dict:
         heads = sorted(self.model.extra_heads)
         return {"checkpoint": self.checkpoint, "gallery": self.gallery.source.description, "gallery_size": len(self.gallery),
-                "labelled": self.gallery.labelled, "classes": int(len(np.unique(self.gallery.labels))) if self.gallery.labelled else 0, "fields": list(self.fields),
+                "labelled": self.gallery.labelled, "classes": len(np.unique(self.gallery.labels)) if self.gallery.labelled else 0, "fields": list(self.fields),
                 "heads": heads, "embedding_cache": str(self.gallery.cache_file), "from_cache": self.gallery.from_cache}

@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 from glassmetric import __version__
+from glassmetric.checkpoints import atomic_torch_save, safe_torch_load
 from glassmetric.config import Config
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.folder import ImageFolderDataset, _image_files, _PathDataset, class_folders
 from glassmetric.errors import DataError
-from glassmetric.checkpoints import atomic_torch_save, safe_torch_load
 from glassmetric.factory import eval_transform
 from glassmetric.retrieval.embed import embed_fields
 

@@ -55,7 +55,7 @@ class OTSettings:
             raise ValueError(f"OTSettings.gradient must be one of {GRADIENT_MODES}, got {self.gradient!r}")
 
     @classmethod
-    def from_config(cls, cfg: Config | StructuralConfig) -> "OTSettings":
+    def from_config(cls, cfg: Config | StructuralConfig) -> OTSettings:
         """The settings of a validated config (or its ``structural`` section; ``marginals:
         auto`` must have been resolved by :func:`glassmetric.config.validate`)."""
         s = getattr(cfg, "structural", cfg)

@@ -31,8 +31,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from glassmetric.config import Config, save_config
 from glassmetric.checkpoints import safe_torch_load
+from glassmetric.config import Config, save_config
 from glassmetric.data.image_io import collate_readable
 from glassmetric.data.registry import Splits
 from glassmetric.data.sampler import MPerClassBatchSampler
@@ -43,6 +43,7 @@ from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO
 from glassmetric.training.distributed import IndexedDataset, check_devices, ddp_strategy, eval_sampler
 from glassmetric.training.guards import reliability_callbacks
+from glassmetric.training.module import MetricLearner
 from glassmetric.training.resume import (
     check_resumed_model,
     check_resumed_shapes,
@@ -51,7 +52,6 @@ from glassmetric.training.resume import (
     resume_checkpoint,
 )
 from glassmetric.training.run_folder import clear_previous_run, is_launching_process, run_folder_lock
-from glassmetric.training.module import MetricLearner
 from glassmetric.training.throughput import ThroughputMonitor
 
 
@@ -191,8 +191,8 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
     if launching:
         save_config(cfg, out / "config.yaml")
     ks = evaluation_recall_ks(cfg)
-    eval_kw = dict(recall_ks=ks, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=cfg.eval.knn_backend,
-                   max_k=cfg.eval.knn_k)
+    eval_kw = {"recall_ks": ks, "batch_size": cfg.eval.batch_size, "num_workers": cfg.data.num_workers, "knn_backend": cfg.eval.knn_backend,
+                   "max_k": cfg.eval.knn_k}
 
     baseline_metrics = None
     if baseline:
@@ -201,7 +201,7 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
     select_val = cfg.trainer.select == "val"
     # "last" is rewritten after every epoch (and its validation); "best" on a better validation score.
     # The best callback comes first so that last.ckpt carries its up-to-date state.
-    common = dict(dirpath=ckpt_dir, save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
+    common = {"dirpath": ckpt_dir, "save_top_k": 1, "save_last": False, "auto_insert_metric_name": False, "enable_version_counter": False}
     monitor = f"val/{cfg.trainer.monitor}"
     best_cb = ModelCheckpoint(filename="best", monitor=monitor, mode="max", **common) if select_val else None
     last_cb = ModelCheckpoint(filename="last", monitor=None, **common)

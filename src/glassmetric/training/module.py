@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from glassmetric.checkpoints import METADATA_KEY, checkpoint_metadata
@@ -37,7 +37,7 @@ class MetricLearner(pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.model = model if model is not None else build_model_from_config(cfg)
-        class_ids = np.asarray(sorted(set(int(c) for c in train_class_ids)), dtype=np.int64)
+        class_ids = np.asarray(sorted({int(c) for c in train_class_ids}), dtype=np.int64)
         lookup = torch.full((int(class_ids.max()) + 1,), -1, dtype=torch.long)
         lookup[torch.from_numpy(class_ids)] = torch.arange(len(class_ids))
         self.register_buffer("label_lookup", lookup)
