@@ -318,7 +318,7 @@ def main() -> None:
     for m in ("baseline", "structural"):
         if m not in ckpts:
             continue
-        corr = cached(first[m], "bench_correspondence.json", args.pairs, lambda: correspondence(first[m], args.pairs))
+        corr = cached(first[m], "bench_correspondence.json", args.pairs, lambda m=m: correspondence(first[m], args.pairs))
         print(json.dumps({"correspondence": m, **corr}, default=float), flush=True)
         label = "baseline checkpoint, training-free" if m == "baseline" else "structurally trained checkpoint"
         sections += ["", correspondence_section(f"{label} ({first[m].parents[1].name})", corr)]
@@ -345,7 +345,7 @@ def main() -> None:
                      "|---|---|---|---|---|---|---|---|---|---|"]
         for m in grouped:  # every seed of the groups alone, the first seed of each combination
             for s, ckpt in list(ckpts[m].items())[: None if m == "grouping" else 1]:
-                g = cached(ckpt, "bench_groups.json", "all, spread", lambda: group_parts(ckpt))
+                g = cached(ckpt, "bench_groups.json", "all, spread", lambda ckpt=ckpt: group_parts(ckpt))
                 print(json.dumps({"method": m, "seed": s, **g}, default=float), flush=True)
                 cells = [f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%, "
                          f"{v['spread']:.1f} pos.)" for v in g["groups"].values()]

@@ -281,7 +281,9 @@ def test_loss_params_are_checked_against_the_loss_and_miner_classes():
 def test_devices_and_seeds_at_the_edges_of_their_ranges():
     """Lightning's forms of ``devices``: a count, "auto", GPU indices as "0,1" (one index as
     "0,": "0" alone would be a count of none); numpy seeds span 0 .. 2**32 - 1."""
-    devices = lambda v: load_config("demo", [f"trainer.devices={v}"]).trainer.devices
+    def devices(v):
+        return load_config("demo", [f"trainer.devices={v}"]).trainer.devices
+
     assert [devices(v) for v in ("2", "auto", "[0, 1]", "[2]", "0,1", "0,")] == [2, "auto", "0,1", "2,", "0,1", "0,"]
     import numpy as np
 

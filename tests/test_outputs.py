@@ -204,7 +204,7 @@ def test_unwritable_output_paths_fail_on_one_line_before_any_work(unwritable, ma
         "serve": ["serve", "--checkpoint", ckpt, "--device", "cpu", "--cache-dir", str(folder / "cache")],
     }
     results = run([[str(a) for a in argv] for argv in commands.values()])
-    for (command, argv), (rc, err) in zip(commands.items(), results, strict=True):
+    for command, (rc, err) in zip(commands, results, strict=True):
         assert rc == 2, (command, err)
         line = err.strip()
         assert len(line.splitlines()) == 1 and line.startswith(f"glassmetric {command}: error: "), line

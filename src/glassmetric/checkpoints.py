@@ -131,7 +131,9 @@ def _checkpoint_parts(ckpt, path) -> tuple[dict, dict]:
     def foreign(what: str) -> CheckpointError:
         return CheckpointError(f"cannot load checkpoint {path}: not a glassmetric checkpoint: {what}")
 
-    kind = lambda v: type(v).__name__
+    def kind(v) -> str:
+        return type(v).__name__
+
     if not isinstance(ckpt, dict):
         raise foreign(f"the top level is a {kind(ckpt)}, not a mapping")
     if "state_dict" not in ckpt or not isinstance(ckpt.get(METADATA_KEY), dict) or "config" not in ckpt[METADATA_KEY]:

@@ -68,20 +68,20 @@ def build_training_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The loss of ``cfg``: the chosen metric loss (on the global, structural or introspective
     similarity), or with ``model.groups`` the DGML objective (that loss on every group + the
     diversity loss, :class:`GroupedLoss`)."""
-    l, m = cfg.loss, cfg.model
-    structural = structural_settings(cfg) if l.similarity in ("structural", "multiscale") else None
-    introspective = introspective_params(cfg) if l.similarity == "introspective" else None
+    loss_cfg, m = cfg.loss, cfg.model
+    structural = structural_settings(cfg) if loss_cfg.similarity in ("structural", "multiscale") else None
+    introspective = introspective_params(cfg) if loss_cfg.similarity == "introspective" else None
 
     def make(dim: int, structural_settings_=None):
-        return build_loss(l.name, embedding_dim=dim, num_classes=num_classes, params=l.params,
-                          miner_params=l.miner_params, structural=structural_settings_,
+        return build_loss(loss_cfg.name, embedding_dim=dim, num_classes=num_classes, params=loss_cfg.params,
+                          miner_params=loss_cfg.miner_params, structural=structural_settings_,
                           introspective_params=introspective)
 
     if not m.groups:
         return make(m.embedding_dim, structural)
     # with introspection, each group's semantic distance meets the image's uncertainty
     per_group = [make(m.embedding_dim // m.groups) for _ in range(m.groups)]
-    return GroupedLoss(per_group, l.diversity_weight, make(m.embedding_dim, structural) if structural else None)
+    return GroupedLoss(per_group, loss_cfg.diversity_weight, make(m.embedding_dim, structural) if structural else None)
 
 
 def eval_transform(cfg: Config, model: torch.nn.Module):

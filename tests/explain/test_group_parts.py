@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_a_group_that_always_peaks_at_one_position_is_flagged_as_fixed():
     class Fixed(torch.nn.Module):
         """Attention fixed on position 3 (group 1) or moving with the image (group 2)."""
 
-        extra_heads = {"grouping": None}
+        extra_heads: ClassVar[dict[str, None]] = {"grouping": None}
 
         def forward(self, images):
             n = len(images)

@@ -89,7 +89,9 @@ def test_contrastive_matches_brute_force():
                 continue
             d = math.sqrt(max(_d(S[i], U[i], S[j], U[j]), 1e-12))
             (pos if y[i] == y[j] else neg).append(d if y[i] == y[j] else max(0.0, 1.0 - d))
-    mean_nz = lambda t: sum(v for v in t if v > 0) / max(1, sum(1 for v in t if v > 0))
+    def mean_nz(t):
+        return sum(v for v in t if v > 0) / max(1, sum(1 for v in t if v > 0))
+
     expected = mean_nz(pos) + mean_nz(neg)
     got = build("contrastive")(EmbeddingOutput(embedding=s, uncertainty=u), LABELS)
     assert float(got) == pytest.approx(expected, rel=1e-4)

@@ -272,8 +272,8 @@ def proxynca_reference(rows, labels, proxies, softmax_scale=1.0, include_positiv
     total = 0.0
     for x, y in zip(rows, labels, strict=True):
         logits = [-softmax_scale * euclid(x, p) ** 2 for p in proxies]
-        others = [l for z, l in enumerate(logits) if z != y or include_positive]
-        total += -(logits[y] - math.log(sum(math.exp(l) for l in others)))
+        others = [logit for z, logit in enumerate(logits) if z != y or include_positive]
+        total += -(logits[y] - math.log(sum(math.exp(logit) for logit in others)))
     return total / len(rows)
 
 

@@ -125,7 +125,9 @@ def test_devices_this_machine_lacks_are_named(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "glassmetric fit: error: trainer.accelerator: 'gpu', but torch finds no CUDA GPU here: use cpu or auto"
     assert not out.exists()
-    trainer = lambda *o: load_config("demo", list(o)).trainer
+    def trainer(*o):
+        return load_config("demo", list(o)).trainer
+
     with pytest.raises(ConfigError, match=r"trainer\.devices: GPU indices '0,1' on the CPU"):
         check_devices(trainer("trainer.devices=[0, 1]"))
     check_devices(trainer("trainer.devices=2", "trainer.accelerator=cpu"))  # two CPU processes

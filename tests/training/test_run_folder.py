@@ -92,9 +92,9 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputError, match=rf"in use by another glassmetric fit \(pid {holder.pid} on "):
-            with run_folder_lock(tmp_path):
-                pass
+        with pytest.raises(OutputError, match=rf"in use by another glassmetric fit \(pid {holder.pid} on "), \
+                run_folder_lock(tmp_path):
+            pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)

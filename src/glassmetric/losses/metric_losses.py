@@ -23,6 +23,7 @@ checkpoint, and :meth:`MetricLoss.learning_rate` gives them their own learning r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -132,10 +133,8 @@ def _checked(value: Any, default: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if isinstance(default, (int, float)):
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-            except ValueError:
-                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return value
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")

@@ -110,7 +110,9 @@ def _check_shared_folders(pair, query: str, gallery: str) -> None:
     names = pair.query.class_names
     q, g = (sorted(names[i] for i in np.unique(d.labels)) for d in (pair.query, pair.gallery))
     if not set(q) & set(g):
-        few = lambda classes: ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        def few(classes: list[str]) -> str:
+            return ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+
         raise ConfigError(
             f"--query {query} and --gallery {gallery} share no class folder (classes are matched by folder name): "
             f"query {len(q)} ({few(q)}), gallery {len(g)} ({few(g)})"
