@@ -14,6 +14,8 @@ from glassmetric.losses.grouped import GroupedLoss
 from glassmetric.losses.metric_losses import build_loss
 from glassmetric.losses.structural import StructuralSettings
 from glassmetric.models import build_model
+from glassmetric.models.backbone import HasBackbone
+from glassmetric.models.embedding_model import EmbeddingModel
 from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.heads import GROUPING, SPATIAL, UNCERTAINTY
 from glassmetric.models.introspective_head import UncertaintyHead
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-def build_model_from_config(cfg: Config):
+def build_model_from_config(cfg: Config) -> EmbeddingModel:
     """The :class:`~glassmetric.models.EmbeddingModel` of ``cfg.model``: backbone, global head and
     the extra heads it asks for (grouping, spatial grid, uncertainty), initialised, not trained."""
     m = cfg.model
@@ -84,19 +86,19 @@ def build_training_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
     return GroupedLoss(per_group, loss_cfg.diversity_weight, make(m.embedding_dim, structural) if structural else None)
 
 
-def eval_transform(cfg: Config, model: torch.nn.Module):
+def eval_transform(cfg: Config, model: HasBackbone):
     """Resize + centre crop at the evaluation size, normalised as the backbone expects."""
     d = cfg.data
     return build_transforms(False, d.eval_image_size or d.image_size, d.resize, mean=model.backbone.mean, std=model.backbone.std)
 
 
-def train_transform(cfg: Config, model: torch.nn.Module):
+def train_transform(cfg: Config, model: HasBackbone):
     """Random resized crop + flip at the training size, normalised as the backbone expects."""
     d = cfg.data
     return build_transforms(True, d.image_size, mean=model.backbone.mean, std=model.backbone.std, crop_scale=d.crop_scale)
 
 
-def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
+def make_splits(cfg: Config, model: HasBackbone) -> Splits:
     """The train / val / test splits (and cross-domain gallery) of ``cfg.data``, with the
     training transform on the training split and the evaluation transform on the others."""
     return build_splits(cfg.data, train_transform(cfg, model), eval_transform(cfg, model), seed=cfg.seed)

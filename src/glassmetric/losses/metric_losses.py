@@ -28,7 +28,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pytorch_metric_learning import losses, miners
@@ -117,7 +117,7 @@ def _keywords(cls: type) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for klass in inspect.getmro(cls):
         if "__init__" in vars(klass) and klass is not object:
-            for p in inspect.signature(klass.__init__).parameters.values():
+            for p in inspect.signature(vars(klass)["__init__"]).parameters.values():
                 if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                     found.setdefault(p.name, p.default)
     return found
@@ -165,13 +165,14 @@ def check_params(name: str, params: dict, miner_params: dict) -> tuple[dict, dic
     numbers, ...); returned with numbers written as strings (``1e-3``) read as numbers.
     Raises ConfigError naming the key (``loss.params.alpha``)."""
     spec = LOSSES[name]
-    cls = spec.loss_class or spec.build_loss
+    cls = spec.loss_class or cast(type, spec.build_loss)  # without loss_class, build_loss is the class itself
     params = _check_keywords(cls, params, spec.loss_defaults, "loss.params")
     if spec.build_miner is None:
         if miner_params:
             raise ConfigError(f"loss.miner_params: loss {name!r} uses no miner, got {miner_params!r}")
         return params, {}
-    return params, _check_keywords(spec.build_miner, miner_params, spec.miner_defaults or {}, "loss.miner_params")
+    miner_class = cast(type, spec.build_miner)  # every miner is built by its class
+    return params, _check_keywords(miner_class, miner_params, spec.miner_defaults or {}, "loss.miner_params")
 
 
 class MetricLoss(torch.nn.Module):

@@ -86,12 +86,12 @@ def eval_datasets(
         raise ConfigError("--query and --gallery go together: give both folders")
     if folder and query:
         raise ConfigError("give either --data or --query / --gallery, not both")
-    if query and same_folder(query, gallery):
+    if query and gallery and same_folder(query, gallery):  # query and gallery go together (above)
         folder = query
     if folder:
         images = ImageFolderDataset(folder, transform=transform)
         return f"images of {folder}", images.set_bad_image_policy(cfg.data.on_bad_image), None
-    if query:
+    if query and gallery:
         pair = build_query_gallery(query, gallery, transform=transform)
         _check_shared_folders(pair, query, gallery)
         pair.query.set_bad_image_policy(cfg.data.on_bad_image)

@@ -33,6 +33,8 @@ def mixup_loss(model: torch.nn.Module, loss_fn, images: torch.Tensor, labels: to
 
 
 class MetricLearner(pl.LightningModule):
+    label_lookup: torch.Tensor  # a registered buffer: training class id -> contiguous index (-1: not a training class)
+
     def __init__(self, cfg: Config, train_class_ids: np.ndarray, model: torch.nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
@@ -42,7 +44,7 @@ class MetricLearner(pl.LightningModule):
         lookup[torch.from_numpy(class_ids)] = torch.arange(len(class_ids))
         self.register_buffer("label_lookup", lookup)
         self.loss = build_training_loss(cfg, len(class_ids))
-        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # embeddings, labels, data set rows
 
     def forward(self, images: torch.Tensor):
         return self.model(images)
