@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from glassmetric.cli import main
+from glassmetric.errors import ConfigError
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.retriever import Embeddings, Retriever
 
@@ -50,6 +51,12 @@ def test_search_is_the_brute_force_ranking_without_the_query_itself(retriever, f
     scores = e.embedding @ e.embedding.T
     scores.fill_diagonal_(-float("inf"))
     torch.testing.assert_close(sims, scores.topk(3).values, atol=1e-6, rtol=0)
+
+
+def test_rerank_refuses_embeddings_without_their_local_cells(retriever, folder):
+    e = retriever.embed(folder, fields=("embedding",))
+    with pytest.raises(ConfigError, match="re-ranking needs the local embeddings"):
+        retriever.rerank(e, k=3)
 
 
 def test_embed_cli_writes_what_embed_returns(make_checkpoint, folder, tmp_path):
