@@ -22,16 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from markdown_block import write_block
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.config import load_config
+from glassmetric.factory import build_model_from_config, eval_transform, make_splits
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.retrieval.evaluate import evaluate_model
-from glassmetric.factory import eval_transform, make_splits
 from glassmetric.training.fit import fit
-from glassmetric.factory import build_model_from_config
-from glassmetric.checkpoints import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 CUB50 = ROOT.parent / "shared" / "data" / "cub50"
@@ -105,7 +103,7 @@ def main() -> None:
     started = time.perf_counter()
 
     for seed in args.seeds:
-        cfg = load_config("cub50", base + [f"seed={seed}", "model.pretrained=false"])
+        cfg = load_config("cub50", [*base, f"seed={seed}", "model.pretrained=false"])
         torch.manual_seed(seed)
         rows.setdefault("Lite0, random init, GAP 1280-d", []).append(score(PooledFeatures(build_model_from_config(cfg).backbone), cfg))
     cfg = load_config("cub50", base)
@@ -114,7 +112,7 @@ def main() -> None:
     for loss in args.losses:
         for seed in args.seeds:
             out = Path(args.out) / f"{loss}-seed{seed}"
-            cfg = load_config("cub50", base + [f"seed={seed}", f"loss.name={loss}", f"trainer.output_dir={out}", "trainer.progress_bar=false"])
+            cfg = load_config("cub50", [*base, f"seed={seed}", f"loss.name={loss}", f"trainer.output_dir={out}", "trainer.progress_bar=false"])
             result = fit(cfg, overwrite=True, run_test=False)
             model, trained_cfg = load_trained(str(result.checkpoint))
             run = score(model, trained_cfg)

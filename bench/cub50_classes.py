@@ -22,16 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-
-from cub50 import CUB50, COLUMNS, ROOT, PooledFeatures, mean_std, score
+from cub50 import COLUMNS, CUB50, ROOT, PooledFeatures, mean_std, score
 from markdown_block import write_block
 
-from glassmetric.config import load_config
-from glassmetric.retrieval.evaluate import evaluate_model
-from glassmetric.factory import eval_transform, make_splits
-from glassmetric.training.fit import fit
-from glassmetric.factory import build_model_from_config
 from glassmetric.checkpoints import load_trained
+from glassmetric.config import load_config
+from glassmetric.factory import build_model_from_config, eval_transform, make_splits
+from glassmetric.retrieval.evaluate import evaluate_model
+from glassmetric.training.fit import fit
 
 TEST = [31, 50]
 
@@ -75,7 +73,7 @@ def trained(n: int, seed: int, out: Path) -> dict:
     cache = folder / "bench_classes.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    cfg = load_config("cub50", overrides(n) + [f"seed={seed}", f"trainer.output_dir={folder}"])
+    cfg = load_config("cub50", [*overrides(n), f"seed={seed}", f"trainer.output_dir={folder}"])
     result = fit(cfg, overwrite=True, run_test=False)
     model, trained_cfg = load_trained(str(result.checkpoint), [f"data.root={CUB50}"])
     run = score(model, trained_cfg)

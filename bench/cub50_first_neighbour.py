@@ -20,15 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from cub50 import CUB50, ROOT, PooledFeatures
 from markdown_block import write_block
 
-from glassmetric.config import load_config
-from glassmetric.retrieval.embed import embed_fields
-from glassmetric.factory import eval_transform, make_splits
-from glassmetric.factory import build_model_from_config
 from glassmetric.checkpoints import load_trained
+from glassmetric.config import load_config
+from glassmetric.factory import build_model_from_config, eval_transform, make_splits
+from glassmetric.retrieval.embed import embed_fields
 
 NEAR_TIE = 0.02
 

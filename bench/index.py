@@ -72,10 +72,10 @@ def run(n: int, dim: int, args) -> list[dict]:
     xd, qd = xt.to(args.device), qt.to(args.device)
     sync = torch.cuda.synchronize if xd.is_cuda else (lambda: None)
     rows = []
-    t, (_, truth) = best_time(lambda: (knn(qd, xd, args.k), sync())[0], args.repeat)
+    t, (_, truth) = best_time(lambda qd=qd, xd=xd: (knn(qd, xd, args.k), sync())[0], args.repeat)
     truth = truth.cpu()
     del xd, qd
-    rows.append(dict(method=f"exact: torch kNN ({args.device})", build=0.0, tune=0.0, qps=len(q) / t, recall=1.0))
+    rows.append({"method": f"exact: torch kNN ({args.device})", "build": 0.0, "tune": 0.0, "qps": len(q) / t, "recall": 1.0})
     plans = [("exact", {})]
     if n <= args.hnsw_max:
         plans.append(("hnsw", {"ef_search": [32, 128, 512]}))
@@ -92,12 +92,12 @@ def run(n: int, dim: int, args) -> list[dict]:
         for s in [None, *fixed]:
             if s is not None:
                 index.set_search_params(s)
-            t, (_, ids) = best_time(lambda: index.search(qt, args.k), args.repeat)
+            t, (_, ids) = best_time(lambda index=index: index.search(qt, args.k), args.repeat)
             knobs = ", ".join(f"{k} {v}" for k, v in index.params.items() if k != "recall@10")
             label = f"{kind}" + (f" ({knobs})" if knobs else " (faiss IndexFlatIP)")
             if s is None and kind != "exact":
                 label += f" [default: tuned, estimated recall@10 {index.params['recall@10']:.3f}]"
-            rows.append(dict(method=label, build=build, tune=tune if s is None else 0.0, qps=len(q) / t, recall=recall(ids, truth)))
+            rows.append({"method": label, "build": build, "tune": tune if s is None else 0.0, "qps": len(q) / t, "recall": recall(ids, truth)})
             if kind == "exact":
                 break
         del index

@@ -40,24 +40,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from cub50 import mean_std
 from markdown_block import write_block
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.cli import main as cli_main
 from glassmetric.config import load_config
 from glassmetric.explain.correspondence import evaluate_correspondence
 from glassmetric.explain.group_parts import evaluate_group_parts
-from glassmetric.retriever.model import InferenceModel
-from glassmetric.similarity.ot_settings import OTSettings
+from glassmetric.factory import eval_transform, make_splits
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.retrieval.rerank import rerank_sweep
 from glassmetric.retrieval.uncertainty import object_statistics, uncertainty_vs_failure, uncertainty_vs_ground_truth
+from glassmetric.retriever.model import InferenceModel
 from glassmetric.similarity.introspective import image_uncertainty
-from glassmetric.factory import eval_transform, make_splits
+from glassmetric.similarity.ot_settings import OTSettings
 from glassmetric.training.fit import fit
-from glassmetric.checkpoints import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 CUB50 = ROOT.parent / "shared" / "data" / "cub50"
@@ -319,7 +318,7 @@ def main() -> None:
     for m in ("baseline", "structural"):
         if m not in ckpts:
             continue
-        corr = cached(first[m], "bench_correspondence.json", args.pairs, lambda: correspondence(first[m], args.pairs))
+        corr = cached(first[m], "bench_correspondence.json", args.pairs, lambda m=m: correspondence(first[m], args.pairs))
         print(json.dumps({"correspondence": m, **corr}, default=float), flush=True)
         label = "baseline checkpoint, training-free" if m == "baseline" else "structurally trained checkpoint"
         sections += ["", correspondence_section(f"{label} ({first[m].parents[1].name})", corr)]
@@ -346,7 +345,7 @@ def main() -> None:
                      "|---|---|---|---|---|---|---|---|---|---|"]
         for m in grouped:  # every seed of the groups alone, the first seed of each combination
             for s, ckpt in list(ckpts[m].items())[: None if m == "grouping" else 1]:
-                g = cached(ckpt, "bench_groups.json", "all, spread", lambda: group_parts(ckpt))
+                g = cached(ckpt, "bench_groups.json", "all, spread", lambda ckpt=ckpt: group_parts(ckpt))
                 print(json.dumps({"method": m, "seed": s, **g}, default=float), flush=True)
                 cells = [f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%, "
                          f"{v['spread']:.1f} pos.)" for v in g["groups"].values()]
@@ -364,7 +363,7 @@ def main() -> None:
                      "| model | seed | AUROC | R@1 certain half | R@1 uncertain half | rho(box area share) | rho(visible parts) |",
                      "|---|---|---|---|---|---|---|"]
         for m in uncertain:
-            for s, r in zip(ckpts[m], results[m]):
+            for s, r in zip(ckpts[m], results[m], strict=True):
                 u = r["uncertainty"]
                 sp = u["spearman"]
                 sections.append(f"| {m} | {s} | {u['auroc_uncertainty_vs_r1_failure']:.3f} | {100 * u['recall@1_certain_half']:.2f} | "

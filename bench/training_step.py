@@ -96,7 +96,7 @@ def bench(method: str, setting: str, loss: str, rounds: int, steps: int, device:
     plain = variants[0][0]
     rows = []
     for name in built:
-        per_round = [t / p for p, t in zip(times[plain], times[name])]
+        per_round = [t / p for p, t in zip(times[plain], times[name], strict=True)]
         rows.append({
             "variant": name, "best_s": min(times[name]), "ratio": min(times[name]) / min(times[plain]),
             "median": statistics.median(per_round), "lo": min(per_round), "hi": max(per_round),

@@ -53,7 +53,7 @@ def argvs(draw):
     elif command in ("eval", "explain"):
         argv += draw(st.sampled_from([[], ["a.png", "b.png"]])) if command == "explain" else []
         argv += draw(st.sampled_from([["--checkpoint", "no/such.ckpt"], []]))
-    for flag in draw(st.lists(st.sampled_from(sorted(FLAG_VALUES) + ["--bogus", "--resume"]), max_size=3)):
+    for flag in draw(st.lists(st.sampled_from([*sorted(FLAG_VALUES), "--bogus", "--resume"]), max_size=3)):
         argv += [flag] + ([draw(FLAG_VALUES[flag])] if flag in FLAG_VALUES else [])
     argv += [_override(k, v) for k, v in draw(st.lists(st.tuples(KEY, JUNK), max_size=3))]
     return argv

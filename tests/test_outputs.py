@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from glassmetric.checkpoints import atomic_torch_save
 from glassmetric.cli import main
 from glassmetric.outputs import atomic_write_text
-from glassmetric.checkpoints import atomic_torch_save
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SMALL = ("data.image_size=64", "data.resize=64")
@@ -72,8 +72,8 @@ def test_atomic_writes_follow_the_umask(tmp_path, mask):
 
 
 def test_gallery_caches_follow_the_umask(tmp_path, make_checkpoint):
-    from glassmetric.serve.gallery import folder_source, load_gallery
     from glassmetric.checkpoints import load_trained
+    from glassmetric.serve.gallery import folder_source, load_gallery
 
     ckpt = make_checkpoint(*SMALL)
     model, cfg = load_trained(str(ckpt))
@@ -204,7 +204,7 @@ def test_unwritable_output_paths_fail_on_one_line_before_any_work(unwritable, ma
         "serve": ["serve", "--checkpoint", ckpt, "--device", "cpu", "--cache-dir", str(folder / "cache")],
     }
     results = run([[str(a) for a in argv] for argv in commands.values()])
-    for (command, argv), (rc, err) in zip(commands.items(), results):
+    for command, (rc, err) in zip(commands, results, strict=True):
         assert rc == 2, (command, err)
         line = err.strip()
         assert len(line.splitlines()) == 1 and line.startswith(f"glassmetric {command}: error: "), line

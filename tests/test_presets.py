@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from glassmetric.config import load_config, preset_names
+from glassmetric.factory import build_model_from_config
 from glassmetric.models.efficientnet_lite import EFFICIENTNET_LITE_BACKBONES
 from glassmetric.models.heads import GROUPING, SPATIAL, UNCERTAINTY
-from glassmetric.factory import build_model_from_config
 
 #: the model's input in this test: two 64 px images (any size reaches every head)
 IMAGES = (2, 3, 64, 64)

@@ -19,8 +19,9 @@ import pickle
 import pickletools
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,9 @@ from glassmetric.config import Config, config_from_dict
 from glassmetric.errors import CheckpointError, ConfigError
 from glassmetric.factory import build_model_from_config
 from glassmetric.outputs import atomic_write
+
+if TYPE_CHECKING:
+    from glassmetric.models.embedding_model import EmbeddingModel
 
 __all__ = ["atomic_torch_save", "checkpoint_metadata", "load_trained", "previous_path", "safe_torch_load"]
 
@@ -131,7 +135,9 @@ def _checkpoint_parts(ckpt, path) -> tuple[dict, dict]:
     def foreign(what: str) -> CheckpointError:
         return CheckpointError(f"cannot load checkpoint {path}: not a glassmetric checkpoint: {what}")
 
-    kind = lambda v: type(v).__name__
+    def kind(v) -> str:
+        return type(v).__name__
+
     if not isinstance(ckpt, dict):
         raise foreign(f"the top level is a {kind(ckpt)}, not a mapping")
     if "state_dict" not in ckpt or not isinstance(ckpt.get(METADATA_KEY), dict) or "config" not in ckpt[METADATA_KEY]:
@@ -149,7 +155,7 @@ def _checkpoint_parts(ckpt, path) -> tuple[dict, dict]:
     return dict(stored), weights
 
 
-def load_trained(path: str | Path, overrides: list[str] = ()) -> tuple[torch.nn.Module, Config]:
+def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[EmbeddingModel, Config]:
     """The EmbeddingModel and Config stored in a ``glassmetric fit`` checkpoint (weights only).
 
     ``overrides`` change the stored config (e.g. ``data.root=...`` to evaluate elsewhere);

@@ -266,7 +266,9 @@ def _eval_uncertainty(args, retriever, name, dataset, gallery, report: dict) -> 
         from glassmetric.explain.uncertainty import extremes, uncertainty_grid_figure
 
         most, least = extremes(rep.uncertainty, 12)
-        show = lambda rows: [dataset.load(int(rep.index[i])).image for i in rows]
+        def show(rows):
+            return [dataset.load(int(rep.index[i])).image for i in rows]
+
         fig = uncertainty_grid_figure(
             show(most), rep.uncertainty[most], rep.correct[most], show(least), rep.uncertainty[least], rep.correct[least],
         )

@@ -14,6 +14,8 @@ from glassmetric.losses.grouped import GroupedLoss
 from glassmetric.losses.metric_losses import build_loss
 from glassmetric.losses.structural import StructuralSettings
 from glassmetric.models import build_model
+from glassmetric.models.backbone import HasBackbone
+from glassmetric.models.embedding_model import EmbeddingModel
 from glassmetric.models.grouping_head import GroupingHead
 from glassmetric.models.heads import GROUPING, SPATIAL, UNCERTAINTY
 from glassmetric.models.introspective_head import UncertaintyHead
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-def build_model_from_config(cfg: Config):
+def build_model_from_config(cfg: Config) -> EmbeddingModel:
     """The :class:`~glassmetric.models.EmbeddingModel` of ``cfg.model``: backbone, global head and
     the extra heads it asks for (grouping, spatial grid, uncertainty), initialised, not trained."""
     m = cfg.model
@@ -68,35 +70,35 @@ def build_training_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
     """The loss of ``cfg``: the chosen metric loss (on the global, structural or introspective
     similarity), or with ``model.groups`` the DGML objective (that loss on every group + the
     diversity loss, :class:`GroupedLoss`)."""
-    l, m = cfg.loss, cfg.model
-    structural = structural_settings(cfg) if l.similarity in ("structural", "multiscale") else None
-    introspective = introspective_params(cfg) if l.similarity == "introspective" else None
+    loss_cfg, m = cfg.loss, cfg.model
+    structural = structural_settings(cfg) if loss_cfg.similarity in ("structural", "multiscale") else None
+    introspective = introspective_params(cfg) if loss_cfg.similarity == "introspective" else None
 
     def make(dim: int, structural_settings_=None):
-        return build_loss(l.name, embedding_dim=dim, num_classes=num_classes, params=l.params,
-                          miner_params=l.miner_params, structural=structural_settings_,
+        return build_loss(loss_cfg.name, embedding_dim=dim, num_classes=num_classes, params=loss_cfg.params,
+                          miner_params=loss_cfg.miner_params, structural=structural_settings_,
                           introspective_params=introspective)
 
     if not m.groups:
         return make(m.embedding_dim, structural)
     # with introspection, each group's semantic distance meets the image's uncertainty
     per_group = [make(m.embedding_dim // m.groups) for _ in range(m.groups)]
-    return GroupedLoss(per_group, l.diversity_weight, make(m.embedding_dim, structural) if structural else None)
+    return GroupedLoss(per_group, loss_cfg.diversity_weight, make(m.embedding_dim, structural) if structural else None)
 
 
-def eval_transform(cfg: Config, model: torch.nn.Module):
+def eval_transform(cfg: Config, model: HasBackbone):
     """Resize + centre crop at the evaluation size, normalised as the backbone expects."""
     d = cfg.data
     return build_transforms(False, d.eval_image_size or d.image_size, d.resize, mean=model.backbone.mean, std=model.backbone.std)
 
 
-def train_transform(cfg: Config, model: torch.nn.Module):
+def train_transform(cfg: Config, model: HasBackbone):
     """Random resized crop + flip at the training size, normalised as the backbone expects."""
     d = cfg.data
     return build_transforms(True, d.image_size, mean=model.backbone.mean, std=model.backbone.std, crop_scale=d.crop_scale)
 
 
-def make_splits(cfg: Config, model: torch.nn.Module) -> Splits:
+def make_splits(cfg: Config, model: HasBackbone) -> Splits:
     """The train / val / test splits (and cross-domain gallery) of ``cfg.data``, with the
     training transform on the training split and the evaluation transform on the others."""
     return build_splits(cfg.data, train_transform(cfg, model), eval_transform(cfg, model), seed=cfg.seed)

@@ -49,7 +49,7 @@ def write_cub(root: Path, images_per_class: tuple[int, ...] = (3, 2, 3, 2)) -> C
     fx = CubFixture(root, {}, {}, {}, grey_id=2)
     image_lines, bbox_lines, loc_lines = [], [], []
     image_id = 0
-    for c, count in zip(classes, images_per_class):
+    for c, count in zip(classes, images_per_class, strict=True):
         for k in range(count):
             image_id += 1
             rel = f"{classes[c]}/Bird_{c}_{k:04d}.jpg"
@@ -104,7 +104,7 @@ def write_cars(root: Path, images_per_class: tuple[int, ...] = (2, 3, 2, 2), col
             fx.boxes.append((k, 2, 20 + k % 5, 15))
     dtype = [(f, "O") for f in ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")]
     annotations = np.zeros((1, len(fx.paths)), dtype=dtype)
-    for k, (rel, label, box) in enumerate(zip(fx.paths, fx.labels, fx.boxes)):
+    for k, (rel, label, box) in enumerate(zip(fx.paths, fx.labels, fx.boxes, strict=True)):
         values = [np.array([[v]], dtype=np.uint16) for v in (*box, label, k % 2)]
         annotations[0, k] = (np.array([rel]), *values)
     class_names = np.empty((1, len(names)), dtype=object)

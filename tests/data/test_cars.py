@@ -41,10 +41,10 @@ def test_default_ranges(tmp_path):
 
 
 def test_missing_or_unreadable_mat(tmp_path):
-    with pytest.raises(DataError, match="cars_annos.mat"):
+    with pytest.raises(DataError, match=r"cars_annos\.mat"):
         Cars196(tmp_path, "all")
     (tmp_path / "cars_annos.mat").write_text("not a mat file")
-    with pytest.raises(DataError, match="cannot read .*cars_annos.mat"):
+    with pytest.raises(DataError, match=r"cannot read .*cars_annos\.mat"):
         Cars196(tmp_path, "all")
 
 
@@ -57,7 +57,7 @@ def _rewrite(tmp_path, edit):
 def test_missing_field_and_bad_annotation(tmp_path):
     write_cars(tmp_path)
     _rewrite(tmp_path, lambda mat: mat.pop("class_names"))
-    with pytest.raises(DataError, match="cars_annos.mat: no 'class_names'"):
+    with pytest.raises(DataError, match=r"cars_annos\.mat: no 'class_names'"):
         Cars196(tmp_path, "all")
 
     write_cars(tmp_path)

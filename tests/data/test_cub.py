@@ -105,7 +105,7 @@ def test_malformed_line_names_file_and_line(cub, name, lineno, text):
 def test_unknown_image_id(cub, name, line):
     with open(cub.root / name, "a") as f:
         f.write(line + "\n")
-    with pytest.raises(DataError, match="image id 99 is not in images.txt"):
+    with pytest.raises(DataError, match=r"image id 99 is not in images\.txt"):
         CUB200(cub.root, "all")
 
 

@@ -38,7 +38,7 @@ def test_image_folder_explicit_classes_and_errors(tmp_path):
     assert ds.labels.tolist() == [0, 1] and ds.class_names == ("c", "a", "zzz")
     with pytest.raises(ConfigError, match="duplicate"):
         ImageFolderDataset(root, classes=["a", "a"])
-    with pytest.raises(DataError, match="image folder not found: .*nowhere"):
+    with pytest.raises(DataError, match=r"image folder not found: .*nowhere"):
         ImageFolderDataset(tmp_path / "nowhere")
     _folder(tmp_path / "noimg", ["a/readme.txt"])
     with pytest.raises(DataError, match="no images"):
@@ -52,7 +52,7 @@ def test_query_gallery_matches_classes_by_name(tmp_path):
     assert isinstance(pair, QueryGallery)
     names = ("ant", "cat", "dog", "owl")
     assert pair.query.class_names == pair.gallery.class_names == names
-    label = {p.parent.name: int(y) for ds in (pair.query, pair.gallery) for p, y in zip(ds.paths, ds.labels)}
+    label = {p.parent.name: int(y) for ds in (pair.query, pair.gallery) for p, y in zip(ds.paths, ds.labels, strict=True)}
     assert label == {n: i for i, n in enumerate(names)}
     assert len(pair.query) == 4 and len(pair.gallery) == 4  # owl queries kept, ant is a distractor
     assert sorted(pair.query.labels.tolist()) == [1, 1, 2, 3]
@@ -102,5 +102,5 @@ def test_csv_errors(tmp_path, text, message):
 
 
 def test_csv_missing_file(tmp_path):
-    with pytest.raises(DataError, match="file not found: .*absent.csv"):
+    with pytest.raises(DataError, match=r"file not found: .*absent\.csv"):
         CSVDataset(tmp_path / "absent.csv")

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from memory_cap import run_capped
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from glassmetric.data.folder import ImageFolderDataset
 from glassmetric.data.image_io import collate_readable, open_image
 from glassmetric.data.sampler import MPerClassBatchSampler
+from glassmetric.errors import DataError
 from glassmetric.models import build_model
 from glassmetric.retrieval.embed import embed_fields
-from glassmetric.errors import DataError
-from memory_cap import run_capped
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 RNG = np.random.default_rng(0)
@@ -135,7 +135,7 @@ def test_images_above_max_image_pixels_are_refused_before_decoding(tmp_path, mon
 
 def _folder_dataset(root: Path, policy: str) -> ImageFolderDataset:
     write_corpus(root / "birds", sorted(GOOD))
-    write_corpus(root / "bad birds", sorted(BAD) + ["rgb.png"])
+    write_corpus(root / "bad birds", [*sorted(BAD), "rgb.png"])
     Image.fromarray(RGB).save(root / "bad birds" / "gone.png")
     data = ImageFolderDataset(root, transform=lambda img: torch.from_numpy(np.asarray(img.resize((8, 8))).copy()))
     (root / "bad birds" / "gone.png").unlink()  # deleted after indexing

@@ -60,5 +60,5 @@ def test_a_knn_shorter_than_the_largest_class_warns_and_undercounts():
 
 def test_eval_knn_k_is_validated():
     assert load_config(None, ["eval.knn_k=50"]).eval.knn_k == 50
-    with pytest.raises(ConfigError, match="eval.knn_k"):
+    with pytest.raises(ConfigError, match=r"eval\.knn_k"):
         load_config(None, ["eval.knn_k=0"])

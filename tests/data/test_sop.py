@@ -37,7 +37,7 @@ def test_errors(sop):
     with pytest.raises(DataError, match=r"_1.JPG \(Ebay_test.txt line 3\)"):
         StanfordOnlineProducts(sop.root, "test")
     (sop.root / "Ebay_test.txt").unlink()
-    with pytest.raises(DataError, match="file not found: .*Ebay_test.txt"):
+    with pytest.raises(DataError, match=r"file not found: .*Ebay_test\.txt"):
         StanfordOnlineProducts(sop.root, "test")
 
 

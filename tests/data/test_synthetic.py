@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms import ToTensor
 
-from glassmetric.data.synthetic import ATTRIBUTES, OCCLUDER, SyntheticParts, _HEAD_RGB, _paint_rgb
+from glassmetric.data.synthetic import _HEAD_RGB, ATTRIBUTES, OCCLUDER, SyntheticParts, _paint_rgb
 
 
 def pixels(image) -> np.ndarray:
@@ -58,7 +58,7 @@ def test_images_are_deterministic_per_seed_split_and_order():
     first = [ds.load(i) for i in (4, 2)]
     assert np.array_equal(pixels(ds.load(2).image), pixels(first[1].image))
     fresh = SyntheticParts("test", num_classes=10, images_per_class=3, seed=7)
-    for i, sample in zip((4, 2), first):
+    for i, sample in zip((4, 2), first, strict=True):
         again = fresh.load(i)
         assert np.array_equal(pixels(again.image), pixels(sample.image))
         assert np.array_equal(again.keypoints, sample.keypoints) and again.bbox == sample.bbox
@@ -82,7 +82,7 @@ def test_sample_fields(size):
         assert np.all(s.keypoints[~visible, :2] == 0)
         assert np.all((s.keypoints[visible, :2] >= 0) & (s.keypoints[visible, :2] < size))
         x, y, w, h = s.bbox
-        assert 0 <= x and 0 <= y and x + w <= size and y + h <= size and w > size / 4 and h > size / 8
+        assert x >= 0 and y >= 0 and x + w <= size and y + h <= size and w > size / 4 and h > size / 8
         kx, ky = s.keypoints[visible, 0], s.keypoints[visible, 1]
         assert np.all((kx >= x) & (kx <= x + w) & (ky >= y) & (ky <= y + h))
 
@@ -93,7 +93,7 @@ def test_keypoints_sit_on_their_part_or_the_occluder():
     visible, exact, occluded = 0, 0, 0
     for i in range(len(ds)):
         keypoints, mask, anchors = ds.load(i).keypoints, ds.part_mask(i), ds._scene(i).anchors
-        for part, ((x, y, v), anchor) in enumerate(zip(keypoints, anchors)):
+        for part, ((x, y, v), anchor) in enumerate(zip(keypoints, anchors, strict=True)):
             row, col = int(anchor[1]), int(anchor[0])
             if v:
                 assert np.allclose((x, y), anchor, atol=1e-3)
@@ -168,6 +168,6 @@ def test_dataloader_workers_give_the_same_tensors():
 
     serial, parallel = batches(0), batches(2)
     assert len(serial) == len(parallel) == 3
-    for a, b in zip(serial, parallel):
+    for a, b in zip(serial, parallel, strict=True):
         assert a["image"].shape == (4, 3, 96, 96) and a["image"].dtype == torch.float32
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])

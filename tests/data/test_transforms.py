@@ -34,7 +34,7 @@ def test_eval_resize_then_center_crop_and_normalisation():
     assert build_transforms(False, 224, resize=300).transforms[0].size == 300
     grey = Image.new("RGB", (40, 50), (128, 128, 128))
     out = build_transforms(False, 16)(grey)
-    expected = [(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    expected = [(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
     assert torch.allclose(out.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
 
 

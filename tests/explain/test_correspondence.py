@@ -51,7 +51,7 @@ def test_part_to_part_plans_give_one():
     cells_y = [int(perm[c]) if c >= 0 else -1 for c in cells_x]
     assert part_correspondence(plan, cells_x, cells_y) == (1.0, 4)
     # the wrong part-to-part map scores 0
-    assert part_correspondence(plan, cells_x, cells_x[::-1][1:] + [-1])[0] == 0.0
+    assert part_correspondence(plan, cells_x, [*cells_x[::-1][1:], -1])[0] == 0.0
 
 
 def brute_pair_score(plan, cx, cy):
@@ -235,7 +235,7 @@ def test_unreadable_images_are_skipped_or_named(monkeypatch):
     torch.manual_seed(0)
     data = SyntheticParts("test", num_classes=4, images_per_class=3, image_size=64)
     model = build_model("resnet18", 16)
-    kw = dict(pairs=12, crop=64, resize=64, seed=0, batch_size=4)
+    kw = {"pairs": 12, "crop": 64, "resize": 64, "seed": 0, "batch_size": 4}
     full = evaluate_correspondence(model, data, **kw)
     pairs = sample_same_class_pairs(data.labels, 12, 0)
     bad = int(pairs[0, 0])

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_a_group_that_always_peaks_at_one_position_is_flagged_as_fixed():
     class Fixed(torch.nn.Module):
         """Attention fixed on position 3 (group 1) or moving with the image (group 2)."""
 
-        extra_heads = {"grouping": None}
+        extra_heads: ClassVar[dict[str, None]] = {"grouping": None}
 
         def forward(self, images):
             n = len(images)
@@ -146,7 +147,7 @@ def test_evaluate_group_parts_end_to_end():
         assert 0.25 <= g["fixed_position"] <= 1.0  # 4 positions: the most frequent holds >= 1/4
         assert 1.0 - 1e-9 <= g["spread"] <= 4.0 + 1e-9
     assert 0.0 <= out["mi"] <= math.log(3) + 1e-12 and 0.0 <= out["mi_random"] <= math.log(3) + 1e-12
-    with pytest.raises(ConfigError, match="model.groups"):
+    with pytest.raises(ConfigError, match=r"model\.groups"):
         evaluate_group_parts(build_model("resnet18", 8), data, images=2, crop=64, resize=64)
 
 
@@ -165,7 +166,7 @@ def test_unreadable_images_are_left_out_under_skip(monkeypatch):
         return load(i)
 
     monkeypatch.setattr(data, "load", flaky)
-    with pytest.raises(DataError, match="bird_0.jpg"):
+    with pytest.raises(DataError, match=r"bird_0\.jpg"):
         evaluate_group_parts(model, data, images=len(data), crop=64, resize=64, batch_size=4)
     data.set_bad_image_policy("skip")
     out = evaluate_group_parts(model, data, images=len(data), crop=64, resize=64, batch_size=4)

@@ -6,15 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tiny_runs import fit_tiny, save_test_images
 
 from glassmetric.cli import main
 from glassmetric.explain.figures import group_pair_figure, save_figure
 from glassmetric.explain.groups import explain_groups
-from glassmetric.retriever import Retriever
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.checkpoints import load_trained
+from glassmetric.retriever import Retriever
 
 
 @pytest.fixture(scope="module")

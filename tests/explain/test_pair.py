@@ -3,11 +3,10 @@
 import pytest
 import torch
 from PIL import Image
-
 from tiny_runs import fit_tiny, save_test_images
 
-from glassmetric.cli import main
 from glassmetric.checkpoints import load_trained
+from glassmetric.cli import main
 from glassmetric.retriever import Retriever
 from glassmetric.similarity.structural import explain_pair
 
@@ -28,7 +27,7 @@ def test_retriever_explains_a_pair_training_free_without_changing_the_model(chec
     e = pair.structural
     assert pair.images[0].size == (64, 64)
     assert set(retriever.model.model.extra_heads) == set()  # no head added to the model
-    model, cfg = load_trained(checkpoint)
+    model, _cfg = load_trained(checkpoint)
     # the training-free cells: the global head's linear layer at every location, pooled to 4 x 4, normalised
     x = torch.stack([retriever.transform(Image.open(p).convert("RGB")) for p in images])
     with torch.no_grad():

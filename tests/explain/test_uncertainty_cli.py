@@ -5,9 +5,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import tiny_runs
+import torch
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.data.registry import build_splits
@@ -16,18 +17,14 @@ from glassmetric.explain.pair import introspective_scores
 from glassmetric.retriever import Retriever
 from glassmetric.similarity.introspective import IntrospectiveParams, introspective_distance_matrix
 from glassmetric.training.fit import fit
-from glassmetric.checkpoints import load_trained
 
-TINY = tiny_runs.TINY + [
-    "model.embedding_dim=16", "model.uncertainty_dim=8", "model.pooling=avgmax", "loss.similarity=introspective",
-    "eval.batch_size=16",
-]
+TINY = [*tiny_runs.TINY, "model.embedding_dim=16", "model.uncertainty_dim=8", "model.pooling=avgmax", "loss.similarity=introspective", "eval.batch_size=16"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return fit(load_config("demo", TINY + [f"trainer.output_dir={out}"]), run_test=False).checkpoint
+    return fit(load_config("demo", [*TINY, f"trainer.output_dir={out}"]), run_test=False).checkpoint
 
 
 def test_eval_reports_uncertainty_csv_and_figure(checkpoint, tmp_path, capsys):
@@ -47,7 +44,7 @@ def test_eval_reports_uncertainty_csv_and_figure(checkpoint, tmp_path, capsys):
 def test_eval_uncertainty_without_the_head_is_one_line(tmp_path, capsys):
     out = tmp_path / "plain"
     plain = [t for t in TINY if not t.startswith(("model.uncertainty_dim", "loss.similarity"))]
-    ckpt = fit(load_config("demo", plain + [f"trainer.output_dir={out}"]), run_test=False).checkpoint
+    ckpt = fit(load_config("demo", [*plain, f"trainer.output_dir={out}"]), run_test=False).checkpoint
     assert main(["eval", "--checkpoint", str(ckpt), "--device", "cpu", "--uncertainty"]) == 2
     assert "no uncertainty head" in capsys.readouterr().err
 
@@ -87,8 +84,8 @@ def test_cross_domain_splits_share_classes_not_style():
 
 
 def test_cross_domain_fit_tests_photo_queries_against_the_painting_gallery(tmp_path):
-    from glassmetric.retrieval.evaluate import evaluate_model
     from glassmetric.factory import make_splits
+    from glassmetric.retrieval.evaluate import evaluate_model
 
     cfg = load_config("cross_domain", [t for t in TINY if "synthetic" not in t] + [
         "data.synthetic.num_classes=8", "data.synthetic.images_per_class=4", f"trainer.output_dir={tmp_path}"])

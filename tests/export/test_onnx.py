@@ -7,17 +7,17 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from glassmetric.checkpoints import load_trained  # noqa: E402
 from glassmetric.cli import main  # noqa: E402
 from glassmetric.config import load_config  # noqa: E402
 from glassmetric.export.onnx import export_onnx  # noqa: E402
 from glassmetric.factory import build_model_from_config  # noqa: E402
-from glassmetric.checkpoints import load_trained  # noqa: E402
 
 
 def run_onnx(path, images: torch.Tensor) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {"images": images.numpy()})))
+    return dict(zip(names, session.run(names, {"images": images.numpy()}), strict=True))
 
 
 def test_all_heads_export_with_a_dynamic_batch(tmp_path):

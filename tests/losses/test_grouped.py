@@ -8,23 +8,23 @@ import torch
 import torch.nn.functional as F
 
 from glassmetric.config import load_config
+from glassmetric.factory import build_training_loss
 from glassmetric.losses.diversity import diversity_loss
 from glassmetric.losses.grouped import GroupedLoss
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.training.module import MetricLearner
-from glassmetric.factory import build_training_loss
 
 
 def test_grouped_loss_averages_one_loss_instance_per_group_plus_diversity():
     cfg = load_config("demo", ["model.groups=3", "model.embedding_dim=12", "loss.name=proxyanchor", "loss.diversity_weight=0.5"])
     loss = build_training_loss(cfg, num_classes=4)
     assert isinstance(loss, GroupedLoss) and loss.groups == 3
-    assert [tuple(l.loss.proxies.shape) for l in loss.per_group] == [(4, 4)] * 3  # per-group proxies
+    assert [tuple(group.loss.proxies.shape) for group in loss.per_group] == [(4, 4)] * 3  # per-group proxies
     torch.manual_seed(0)
     g = F.normalize(torch.randn(8, 3, 4), dim=-1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     out = EmbeddingOutput(embedding=g.flatten(1) / math.sqrt(3), group_embeddings=g)
-    expected = sum(l(EmbeddingOutput(embedding=g[:, i]), labels) for i, l in enumerate(loss.per_group)) / 3
+    expected = sum(group(EmbeddingOutput(embedding=g[:, i]), labels) for i, group in enumerate(loss.per_group)) / 3
     expected = expected + 0.5 * diversity_loss(g)
     torch.testing.assert_close(loss(out, labels), expected)
 

@@ -71,8 +71,8 @@ def test_duplicate_images_give_no_nan(name):
 
 
 def _d(si, ui, sj, uj, p=IntrospectiveParams()):
-    alpha = sum((a - b) ** 2 for a, b in zip(si, sj))
-    beta = sum((a - b) ** 2 for a, b in zip(ui, uj))
+    alpha = sum((a - b) ** 2 for a, b in zip(si, sj, strict=True))
+    beta = sum((a - b) ** 2 for a, b in zip(ui, uj, strict=True))
     ratio = (p.beta_scale * beta + p.beta_offset) / (p.alpha_scale * alpha + p.alpha_offset)
     return alpha * math.exp(-ratio)
 
@@ -89,7 +89,9 @@ def test_contrastive_matches_brute_force():
                 continue
             d = math.sqrt(max(_d(S[i], U[i], S[j], U[j]), 1e-12))
             (pos if y[i] == y[j] else neg).append(d if y[i] == y[j] else max(0.0, 1.0 - d))
-    mean_nz = lambda t: sum(v for v in t if v > 0) / max(1, sum(1 for v in t if v > 0))
+    def mean_nz(t):
+        return sum(v for v in t if v > 0) / max(1, sum(1 for v in t if v > 0))
+
     expected = mean_nz(pos) + mean_nz(neg)
     got = build("contrastive")(EmbeddingOutput(embedding=s, uncertainty=u), LABELS)
     assert float(got) == pytest.approx(expected, rel=1e-4)
@@ -121,7 +123,7 @@ def test_proxyanchor_matches_the_release_formula():
 
 def test_missing_uncertainty_is_a_config_error():
     s, _ = batch(6)
-    with pytest.raises(ConfigError, match="model.uncertainty_dim"):
+    with pytest.raises(ConfigError, match=r"model\.uncertainty_dim"):
         build("multisimilarity")(EmbeddingOutput(embedding=s), LABELS)
 
 

@@ -54,11 +54,11 @@ def as_lists(x: torch.Tensor, labels: torch.Tensor):
 
 
 def euclid(u, v):
-    return math.sqrt(sum((a - b) ** 2 for a, b in zip(u, v)))
+    return math.sqrt(sum((a - b) ** 2 for a, b in zip(u, v, strict=True)))
 
 
 def cosine(u, v):
-    return sum(a * b for a, b in zip(u, v))  # rows are unit vectors
+    return sum(a * b for a, b in zip(u, v, strict=True))  # rows are unit vectors
 
 
 def pairwise(rows, f):
@@ -241,10 +241,10 @@ def proxyanchor_reference(rows, labels, proxies, margin=0.1, alpha=32.0):
     present = sorted(set(labels))
     pos = 0.0
     for c in present:
-        pos += math.log(1 + sum(math.exp(-alpha * (cosine(x, proxies[c]) - margin)) for x, y in zip(rows, labels) if y == c))
+        pos += math.log(1 + sum(math.exp(-alpha * (cosine(x, proxies[c]) - margin)) for x, y in zip(rows, labels, strict=True) if y == c))
     neg = 0.0
     for c in range(len(proxies)):
-        neg += math.log(1 + sum(math.exp(alpha * (cosine(x, proxies[c]) + margin)) for x, y in zip(rows, labels) if y != c))
+        neg += math.log(1 + sum(math.exp(alpha * (cosine(x, proxies[c]) + margin)) for x, y in zip(rows, labels, strict=True) if y != c))
     return pos / len(present) + neg / len(proxies)
 
 
@@ -270,10 +270,10 @@ def proxynca_reference(rows, labels, proxies, softmax_scale=1.0, include_positiv
     paper's denominator runs over z != y (include_positive=False); PML, like NCA, takes the
     softmax over all proxies, with -d scaled by softmax_scale."""
     total = 0.0
-    for x, y in zip(rows, labels):
+    for x, y in zip(rows, labels, strict=True):
         logits = [-softmax_scale * euclid(x, p) ** 2 for p in proxies]
-        others = [l for z, l in enumerate(logits) if z != y or include_positive]
-        total += -(logits[y] - math.log(sum(math.exp(l) for l in others)))
+        others = [logit for z, logit in enumerate(logits) if z != y or include_positive]
+        total += -(logits[y] - math.log(sum(math.exp(logit) for logit in others)))
     return total / len(rows)
 
 
@@ -326,7 +326,7 @@ def test_margin_matches_reference_on_the_mined_triplets(seed, params):
     got = run_loss(loss, x, labels)
     hook.remove()
     (a, p, n), = mined
-    triplets = list(zip(a.tolist(), p.tolist(), n.tolist()))
+    triplets = list(zip(a.tolist(), p.tolist(), n.tolist(), strict=True))
     rows, ys = as_lists(x, labels)
     assert triplets
     for ia, ip, ineg in triplets:  # the sampler's rule: valid triplets, negatives under the cutoff
@@ -348,11 +348,11 @@ def fastap_reference(rows, labels, num_bins=10):
     delta = 4.0 / num_bins
     centres = [j * delta for j in range(num_bins + 1)]
     losses = []
-    for i, (x, y) in enumerate(zip(rows, labels)):
+    for i, (x, y) in enumerate(zip(rows, labels, strict=True)):
         h_pos = [0.0] * len(centres)
         h_all = [0.0] * len(centres)
         n_pos = 0
-        for k, (z, yk) in enumerate(zip(rows, labels)):
+        for k, (z, yk) in enumerate(zip(rows, labels, strict=True)):
             if k == i:
                 continue
             d2 = euclid(x, z) ** 2
@@ -365,7 +365,7 @@ def fastap_reference(rows, labels, num_bins=10):
         if n_pos == 0:
             continue
         ap, cum_pos, cum_all = 0.0, 0.0, 0.0
-        for hp, ha in zip(h_pos, h_all):
+        for hp, ha in zip(h_pos, h_all, strict=True):
             cum_pos += hp
             cum_all += ha
             if hp * cum_pos > 0:

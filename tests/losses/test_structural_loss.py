@@ -115,7 +115,7 @@ def test_gradients_reach_local_embeddings_through_s():
 def test_errors_name_the_problem():
     with pytest.raises(ConfigError, match="pair-based"):
         build_loss("proxyanchor", embedding_dim=D, num_classes=4, structural=SETTINGS)
-    glob, local, labels = batch()
+    glob, _local, labels = batch()
     loss = build_loss("triplet", embedding_dim=D, num_classes=4, structural=SETTINGS)
     with pytest.raises(ConfigError, match="spatial_grid"):
         loss(EmbeddingOutput(embedding=glob), labels)
@@ -180,7 +180,7 @@ def test_structural_loss_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="pair-based"):
         StructuralLoss(pml_losses.ProxyAnchorLoss(4, D))
     loss = StructuralLoss(pml_losses.MultiSimilarityLoss())
-    with pytest.raises(ValueError, match="local_emb must be L2-normalised.*norm 2"):
+    with pytest.raises(ValueError, match=r"local_emb must be L2-normalised.*norm 2"):
         loss(glob, 2 * local, labels)
     with pytest.raises(ValueError, match="global_emb must be L2-normalised"):
         loss(glob * 1.1, local, labels)

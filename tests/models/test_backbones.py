@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from glassmetric.errors import ConfigError, WeightsError
-from glassmetric.models import backbones
-from glassmetric.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, build_backbone
+from glassmetric.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbones, build_backbone
 
 IMAGES = torch.randn(2, 3, 64, 64)
 
@@ -96,7 +95,7 @@ def test_frozen_bn_keeps_stats_and_blocks_grad() -> None:
     assert backbone.trunk.layer1.training  # everything else is in train mode
     before = _bn_state(backbone)
     backbone(IMAGES).square().mean().backward()
-    for old, new in zip(before, _bn_state(backbone)):
+    for old, new in zip(before, _bn_state(backbone), strict=True):
         torch.testing.assert_close(old, new, rtol=0, atol=0)
     for bn in bns:
         for p in bn.parameters():
@@ -118,7 +117,7 @@ def test_unfrozen_bn_updates_stats() -> None:
     before = _bn_state(backbone)
     with torch.no_grad():
         backbone(IMAGES)
-    assert any(not torch.equal(a, b) for a, b in zip(before, _bn_state(backbone)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, _bn_state(backbone), strict=True))
     assert all(p.requires_grad for p in backbone.parameters())
 
 
@@ -171,14 +170,14 @@ def test_wrong_shapes_raise(tmp_path) -> None:
 
 def test_missing_file_raises(tmp_path) -> None:
     missing = tmp_path / "nowhere.pth"
-    with pytest.raises(WeightsError, match="nowhere.pth"):
+    with pytest.raises(WeightsError, match=r"nowhere\.pth"):
         build_backbone("resnet18", pretrained=str(missing))
 
 
 def test_unreadable_file_raises(tmp_path) -> None:
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="garbage.pth"):
+    with pytest.raises(WeightsError, match=r"garbage\.pth"):
         build_backbone("resnet18", pretrained=str(path))
 
 

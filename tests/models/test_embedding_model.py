@@ -91,7 +91,7 @@ def test_add_head_rejects_bad_names_and_fields(model: EmbeddingModel) -> None:
 
     broken = build_model("timm:mobilenetv3_small_050", 8)
     broken.add_head("bad", BadHead())
-    with pytest.raises(ConfigError, match="'bad'.*colour"):
+    with pytest.raises(ConfigError, match=r"'bad'.*colour"):
         broken(IMAGES)
     with pytest.raises(ConfigError, match="already"):
         broken.add_head("bad", BadHead())
@@ -107,7 +107,7 @@ def test_embed_no_grad_eval_and_restores_mode(model: EmbeddingModel) -> None:
     assert not embedding.requires_grad
     torch.testing.assert_close(embedding, expected)
     assert model.training and model.backbone.trunk.layer1.training
-    for old, bn in zip(before, model.backbone.batchnorm_layers()):
+    for old, bn in zip(before, model.backbone.batchnorm_layers(), strict=True):
         assert torch.equal(old, bn.running_mean)
 
 

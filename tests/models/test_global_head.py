@@ -52,7 +52,7 @@ def test_gem_p_is_learnable_and_clamps_negatives() -> None:
 
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_embedding_is_unit_norm(pooling: str) -> None:
-    embedding, pooled = GlobalHead(8, 16, pooling=pooling)(FMAP)
+    embedding, _pooled = GlobalHead(8, 16, pooling=pooling)(FMAP)
     torch.testing.assert_close(embedding.norm(dim=1), torch.ones(3))
 
 
@@ -108,7 +108,7 @@ def test_identity_init_starts_from_the_pooled_feature(pooling: str) -> None:
 
 
 def test_identity_init_needs_matching_dimensions() -> None:
-    with pytest.raises(ConfigError, match="model.head_init.*8 channels.*got 4"):
+    with pytest.raises(ConfigError, match=r"model\.head_init.*8 channels.*got 4"):
         GlobalHead(8, 4, init="identity")
     with pytest.raises(ConfigError, match="unknown head init 'orthogonal'"):
         GlobalHead(8, 8, init="orthogonal")

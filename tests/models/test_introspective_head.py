@@ -5,10 +5,10 @@ import torch
 
 from glassmetric.config import load_config
 from glassmetric.errors import ConfigError
+from glassmetric.factory import build_model_from_config
 from glassmetric.losses.metric_losses import build_loss
 from glassmetric.models.introspective_head import UncertaintyHead
 from glassmetric.similarity.introspective import IntrospectiveParams, image_uncertainty
-from glassmetric.factory import build_model_from_config
 
 
 def _model(**extra):
@@ -41,11 +41,11 @@ def test_uncertainty_head_reads_the_pooled_feature():
 
 
 def test_bad_sizes_and_missing_head_are_config_errors():
-    with pytest.raises(ConfigError, match="model.uncertainty_dim"):
+    with pytest.raises(ConfigError, match=r"model\.uncertainty_dim"):
         UncertaintyHead(4, 0)
-    with pytest.raises(ConfigError, match="model.uncertainty_dim"):
+    with pytest.raises(ConfigError, match=r"model\.uncertainty_dim"):
         load_config("demo", ["loss.similarity=introspective"])
-    with pytest.raises(ConfigError, match="model.uncertainty_dim"):
+    with pytest.raises(ConfigError, match=r"model\.uncertainty_dim"):
         load_config("demo", ["model.uncertainty_dim=-1"])
 
 

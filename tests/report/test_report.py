@@ -11,13 +11,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "explain"))
-from tiny_runs import fit_tiny  # noqa: E402
+from tiny_runs import fit_tiny
 
-from glassmetric.cli import main  # noqa: E402
-from glassmetric.retrieval.embed import embed_dataset  # noqa: E402
-from glassmetric.retrieval.evaluate import evaluate_model  # noqa: E402
-from glassmetric.factory import make_splits  # noqa: E402
-from glassmetric.checkpoints import load_trained  # noqa: E402
+from glassmetric.checkpoints import load_trained
+from glassmetric.cli import main
+from glassmetric.factory import make_splits
+from glassmetric.retrieval.embed import embed_dataset
+from glassmetric.retrieval.evaluate import evaluate_model
 
 
 class _Page(HTMLParser):
@@ -85,7 +85,7 @@ def test_marks_and_scores_match_a_brute_force_retrieval(report, checkpoint):
     for row in parser.rows:
         qi = row["query"]
         top = torch.argsort(sim[qi], descending=True, stable=True)[:3]
-        for card, gi in zip(row["cards"], top.tolist()):
+        for card, gi in zip(row["cards"], top.tolist(), strict=True):
             assert ("hit" in card["class"].split()) == bool(labels[gi] == labels[qi])
             shown = float(re.search(r"global cos (-?[\d.]+)", card["text"]).group(1))
             assert shown == pytest.approx(float(sim[qi, gi]), abs=1.5e-3)
@@ -185,7 +185,7 @@ def test_a_skipped_unreadable_image_leaves_every_shown_image_its_own(checkpoint,
         (clean / "a" / "0 unreadable.png").unlink()
         emb, _ = embed_dataset(model, ImageFolderDataset(clean, ["a", "b", "c"], transform=eval_transform(cfg, model)))
         readable = [p for p in paths if p.stat().st_size]
-        return paths, dict(zip(readable, emb))
+        return paths, dict(zip(readable, emb, strict=True))
 
     g_paths, g_emb = listing(gallery)
     q_paths, q_emb = (g_paths, g_emb) if mode == "data" else listing(query)

@@ -32,7 +32,7 @@ def brute_topk(q, g, k, exclude_self=False):
 
 
 def recall_at(found, truth):
-    return np.mean([len(set(a.tolist()) & set(b.tolist())) / truth.shape[1] for a, b in zip(found, truth)])
+    return np.mean([len(set(a.tolist()) & set(b.tolist())) / truth.shape[1] for a, b in zip(found, truth, strict=True)])
 
 
 def test_kind_is_chosen_by_gallery_size():
@@ -79,12 +79,12 @@ def test_save_and_load_give_the_same_search(tmp_path, kind):
     assert manifest["kind"] == kind and manifest["size"] == 1000 and manifest["dim"] == 16
     loaded = GalleryIndex.load(tmp_path / "idx")
     assert loaded.kind == kind and loaded.params == index.params
-    for a, b in zip(index.search(x[:30], 5), loaded.search(x[:30], 5)):
+    for a, b in zip(index.search(x[:30], 5), loaded.search(x[:30], 5), strict=True):
         assert torch.equal(a, b)
 
 
 def test_load_errors_name_the_file(tmp_path):
-    with pytest.raises(IndexFileError, match="index.json"):
+    with pytest.raises(IndexFileError, match=r"index\.json"):
         GalleryIndex.load(tmp_path / "nothing")
     folder = tmp_path / "bad"
     folder.mkdir()
@@ -95,7 +95,7 @@ def test_load_errors_name_the_file(tmp_path):
     GalleryIndex.build(x).save(folder)
     manifest = json.loads((folder / "index.json").read_text())
     (folder / "index.json").write_text(json.dumps({**manifest, "size": 99}))
-    with pytest.raises(IndexFileError, match="index.faiss holds 100 vectors"):
+    with pytest.raises(IndexFileError, match=r"index\.faiss holds 100 vectors"):
         GalleryIndex.load(folder)
     with pytest.raises(IndexFileError, match="100 vectors of dim 16"):
         GalleryIndex.build(x).check_fits(x[:50])
@@ -114,7 +114,7 @@ def test_empty_slots_of_an_approximate_index_count_as_misses():
     ranking = torch.tensor([[1, 2, -1], [2, -1, -1], [3, 0, -1], [0, 1, 2]])
     # the same ranking with each empty slot holding a wrong-class item instead
     filled = torch.tensor([[1, 2, 3], [2, 3, 3], [3, 0, 1], [0, 1, 2]])
-    kw = dict(recall_ks=(1, 2, 3), exclude_self=True)
+    kw = {"recall_ks": (1, 2, 3), "exclude_self": True}
     assert ranking_metrics(ranking, labels, labels, **kw) == ranking_metrics(filled, labels, labels, **kw)
 
 
@@ -129,7 +129,7 @@ def test_rerank_on_an_exact_enough_index_equals_the_exact_shortlist(kind):
     local = _local(x)
     settings = IndexConfig(kind=kind, nlist=3, nprobe=3, hnsw_m=32, ef_construction=200, ef_search=400)
     index = GalleryIndex.build(x, settings)
-    ot = dict(epsilon=0.05, iters=30)
+    ot = {"epsilon": 0.05, "iters": 30}
     exact = structural_rerank(x, local, k=10, n_neighbours=20, **ot)
     approx = structural_rerank(x, local, k=10, n_neighbours=20, index=index, **ot)
     assert torch.equal(approx.indices, exact.indices)
@@ -183,10 +183,10 @@ def _eval(ckpt, out, *args):
 def test_eval_rebuilds_an_index_built_from_another_checkpoints_embeddings(tmp_path, make_checkpoint, caplog):
     """`eval --index-dir` with checkpoint A, then with checkpoint B (same data, same embedding
     size): B's metrics are those of exact search on B's embeddings, from a rebuilt index."""
+    from glassmetric.checkpoints import load_trained
+    from glassmetric.factory import make_splits
     from glassmetric.retrieval.embed import embed_dataset
     from glassmetric.retrieval.index import fingerprint
-    from glassmetric.factory import make_splits
-    from glassmetric.checkpoints import load_trained
 
     a = make_checkpoint("data.image_size=64", "data.resize=64")
     b = _other_weights(a)
@@ -225,7 +225,7 @@ def test_a_cached_index_is_rebuilt_for_another_size_or_settings_and_refused_when
         assert "is exact, eval.index asks for hnsw (hnsw_m 8, ef_construction 80)" in caplog.text
         assert GalleryIndex.load(folder).kind == "hnsw"
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(IndexFileError, match="cannot write the gallery index to .*file"):
+    with pytest.raises(IndexFileError, match=r"cannot write the gallery index to .*file"):
         cached_gallery_index(x, IndexConfig(kind="exact"), tmp_path / "file")
 
 
@@ -236,7 +236,7 @@ def test_serve_rebuilds_an_index_built_from_another_checkpoints_embeddings(tmp_p
 
     a = make_checkpoint("data.image_size=64", "data.resize=64")
     b = _other_weights(a)
-    kw = dict(cache_dir=tmp_path / "cache", progress=False, index_dir=tmp_path / "index")
+    kw = {"cache_dir": tmp_path / "cache", "progress": False, "index_dir": tmp_path / "index"}
     Explorer.open(str(a), None, **kw)
     explorer = Explorer.open(str(b), None, **kw)
     emb = explorer.gallery.fields["embedding"]

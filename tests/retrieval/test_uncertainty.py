@@ -11,8 +11,8 @@ from glassmetric.retrieval.uncertainty import auroc, uncertainty_vs_failure, wri
 
 def brute_auroc(scores, positive):
     """P(score of a random positive > score of a random negative), ties count half."""
-    pos = [s for s, p in zip(scores, positive) if p]
-    neg = [s for s, p in zip(scores, positive) if not p]
+    pos = [s for s, p in zip(scores, positive, strict=True) if p]
+    neg = [s for s, p in zip(scores, positive, strict=True) if not p]
     wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
     return wins / (len(pos) * len(neg))
 
@@ -130,7 +130,7 @@ def test_object_statistics_follow_the_indices_and_the_skip_policy():
         assert stats["box_area_share"][row] == pytest.approx(s.bbox[2] * s.bbox[3] / (64 * 64))
         assert stats["visible_parts"][row] == (s.keypoints[:, 2] > 0).sum()
     assert np.isnan(stats["box_area_share"][1]) and np.isnan(stats["visible_parts"][1])
-    with pytest.raises(DataError, match="bad five.png"):
+    with pytest.raises(DataError, match=r"bad five\.png"):
         object_statistics(_with_a_bad_image("error"), [0, 5])
 
 

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from glassmetric.cli import main
-from glassmetric.retriever import Embeddings, Retriever
+from glassmetric.errors import ConfigError
 from glassmetric.retrieval.metrics import retrieval_metrics
+from glassmetric.retriever import Embeddings, Retriever
 
 
 @pytest.fixture
@@ -46,10 +47,16 @@ def test_embed_accepts_a_folder_files_and_images_alike(retriever, folder):
 
 def test_search_is_the_brute_force_ranking_without_the_query_itself(retriever, folder):
     e = retriever.embed(folder)
-    sims, idx = retriever.search(e, k=3)
+    sims, _idx = retriever.search(e, k=3)
     scores = e.embedding @ e.embedding.T
     scores.fill_diagonal_(-float("inf"))
     torch.testing.assert_close(sims, scores.topk(3).values, atol=1e-6, rtol=0)
+
+
+def test_rerank_refuses_embeddings_without_their_local_cells(retriever, folder):
+    e = retriever.embed(folder, fields=("embedding",))
+    with pytest.raises(ConfigError, match="re-ranking needs the local embeddings"):
+        retriever.rerank(e, k=3)
 
 
 def test_embed_cli_writes_what_embed_returns(make_checkpoint, folder, tmp_path):

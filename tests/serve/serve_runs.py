@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "explain"))
-import tiny_runs  # noqa: E402
+import tiny_runs
 
-from glassmetric.data.synthetic import SyntheticParts  # noqa: E402
+from glassmetric.data.synthetic import SyntheticParts
 
 IDML = ["model.embedding_dim=16", "model.uncertainty_dim=8", "model.pooling=avgmax", "loss.similarity=introspective"]
 

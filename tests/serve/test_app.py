@@ -8,16 +8,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-
 from serve_runs import fit_idml, write_gallery
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.data.folder import ImageFolderDataset
+from glassmetric.factory import eval_transform
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.serve.app import create_app
 from glassmetric.serve.explorer import Explorer
 from glassmetric.serve.limits import Limits
-from glassmetric.factory import eval_transform
-from glassmetric.checkpoints import load_trained
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def test_search_with_a_gallery_image_matches_brute_force(setup):
     sims[3] = -float("inf")  # the query is not its own result
     expected = torch.argsort(sims, descending=True, stable=True)[:5].tolist()
     assert [r["id"] for r in res["results"]] == [f"g{i}" for i in expected]
-    for r, i in zip(res["results"], expected):
+    for r, i in zip(res["results"], expected, strict=True):
         assert r["scores"]["global"] == pytest.approx(float(sims[i]), abs=1e-5)
         assert r["correct"] == bool(ref["labels"][i] == ref["labels"][3])
         assert r["scores"]["multiscale"] == pytest.approx(r["scores"]["global"] + r["scores"]["structural"], abs=1e-5)

@@ -2,7 +2,6 @@
 explanation, pick a gallery query, get the message for a refused upload; a screenshot is saved."""
 
 import pytest
-
 from serve_runs import fit_idml, write_gallery
 from server_thread import ServerThread
 

@@ -5,17 +5,16 @@ import os
 import pytest
 import torch
 from PIL import Image
-
 from serve_runs import fit_idml, write_gallery
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.data.folder import ImageFolderDataset
 from glassmetric.errors import DataError
-from glassmetric.report.build import report_fields
-from glassmetric.retriever import Retriever
-from glassmetric.retrieval.embed import embed_fields
-from glassmetric.serve.gallery import folder_source, load_gallery
 from glassmetric.factory import eval_transform
-from glassmetric.checkpoints import load_trained
+from glassmetric.report.build import report_fields
+from glassmetric.retrieval.embed import embed_fields
+from glassmetric.retriever import Retriever
+from glassmetric.serve.gallery import folder_source, load_gallery
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,10 @@ def test_cache_is_reused_until_the_gallery_changes(checkpoint, tmp_path):
     retriever = Retriever.from_checkpoint(checkpoint, "cpu")
     model, cfg, fields = retriever.model, retriever.cfg, report_fields(retriever)
     paths = write_gallery(tmp_path / "gallery", 8)
-    load = lambda: load_gallery(model, cfg, checkpoint, folder_source(tmp_path / "gallery"), fields,
-                                cache_dir=tmp_path / "cache", progress=False)
+    def load():
+        return load_gallery(model, cfg, checkpoint, folder_source(tmp_path / "gallery"), fields,
+                            cache_dir=tmp_path / "cache", progress=False)
+
     first = load()
     assert not first.from_cache and first.cache_file.is_file()
     expected = embed_fields(model, ImageFolderDataset(tmp_path / "gallery", transform=eval_transform(cfg, model)), fields=fields)
@@ -90,8 +91,10 @@ def test_the_cache_follows_the_evaluation_transform_and_the_bad_image_policy(che
     from glassmetric.serve.explorer import Explorer
 
     paths = write_gallery(tmp_path / "gallery", 8)
-    open_ = lambda *overrides: Explorer.open(str(checkpoint), tmp_path / "gallery", cache_dir=tmp_path / "cache",
-                                            progress=False, overrides=list(overrides)).gallery
+    def open_(*overrides):
+        return Explorer.open(str(checkpoint), tmp_path / "gallery", cache_dir=tmp_path / "cache",
+                             progress=False, overrides=list(overrides)).gallery
+
     default = open_()
     resized = open_("data.resize=96")
     assert not resized.from_cache and resized.cache_file != default.cache_file

@@ -8,7 +8,6 @@ import time
 import httpx
 import pytest
 from PIL import Image
-
 from server_thread import ServerThread
 
 from glassmetric.serve.limits import Limits, RequestError, RequestLimits, read_upload

@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from serve_runs import fit_idml, write_gallery
 
 from glassmetric.cli import main

@@ -4,24 +4,21 @@ kept in the upload store as what later requests need, within its bytes."""
 import gc
 import io
 import json
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from memory_cap import run_capped
 from PIL import Image
-
 from serve_runs import fit_idml, write_gallery
 
 from glassmetric.data.image_io import open_image
 from glassmetric.explain.panels import pair_summary
+from glassmetric.factory import eval_transform
 from glassmetric.serve.explorer import Explorer, UnknownQuery
 from glassmetric.serve.limits import Limits, read_upload
-from glassmetric.factory import eval_transform
-from memory_cap import run_capped
-
 
 
 def _gray16(img: Image.Image, path: Path) -> None:
@@ -55,7 +52,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("uploads")
     paths = write_gallery(root / "gallery", 12)
     modes = {}
-    for (name, writer), path in zip(MODES.items(), paths[8:]):
+    for (name, writer), path in zip(MODES.items(), paths[8:], strict=True):
         modes[name] = path.with_name(name)
         writer(Image.open(path).convert("RGB"), modes[name])
         path.unlink()
@@ -154,7 +151,7 @@ def test_the_upload_store_keeps_small_views_within_its_bytes(files, explorer):
     """12 large uploads: the store holds each as its 64 x 64 view and embeddings (12 KB and the
     embedding bytes, not the 4.3 MB image), at most ``upload_store_bytes`` in all, dropping the
     oldest; what it keeps still explains a pair as the uploaded file itself does."""
-    root, checkpoint, modes = files
+    root, _checkpoint, modes = files
     model, cfg = explorer.model, explorer.cfg
     uploads = [_large_upload(i) for i in range(12)]
     assert max(len(u) for u in uploads) < 100_000

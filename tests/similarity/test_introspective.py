@@ -28,10 +28,10 @@ def brute_force(s_q, u_q, s_r, u_r, p: IntrospectiveParams):
         row = []
         for j in range(len(s_r)):
             a, b = _unit(s_q[i]), _unit(s_r[j])
-            alpha = sum((x - y) ** 2 for x, y in zip(a, b))
+            alpha = sum((x - y) ** 2 for x, y in zip(a, b, strict=True))
             uq = u_q[i] if u_q is not None else [0.0] * len(u_r[0])
             ur = u_r[j] if u_r is not None else [0.0] * len(uq)
-            beta = sum((x - y) ** 2 for x, y in zip(uq, ur))
+            beta = sum((x - y) ** 2 for x, y in zip(uq, ur, strict=True))
             ratio = (p.beta_scale * beta + p.beta_offset) / (p.alpha_scale * alpha + p.alpha_offset)
             row.append(alpha * math.exp(-min(ratio, MAX_EXPONENT)))
         out.append(row)
@@ -106,9 +106,9 @@ def test_alpha_to_zero_gives_finite_values_and_gradients(dtype):
 
 
 def test_bad_params_name_the_key():
-    with pytest.raises(ConfigError, match="introspective.alpha_scale"):
+    with pytest.raises(ConfigError, match=r"introspective\.alpha_scale"):
         IntrospectiveParams(alpha_scale=0.0)
-    with pytest.raises(ConfigError, match="introspective.beta_offset"):
+    with pytest.raises(ConfigError, match=r"introspective\.beta_offset"):
         IntrospectiveParams(beta_offset=-1.0)
 
 

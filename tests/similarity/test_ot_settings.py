@@ -18,8 +18,8 @@ def test_the_config_default_is_the_settings_default():
     assert OTSettings().tol == 1e-4
 
 
-@pytest.mark.parametrize("bad", [dict(epsilon=0), dict(iters=0), dict(iters=2.5), dict(tol=0), dict(tol=-1e-3),
-                                 dict(marginals="auto"), dict(gradient="through")])
+@pytest.mark.parametrize("bad", [{"epsilon": 0}, {"iters": 0}, {"iters": 2.5}, {"tol": 0}, {"tol": -1e-3},
+                                 {"marginals": "auto"}, {"gradient": "through"}])
 def test_bad_settings_are_named(bad):
     (name,) = bad
     with pytest.raises(ValueError, match=f"OTSettings.{name}"):

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from glassmetric.config import load_config
 from glassmetric.data.synthetic import SyntheticParts
-from glassmetric.errors import DataError
 from glassmetric.data.transforms import build_transforms
+from glassmetric.errors import DataError
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.training.distributed import distributed_embed, world
@@ -80,7 +80,7 @@ def evaluation_setup():
     learner = MetricLearner(load_config("demo", BASE), np.arange(CLASSES))
     data = SyntheticParts("test", num_classes=8, images_per_class=6, image_size=64, transform=build_transforms(False, 32, 32))
     data = torch.utils.data.Subset(data, range(23))  # odd: DistributedSampler pads a shard
-    return learner.model, data, dict(fields=("embedding",), batch_size=5, device="cpu")
+    return learner.model, data, {"fields": ("embedding",), "batch_size": 5, "device": "cpu"}
 
 
 class WithABadImage(SyntheticParts):

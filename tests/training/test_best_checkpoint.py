@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
+from glassmetric.checkpoints import safe_torch_load
 from glassmetric.config import load_config
 from glassmetric.data.base import Sample
-from glassmetric.checkpoints import safe_torch_load
 from glassmetric.training.fit import fit
 
 EPOCHS = 3
@@ -67,7 +67,7 @@ def logged_scores(run) -> dict[int, float]:
 
 def test_best_checkpoint_is_the_epoch_with_the_best_logged_validation_score(tmp_path):
     recorder = RiggedValidation()
-    result = fit(load_config("demo", TINY + [f"trainer.output_dir={tmp_path}"]), run_test=False, callbacks=[recorder])
+    result = fit(load_config("demo", [*TINY, f"trainer.output_dir={tmp_path}"]), run_test=False, callbacks=[recorder])
 
     scores = logged_scores(tmp_path)
     assert sorted(scores) == list(range(EPOCHS)) == sorted(recorder.weights)
@@ -81,7 +81,7 @@ def test_best_checkpoint_is_the_epoch_with_the_best_logged_validation_score(tmp_
     stored, recorded = best["state_dict"], recorder.weights[best_epoch]
     assert stored.keys() == recorded.keys()
     for key, value in recorded.items():
-        torch.testing.assert_close(stored[key], value, rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(stored[key], value, rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
     # and not the weights of any other epoch (the head differs between epochs)
     head = next(k for k in recorded if k.startswith("model.head.") and k.endswith("weight"))
     for epoch, weights in recorder.weights.items():

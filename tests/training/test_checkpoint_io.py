@@ -7,10 +7,10 @@ import pickle
 import pytest
 import torch
 
-from glassmetric.cli import main
-from glassmetric.errors import CheckpointError
 from glassmetric import checkpoints as checkpoint_io
 from glassmetric.checkpoints import atomic_torch_save, previous_path, safe_torch_load
+from glassmetric.cli import main
+from glassmetric.errors import CheckpointError
 
 
 class Payload:
@@ -37,7 +37,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(evil):
         safe_torch_load(folder / "evil.ckpt")
     assert "refused to load checkpoint" in str(e.value) and "evil.ckpt" in str(e.value)
     assert "GLOBAL posix.system" in str(e.value) or "GLOBAL os.system" in str(e.value)
-    with pytest.raises(CheckpointError, match="refused to load checkpoint .*raw.ckpt"):
+    with pytest.raises(CheckpointError, match=r"refused to load checkpoint .*raw\.ckpt"):
         safe_torch_load(folder / "raw.ckpt")
     assert not marker.exists()
     # the unsafe loader would have run it: the test's payload is real
@@ -93,7 +93,7 @@ def test_truncated_and_foreign_files_are_named(tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*cut.ckpt \(truncated or not a checkpoint\)"):
         safe_torch_load(path)
-    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.ckpt"):
+    with pytest.raises(CheckpointError, match=r"checkpoint not found: .*nope\.ckpt"):
         safe_torch_load(tmp_path / "nope.ckpt")
 
 

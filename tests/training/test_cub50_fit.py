@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from glassmetric.config import load_config
+from glassmetric.factory import build_model_from_config, make_splits
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.training.fit import fit
-from glassmetric.factory import make_splits
-from glassmetric.factory import build_model_from_config
 
 pytestmark = pytest.mark.realdata
 

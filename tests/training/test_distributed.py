@@ -11,12 +11,12 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.config import load_config
+from glassmetric.factory import make_splits
 from glassmetric.retrieval.embed import embed_dataset
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.training.distributed import IndexedDataset, ddp_strategy, device_count, gather_unique, world
-from glassmetric.factory import make_splits
-from glassmetric.checkpoints import load_trained
 
 HERE = Path(__file__).parent
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -125,13 +125,15 @@ def test_devices_this_machine_lacks_are_named(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "glassmetric fit: error: trainer.accelerator: 'gpu', but torch finds no CUDA GPU here: use cpu or auto"
     assert not out.exists()
-    trainer = lambda *o: load_config("demo", list(o)).trainer
-    with pytest.raises(ConfigError, match="trainer.devices: GPU indices '0,1' on the CPU"):
+    def trainer(*o):
+        return load_config("demo", list(o)).trainer
+
+    with pytest.raises(ConfigError, match=r"trainer\.devices: GPU indices '0,1' on the CPU"):
         check_devices(trainer("trainer.devices=[0, 1]"))
     check_devices(trainer("trainer.devices=2", "trainer.accelerator=cpu"))  # two CPU processes
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ConfigError, match="trainer.devices: 4 GPUs asked for, this machine has 2"):
+    with pytest.raises(ConfigError, match=r"trainer\.devices: 4 GPUs asked for, this machine has 2"):
         check_devices(trainer("trainer.devices=4", "trainer.accelerator=cuda"))
     with pytest.raises(ConfigError, match=r"trainer.devices: GPU 3 does not exist here \(GPUs 0 to 1\)"):
         check_devices(trainer("trainer.devices=[0, 3]"))

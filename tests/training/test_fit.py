@@ -4,20 +4,19 @@ import csv
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from glassmetric.checkpoints import load_trained, safe_torch_load
 from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.data.registry import build_splits
 from glassmetric.errors import CheckpointError
-from glassmetric.checkpoints import safe_torch_load
-from glassmetric.training.fit import fit
 from glassmetric.factory import build_model_from_config
-from glassmetric.checkpoints import load_trained
+from glassmetric.training.fit import fit
 
 TINY = [
     "data.image_size=64", "data.resize=64", "data.num_workers=0",
@@ -29,7 +28,7 @@ TINY = [
 
 
 def tiny_config(tmp_path: Path, *extra: str):
-    return load_config("demo", TINY + [f"trainer.output_dir={tmp_path}"] + list(extra))
+    return load_config("demo", [*TINY, f"trainer.output_dir={tmp_path}", *list(extra)])
 
 
 def test_fit_writes_checkpoints_logs_and_metrics(tmp_path):

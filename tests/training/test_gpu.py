@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.config import load_config
 from glassmetric.data.synthetic import SyntheticParts
 from glassmetric.data.transforms import build_transforms
 from glassmetric.retrieval.evaluate import evaluate_model, evaluate_rerank_sweep
-from glassmetric.training.fit import fit
-from glassmetric.checkpoints import load_trained
 from glassmetric.retriever.model import InferenceModel
+from glassmetric.training.fit import fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,5 +38,5 @@ def test_method_trains_on_cuda_and_evaluates_like_the_cpu(tmp_path, method):
     cpu = evaluate_model(model, data, device="cpu")
     assert evaluate_model(model, data, device="cuda") == pytest.approx(cpu, abs=one_query)
     if method != "groups":
-        view, kw = InferenceModel(model, grid=2), dict(ks=(0, 5))
+        view, kw = InferenceModel(model, grid=2), {"ks": (0, 5)}
         assert evaluate_rerank_sweep(view, data, device="cuda", **kw) == pytest.approx(evaluate_rerank_sweep(view, data, device="cpu", **kw), abs=one_query)

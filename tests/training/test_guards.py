@@ -10,10 +10,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from glassmetric.checkpoints import safe_torch_load
 from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.errors import NonFiniteError
-from glassmetric.checkpoints import safe_torch_load
 from glassmetric.training.fit import fit
 
 #: 8 classes x 12 images at 64 px: 4 training classes, 4 steps of 12 images per epoch
@@ -27,7 +27,7 @@ TINY = [
 
 
 def tiny(out: Path, *extra: str):
-    return load_config("demo", TINY + [f"trainer.output_dir={out}", *extra])
+    return load_config("demo", [*TINY, f"trainer.output_dir={out}", *extra])
 
 
 class NaNLossAt(Callback):

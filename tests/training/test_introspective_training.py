@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from test_fit import tiny_config
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.training.fit import fit
-from glassmetric.checkpoints import load_trained
 from glassmetric.training.module import mixup_loss
-
-from test_fit import tiny_config
 
 
 class _Linear(torch.nn.Module):

@@ -15,10 +15,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from glassmetric.checkpoints import previous_path, safe_torch_load
 from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.errors import CheckpointError
-from glassmetric.checkpoints import previous_path, safe_torch_load
 from glassmetric.training.fit import fit
 from glassmetric.training.resume import resume_checkpoint
 
@@ -35,7 +35,7 @@ STEPS = 12
 
 
 def _config(out: Path, *extra: str):
-    return load_config("demo", RUN + [f"trainer.output_dir={out}", "data.num_workers=0", *extra])
+    return load_config("demo", [*RUN, f"trainer.output_dir={out}", "data.num_workers=0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _assert_close(a, b, where="checkpoint"):
             _assert_close(a[k], b[k], f"{where}[{k!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_close(x, y, f"{where}[{i}]")
     elif isinstance(a, torch.Tensor):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{where}: {m}")
@@ -194,7 +194,7 @@ def test_a_last_checkpoint_that_is_not_a_mapping_falls_back_to_the_previous_one(
     assert "not a glassmetric checkpoint: the top level is a list, not a mapping: trying the previous checkpoint" in out
     assert (ckpt / "last.damaged.ckpt").exists()  # the list, moved aside
     torch.save(torch.ones(2), ckpt / "last.prev.ckpt")
-    with pytest.raises(CheckpointError, match="no readable checkpoint to resume in .*last.prev.ckpt: .*the top level is a Tensor"):
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint to resume in .*last\.prev\.ckpt: .*the top level is a Tensor"):
         resume_checkpoint(ckpt)
 
 
@@ -203,8 +203,7 @@ def test_overwrite_discards_the_earlier_runs_checkpoints(tmp_path):
     ckpt.mkdir()
     for name in ("last.ckpt", "last.prev.ckpt", "last.damaged.ckpt"):
         torch.save({"global_step": 99}, ckpt / name)
-    fit(load_config("demo", RUN + [f"trainer.output_dir={tmp_path}", "data.num_workers=0", "trainer.max_epochs=1",
-                                   "trainer.checkpoint_every_n_steps=0", "trainer.select=last", "data.val_classes=0"]),
+    fit(load_config("demo", [*RUN, f"trainer.output_dir={tmp_path}", "data.num_workers=0", "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=0", "trainer.select=last", "data.val_classes=0"]),
         overwrite=True, run_test=False)
     # one checkpoint of the new run at the epoch's end; nothing of the old one to fall back to
     assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]

@@ -5,16 +5,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import Callback
 
+from glassmetric.checkpoints import safe_torch_load
 from glassmetric.cli import main
 from glassmetric.config import load_config
 from glassmetric.errors import OutputError
-from glassmetric.checkpoints import safe_torch_load
 from glassmetric.training.fit import fit
 from glassmetric.training.run_folder import is_launching_process, run_folder_lock
 
@@ -33,7 +32,7 @@ def tree(folder: Path) -> list[str]:
 
 def test_overwrite_leaves_only_the_new_run_and_the_users_files(tmp_path, capsys):
     out = tmp_path / "run"
-    fit(load_config("demo", TINY + ["trainer.select=val", f"trainer.output_dir={out}"]))
+    fit(load_config("demo", [*TINY, "trainer.select=val", f"trainer.output_dir={out}"]))
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "metrics.json").is_file()
     (out / "notes.txt").write_text("mine")
     (out / "report").mkdir()
@@ -70,7 +69,7 @@ class SecondRun(Callback):
 def test_a_second_run_into_a_busy_folder_fails_at_once(tmp_path, capsys):
     out = tmp_path / "run"
     second = SecondRun(["fit", "--config", "demo", "--overwrite", *TINY, "model.embedding_dim=8", f"trainer.output_dir={out}"])
-    first = fit(load_config("demo", TINY + ["trainer.select=last", f"trainer.output_dir={out}"]), callbacks=[second])
+    first = fit(load_config("demo", [*TINY, "trainer.select=last", f"trainer.output_dir={out}"]), callbacks=[second])
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert second.result == 2
@@ -93,9 +92,9 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputError, match=rf"in use by another glassmetric fit \(pid {holder.pid} on "):
-            with run_folder_lock(tmp_path):
-                pass
+        with pytest.raises(OutputError, match=rf"in use by another glassmetric fit \(pid {holder.pid} on "), \
+                run_folder_lock(tmp_path):
+            pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ def _crop_offset(size: int, crop: int) -> int:
     """Pixels removed before the crop along one side (negative: padding), as CenterCrop does."""
     if crop > size:  # torchvision pads (crop - size) // 2 on the left/top, then crops at 0
         return -((crop - size) // 2)
-    return int(round((size - crop) / 2.0))
+    return round((size - crop) / 2.0)
 
 
 def keypoints_to_eval_frame(
@@ -256,11 +257,11 @@ def correspondence_upper_bound(cells_x: np.ndarray, cells_y: np.ndarray) -> np.n
     """
     cells_x, cells_y = np.atleast_2d(cells_x), np.atleast_2d(cells_y)
     out = np.full(len(cells_x), np.nan)
-    for b, (cx, cy) in enumerate(zip(cells_x, cells_y)):
+    for b, (cx, cy) in enumerate(zip(cells_x, cells_y, strict=True)):
         keep = (cx >= 0) & (cy >= 0)
         if keep.any():
             best: dict[int, int] = {}  # x cell -> most parts it holds with one common y cell
-            for (c, _), k in Counter(zip(cx[keep].tolist(), cy[keep].tolist())).items():
+            for (c, _), k in Counter(zip(cx[keep].tolist(), cy[keep].tolist(), strict=True)).items():
                 best[c] = max(best.get(c, 0), k)
             out[b] = sum(best.values()) / keep.sum()
     return out
@@ -429,8 +430,8 @@ def evaluate_correspondence(
     pair_idx = sample_same_class_pairs(dataset.labels, pairs, seed)
     if len(pair_idx) == 0:
         raise ValueError("the data set has no same-class pair")
-    images, inverse = np.unique(pair_idx, return_inverse=True)
-    inverse = torch.from_numpy(inverse.reshape(pair_idx.shape))
+    images, image_of = np.unique(pair_idx, return_inverse=True)
+    inverse = torch.from_numpy(image_of.reshape(pair_idx.shape))
     loader = _EvalImages(dataset, images, transform, resize, crop).loader(batch_size, num_workers)
     glob, local, kps, box_sides, g, read = _embed(model, loader, grid, device)
     cells = torch.from_numpy(np.stack([keypoint_cells(k.numpy(), crop, g) for k in kps]))
@@ -455,7 +456,7 @@ def evaluate_correspondence(
         xl, yl = local[a].to(device), local[b].to(device)
         xg, yg = glob[a].to(device), glob[b].to(device)
         cx, cy = cells[a], cells[b]
-        tensors = dict(x_local=xl, y_local=yl, x_global=xg, y_global=yg)
+        tensors: dict[str, Any] = {"x_local": xl, "y_local": yl, "x_global": xg, "y_global": yg}
         learned = explain_pair(**tensors, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals)
         plans = {
             "learned": learned.T,
@@ -495,8 +496,8 @@ def evaluate_correspondence(
         name: _mean(share[common[:, p], p]) for p, name in enumerate(part_names[: share.shape[1]])
     }
     if with_pck:
-        for name, hits in pck.items():
-            hits = torch.cat(hits)
+        for name, per_batch in pck.items():
+            hits = torch.cat(per_batch)
             out[f"pck_{name}"] = _mean(torch.nanmean(hits[scored], 1))
             if name in ("learned", "nearest", "oracle_cell"):
                 out[f"per_part_pck_{name}"] = {

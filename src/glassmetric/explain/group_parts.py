@@ -99,7 +99,7 @@ def attention_peaks(attention: Tensor, crop: int) -> Tensor:
     """``(N, k, h, w)`` -> ``(N, k, 2)`` float64 ``(x, y)`` of the most attended cell's centre, in
     pixels of the ``crop x crop`` evaluation image (cell ``(r, c)`` covers ``[c, c+1) * crop / w``
     by ``[r, r+1) * crop / h``; ties: the first position in row-major order)."""
-    n, k, h, w = attention.shape
+    _n, _k, h, w = attention.shape
     idx = attention.flatten(2).argmax(-1)
     r, c = idx // w, idx % w
     return torch.stack([(c.double() + 0.5) * crop / w, (r.double() + 0.5) * crop / h], dim=-1)

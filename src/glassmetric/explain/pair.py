@@ -12,6 +12,7 @@ the front door.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from PIL import Image
@@ -22,6 +23,9 @@ from glassmetric.explain.groups import GroupExplanation, explain_groups
 from glassmetric.similarity.introspective import IntrospectiveParams, image_uncertainty, introspective_distance_matrix
 from glassmetric.similarity.ot_settings import OTSettings
 from glassmetric.similarity.structural import StructuralExplanation, explain_pair
+
+if TYPE_CHECKING:
+    from glassmetric.models.backbone import Backbone
 
 
 @dataclass
@@ -71,7 +75,8 @@ def explain_views(model: torch.nn.Module, cfg: Config, view_x: Image.Image, view
     parameters of the introspective distance, is needed when the model has an uncertainty head.
     """
     model.eval()
-    normalise = normalisation(model.backbone.mean, model.backbone.std)
+    backbone = cast("Backbone", model.backbone)  # an EmbeddingModel's (or its inference view's); nn.Module's attributes are typed Tensor | Module
+    normalise = normalisation(backbone.mean, backbone.std)
     device = next(model.parameters()).device
     out = model(torch.stack([normalise(img) for img in (view_x, view_y)]).to(device))
     explanation = None

@@ -13,6 +13,8 @@ grid is added, so structural matching is trained alongside the groups.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
@@ -20,9 +22,12 @@ from glassmetric.errors import ConfigError
 from glassmetric.losses.diversity import diversity_loss
 from glassmetric.models.output import EmbeddingOutput
 
+if TYPE_CHECKING:
+    from glassmetric.losses.metric_losses import MetricLoss
+
 
 class GroupedLoss(nn.Module):
-    def __init__(self, per_group: list[nn.Module], diversity_weight: float = 0.02, structural: nn.Module | None = None):
+    def __init__(self, per_group: list[MetricLoss], diversity_weight: float = 0.02, structural: nn.Module | None = None):
         super().__init__()
         if not per_group:
             raise ConfigError("model.groups: the grouped loss needs at least one group")
@@ -59,4 +64,4 @@ class GroupedLoss(nn.Module):
         return self.combine(self.terms(output, labels))
 
     def learning_rate(self, base_lr: float) -> float:
-        return self.per_group[0].learning_rate(base_lr)
+        return cast("MetricLoss", self.per_group[0]).learning_rate(base_lr)  # nn.ModuleList items are typed Module

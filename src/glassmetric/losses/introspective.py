@@ -26,9 +26,11 @@ introspective distance (:mod:`glassmetric.similarity.introspective`),
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
-from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch import nn
 
@@ -69,7 +71,9 @@ class _IntrospectiveMixin:
         if uq is None and ur is None:
             beta = torch.zeros_like(alpha)
         else:
-            uq = uq if uq is not None else torch.zeros_like(ur)
+            if uq is None:
+                assert ur is not None  # not both missing (the branch above)
+                uq = torch.zeros_like(ur)
             ur = ur if ur is not None else torch.zeros_like(uq)
             beta = ((uq - ur) ** 2).sum(1)
         return introspective_distance(alpha, beta, self.params)
@@ -113,7 +117,7 @@ def use_introspective_distance(module: nn.Module | None, params: IntrospectivePa
     its ``power``. ``dim`` (the semantic width) may be left 0 and set per batch."""
     if module is None:
         return
-    own = module.distance
+    own = cast(BaseDistance, module.distance)  # nn.Module's attributes are typed Tensor | Module
     module.distance = (IntrospectiveSimilarity(dim, params) if own.is_inverted
                        else IntrospectiveDistance(dim, params, power=own.power))
 
@@ -128,7 +132,8 @@ def introspective_loss(loss: nn.Module, miner: nn.Module | None, semantic: torch
                          f"and {tuple(uncertainty.shape)}")
     for m in (loss, miner):
         if m is not None:
-            m.distance.dim = semantic.shape[1]
+            # set by use_introspective_distance (nn.Module's attributes are typed Tensor | Module)
+            cast(_IntrospectiveMixin, m.distance).dim = semantic.shape[1]
     embeddings = pack(semantic, uncertainty.to(semantic.dtype))
     indices = miner(embeddings, labels) if miner is not None else None
     return loss(embeddings, labels, indices)

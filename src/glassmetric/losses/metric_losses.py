@@ -23,10 +23,12 @@ checkpoint, and :meth:`MetricLoss.learning_rate` gives them their own learning r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, cast
 
 import torch
 from pytorch_metric_learning import losses, miners
@@ -35,8 +37,8 @@ from glassmetric.errors import ConfigError
 from glassmetric.losses import introspective
 from glassmetric.losses.miners import SphereDistanceWeightedMiner
 from glassmetric.losses.structural import StructuralSettings, structural_loss, use_structural_distance
-from glassmetric.similarity.introspective import IntrospectiveParams
 from glassmetric.models.output import EmbeddingOutput
+from glassmetric.similarity.introspective import IntrospectiveParams
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _keywords(cls: type) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for klass in inspect.getmro(cls):
         if "__init__" in vars(klass) and klass is not object:
-            for p in inspect.signature(klass.__init__).parameters.values():
+            for p in inspect.signature(vars(klass)["__init__"]).parameters.values():
                 if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                     found.setdefault(p.name, p.default)
     return found
@@ -131,10 +133,8 @@ def _checked(value: Any, default: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if isinstance(default, (int, float)):
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-            except ValueError:
-                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return value
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
@@ -165,13 +165,14 @@ def check_params(name: str, params: dict, miner_params: dict) -> tuple[dict, dic
     numbers, ...); returned with numbers written as strings (``1e-3``) read as numbers.
     Raises ConfigError naming the key (``loss.params.alpha``)."""
     spec = LOSSES[name]
-    cls = spec.loss_class or spec.build_loss
+    cls = spec.loss_class or cast(type, spec.build_loss)  # without loss_class, build_loss is the class itself
     params = _check_keywords(cls, params, spec.loss_defaults, "loss.params")
     if spec.build_miner is None:
         if miner_params:
             raise ConfigError(f"loss.miner_params: loss {name!r} uses no miner, got {miner_params!r}")
         return params, {}
-    return params, _check_keywords(spec.build_miner, miner_params, spec.miner_defaults or {}, "loss.miner_params")
+    miner_class = cast(type, spec.build_miner)  # every miner is built by its class
+    return params, _check_keywords(miner_class, miner_params, spec.miner_defaults or {}, "loss.miner_params")
 
 
 class MetricLoss(torch.nn.Module):

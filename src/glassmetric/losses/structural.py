@@ -25,9 +25,10 @@ score halved, ``(cos(g_a, g_b) + SS_ab) / 2``, so it stays in [-1, 1].
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity, LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightMixin
 from torch import nn
@@ -110,7 +111,7 @@ def use_structural_distance(module: nn.Module | None) -> None:
     (a similarity where its distance is inverted, else ``sqrt(2 - 2 SS)`` at its ``power``)."""
     if module is None:
         return
-    own = module.distance
+    own = cast(BaseDistance, module.distance)  # nn.Module's attributes are typed Tensor | Module
     module.distance = StructuralSimilarity() if own.is_inverted else StructuralDistance(power=own.power)
 
 
@@ -127,7 +128,8 @@ def structural_loss(loss: nn.Module, miner: nn.Module | None, global_emb: torch.
     check_normalised(global_emb=global_emb, local_emb=local_emb)
     matrix = batch_structural_similarity(global_emb, local_emb, settings)
     embeddings = global_emb.to(matrix.dtype)
-    distances = [m.distance for m in (loss, miner) if m is not None]
+    # set by use_structural_distance (nn.Module's attributes are typed Tensor | Module)
+    distances = [cast(_BatchMatrix, m.distance) for m in (loss, miner) if m is not None]
     for d in distances:
         d.set_batch(matrix)
     try:

@@ -11,14 +11,14 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from glassmetric.errors import ConfigError, WeightsError
 
-__all__ = ["CLASSIFIER_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "few_keys", "read_state_dict"]
+__all__ = ["CLASSIFIER_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "HasBackbone", "few_keys", "read_state_dict"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -211,6 +211,13 @@ class Backbone(nn.Module):
 
 # ---------------------------------------------------------------------- building
 # ---------------------------------------------------------------------- helpers
+class HasBackbone(Protocol):
+    """A model that exposes its :class:`Backbone` (an EmbeddingModel, or the inference view of one)."""
+
+    @property
+    def backbone(self) -> Backbone: ...
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .pth / .pt / .safetensors file, unwrapped from common checkpoint dicts."""
     try:

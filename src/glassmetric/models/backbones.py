@@ -128,8 +128,8 @@ def _torchvision_state_dict(arch: str, url: str) -> dict[str, torch.Tensor]:
 #: backbone name -> builder(name, pretrained): the names :func:`build_backbone` accepts as they
 #: are; besides these, any timm model as ``"timm:<model>"``
 BACKBONES: dict[str, Callable[[str, bool | str | os.PathLike[str]], Backbone]] = {
-    **{arch: _build_torchvision for arch in TORCHVISION_BACKBONES},
-    **{arch: build_efficientnet_lite_backbone for arch in EFFICIENTNET_LITE_BACKBONES},
+    **dict.fromkeys(TORCHVISION_BACKBONES, _build_torchvision),
+    **dict.fromkeys(EFFICIENTNET_LITE_BACKBONES, build_efficientnet_lite_backbone),
 }
 
 

@@ -31,6 +31,7 @@ from glassmetric.retrieval.per_query import per_query_metrics, relevant_counts
 from glassmetric.retrieval.rerank import rerank_sweep
 from glassmetric.retrieval.shortlist import score_shortlist
 from glassmetric.retriever import Retriever
+from glassmetric.retriever.model import InferenceModel
 
 __all__ = ["QueryRow", "ReportData", "Result", "build_report", "report_fields"]
 
@@ -44,7 +45,7 @@ def report_fields(retriever: Retriever) -> tuple[str, ...]:
     return tuple(f for f in retriever.fields if f in ("embedding", "local", "uncertainty"))
 
 
-def _describe_model(cfg: Config, fields: tuple[str, ...], model: torch.nn.Module) -> str:
+def _describe_model(cfg: Config, fields: tuple[str, ...], model: InferenceModel) -> str:
     m = cfg.model
     parts = [f"{m.backbone}, {m.embedding_dim}-d, loss {cfg.loss.name} on {cfg.loss.similarity} similarity"]
     if "local" in fields:
@@ -83,7 +84,7 @@ def build_report(
     checkpoint = retriever.checkpoint or ""
     out = Path(out_dir)
     same = gallery is None
-    ref = dataset if same else gallery
+    ref = dataset if gallery is None else gallery
     available = len(ref) - int(same)
     if top < 1 or per_group < 0:
         raise ConfigError(f"--top must be >= 1 and --queries >= 0, got {top} and {per_group}")
@@ -154,7 +155,7 @@ def build_report(
             )
             q_raw, q_img = thumbnail("query", dataset, q_pos[qi])
             results = []
-            for r, (gi, scores) in enumerate(zip(scored.indices[0].tolist(), scored.scores(0))):
+            for r, (gi, scores) in enumerate(zip(scored.indices[0].tolist(), scored.scores(0), strict=True)):
                 bar.set_postfix_str(f"explaining {group} queries")
                 g_raw, g_img = thumbnail("gallery", ref, g_pos[gi])
                 pair = retriever.explain(q_raw, g_raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,6 +12,9 @@ from glassmetric.data.base import RetrievalDataset
 from glassmetric.retrieval.embed import embed_dataset
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.retrieval.rerank import DEFAULT_SWEEP_KS
+
+if TYPE_CHECKING:
+    from glassmetric.similarity.structural import MarginalKind
 
 log = logging.getLogger("glassmetric.retrieval")
 
@@ -65,7 +69,7 @@ def evaluate_model(
     (see :func:`~glassmetric.retrieval.metrics.retrieval_metrics`).
     """
     device = device or default_device()
-    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    kw: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress}
     query, query_labels = embed_dataset(model, dataset, **kw)
     ref, ref_labels = embed_dataset(model, gallery, **kw) if gallery is not None else (None, None)
     index = cached_gallery_index(query if ref is None else ref, index_settings, index_dir) if knn_backend == "index" else None
@@ -86,7 +90,7 @@ def evaluate_rerank_sweep(
     epsilon: float = 0.05,
     iters: int = 100,
     tol: float | None = None,
-    marginals: str = "cross_correlation",
+    marginals: MarginalKind = "cross_correlation",
     batch_size: int = 128,
     num_workers: int = 0,
     device: str | torch.device | None = None,
@@ -105,7 +109,7 @@ def evaluate_rerank_sweep(
     from glassmetric.retrieval.embed import embed_fields
     from glassmetric.retrieval.rerank import rerank_sweep
 
-    kw = dict(batch_size=batch_size, num_workers=num_workers, device=device or default_device(), progress=progress)
+    kw: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "device": device or default_device(), "progress": progress}
     query = embed_fields(model, dataset, **kw)
     ref = embed_fields(model, gallery, **kw) if gallery is not None else None
     index = None

@@ -12,7 +12,7 @@ import torch
 
 from glassmetric.outputs import atomic_write
 
-__all__ = ["Embeddings", "TENSOR_FIELDS"]
+__all__ = ["TENSOR_FIELDS", "Embeddings"]
 
 #: the embedding fields, by the names of :class:`glassmetric.models.EmbeddingOutput`
 TENSOR_FIELDS = ("embedding", "local", "group_embeddings", "attention", "uncertainty")
@@ -58,7 +58,7 @@ class Embeddings:
         out["labels"], out["index"] = self.labels, self.positions
         return out
 
-    def select(self, rows) -> "Embeddings":
+    def select(self, rows) -> Embeddings:
         """The rows ``rows`` (indices or a boolean mask) of every field."""
         rows = torch.as_tensor(rows)
         picked = rows.nonzero().flatten().tolist() if rows.dtype == torch.bool else rows.flatten().tolist()
@@ -70,7 +70,7 @@ class Embeddings:
             kw["paths"] = [self.paths[i] for i in picked]
         return Embeddings(**kw)
 
-    def to(self, device: str | torch.device) -> "Embeddings":
+    def to(self, device: str | torch.device) -> Embeddings:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in self.fields:
             kw[name] = kw[name].to(device)
@@ -91,7 +91,7 @@ class Embeddings:
         return path
 
     @classmethod
-    def load_npz(cls, path: str | Path) -> "Embeddings":
+    def load_npz(cls, path: str | Path) -> Embeddings:
         with np.load(path, allow_pickle=False) as data:
             kw = {name: torch.from_numpy(data[name]) for name in (*TENSOR_FIELDS, "labels", "positions") if name in data}
             paths = data["paths"].tolist() if "paths" in data else None

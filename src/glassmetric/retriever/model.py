@@ -11,6 +11,8 @@ spatial head.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -19,7 +21,12 @@ from glassmetric.models.heads import GROUPING, SPATIAL, UNCERTAINTY
 from glassmetric.models.output import EmbeddingOutput
 from glassmetric.models.spatial_head import SpatialGridHead
 
-__all__ = ["InferenceModel", "NO_LOCAL_FOR_GROUPS"]
+if TYPE_CHECKING:
+    from glassmetric.models.backbone import Backbone
+    from glassmetric.models.embedding_model import EmbeddingModel
+    from glassmetric.models.global_head import GlobalHead
+
+__all__ = ["NO_LOCAL_FOR_GROUPS", "InferenceModel"]
 
 #: why a grouping model without its own spatial head has no structural matching, and the fix
 NO_LOCAL_FOR_GROUPS = (
@@ -36,11 +43,11 @@ class InferenceModel(nn.Module):
     ``group_embeddings`` and ``attention`` (attentive grouping); ``uncertainty`` (IDML).
     """
 
-    def __init__(self, model: nn.Module, grid: int = 4):
+    def __init__(self, model: EmbeddingModel, grid: int = 4):
         super().__init__()
         self.model = model
         heads = model.extra_heads
-        self.training_free_local = None
+        self._free: tuple[SpatialGridHead, ...]
         if SPATIAL not in heads and GROUPING not in heads:
             # kept in a tuple: not a submodule, so the view adds no weights and no head to anything
             self._free = (SpatialGridHead.sharing(model.head, grid),)
@@ -68,11 +75,11 @@ class InferenceModel(nn.Module):
 
     # the parts of the wrapped model that callers read
     @property
-    def backbone(self) -> nn.Module:
+    def backbone(self) -> Backbone:
         return self.model.backbone
 
     @property
-    def head(self) -> nn.Module:
+    def head(self) -> GlobalHead:
         return self.model.head
 
     @property

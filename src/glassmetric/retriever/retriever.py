@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
+from glassmetric.checkpoints import load_trained
 from glassmetric.config import Config, load_config
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.image_io import open_image
@@ -24,7 +26,7 @@ from glassmetric.factory import (
     introspective_params,
     make_splits,
 )
-from glassmetric.checkpoints import load_trained
+from glassmetric.models.embedding_model import EmbeddingModel
 from glassmetric.retrieval.embed import embed_fields
 from glassmetric.retrieval.evaluate import cached_gallery_index, default_device, evaluate_model, evaluate_rerank_sweep
 from glassmetric.retrieval.knn import knn
@@ -47,7 +49,7 @@ class Retriever:
     (:meth:`OTSettings.from_config`, with ``structural.tol`` early stopping).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, *, device: str | torch.device | None = None,
+    def __init__(self, model: EmbeddingModel, cfg: Config, *, device: str | torch.device | None = None,
                  checkpoint: str | Path | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else default_device()
@@ -58,14 +60,14 @@ class Retriever:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None,
-                        overrides: Sequence[str] = ()) -> "Retriever":
+                        overrides: Sequence[str] = ()) -> Retriever:
         """The model of a ``glassmetric fit`` checkpoint; ``overrides`` (``key=value``) change its
         stored config (not ``model.*``, which the weights fix)."""
         model, cfg = load_trained(path, list(overrides))
         return cls(model, cfg, device=device, checkpoint=path)
 
     @classmethod
-    def from_preset(cls, name: str, overrides: Sequence[str] = (), device: str | torch.device | None = None) -> "Retriever":
+    def from_preset(cls, name: str, overrides: Sequence[str] = (), device: str | torch.device | None = None) -> Retriever:
         """The untrained model of a preset or YAML config (e.g. ``cub50``: ImageNet features and a
         random embedding head), for a baseline without training."""
         cfg = load_config(name, list(overrides))
@@ -131,11 +133,13 @@ class Retriever:
             raise ConfigError(f"re-ranking method {method!r}: the one method is 'structural'")
         self.model.require_local()
         q, g = self.embed(query), None if gallery is None else self.embed(gallery)
+        if q.local is None or (g is not None and g.local is None):  # Embeddings passed in without their local cells
+            raise ConfigError("re-ranking needs the local embeddings: embed with the 'local' field")
         ot = settings or self.settings
         return structural_rerank(
             query_global=q.embedding.to(self.device), query_local=q.local.to(self.device),
             gallery_global=None if g is None else g.embedding.to(self.device),
-            gallery_local=None if g is None else g.local.to(self.device),
+            gallery_local=None if g is None or g.local is None else g.local.to(self.device),
             k=k, n_neighbours=n_neighbours, epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals,
             index=index,
         )
@@ -170,9 +174,9 @@ class Retriever:
             gallery = self.dataset(gallery)
         e = self.cfg.eval
         backend = "index" if index_dir else knn_backend or e.knn_backend
-        kw = dict(batch_size=e.batch_size, num_workers=self.cfg.data.num_workers, knn_backend=backend, device=self.device,
-                  progress=progress, index_settings=e.index, index_dir=index_dir,
-                  recall_ks=evaluation_recall_ks(self.cfg))
+        kw: dict[str, Any] = {"batch_size": e.batch_size, "num_workers": self.cfg.data.num_workers, "knn_backend": backend, "device": self.device,
+                  "progress": progress, "index_settings": e.index, "index_dir": index_dir,
+                  "recall_ks": evaluation_recall_ks(self.cfg)}
         if not rerank_ks:
             return evaluate_model(self.model, dataset, gallery, max_k=e.knn_k, **kw)
         self.model.require_local()

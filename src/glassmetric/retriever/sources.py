@@ -86,12 +86,12 @@ def eval_datasets(
         raise ConfigError("--query and --gallery go together: give both folders")
     if folder and query:
         raise ConfigError("give either --data or --query / --gallery, not both")
-    if query and same_folder(query, gallery):
+    if query and gallery and same_folder(query, gallery):  # query and gallery go together (above)
         folder = query
     if folder:
         images = ImageFolderDataset(folder, transform=transform)
         return f"images of {folder}", images.set_bad_image_policy(cfg.data.on_bad_image), None
-    if query:
+    if query and gallery:
         pair = build_query_gallery(query, gallery, transform=transform)
         _check_shared_folders(pair, query, gallery)
         pair.query.set_bad_image_policy(cfg.data.on_bad_image)
@@ -110,7 +110,9 @@ def _check_shared_folders(pair, query: str, gallery: str) -> None:
     names = pair.query.class_names
     q, g = (sorted(names[i] for i in np.unique(d.labels)) for d in (pair.query, pair.gallery))
     if not set(q) & set(g):
-        few = lambda classes: ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+        def few(classes: list[str]) -> str:
+            return ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+
         raise ConfigError(
             f"--query {query} and --gallery {gallery} share no class folder (classes are matched by folder name): "
             f"query {len(q)} ({few(q)}), gallery {len(g)} ({few(g)})"

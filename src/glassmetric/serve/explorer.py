@@ -16,16 +16,17 @@ import io
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from glassmetric.errors import ConfigError, GlassmetricError
 from glassmetric.data.transforms import normalisation
+from glassmetric.errors import ConfigError, GlassmetricError
 from glassmetric.explain.pair import explain_views, model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
 from glassmetric.report.build import report_fields
@@ -51,9 +52,10 @@ class _Recent:
     ``max_bytes`` is given, at most that many bytes (``nbytes`` of each value), though always the
     newest item."""
 
-    def __init__(self, size: int, max_bytes: int | None = None, nbytes: Callable[[object], int] = lambda v: 0):
+    def __init__(self, size: int, max_bytes: int | None = None, nbytes: Callable[[Any], int] = lambda v: 0):
         self.size, self.max_bytes, self.nbytes = size, max_bytes, nbytes
-        self.items, self.lock, self.total_bytes = OrderedDict(), threading.Lock(), 0
+        self.items: OrderedDict[Hashable, Any] = OrderedDict()
+        self.lock, self.total_bytes = threading.Lock(), 0
 
     def _over(self) -> bool:
         return len(self.items) > self.size or (self.max_bytes is not None and self.total_bytes > self.max_bytes)
@@ -101,7 +103,7 @@ class Explorer:
     @classmethod
     def open(cls, checkpoint: str, gallery_root: str | Path | None = None, *, split: str = "test", cache_dir=None,
              device: str = "cpu", progress: bool = True, knn: str = "exact", index_dir: str | Path | None = None,
-             overrides: list[str] = (), upload_store_bytes: int = 64 * 2**20) -> "Explorer":
+             overrides: Sequence[str] = (), upload_store_bytes: int = 64 * 2**20) -> Explorer:
         """Load the checkpoint and embed (or load the cached embeddings of) the gallery folder,
         or without one the ``split`` of the checkpoint's own data. An unreadable gallery image (a
         dangling link included) raises or is left out as the checkpoint's ``data.on_bad_image`` says.
@@ -181,7 +183,7 @@ class Explorer:
         scored = score_shortlist(q.fields, self.gallery.fields, idx[None], epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol,
                                  marginals=ot.marginals, introspective=self.retriever.introspective)
         results = []
-        for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0))):
+        for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0), strict=True)):
             correct = None
             if q.index is not None and self.gallery.labelled:
                 correct = bool(self.gallery.labels[gi] == self.gallery.labels[q.index])
@@ -227,5 +229,5 @@ class Explorer:
     def info(self) -> dict:
         heads = sorted(self.model.extra_heads)
         return {"checkpoint": self.checkpoint, "gallery": self.gallery.source.description, "gallery_size": len(self.gallery),
-                "labelled": self.gallery.labelled, "classes": int(len(np.unique(self.gallery.labels))) if self.gallery.labelled else 0, "fields": list(self.fields),
+                "labelled": self.gallery.labelled, "classes": len(np.unique(self.gallery.labels)) if self.gallery.labelled else 0, "fields": list(self.fields),
                 "heads": heads, "embedding_cache": str(self.gallery.cache_file), "from_cache": self.gallery.from_cache}

@@ -18,19 +18,23 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from glassmetric import __version__
+from glassmetric.checkpoints import atomic_torch_save, safe_torch_load
 from glassmetric.config import Config
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.folder import ImageFolderDataset, _image_files, _PathDataset, class_folders
 from glassmetric.errors import DataError
-from glassmetric.checkpoints import atomic_torch_save, safe_torch_load
 from glassmetric.factory import eval_transform
 from glassmetric.retrieval.embed import embed_fields
+
+if TYPE_CHECKING:
+    from glassmetric.retriever.model import InferenceModel
 
 __all__ = ["Gallery", "GallerySource", "default_cache_dir", "folder_source", "load_gallery", "split_source"]
 
@@ -137,7 +141,7 @@ def _cache_key(checkpoint: Path, source: GallerySource, fields: tuple[str, ...])
 
 
 def load_gallery(
-    model: torch.nn.Module, cfg: Config, checkpoint: str | Path, source: GallerySource, fields: tuple[str, ...], *,
+    model: InferenceModel, cfg: Config, checkpoint: str | Path, source: GallerySource, fields: tuple[str, ...], *,
     cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
 ) -> Gallery:
     """Embed ``source`` with ``model`` (``fields`` of its output), or load the embeddings from

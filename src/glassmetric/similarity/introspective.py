@@ -93,7 +93,9 @@ def introspective_distance_matrix(
         return introspective_distance(alpha, torch.zeros_like(alpha), params)
     uq = _full(u_query).to(s_query.dtype) if u_query is not None else None
     ur = _full(u_ref).to(s_query.dtype) if u_ref is not None else None
-    uq = uq if uq is not None else ur.new_zeros(len(s_query), ur.shape[1])
+    if uq is None:
+        assert ur is not None  # not both missing (returned above)
+        uq = ur.new_zeros(len(s_query), ur.shape[1])
     ur = ur if ur is not None else uq.new_zeros(len(s_ref), uq.shape[1])
     if uq.shape[1] != ur.shape[1]:
         raise ValueError(f"uncertainty embeddings differ in size: {uq.shape[1]} and {ur.shape[1]}")

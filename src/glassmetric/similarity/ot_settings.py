@@ -10,7 +10,7 @@ config's ``structural`` section becomes settings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 if TYPE_CHECKING:  # config validates loss parameters through losses/, which build on these settings
     from glassmetric.config import Config, StructuralConfig
@@ -55,10 +55,10 @@ class OTSettings:
             raise ValueError(f"OTSettings.gradient must be one of {GRADIENT_MODES}, got {self.gradient!r}")
 
     @classmethod
-    def from_config(cls, cfg: Config | StructuralConfig) -> "OTSettings":
+    def from_config(cls, cfg: Config | StructuralConfig) -> OTSettings:
         """The settings of a validated config (or its ``structural`` section; ``marginals:
         auto`` must have been resolved by :func:`glassmetric.config.validate`)."""
-        s = getattr(cfg, "structural", cfg)
+        s = cast("StructuralConfig", getattr(cfg, "structural", cfg))  # a Config's structural section, or the section
         if s.marginals == "auto":
             raise ValueError("structural.marginals 'auto' is resolved by glassmetric.config.validate first")
         return cls(epsilon=float(s.epsilon), iters=int(s.iters), tol=None if s.tol is None else float(s.tol),

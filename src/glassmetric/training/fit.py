@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -31,8 +33,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from glassmetric.config import Config, save_config
 from glassmetric.checkpoints import safe_torch_load
+from glassmetric.config import Config, save_config
 from glassmetric.data.image_io import collate_readable
 from glassmetric.data.registry import Splits
 from glassmetric.data.sampler import MPerClassBatchSampler
@@ -43,7 +45,9 @@ from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO
 from glassmetric.training.distributed import IndexedDataset, check_devices, ddp_strategy, eval_sampler
 from glassmetric.training.guards import reliability_callbacks
+from glassmetric.training.module import MetricLearner
 from glassmetric.training.resume import (
+    EpochBatchSampler,
     check_resumed_model,
     check_resumed_shapes,
     discard_resume_checkpoints,
@@ -51,7 +55,6 @@ from glassmetric.training.resume import (
     resume_checkpoint,
 )
 from glassmetric.training.run_folder import clear_previous_run, is_launching_process, run_folder_lock
-from glassmetric.training.module import MetricLearner
 from glassmetric.training.throughput import ThroughputMonitor
 
 
@@ -67,8 +70,14 @@ def seed_epoch(seed: int, epoch: int, loader: DataLoader | None) -> None:
     np.random.seed(epoch_seed)
     torch.manual_seed(epoch_seed)
     if loader is not None:
-        loader.batch_sampler.set_epoch(epoch)
+        cast(EpochBatchSampler, loader.batch_sampler).set_epoch(epoch)  # ResumableBatches (resumable_train_loader)
         loader.generator.manual_seed(epoch_seed)
+
+
+def _epochs_processed(trainer: pl.Trainer) -> int:
+    """The training epochs the trainer has completed (the epoch it is about to run, from 0)."""
+    # the tracker is a _ProcessedTracker; Lightning annotates it as its base, _ReadyCompletedTracker
+    return trainer.fit_loop.epoch_progress.current.processed  # type: ignore[attr-defined]
 
 
 class EpochSeed(Callback):
@@ -79,7 +88,7 @@ class EpochSeed(Callback):
         self.seed = seed
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        seed_epoch(self.seed, trainer.fit_loop.epoch_progress.current.processed, trainer.train_dataloader)
+        seed_epoch(self.seed, _epochs_processed(trainer), trainer.train_dataloader)
 
 
 class MetricDataModule(pl.LightningDataModule):
@@ -102,7 +111,7 @@ class MetricDataModule(pl.LightningDataModule):
         )
         # on resume the first iterator is built before the epoch hooks run: seed it here too,
         # with the epoch Lightning is about to run (current_epoch may still be the last one)
-        seed_epoch(self.cfg.seed, self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0, loader)
+        seed_epoch(self.cfg.seed, _epochs_processed(self.trainer) if self.trainer else 0, loader)
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
@@ -134,7 +143,7 @@ def fit(
     overwrite: bool = False,
     baseline: bool = False,
     run_test: bool = True,
-    callbacks: list[Callback] = (),
+    callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Train, select (best validation ``trainer.monitor`` or the last epoch), evaluate on the test split.
 
@@ -159,7 +168,7 @@ def fit(
 
 
 def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bool, baseline: bool, run_test: bool,
-         callbacks: list[Callback]) -> FitResult:
+         callbacks: Sequence[Callback]) -> FitResult:
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if last.exists() and not (resume or overwrite):
@@ -186,13 +195,14 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
     splits = make_splits(cfg, model)
     module = MetricLearner(cfg, splits.train.labels, model=model)
     if resumed is not None:
+        assert found is not None  # resumed was read from it
         check_resumed_shapes(cfg, found, resumed, module)
         resumed = None
     if launching:
         save_config(cfg, out / "config.yaml")
     ks = evaluation_recall_ks(cfg)
-    eval_kw = dict(recall_ks=ks, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, knn_backend=cfg.eval.knn_backend,
-                   max_k=cfg.eval.knn_k)
+    eval_kw: dict[str, Any] = {"recall_ks": ks, "batch_size": cfg.eval.batch_size, "num_workers": cfg.data.num_workers, "knn_backend": cfg.eval.knn_backend,
+                   "max_k": cfg.eval.knn_k}
 
     baseline_metrics = None
     if baseline:
@@ -201,7 +211,7 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
     select_val = cfg.trainer.select == "val"
     # "last" is rewritten after every epoch (and its validation); "best" on a better validation score.
     # The best callback comes first so that last.ckpt carries its up-to-date state.
-    common = dict(dirpath=ckpt_dir, save_top_k=1, save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
+    common: dict[str, Any] = {"dirpath": ckpt_dir, "save_top_k": 1, "save_last": False, "auto_insert_metric_name": False, "enable_version_counter": False}
     monitor = f"val/{cfg.trainer.monitor}"
     best_cb = ModelCheckpoint(filename="best", monitor=monitor, mode="max", **common) if select_val else None
     last_cb = ModelCheckpoint(filename="last", monitor=None, **common)
@@ -210,7 +220,7 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.max_epochs,
         accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
+        devices=cast("int | str", cfg.trainer.devices),  # validation writes GPU indices as "0,1"
         num_nodes=cfg.trainer.num_nodes,
         strategy=ddp_strategy(cfg),
         sync_batchnorm=cfg.trainer.sync_batchnorm,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from glassmetric.checkpoints import METADATA_KEY, checkpoint_metadata
@@ -33,16 +33,18 @@ def mixup_loss(model: torch.nn.Module, loss_fn, images: torch.Tensor, labels: to
 
 
 class MetricLearner(pl.LightningModule):
+    label_lookup: torch.Tensor  # a registered buffer: training class id -> contiguous index (-1: not a training class)
+
     def __init__(self, cfg: Config, train_class_ids: np.ndarray, model: torch.nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = model if model is not None else build_model_from_config(cfg)
-        class_ids = np.asarray(sorted(set(int(c) for c in train_class_ids)), dtype=np.int64)
+        class_ids = np.asarray(sorted({int(c) for c in train_class_ids}), dtype=np.int64)
         lookup = torch.full((int(class_ids.max()) + 1,), -1, dtype=torch.long)
         lookup[torch.from_numpy(class_ids)] = torch.arange(len(class_ids))
         self.register_buffer("label_lookup", lookup)
         self.loss = build_training_loss(cfg, len(class_ids))
-        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # embeddings, labels, data set rows
 
     def forward(self, images: torch.Tensor):
         return self.model(images)

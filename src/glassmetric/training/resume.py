@@ -36,10 +36,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from glassmetric.checkpoints import previous_path, safe_torch_load
 from glassmetric.data.base import SizedDataset
 from glassmetric.data.image_io import collate_training
 from glassmetric.errors import CheckpointError
-from glassmetric.checkpoints import previous_path, safe_torch_load
 
 
 def derived_seed(*key: int) -> int:

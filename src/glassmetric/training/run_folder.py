@@ -18,9 +18,9 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
 from glassmetric.errors import OutputError
 
@@ -106,7 +106,5 @@ def clear_previous_run(folder: str | Path) -> list[str]:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    try:
+    with suppress(OSError):  # missing, or holds files glassmetric did not write
         folder.rmdir()
-    except OSError:  # missing, or holds files glassmetric did not write
-        pass
