@@ -21,6 +21,7 @@ from glassmetric.explain.figures import save_figure
 from glassmetric.explain.pair import model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
 from glassmetric.factory import evaluation_recall_ks
+from glassmetric.models.heads import GROUPING
 from glassmetric.report.data import QueryRow, ReportData, Result
 from glassmetric.report.html import write_html
 from glassmetric.report.plots import sweep_figure
@@ -51,7 +52,7 @@ def _describe_model(cfg: Config, fields: tuple[str, ...], model: InferenceModel)
     if "local" in fields:
         parts.append(f"structural {cfg.model.spatial_grid or 4}x{cfg.model.spatial_grid or 4} cells"
                      + ("" if m.spatial_grid else " (training-free)"))
-    if "grouping" in model.extra_heads:
+    if GROUPING in model.extra_heads:
         parts.append(f"{m.groups} attention groups")
     if "uncertainty" in fields:
         parts.append(f"uncertainty head ({m.uncertainty_dim}-d)")
