@@ -77,6 +77,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ import torch
 import torch.nn.functional as F
 
 from glassmetric.retrieval.knn import knn
+from glassmetric.similarity import lane_sinkhorn
 from glassmetric.similarity.sinkhorn import _plan_from_similarity, marginal_error, sinkhorn
 from glassmetric.similarity.structural import (
     compute_marginals,
@@ -92,8 +94,6 @@ from glassmetric.similarity.structural import (
     local_similarity,
     structural_similarity,
 )
-
-from glassmetric.similarity import lane_sinkhorn
 
 try:
     from glassmetric.retrieval.rerank import default_rerank_chunk_rows, structural_rerank
@@ -134,8 +134,9 @@ def diml_sinkhorn(K, u, v, thresh=1e-1, max_iter=100):
     """utilities/diml.py ``Sinkhorn``, plus an iteration counter."""
     r = torch.ones_like(u)
     c = torch.ones_like(v)
-    it = 0
-    for it in range(max_iter):
+    n_iter = 0
+    for _ in range(max_iter):
+        n_iter += 1
         r0 = r
         r = u / torch.matmul(K, c.unsqueeze(-1)).squeeze(-1)
         c = v / torch.matmul(K.permute(0, 2, 1).contiguous(), r.unsqueeze(-1)).squeeze(-1)
@@ -143,7 +144,7 @@ def diml_sinkhorn(K, u, v, thresh=1e-1, max_iter=100):
         if err.item() < thresh:
             break
     T = torch.matmul(r.unsqueeze(-1), c.unsqueeze(-2)) * K
-    return T, it + 1
+    return T, n_iter
 
 
 def diml_sinkhorn_to_tol(K, u, v, tol=TOL, max_iter=2000):
@@ -152,8 +153,9 @@ def diml_sinkhorn_to_tol(K, u, v, tol=TOL, max_iter=2000):
     update, so an iteration costs the same two products as the original."""
     c = torch.ones_like(v)
     Kc = torch.matmul(K, c.unsqueeze(-1)).squeeze(-1)
-    it = 0
-    for it in range(max_iter):
+    n_iter = 0
+    for _ in range(max_iter):
+        n_iter += 1
         r = u / Kc
         c = v / torch.matmul(K.permute(0, 2, 1).contiguous(), r.unsqueeze(-1)).squeeze(-1)
         Kc = torch.matmul(K, c.unsqueeze(-1)).squeeze(-1)
@@ -161,7 +163,7 @@ def diml_sinkhorn_to_tol(K, u, v, tol=TOL, max_iter=2000):
         if err.item() <= tol:
             break
     T = torch.matmul(r.unsqueeze(-1), c.unsqueeze(-2)) * K
-    return T, it + 1
+    return T, n_iter
 
 
 def diml_calc_similarity(anchor, anchor_center, fb, fb_center, solver, exact_mass=False):
@@ -239,6 +241,12 @@ def ours_rerank(qg, ql, gg, gl, k, tol=TOL, iters=2000, chunk_size=None):
         score = global_similarity(q_g, c_g) + ss
         out.append(c_idx.gather(1, score.sort(dim=1, descending=True, stable=True).indices))
     return torch.cat(out)
+
+
+def ours_torch_rerank(qg, ql, gg, gl, k):
+    """:func:`ours_rerank` with the native lane kernel off: the torch solver."""
+    with lane_sinkhorn.disabled():
+        return ours_rerank(qg, ql, gg, gl, k)
 
 
 def no_ot_rerank(qg, ql, gg, gl, k):
@@ -359,7 +367,7 @@ def ours_iterations_and_error(qg, ql, gg, gl, k):
     _, idx = knn(qg, gg, k)
     rows = default_rerank_chunk_rows(k, ql.shape[1], ql.shape[2])
     total_iter_pairs, worst, ss_all = 0, 0.0, []
-    native = dict(iters=0.0, err=float("nan"), dss=float("nan"))
+    native = {"iters": 0.0, "err": float("nan"), "dss": float("nan")}
     use_native = lane_sinkhorn.applies(qg.dtype, qg.device)
     if use_native:
         native.update(err=0.0, dss=0.0)
@@ -437,8 +445,8 @@ def choose_pot(qg, ql, gg, gl, k, n_cells):
         for tol in (TOL, TOL / math.sqrt(n_cells)):
             keep = []
             with np.errstate(all="ignore"):
-                t, _ = timed(lambda: pot_rerank(qg, ql, gg, gl, k, method, tol, keep), qg.device)
-                t = min(t, timed(lambda: pot_rerank(qg, ql, gg, gl, k, method, tol), qg.device)[0])
+                t, _ = timed(partial(pot_rerank, qg, ql, gg, gl, k, method, tol, keep), qg.device)
+                t = min(t, timed(partial(pot_rerank, qg, ql, gg, gl, k, method, tol), qg.device)[0])
             e = max(err_of(T, mu, nu) for T, mu, nu, _ in keep)
             ok = e <= TOL and all(torch.isfinite(T).all() for T, *_ in keep)
             if ok:
@@ -707,24 +715,20 @@ def main() -> None:
         pot = choose_pot(qg, ql, gg, gl, K, n)
         pot_method, pot_tol = (pot[1], pot[2]) if pot else (None, None)
 
-        def ours_torch():
-            with lane_sinkhorn.disabled():
-                return ours_rerank(qg, ql, gg, gl, K)
-
         solvers = {
-            "ours": lambda: ours_rerank(qg, ql, gg, gl, K),
-            "ours_torch": ours_torch,
-            "no_ot": lambda: no_ot_rerank(qg, ql, gg, gl, K),
-            "ours_small": lambda: ours_rerank(qg, ql, gg, gl, K, chunk_size=rows_small),
-            "a": lambda: diml_rerank(q_bank, qg, bank, gg, K, diml_sinkhorn),
-            "a2": lambda: diml_rerank(q_bank, qg, bank, gg, K, diml_sinkhorn_to_tol, None, True),
+            "ours": partial(ours_rerank, qg, ql, gg, gl, K),
+            "ours_torch": partial(ours_torch_rerank, qg, ql, gg, gl, K),
+            "no_ot": partial(no_ot_rerank, qg, ql, gg, gl, K),
+            "ours_small": partial(ours_rerank, qg, ql, gg, gl, K, chunk_size=rows_small),
+            "a": partial(diml_rerank, q_bank, qg, bank, gg, K, diml_sinkhorn),
+            "a2": partial(diml_rerank, q_bank, qg, bank, gg, K, diml_sinkhorn_to_tol, None, True),
         }
         st_S, st_mu, st_nu, st_pot = solve_stage_inputs(qg, ql, gg, gl, K)
-        solvers["solve_ours"] = lambda: solve_ours(st_S, st_mu, st_nu)
-        solvers["solve_torch"] = lambda: solve_torch(st_S, st_mu, st_nu)
+        solvers["solve_ours"] = partial(solve_ours, st_S, st_mu, st_nu)
+        solvers["solve_torch"] = partial(solve_torch, st_S, st_mu, st_nu)
         if pot:
-            solvers["pot"] = lambda: pot_rerank(qg, ql, gg, gl, K, pot_method, pot_tol)
-            solvers["solve_pot"] = lambda: solve_pot(st_pot, pot_method, pot_tol)
+            solvers["pot"] = partial(pot_rerank, qg, ql, gg, gl, K, pot_method, pot_tol)
+            solvers["solve_pot"] = partial(solve_pot, st_pot, pot_method, pot_tol)
         best = {k: float("inf") for k in solvers}
         solvers["ours"]()  # warm-up (the others ran above)
         solvers["ours_torch"]()
@@ -737,15 +741,15 @@ def main() -> None:
         pairs = args.queries * K
         floor_flops = pairs * (2 * n * n * dim + 8 * n * n * iters)
         floor_s = floor_flops / flops
-        rows_out.append(dict(
-            cfg=f"{grid}x{grid}, D={dim}", pairs=pairs, best=best, iters=iters,
-            a_iters=a_iters, b_iters=b_iters, errs=(ours_err, a_err, b_err,
+        rows_out.append({
+            "cfg": f"{grid}x{grid}, D={dim}", "pairs": pairs, "best": best, "iters": iters,
+            "a_iters": a_iters, "b_iters": b_iters, "errs": (ours_err, a_err, b_err,
                                                     pot[3] if pot else float("nan")),
-            pot=(pot_method, pot_tol), floor=floor_s, native=native, rows_small=rows_small, a_nan=a_nan,
-            dss=((ss_o - ss_b).abs().max().item(),
+            "pot": (pot_method, pot_tol), "floor": floor_s, "native": native, "rows_small": rows_small, "a_nan": a_nan,
+            "dss": ((ss_o - ss_b).abs().max().item(),
                  (ss_o - ss_a)[ok_a].abs().max().item() if ok_a.any() else float("nan"),
                  (ss_ours - pot[4]).abs().max().item() if pot else float("nan")),
-        ))
+        })
         print(f"  done {cfg}: ours {best['ours']:.3f}s (torch solver {best['ours_torch']:.3f}s; "
               f"cache-sized chunks of {rows_small}: "
               f"{best['ours_small']:.3f}s), (a) {best['a']:.3f}s, "

@@ -23,7 +23,7 @@ from glassmetric.retrieval.rerank import rerank_sweep, structural_rerank
 from glassmetric.similarity.structural import multiscale_score
 
 NON_NMI = ("recall", "r_precision", "map_at_r")
-OT = dict(epsilon=0.05, iters=50, tol=None)  # exactly 50 iterations on both sides
+OT = {"epsilon": 0.05, "iters": 50, "tol": None}  # exactly 50 iterations on both sides
 
 
 def make_data(n, n_classes, n_cells=4, dim=8, seed=0, dtype=torch.float64):
@@ -110,7 +110,7 @@ def test_rerank_with_tolerance_is_chunking_invariant_and_converged():
     score; and each score is that of a plan within the tolerance."""
     qg, ql, _ = make_data(11, 3, seed=3, dtype=torch.float32)
     gg, gl, _ = make_data(20, 3, seed=4, dtype=torch.float32)
-    kw = dict(k=6, epsilon=0.05, iters=2000, tol=1e-5)
+    kw = {"k": 6, "epsilon": 0.05, "iters": 2000, "tol": 1e-5}
     ref = structural_rerank(qg, ql, gg, gl, **kw)
     for chunk in (1, 3, 11):
         res = structural_rerank(qg, ql, gg, gl, chunk_size=chunk, **kw)
@@ -130,7 +130,7 @@ def test_rerank_general_path_matches_brute_force(dtypes):
     qg, ql, _ = make_data(6, 3, seed=1, dtype=getattr(torch, dtypes[0]))
     gg, gl, _ = make_data(15, 3, seed=2, dtype=getattr(torch, dtypes[1]))
     eps = 0.05 if dtypes[0] != dtypes[1] else 0.03  # 2 / 0.03 > 50: the log-domain kernel
-    ot = dict(epsilon=eps, iters=50, tol=None)
+    ot = {"epsilon": eps, "iters": 50, "tol": None}
     res = structural_rerank(qg, ql, gg, gl, k=5, **ot)
     ranked, scores = brute_rerank(qg.double(), ql.double(), gg.double(), gl.double(), 5, **ot)
     assert torch.equal(res.indices, ranked[:, :5])

@@ -117,7 +117,7 @@ def test_zero_mass_entries_and_empty_marginals():
 
 def test_strides_threads_and_chunks_do_not_change_a_score():
     S, mu, nu = problems(4, 3, 37, 16, 16)
-    kw = dict(epsilon=EPS, iters=300, tol=1e-4)
+    kw = {"epsilon": EPS, "iters": 300, "tol": 1e-4}
     ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, **kw)
     contiguous = lane_sinkhorn.lane_structural_similarity(
         S.contiguous(), mu.transpose(0, 1).contiguous().transpose(0, 1), nu.contiguous(), **kw
@@ -167,7 +167,7 @@ def test_unavailable_without_a_compiler_and_callers_fall_back(monkeypatch, tmp_p
     gl = torch.nn.functional.normalize(torch.randn(30, 16, 8, generator=gen), dim=-1)
     gg = torch.nn.functional.normalize(torch.randn(30, 8, generator=gen), dim=-1)
     idx = torch.randint(0, 30, (4, 20), generator=gen)
-    kw = dict(epsilon=EPS, iters=200, tol=1e-5, marginals="cross_correlation")
+    kw = {"epsilon": EPS, "iters": 200, "tol": 1e-5, "marginals": "cross_correlation"}
     _, fallback = _gathered_block_scores(gl[:4], gg[:4], gl, gg, idx, **kw)
     monkeypatch.setattr(lane_sinkhorn, "_state", {})
     monkeypatch.delenv("CC")

@@ -19,7 +19,6 @@ from glassmetric.similarity.sinkhorn import marginal_error, sinkhorn
 from glassmetric.similarity.structural import structural_similarity
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny tensors: intra-op threads only add spin-wait overhead (100x on a loaded machine)."""
@@ -195,7 +194,7 @@ def test_unrolled_gradient_is_correct_and_differs(cost_range):
     S = (2 * torch.rand(2, 3, 4, generator=g, dtype=torch.float64) - 1).requires_grad_()
     mu = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
     nu = torch.tensor([0.1, 0.4, 0.3, 0.2], dtype=torch.float64, requires_grad=True)
-    kw = dict(epsilon=0.1, iters=30, gradient="unrolled", cost_range=2.0 if cost_range else None)
+    kw = {"epsilon": 0.1, "iters": 30, "gradient": "unrolled", "cost_range": 2.0 if cost_range else None}
 
     def ss(S, mu, nu):
         return (sinkhorn(1 - S, mu, nu, **kw) * S).sum((-2, -1))
@@ -243,7 +242,7 @@ def test_fixed_iterations_never_sync(monkeypatch):
 def test_tolerance_stops_early_with_the_promised_error(cost_range):
     rng = np.random.default_rng(4)
     C, a, b = (torch.from_numpy(x) for x in problem(rng, 12, 10, batch=(6,)))
-    kw = dict(epsilon=0.02, iters=100_000, check_every=5, cost_range=cost_range)
+    kw = {"epsilon": 0.02, "iters": 100_000, "check_every": 5, "cost_range": cost_range}
     T = sinkhorn(C, a, b, tol=1e-6, **kw)
     rows, cols = marginal_error(T, a, b)
     assert rows.max().item() <= 1e-6 and cols.max().item() < 1e-12
@@ -263,7 +262,7 @@ def _varied_batch(seed=7, batch=40, n=9, m=11):
 
 def test_per_problem_stopping_equals_solving_each_problem_alone():
     C, a, b = _varied_batch()
-    kw = dict(epsilon=0.02, iters=5000, tol=1e-5, cost_range=1.0)
+    kw = {"epsilon": 0.02, "iters": 5000, "tol": 1e-5, "cost_range": 1.0}
     T = sinkhorn(C, a, b, **kw)  # compact=True: each problem stops at its own check
     assert torch.isfinite(T).all()
     for i in range(len(C)):  # a batch of one stops exactly when its problem converges
@@ -283,7 +282,7 @@ def test_per_problem_stopping_equals_solving_each_problem_alone():
 
 def test_per_problem_stopping_at_iters_and_with_fixed_iterations():
     C, a, b = _varied_batch(seed=8)
-    kw = dict(epsilon=0.02, cost_range=1.0)
+    kw = {"epsilon": 0.02, "cost_range": 1.0}
     # an unreachable tolerance: every problem runs iters iterations, as with tol=None
     fixed = sinkhorn(C, a, b, iters=23, **kw)
     capped = sinkhorn(C, a, b, iters=23, tol=0.0, check_every=4, **kw)
@@ -337,7 +336,7 @@ def test_plan_from_similarity_equals_the_cost_form(tol):
     nu = nu.clone()
     nu[1, 2] = 0  # an all-zero marginal: a zero plan
     mu, nu = mu / mu.sum(-1, keepdim=True), nu / nu.sum(-1, keepdim=True).clamp_min(1e-30)
-    kw = dict(epsilon=0.05, iters=5000, tol=tol)
+    kw = {"epsilon": 0.05, "iters": 5000, "tol": tol}
     T = _plan_from_similarity(S, mu, nu, **kw)
     ref = sinkhorn(1 - S.clamp(-1, 1), mu, nu, cost_range=2.0, **kw)
     assert T.shape == (6, 5, 9, 8) and T.is_contiguous() and torch.isfinite(T).all()
@@ -435,5 +434,5 @@ def test_cuda_fixed_iterations_never_synchronise():
         gpu = run(xc, gxc, Cc, muc)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    for a, b in zip(cpu, gpu):
+    for a, b in zip(cpu, gpu, strict=True):
         torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=1e-4)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from glassmetric.similarity import (
+    OTSettings,
     compute_marginals,
     cross_correlation_marginals,
     explain_pair,
-    OTSettings,
     multiscale_score,
     sinkhorn,
     structural_similarity,
@@ -21,7 +21,7 @@ from glassmetric.similarity import (
     uniform_marginals,
 )
 
-CONVERGED = dict(iters=20_000, tol=1e-12)  # run our solver to convergence (float64)
+CONVERGED = {"iters": 20_000, "tol": 1e-12}  # run our solver to convergence (float64)
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +166,7 @@ def test_batch_of_pairs_matches_brute_force(marginals):
     ss = structural_similarity(x, y, gx, gy, marginals=marginals, **CONVERGED)
     assert ss.shape == (6,) and ss.dtype == torch.float64
     for b in range(6):
-        ref, T, S, mu, nu = ref_pair(x[b], y[b], gx[b], gy[b], marginals=marginals)
+        ref, T, _, mu, nu = ref_pair(x[b], y[b], gx[b], gy[b], marginals=marginals)
         assert abs(ss[b].item() - ref) < 1e-8
         exp = explain_pair(x[b], y[b], gx[b], gy[b], marginals=marginals, **CONVERGED)
         np.testing.assert_allclose(exp.T.numpy(), T, atol=1e-8)
@@ -202,8 +202,8 @@ def test_single_pair_block_and_one_vs_many_shapes():
     assert many.shape == (5,)
     torch.testing.assert_close(many, block[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(
-        structural_similarity(c[1], q[1], gc[1], gq[1], **dict(iters=2000, tol=1e-6)),
-        structural_similarity(q[1], c[1], gq[1], gc[1], **dict(iters=2000, tol=1e-6)),
+        structural_similarity(c[1], q[1], gc[1], gq[1], iters=2000, tol=1e-6),
+        structural_similarity(q[1], c[1], gq[1], gc[1], iters=2000, tol=1e-6),
         atol=1e-5,
         rtol=0,
     )
@@ -362,7 +362,7 @@ def test_gathered_block_scores_equal_the_block_call(marginals, dtype, tol):
     ql, qg = images(g, 4, n=9, d=6, dtype=dtype)
     gl, gg = images(g, 30, n=9, d=6, dtype=dtype)
     idx = torch.randint(0, 30, (4, 7), generator=g)
-    kw = dict(epsilon=0.05, iters=300, tol=tol, marginals=marginals)
+    kw = {"epsilon": 0.05, "iters": 300, "tol": tol, "marginals": marginals}
     cos, ss = _gathered_block_scores(ql, qg, gl, gg, idx, **kw)
     ref = structural_similarity(ql, gl[idx], qg, gg[idx], **kw)
     assert cos.shape == ss.shape == (4, 7) and cos.dtype == ss.dtype == dtype
@@ -414,7 +414,7 @@ def test_settings_object_equals_the_keywords_and_defaults_are_the_settings_defau
     x, gx = images(gen, 3, n=4, d=6, dtype=torch.float32)
     y, gy = images(gen, 3, n=4, d=6, dtype=torch.float32)
     ot = OTSettings(epsilon=0.1, iters=7, tol=None, marginals="uniform", gradient="unrolled")
-    kw = dict(epsilon=0.1, iters=7, tol=None, marginals="uniform", gradient="unrolled")
+    kw = {"epsilon": 0.1, "iters": 7, "tol": None, "marginals": "uniform", "gradient": "unrolled"}
     torch.testing.assert_close(structural_similarity(x, y, gx, gy, settings=ot),
                                structural_similarity(x, y, gx, gy, **kw), rtol=0, atol=0)
     torch.testing.assert_close(structural_similarity_matrix(x, y, gx, gy, settings=ot),
@@ -445,7 +445,7 @@ def test_unnormalised_inputs_are_named_with_their_worst_norm(which):
     gen = torch.Generator().manual_seed(13)
     x, gx = images(gen, 2, n=4, d=6, dtype=torch.float32)
     y, gy = images(gen, 2, n=4, d=6, dtype=torch.float32)
-    args = dict(x_local=x, y_local=y, x_global=gx, y_global=gy)
+    args = {"x_local": x, "y_local": y, "x_global": gx, "y_global": gy}
     bad = args[which].clone()
     bad[1] *= 1.2
     bad[0] *= 2**0.5  # the worst row: norm 1.41421
@@ -475,7 +475,7 @@ def test_normalisation_tolerance_follows_the_dtype_and_zero_rows_pass():
         assert torch.isfinite(ss).all()
     # a norm of 1.002: too far for float32 (tolerance 1e-3), rounding for bfloat16 (2e-2)
     off = x * 1.002
-    with pytest.raises(ValueError, match="x_local.*float32.*norm 1.002"):
+    with pytest.raises(ValueError, match=r"x_local.*float32.*norm 1\.002"):
         structural_similarity(off, y, gx, gy)
     structural_similarity(off.bfloat16(), y.bfloat16(), gx.bfloat16(), gy.bfloat16())
     # an all-zero cell (normalize() of a zero vector) is accepted; SS stays within [-1, 1]
@@ -486,5 +486,5 @@ def test_normalisation_tolerance_follows_the_dtype_and_zero_rows_pass():
     # NaN is never normalised
     n = x.clone()
     n[2, 3, 0] = float("nan")
-    with pytest.raises(ValueError, match="x_local.*norm nan"):
+    with pytest.raises(ValueError, match=r"x_local.*norm nan"):
         structural_similarity(n, y, gx, gy)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ from glassmetric.similarity.structural import (
     MarginalKind,
     _gathered_block_scores,
     _product_group,
-    global_similarity,
     _structural_similarity,
+    global_similarity,
     pooled_cells,
 )
 
@@ -180,7 +181,7 @@ def structural_rerank(
     sims, idx = _shortlist(qg, gg, n, exclude_self, knn_chunk_size, index)
     gs_short, ss_short = _rescore(
         qg, ql, gg, gl, idx[:, :k], chunk_size,
-        dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals),
+        {"epsilon": epsilon, "iters": iters, "tol": tol, "marginals": marginals},
     )
     scores_short = gs_short + ss_short
     order = _stable_descending(scores_short)
@@ -274,7 +275,7 @@ def rerank_sweep(
     r_max = int(r[valid].max()) if needs_r and bool(valid.any()) else 0
     depth = min(max(k_max, max(cutoffs, default=0), r_max), available)
 
-    metric_kw = dict(recall_ks=recall_ks, include=include, exclude_self=exclude_self)
+    metric_kw: dict[str, Any] = {"recall_ks": recall_ks, "include": include, "exclude_self": exclude_self}
     if depth == 0:  # no rankable gallery item: every query is lone
         idx = torch.empty(len(qg), 0, dtype=torch.long, device=device)
         metrics = ranking_metrics(idx, q_lab, g_lab, **metric_kw)
@@ -283,7 +284,7 @@ def rerank_sweep(
     _, idx = _shortlist(qg, gg, depth, exclude_self, knn_chunk_size, index)
     gs, ss = _rescore(
         qg, ql, gg, gl, idx[:, :k_max], chunk_size,
-        dict(epsilon=epsilon, iters=iters, tol=tol, marginals=marginals),
+        {"epsilon": epsilon, "iters": iters, "tol": tol, "marginals": marginals},
     )
     scores = gs + ss
     del gs, ss
@@ -320,7 +321,7 @@ def _stable_descending(scores: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> tuple[Tensor, Tensor]:
+def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """``(cos, SS)`` of each query with its candidates ``idx (Q, K)``, chunked over queries."""
     q, k = idx.shape
     dtype = _score_dtype(qg, gg)
@@ -331,13 +332,14 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict) -> t
         # cross-correlation against each image's mean cell: the same fast path with those in
         # place of the globals (the cosines it returns are then theirs), and the global cosines
         # of the candidates apart
-        _, ss = _rescore(pooled_cells(ql).to(ql.dtype), ql, _candidate_pooled_cells(gl, idx), gl, idx, chunk_size,
-                         {**kw, "marginals": "cross_correlation"})
-        return _candidate_cosines(qg, gg, idx).to(dtype), ss
+        _, pooled_ss = _rescore(pooled_cells(ql).to(ql.dtype), ql, _candidate_pooled_cells(gl, idx), gl, idx,
+                                chunk_size, {**kw, "marginals": "cross_correlation"})
+        return _candidate_cosines(qg, gg, idx).to(dtype), pooled_ss
     rows = chunk_size or default_rerank_chunk_rows(
         k, ql.shape[1], ql.shape[2], device=ql.device, dtype=dtype
     )
-    gs, ss = [], []
+    gs: list[Tensor] = []
+    ss: list[Tensor] = []
     # fast path: per query, one gather of its candidates into a cached buffer and one product
     # for S, both marginals' correlations and the cosines
     group = _product_group(min(rows, q))  # queries per batched product

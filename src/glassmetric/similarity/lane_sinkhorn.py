@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,7 +194,7 @@ def _open_library():
             raise OSError(f"rebuilt {path}, usable from the next process on: {again}") from again
 
 
-def _load():
+def _load() -> Callable[..., int] | None:
     """The kernel's ctypes function, building it if needed; None when unavailable."""
     with _lock:
         if "fn" in _state:
@@ -304,7 +306,7 @@ def lane_structural_similarity(
             parts = min(blocks, _PARTS_PER_THREAD * workers)
             bounds = [blocks * p // parts for p in range(parts + 1)]
             futures = [_pool(workers).submit(fn, *args, lo, hi, *out_ptrs)
-                       for lo, hi in zip(bounds[:-1], bounds[1:])]
+                       for lo, hi in itertools.pairwise(bounds)]
             codes = [f.result() for f in futures]
         if any(c != 0 for c in codes):
             raise MemoryError("the native lane Sinkhorn could not allocate its buffers")

@@ -93,7 +93,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -130,7 +130,7 @@ def _shifted_exp(d: Tensor, cut: float, inplace: bool = False) -> Tensor:
     # above the cut) in one fused pass, much faster than torch.where with a mask
     thr = math.exp(-cut + 1e-3)
     if inplace:
-        return torch.nn.functional.threshold_(d.clamp_min_(-cut).exp_(), thr, 0.0)
+        return torch.threshold_(d.clamp_min_(-cut).exp_(), thr, 0.0)  # the F.threshold_ object; typed
     return torch.nn.functional.threshold(torch.exp(d.clamp_min(-cut)), thr, 0.0)
 
 
@@ -144,10 +144,10 @@ def _masked_log(p: Tensor) -> Tensor:
     return torch.where(pos, torch.log(torch.where(pos, p, torch.ones_like(p))), _LOG_ZERO)
 
 
-def _check_gradient(gradient: str) -> str:
+def _check_gradient(gradient: str) -> GradientMode:
     if gradient not in ("none_through_plan", "unrolled"):
         raise ValueError(f"gradient must be 'none_through_plan' or 'unrolled', got {gradient!r}")
-    return gradient
+    return cast(GradientMode, gradient)  # one of GradientMode's values, checked above
 
 
 def sinkhorn(
@@ -373,7 +373,7 @@ def _scaling_iterations(E, a, b, iters, tol, check_every, compact) -> tuple[Tens
       active batch (index ops on the kernels) once they are :data:`_COMPACT_SHARE` of it. The
       result of a problem does not depend on the rest of the batch.
     """
-    B, n, m = E.shape
+    B, _, _ = E.shape
     dtype = E.dtype
     tiny = torch.finfo(dtype).tiny
     # both E and E^T are kept so that each product reads its matrix along contiguous rows

@@ -73,7 +73,7 @@ and into the marginals, hence into the global embeddings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -139,7 +139,7 @@ def check_normalised(**embeddings: Tensor | None) -> None:
             worst = off.argmax()
             worst_rows.append(torch.stack([off[worst], norm[worst]]))
         found = torch.stack(worst_rows).tolist()  # the one host sync
-    for (name, t), (off, norm) in zip(named, found):
+    for (name, t), (off, norm) in zip(named, found, strict=True):
         limit = NORM_TOLERANCE.get(t.dtype, _NORM_TOLERANCE_DEFAULT)
         if not off <= limit:  # also NaN
             raise ValueError(
@@ -161,9 +161,14 @@ class _Unset:
         return repr(self.value)
 
 
-_EPSILON, _ITERS, _TOL, _MARGINALS, _GRADIENT = (
-    _Unset(getattr(OTSettings(), f)) for f in ("epsilon", "iters", "tol", "marginals", "gradient")
-)
+_DEFAULT_OT = OTSettings()
+# cast: a sentinel stands in a signature for a value of the parameter's type (its repr is
+# OTSettings's default); _ot_settings replaces it before anything reads it
+_EPSILON = cast(float, _Unset(_DEFAULT_OT.epsilon))
+_ITERS = cast(int, _Unset(_DEFAULT_OT.iters))
+_TOL = cast("float | None", _Unset(_DEFAULT_OT.tol))
+_MARGINALS = cast(MarginalKind, _Unset(_DEFAULT_OT.marginals))
+_GRADIENT = cast(GradientMode, _Unset(_DEFAULT_OT.gradient))
 
 
 def _ot_settings(settings: OTSettings | None, **given) -> OTSettings:
