@@ -13,6 +13,7 @@ best time of each is kept. The parts ("ranking": kNN + Recall@1 / R-Precision / 
 "nmi": k-means + NMI) are timed once more, each side alone.
 
     python bench/knn.py [--sizes 10000,60000] [--dim 128] [--class-size 50] [--threads 2]
+                        [--knn-backend auto|torch|faiss] [--repeat 3] [--no-parts]
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def clustered(n: int, dim: int, class_size: int, noise: float, seed: int = 0):
     return torch.from_numpy(x), torch.from_numpy(labels)
 
 
-def ours(x, y, include=("recall", "nmi", "r_precision", "map_at_r")):
-    return retrieval_metrics(x, y, recall_ks=(1,), include=include, seed=1234)
+def ours(x, y, include=("recall", "nmi", "r_precision", "map_at_r"), knn_backend="auto"):
+    return retrieval_metrics(x, y, recall_ks=(1,), include=include, seed=1234, knn_backend=knn_backend)
 
 
 def theirs(x, y, include=(*RANKING, "NMI")):
@@ -60,9 +61,9 @@ def theirs(x, y, include=(*RANKING, "NMI")):
     return {AC_NAMES[k]: v for k, v in calc.get_accuracy(x, y, x, y, ref_includes_query=True).items()}
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return time.perf_counter() - t0, out
 
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=1.5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
+    parser.add_argument("--knn-backend", default="auto", help="glassmetric's kNN backend (auto, torch, faiss)")
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads")
     args = parser.parse_args()
 
@@ -97,21 +99,22 @@ def main() -> None:
         x, y = clustered(n, args.dim, args.class_size, args.noise)
         times = {"ours": [], "theirs": []}
         for _ in range(args.repeat):
-            t, ours_out = timed(lambda: ours(x, y))
+            t, ours_out = timed(ours, x, y, knn_backend=args.knn_backend)
             times["ours"].append(t)
-            t, theirs_out = timed(lambda: theirs(x, y))
+            t, theirs_out = timed(theirs, x, y)
             times["theirs"].append(t)
         diff = max(abs(ours_out[k] - theirs_out[k]) for k in theirs_out) * 100
         parts_ours = parts_theirs = "-"
         if not args.no_parts:
-            r_o, _ = timed(lambda: ours(x, y, ("recall", "r_precision", "map_at_r")))
-            n_o, _ = timed(lambda: ours(x, y, ("nmi",)))
-            r_t, _ = timed(lambda: theirs(x, y, RANKING))
-            n_t, _ = timed(lambda: theirs(x, y, ("NMI",)))
+            r_o, _ = timed(ours, x, y, ("recall", "r_precision", "map_at_r"), args.knn_backend)
+            n_o, _ = timed(ours, x, y, ("nmi",), args.knn_backend)
+            r_t, _ = timed(theirs, x, y, RANKING)
+            n_t, _ = timed(theirs, x, y, ("NMI",))
             parts_ours, parts_theirs = f"{r_o:.2f} / {n_o:.2f}", f"{r_t:.2f} / {n_t:.2f}"
         best_o, best_t = min(times["ours"]), min(times["theirs"])
+        path = auto_backend(n, n) if args.knn_backend == "auto" else args.knn_backend
         print(
-            f"| {n:,} | {len(torch.unique(y)):,} | {auto_backend(n, n)} | {best_o:.2f} | {best_t:.2f} | "
+            f"| {n:,} | {len(torch.unique(y)):,} | {path} | {best_o:.2f} | {best_t:.2f} | "
             f"{best_t / best_o:.2f}x | {parts_ours} | {parts_theirs} | {diff:.4f} |",
             flush=True,
         )
