@@ -182,11 +182,11 @@ def test_faiss_exclude_self_with_duplicates(chunk_size):
 def test_auto_picks_faiss_for_large_cpu_searches(monkeypatch):
     """Below the size threshold, on a GPU, or without faiss: torch; else faiss. Each path
     returns brute force's neighbours, ties included."""
+    n = knn_mod.AUTO_FAISS_MIN_ITEMS
     assert knn_mod.auto_backend(10, 10) == "torch"
-    n = int(np.ceil(np.sqrt(knn_mod.AUTO_FAISS_MIN_SCORES)))
     assert knn_mod.auto_backend(n, n) == "faiss"
     assert knn_mod.auto_backend(n, n, "cuda") == "torch"
-    assert knn_mod.auto_backend(n - 1, n - 1) == "torch"
+    assert knn_mod.auto_backend(n - 1, 10**6) == knn_mod.auto_backend(10**6, n - 1) == "torch"
 
     x = make_points("duplicates", n=80)
     expected = brute_force(x, x, 7, True)
@@ -194,8 +194,8 @@ def test_auto_picks_faiss_for_large_cpu_searches(monkeypatch):
     for name in ("_iter_torch", "_iter_faiss"):
         real = getattr(knn_mod, name)
         monkeypatch.setattr(knn_mod, name, lambda *a, _real=real, _name=name, **kw: (ran.append(_name), _real(*a, **kw))[1])
-    for threshold, path in [(80 * 80 + 1, "_iter_torch"), (80 * 80, "_iter_faiss")]:
-        monkeypatch.setattr(knn_mod, "AUTO_FAISS_MIN_SCORES", threshold)
+    for threshold, path in [(81, "_iter_torch"), (80, "_iter_faiss")]:
+        monkeypatch.setattr(knn_mod, "AUTO_FAISS_MIN_ITEMS", threshold)
         ran.clear()
         check_equal(knn(as_t(x), as_t(x), 7, exclude_self=True, chunk_size=9), expected)
         assert ran[0] == path

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "AUTO_FAISS_MIN_SCORES",
+    "AUTO_FAISS_MIN_ITEMS",
     "SCORE_BUDGET_BYTES",
     "auto_backend",
     "default_chunk_rows",
@@ -34,17 +34,19 @@ __all__ = [
 #: The working memory of a chunk is a small multiple of this (top-k buffers, tie masks).
 SCORE_BUDGET_BYTES = 256 * 2**20
 
-#: The ``auto`` backend searches CPU tensors with faiss from this many query x gallery scores
-#: on (when faiss is installed), with torch below it (BENCHMARKS.md, "Exact kNN").
-AUTO_FAISS_MIN_SCORES = 50_000_000
+#: The ``auto`` backend searches CPU tensors with faiss when the query and the gallery both hold
+#: at least this many items (and faiss is installed), else with torch: faiss was the faster at
+#: 10,000 x 10,000, torch at 5,000 x 5,000 and for 500 queries against 1,000,000 items
+#: (BENCHMARKS.md, "Exact kNN and retrieval metrics").
+AUTO_FAISS_MIN_ITEMS = 8_000
 
 _BACKENDS = ("auto", "torch", "faiss", "index")
 
 
 def auto_backend(n_query: int, n_gallery: int, device: torch.device | str = "cpu") -> str:
-    """The exact backend ``"auto"`` runs: ``"torch"`` on a GPU and for small CPU searches,
-    ``"faiss"`` for CPU searches of :data:`AUTO_FAISS_MIN_SCORES` scores or more."""
-    if torch.device(device).type != "cpu" or n_query * n_gallery < AUTO_FAISS_MIN_SCORES:
+    """The exact backend ``"auto"`` runs: ``"faiss"`` on the CPU when the query and the gallery
+    both hold :data:`AUTO_FAISS_MIN_ITEMS` items or more, ``"torch"`` otherwise (and on a GPU)."""
+    if torch.device(device).type != "cpu" or min(n_query, n_gallery) < AUTO_FAISS_MIN_ITEMS:
         return "torch"
     try:
         import_faiss()
