@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--query", help="query image folder (one sub-folder per class); needs --gallery (the same folder "
                     "as --gallery is searched against itself, as with --data)")
     ev.add_argument("--gallery", help="gallery image folder; classes matched to --query by folder name")
-    ev.add_argument("--knn", choices=("torch", "faiss", "index"), help="kNN backend (default: the config's); index: "
+    ev.add_argument("--knn", choices=("auto", "torch", "faiss", "index"), help="kNN backend (default: the config's, "
+                    "eval.knn_backend: auto, exact torch or faiss by size and device); index: "
                     "the faiss gallery index of eval.index (exact below eval.index.exact_below images, HNSW / IVF above)")
     ev.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when it holds the index of "
                     "these embeddings, else build it and save it there (implies --knn index)")

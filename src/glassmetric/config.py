@@ -233,8 +233,10 @@ class EvalConfig:
     batch_size: int = 128
     #: R@K cut-offs (default: 1, 2, 4, 8; SOP: 1, 10, 100, 1000)
     recall_ks: tuple[int, ...] | None = None
-    #: exact torch or faiss search, or the faiss gallery index of eval.index (approximate above its thresholds)
-    knn_backend: Literal["torch", "faiss", "index"] = "torch"
+    #: exact search: "auto" (faiss on the CPU when queries and gallery both number 8,000 or more,
+    #: torch otherwise and on a GPU), "torch" or "faiss"; or "index": the faiss gallery index of
+    #: eval.index (approximate above its thresholds)
+    knn_backend: Literal["auto", "torch", "faiss", "index"] = "auto"
     index: IndexConfig = field(default_factory=IndexConfig)
     #: neighbours retrieved per query (null: as many as the metrics need, so they are exact);
     #: fewer than the largest class makes R-Precision and MAP@R too low, with a warning

@@ -53,14 +53,15 @@ def check_equal(got, expected):
     np.testing.assert_array_equal(sims.numpy(), ref_sims.astype(np.float32))
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
 @pytest.mark.parametrize("kind", ["random", "clustered", "duplicates"])
 @pytest.mark.parametrize("exclude_self", [False, True])
 @pytest.mark.parametrize("k", [1, 5, "all"])
-def test_matches_brute_force(kind, exclude_self, k):
+def test_matches_brute_force(kind, exclude_self, k, backend):
     x = make_points(kind)
     q, g = (x, x) if exclude_self else (x[:30], x[30:])
     k = len(g) - int(exclude_self) if k == "all" else k
-    got = knn(as_t(q), as_t(g), k, exclude_self=exclude_self, chunk_size=16)
+    got = knn(as_t(q), as_t(g), k, exclude_self=exclude_self, chunk_size=16, backend=backend)
     check_equal(got, brute_force(q, g, k, exclude_self))
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
 
@@ -105,11 +106,12 @@ def test_all_equal_points_ordered_by_index():
     assert idx.tolist() == [[0, 1, 2, 3, 4]] * 3
 
 
-def test_boundary_ties_pick_lowest_indices():
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_boundary_ties_pick_lowest_indices(backend):
     # scores of the single query against the gallery: 1 at 2, 5, 7, 8, 0.5 elsewhere
     g = torch.full((10, 1), 0.5)
     g[[2, 5, 7, 8]] = 1.0
-    sims, idx = knn(torch.ones(1, 1), g, 6)
+    sims, idx = knn(torch.ones(1, 1), g, 6, backend=backend)
     assert idx.tolist() == [[2, 5, 7, 8, 0, 1]]
     assert sims.tolist() == [[1, 1, 1, 1, 0.5, 0.5]]
 
@@ -168,17 +170,40 @@ def test_faiss_agrees_with_torch_without_ties(exclude_self):
     np.testing.assert_array_equal(t_idx.numpy(), ref_idx)
 
 
-def test_faiss_exclude_self_with_duplicates():
+@pytest.mark.parametrize("chunk_size", [1, 13, None])
+def test_faiss_exclude_self_with_duplicates(chunk_size):
+    """Rows tied at the k-th score are searched again: the result is brute force's exactly."""
     x = make_points("duplicates", n=80)
-    k = 6
-    f_sims, f_idx = knn(as_t(x), as_t(x), k, exclude_self=True, backend="faiss", chunk_size=13)
-    ref_sims, _ = brute_force(x, x, k, True)
-    s = x.astype(np.float64) @ x.T.astype(np.float64)
-    f_idx = f_idx.numpy()
-    assert (f_idx != np.arange(80)[:, None]).all()  # never itself, even among duplicates
-    assert all(len(set(row)) == k for row in f_idx)
-    np.testing.assert_allclose(f_sims.numpy(), ref_sims, atol=1e-5)  # a valid top-k
-    np.testing.assert_allclose(np.take_along_axis(s, f_idx, 1), ref_sims, atol=1e-5)
+    got = knn(as_t(x), as_t(x), 6, exclude_self=True, backend="faiss", chunk_size=chunk_size)
+    assert (got[1].numpy() != np.arange(80)[:, None]).all()  # never itself, even among duplicates
+    check_equal(got, brute_force(x, x, 6, True))
+
+
+def test_auto_picks_faiss_for_large_cpu_searches(monkeypatch):
+    """Below the size threshold, on a GPU, or without faiss: torch; else faiss. Each path
+    returns brute force's neighbours, ties included."""
+    n = knn_mod.AUTO_FAISS_MIN_ITEMS
+    assert knn_mod.auto_backend(10, 10) == "torch"
+    assert knn_mod.auto_backend(n, n) == "faiss"
+    assert knn_mod.auto_backend(n, n, "cuda") == "torch"
+    assert knn_mod.auto_backend(n - 1, 10**6) == knn_mod.auto_backend(10**6, n - 1) == "torch"
+
+    x = make_points("duplicates", n=80)
+    expected = brute_force(x, x, 7, True)
+    ran = []
+    for name in ("_iter_torch", "_iter_faiss"):
+        real = getattr(knn_mod, name)
+        monkeypatch.setattr(knn_mod, name, lambda *a, _real=real, _name=name, **kw: (ran.append(_name), _real(*a, **kw))[1])
+    for threshold, path in [(81, "_iter_torch"), (80, "_iter_faiss")]:
+        monkeypatch.setattr(knn_mod, "AUTO_FAISS_MIN_ITEMS", threshold)
+        ran.clear()
+        check_equal(knn(as_t(x), as_t(x), 7, exclude_self=True, chunk_size=9), expected)
+        assert ran[0] == path
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    assert knn_mod.auto_backend(80, 80) == "torch"
+    ran.clear()
+    check_equal(knn(as_t(x), as_t(x), 7, exclude_self=True), expected)
+    assert ran == ["_iter_torch"]
 
 
 def test_faiss_missing_names_the_package(monkeypatch):
@@ -196,7 +221,7 @@ def test_cuda_matches_brute_force(dtype):
     check_equal((got[0].cpu(), got[1].cpu()), brute_force(x, x, 9, True))
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     data=st.data(),
     n_query=st.integers(1, 25),
@@ -204,8 +229,9 @@ def test_cuda_matches_brute_force(dtype):
     dim=st.integers(1, 3),
     exclude_self=st.booleans(),
     chunk_size=st.one_of(st.none(), st.integers(1, 30)),
+    backend=st.sampled_from(["torch", "faiss"]),
 )
-def test_property_forced_ties(data, n_query, n_gallery, dim, exclude_self, chunk_size):
+def test_property_forced_ties(data, n_query, n_gallery, dim, exclude_self, chunk_size, backend):
     """Entries in {-1, 0, 1} in at most 3 dims: almost every score is tied with another."""
     if exclude_self:
         n_gallery = n_query = max(n_query, 2)
@@ -215,5 +241,5 @@ def test_property_forced_ties(data, n_query, n_gallery, dim, exclude_self, chunk
         data.draw(st.lists(entries, min_size=n_query, max_size=n_query)), np.float32
     )
     k = data.draw(st.integers(1, n_gallery - int(exclude_self)))
-    got = knn(as_t(q), as_t(g), k, exclude_self=exclude_self, chunk_size=chunk_size)
+    got = knn(as_t(q), as_t(g), k, exclude_self=exclude_self, chunk_size=chunk_size, backend=backend)
     check_equal(got, brute_force(q, g, k, exclude_self))

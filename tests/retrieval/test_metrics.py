@@ -137,10 +137,11 @@ def assert_metrics_equal(got, expected, tol=1e-9):
 
 @pytest.mark.parametrize("kind", ["random", "clustered", "ties"])
 @pytest.mark.parametrize("mode", ["same_set", "query_gallery"])
-def test_equals_accuracy_calculator(kind, mode):
+@pytest.mark.parametrize("knn_backend", ["auto", "torch", "faiss"])
+def test_equals_accuracy_calculator(kind, mode, knn_backend):
     x, y = make_problem(kind)
     args = (x, y) if mode == "same_set" else split(x, y)
-    got = retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=KS, seed=0)
+    got = retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=KS, seed=0, knn_backend=knn_backend)
     expected = accuracy_calculator(
         *(torch.from_numpy(a) for a in args), knn_func=BruteForceKNN(), kmeans_seed=0
     )
@@ -187,9 +188,10 @@ def test_chunking_and_backend_invariance():
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     ref = retrieval_metrics(x, y, recall_ks=KS, include=("recall", "r_precision", "map_at_r"))
     for chunk_size in (1, 7, None):
-        got = retrieval_metrics(x, y, recall_ks=KS, chunk_size=chunk_size,
-                                include=("recall", "r_precision", "map_at_r"))
-        assert got == ref
+        for backend in ("torch", "faiss"):
+            got = retrieval_metrics(x, y, recall_ks=KS, chunk_size=chunk_size, knn_backend=backend,
+                                    include=("recall", "r_precision", "map_at_r"))
+            assert got == ref
 
     rng = np.random.default_rng(4)
     x = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((300, 24))).float())
@@ -271,7 +273,8 @@ def test_property_forced_ties(data, same_set):
             retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=(1, 2, 3, 20), include=include)
         return
     got = retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=(1, 2, 3, 20),
-                            include=include, chunk_size=data.draw(st.integers(1, 5)))
+                            include=include, chunk_size=data.draw(st.integers(1, 5)),
+                            knn_backend=data.draw(st.sampled_from(["torch", "faiss"])))
     expected = accuracy_calculator(*(torch.from_numpy(a) for a in args),
                                    knn_func=BruteForceKNN(), include=AC_METRICS[:3])
     assert_metrics_equal(got, expected)

@@ -54,7 +54,7 @@ def evaluate_model(
     recall_ks: tuple[int, ...] = (1, 2, 4, 8),
     batch_size: int = 128,
     num_workers: int = 0,
-    knn_backend: str = "torch",
+    knn_backend: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = False,
     index_settings=None,
@@ -63,7 +63,7 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Retrieval metrics of ``model`` on ``dataset`` (or ``dataset`` as queries against ``gallery``).
 
-    The kNN runs on ``device`` (torch backend). With ``knn_backend="index"`` the neighbours
+    The exact kNN (``"auto"`` or ``"torch"``) runs on ``device``. With ``knn_backend="index"`` the neighbours
     come from the faiss gallery index of ``index_settings`` (:class:`glassmetric.config.IndexConfig`),
     cached in ``index_dir`` (see :func:`cached_gallery_index`). ``max_k`` caps the kNN depth
     (see :func:`~glassmetric.retrieval.metrics.retrieval_metrics`).
@@ -73,7 +73,7 @@ def evaluate_model(
     query, query_labels = embed_dataset(model, dataset, **kw)
     ref, ref_labels = embed_dataset(model, gallery, **kw) if gallery is not None else (None, None)
     index = cached_gallery_index(query if ref is None else ref, index_settings, index_dir) if knn_backend == "index" else None
-    if knn_backend == "torch":  # the exact search on the GPU when there is one
+    if knn_backend in ("auto", "torch"):  # the exact search on the GPU when there is one
         query, ref = query.to(device), None if ref is None else ref.to(device)
     return retrieval_metrics(
         query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend, knn_index=index, max_k=max_k,

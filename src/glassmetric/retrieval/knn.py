@@ -3,8 +3,10 @@
 Embeddings in glassmetric are L2-normalised, so the inner product is the cosine similarity.
 The torch and faiss backends are exact and never build the full ``Q x N`` score matrix:
 queries are processed in chunks whose score buffer fits a memory budget
-(:data:`SCORE_BUDGET_BYTES`). The ``index`` backend searches a :class:`.index.GalleryIndex`
-(exact for small galleries, HNSW or IVF for large ones).
+(:data:`SCORE_BUDGET_BYTES`). Both return the same neighbours; on the CPU faiss is the faster
+one for large searches, so the default ``auto`` backend picks faiss there and torch on a GPU
+and for small searches (:func:`auto_backend`). The ``index`` backend searches a
+:class:`.index.GalleryIndex` (exact for small galleries, HNSW or IVF for large ones).
 
 Tie-breaking is deterministic: among equal scores the lower gallery index comes first, both
 inside the returned list and at its boundary (which of several tied items makes the cut).
@@ -18,13 +20,39 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SCORE_BUDGET_BYTES", "default_chunk_rows", "iter_faiss_index", "iter_knn", "knn"]
+__all__ = [
+    "AUTO_FAISS_MIN_ITEMS",
+    "SCORE_BUDGET_BYTES",
+    "auto_backend",
+    "default_chunk_rows",
+    "iter_faiss_index",
+    "iter_knn",
+    "knn",
+]
 
 #: Upper bound on the float32 score buffer of one query chunk when ``chunk_size`` is None.
 #: The working memory of a chunk is a small multiple of this (top-k buffers, tie masks).
 SCORE_BUDGET_BYTES = 256 * 2**20
 
-_BACKENDS = ("torch", "faiss", "index")
+#: The ``auto`` backend searches CPU tensors with faiss when the query and the gallery both hold
+#: at least this many items (and faiss is installed), else with torch: faiss was the faster at
+#: 10,000 x 10,000, torch at 5,000 x 5,000 and for 500 queries against 1,000,000 items
+#: (BENCHMARKS.md, "Exact kNN and retrieval metrics").
+AUTO_FAISS_MIN_ITEMS = 8_000
+
+_BACKENDS = ("auto", "torch", "faiss", "index")
+
+
+def auto_backend(n_query: int, n_gallery: int, device: torch.device | str = "cpu") -> str:
+    """The exact backend ``"auto"`` runs: ``"faiss"`` on the CPU when the query and the gallery
+    both hold :data:`AUTO_FAISS_MIN_ITEMS` items or more, ``"torch"`` otherwise (and on a GPU)."""
+    if torch.device(device).type != "cpu" or min(n_query, n_gallery) < AUTO_FAISS_MIN_ITEMS:
+        return "torch"
+    try:
+        import_faiss()
+    except ImportError:
+        return "torch"
+    return "faiss"
 
 
 def default_chunk_rows(gallery_size: int, budget_bytes: int | None = None) -> int:
@@ -51,7 +79,7 @@ def knn(
     *,
     exclude_self: bool = False,
     chunk_size: int | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     index=None,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` gallery items of each query by inner product.
@@ -64,16 +92,18 @@ def knn(
             as its own neighbour. Its diagonal score is masked, so duplicates of it are still
             found.
         chunk_size: queries per chunk; None picks it from :data:`SCORE_BUDGET_BYTES`.
-        backend: ``"torch"`` (on the inputs' device), ``"faiss"`` (``IndexFlatIP`` on CPU,
-            needs ``faiss-cpu``) or ``"index"``: the :class:`.index.GalleryIndex` ``index``
-            built over ``gallery`` (None: one built with the default settings, exact below
-            their size threshold, approximate above it, where some slots may hold index -1).
+        backend: ``"auto"`` (default: ``"torch"`` or ``"faiss"`` by device and size, see
+            :func:`auto_backend`), ``"torch"`` (on the inputs' device), ``"faiss"``
+            (``IndexFlatIP`` on CPU, needs ``faiss-cpu``) or ``"index"``: the
+            :class:`.index.GalleryIndex` ``index`` built over ``gallery`` (None: one built with
+            the default settings, exact below their size threshold, approximate above it, where
+            some slots may hold index -1).
 
     Returns:
         ``(similarities, indices)``, both ``(Q, k)`` on the inputs' device: float32 scores in
         descending order and int64 gallery indices; equal scores are ordered by ascending
-        index. With ``backend="faiss"`` ties inside the list are ordered the same way, but
-        which of several items tied at the k-th score is kept is faiss's choice.
+        index, and of several items tied at the k-th score the lowest indices are kept (every
+        backend but ``"index"``, which orders ties inside its list the same way).
     """
     sims, idx = [], []
     for _, s, i in iter_knn(
@@ -97,7 +127,7 @@ def iter_knn(
     *,
     exclude_self: bool = False,
     chunk_size: int | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     index=None,
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     """Like :func:`knn`, but yield ``(start, similarities, indices)`` per chunk of queries.
@@ -106,6 +136,8 @@ def iter_knn(
     can reduce the neighbour lists chunk by chunk without holding all ``Q x k`` of them.
     """
     query, gallery = _check_inputs(query, gallery, k, exclude_self, chunk_size, backend)
+    if backend == "auto":
+        backend = auto_backend(len(query), len(gallery), query.device)
     rows = chunk_size if chunk_size is not None else default_chunk_rows(len(gallery))
     if backend == "index":
         from .index import GalleryIndex
@@ -164,15 +196,18 @@ def _check_inputs(
 
 
 @torch.no_grad()
-def _iter_torch(query, gallery, k, exclude_self, rows):
+def _iter_torch(query, gallery, k, exclude_self, rows, self_rows=None):
+    """Chunks of the exact torch search. ``self_rows``: gallery index of each query to leave
+    out (default with ``exclude_self``: query ``i`` is gallery item ``i``)."""
     gallery = gallery.float().contiguous()
     n = gallery.shape[0]
+    if exclude_self and self_rows is None:
+        self_rows = torch.arange(query.shape[0], device=gallery.device)
     for start in range(0, query.shape[0], rows):
         q = query[start : start + rows].float()
         scores = q @ gallery.T
-        if exclude_self:
-            r = torch.arange(q.shape[0], device=scores.device)
-            scores[r, start + r] = float("-inf")
+        if self_rows is not None:
+            scores[torch.arange(q.shape[0], device=scores.device), self_rows[start : start + rows]] = float("-inf")
         sims, idx = _topk_lowest_index(scores, k, n)
         del scores
         yield start, sims, idx
@@ -209,11 +244,27 @@ def _order_ties(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _iter_faiss(query, gallery, k, exclude_self, rows):
+    """faiss ``IndexFlatIP`` search, exact, with the tie order of the torch search.
+
+    faiss keeps an arbitrary subset of the items tied at the k-th score. One more neighbour is
+    searched than asked for: a row whose k-th and (k+1)-th scores are equal has such a boundary
+    tie and is searched again with the torch search, which keeps the lowest indices.
+    """
     faiss = import_faiss()
-    g = np.ascontiguousarray(gallery.detach().float().cpu().numpy())
-    index = faiss.IndexFlatIP(g.shape[1])
-    index.add(g)
-    yield from iter_faiss_index(index, query, k, exclude_self=exclude_self, rows=rows)
+    gallery = gallery.float().contiguous()
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery.detach().cpu().numpy()))
+    n = gallery.shape[0]
+    depth = k + 1 if k < n - int(exclude_self) else k
+    for start, sims, idx in iter_faiss_index(index, query, depth, exclude_self=exclude_self, rows=rows):
+        if depth > k:
+            tied = (sims[:, k - 1] == sims[:, k]).nonzero().squeeze(1)
+            sims, idx = sims[:, :k].contiguous(), idx[:, :k].contiguous()
+            self_rows = start + tied if exclude_self else None
+            for t0, t_sims, t_idx in _iter_torch(query[start + tied], gallery, k, False, rows, self_rows):
+                sims[tied[t0 : t0 + len(t_idx)]] = t_sims
+                idx[tied[t0 : t0 + len(t_idx)]] = t_idx
+        yield start, sims, idx
 
 
 def iter_faiss_index(index, query: Tensor, k: int, *, exclude_self: bool = False, rows: int | None = None):
@@ -237,6 +288,10 @@ def iter_faiss_index(index, query: Tensor, k: int, *, exclude_self: bool = False
             is_self[~is_self.any(1), -1] = True
             sims = sims[~is_self].reshape(-1, k)
             idx = idx[~is_self].reshape(-1, k)
-        sims = np.where(idx < 0, -np.inf, sims).astype(np.float32)
-        vals, ids = _order_ties(torch.from_numpy(sims), torch.from_numpy(idx).long())
+        vals = torch.from_numpy(np.where(idx < 0, -np.inf, sims).astype(np.float32))
+        ids = torch.from_numpy(idx).long()
+        # faiss returns scores in descending order: only rows with equal neighbours need sorting
+        tied = (vals[:, 1:] == vals[:, :-1]).any(1).nonzero().squeeze(1)
+        if tied.numel():
+            vals[tied], ids[tied] = _order_ties(vals[tied], ids[tied])
         yield start, vals.to(device), ids.to(device)

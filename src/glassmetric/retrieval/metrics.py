@@ -69,7 +69,7 @@ def retrieval_metrics(
     *,
     recall_ks: Sequence[int] = (1, 2, 4, 8),
     include: Iterable[str] = METRICS,
-    knn_backend: str = "torch",
+    knn_backend: str = "auto",
     knn_index=None,
     nmi_backend: str = "faiss",
     chunk_size: int | None = None,
@@ -86,7 +86,8 @@ def retrieval_metrics(
         recall_ks: cut-offs K of ``recall@K``; a K beyond the gallery means the whole
             gallery.
         include: subset of :data:`METRICS`.
-        knn_backend: ``"torch"``, ``"faiss"`` or ``"index"``, see :func:`.knn.knn`.
+        knn_backend: ``"auto"`` (default: exact, faiss for large CPU searches, torch
+            otherwise), ``"torch"``, ``"faiss"`` or ``"index"``, see :func:`.knn.knn`.
         knn_index: for ``"index"``: a :class:`.index.GalleryIndex` over the gallery (None:
             one built with the default settings).
         nmi_backend: ``"faiss"`` (default: faiss k-means with 20 iterations, as
