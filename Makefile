@@ -2,7 +2,7 @@
 # `make demo` ends with an HTML report: open runs/demo/report/index.html; `make serve-demo` explores it.
 # `make test`: set up .venv with the dev extras and run the whole test suite (browser tests included
 # where /usr/bin/chromium exists); `make test-browser`: the headless-Chromium tests alone.
-# `make lint`: ruff (lint and format check) on src, tests and bench, and mypy on src.
+# `make lint`: ruff (lint and format check) on src, tests and bench, and mypy on src (`make test` runs it too).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 DEMO_CKPT := runs/demo/checkpoints/best.ckpt
 
-.PHONY: demo serve-demo test test-browser lint setup setup-dev clean
+.PHONY: demo serve-demo test test-browser lint lint-only setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +41,18 @@ demo: setup
 serve-demo: setup
 	$(BIN)/glassmetric serve --checkpoint $(DEMO_CKPT)
 
+# the tests, then the lint; either failing fails `make test`
 test: setup-dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS); tests=$$?; $(MAKE) --no-print-directory lint-only; lint=$$?; \
+	[ $$tests -eq 0 ] && [ $$lint -eq 0 ]
 
 test-browser: setup-dev
 	$(BIN)/python -m pytest -m browser $(PYTEST_ARGS)
 
 lint: setup-dev
+	$(MAKE) --no-print-directory lint-only
+
+lint-only:
 	$(BIN)/ruff check src tests bench && $(BIN)/ruff format --check src tests bench && $(BIN)/mypy
 
 clean:

@@ -52,7 +52,9 @@ def score(model: torch.nn.Module, cfg) -> dict:
     test = make_splits(cfg, build_model_from_config(cfg)).test
     test.transform = eval_transform(cfg, model)
     start = time.perf_counter()
-    metrics = evaluate_model(model, test, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device="cpu")
+    metrics = evaluate_model(
+        model, test, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device="cpu"
+    )
     return {"metrics": metrics, "embed_images_per_s": len(test) / (time.perf_counter() - start)}
 
 
@@ -105,14 +107,21 @@ def main() -> None:
     for seed in args.seeds:
         cfg = load_config("cub50", [*base, f"seed={seed}", "model.pretrained=false"])
         torch.manual_seed(seed)
-        rows.setdefault("Lite0, random init, GAP 1280-d", []).append(score(PooledFeatures(build_model_from_config(cfg).backbone), cfg))
+        rows.setdefault("Lite0, random init, GAP 1280-d", []).append(
+            score(PooledFeatures(build_model_from_config(cfg).backbone), cfg)
+        )
     cfg = load_config("cub50", base)
-    rows["Lite0, ImageNet, no metric training, GAP 1280-d"] = [score(PooledFeatures(build_model_from_config(cfg).backbone), cfg)]
+    rows["Lite0, ImageNet, no metric training, GAP 1280-d"] = [
+        score(PooledFeatures(build_model_from_config(cfg).backbone), cfg)
+    ]
 
     for loss in args.losses:
         for seed in args.seeds:
             out = Path(args.out) / f"{loss}-seed{seed}"
-            cfg = load_config("cub50", [*base, f"seed={seed}", f"loss.name={loss}", f"trainer.output_dir={out}", "trainer.progress_bar=false"])
+            cfg = load_config(
+                "cub50",
+                [*base, f"seed={seed}", f"loss.name={loss}", f"trainer.output_dir={out}", "trainer.progress_bar=false"],
+            )
             result = fit(cfg, overwrite=True, run_test=False)
             model, trained_cfg = load_trained(str(result.checkpoint))
             run = score(model, trained_cfg)
@@ -132,7 +141,6 @@ def main() -> None:
     print("\n" + text)
     if not args.no_write:
         write_block("cub50", text, "CUB-50 real birds: baselines")
-
 
 
 if __name__ == "__main__":

@@ -35,8 +35,14 @@ TEST = [31, 50]
 
 
 def overrides(n: int) -> list[str]:
-    return [f"data.root={CUB50}", f"data.train_classes=[1,{n}]", f"data.test_classes={TEST}".replace(" ", ""),
-            "data.val_classes=0", "trainer.select=last", "trainer.progress_bar=false"]
+    return [
+        f"data.root={CUB50}",
+        f"data.train_classes=[1,{n}]",
+        f"data.test_classes={TEST}".replace(" ", ""),
+        "data.val_classes=0",
+        "trainer.select=last",
+        "trainer.progress_bar=false",
+    ]
 
 
 def seen_classes(model, cfg) -> dict:
@@ -63,7 +69,9 @@ def pretrained_seen(n: int, out: Path) -> dict:
     if not cache.is_file():
         cfg = load_config("cub50", overrides(n))
         out.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(seen_classes(PooledFeatures(build_model_from_config(cfg).backbone), cfg), default=float))
+        cache.write_text(
+            json.dumps(seen_classes(PooledFeatures(build_model_from_config(cfg).backbone), cfg), default=float)
+        )
     return json.loads(cache.read_text())
 
 
@@ -98,11 +106,14 @@ def main() -> None:
     reference = score(PooledFeatures(build_model_from_config(cfg).backbone), cfg)["metrics"]
     print(json.dumps({"pretrained": reference}), flush=True)
 
-    lines = ["| training classes | seeds | R@1 | R@2 | R@4 | R@8 | NMI | RP | MAP@R | gain R@1 | gain MAP@R | "
-             "seen classes R@1: pretrained -> trained | s / epoch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-             "| none (ImageNet Lite0, GAP 1280-d) | - | " + " | ".join(f"{100 * reference[c]:.2f}" for c in COLUMNS)
-             + " | - | - | - | - |"]
+    lines = [
+        "| training classes | seeds | R@1 | R@2 | R@4 | R@8 | NMI | RP | MAP@R | gain R@1 | gain MAP@R | "
+        "seen classes R@1: pretrained -> trained | s / epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| none (ImageNet Lite0, GAP 1280-d) | - | "
+        + " | ".join(f"{100 * reference[c]:.2f}" for c in COLUMNS)
+        + " | - | - | - | - |",
+    ]
     for n in args.classes:
         runs = []
         for seed in args.seeds:
@@ -116,10 +127,12 @@ def main() -> None:
         lines.append(f"| 1-{n} | {len(runs)} | " + " | ".join(cells + gains) + f" | {seen_cell} | {seconds} |")
 
     command = " ".join(["python bench/cub50_classes.py", *sys.argv[1:]])
-    text = (f"Measured by `{command}` on {os.cpu_count()} CPU cores, torch {torch.__version__}; total "
-            f"{(time.perf_counter() - started) / 60:.0f} min (finished runs reused). Test classes {TEST[0]}-{TEST[1]}; "
-            "percentages; mean ± std over seeds; gains are against the pretrained row, on the same images.\n\n"
-            + "\n".join(lines))
+    text = (
+        f"Measured by `{command}` on {os.cpu_count()} CPU cores, torch {torch.__version__}; total "
+        f"{(time.perf_counter() - started) / 60:.0f} min (finished runs reused). Test classes {TEST[0]}-{TEST[1]}; "
+        "percentages; mean ± std over seeds; gains are against the pretrained row, on the same images.\n\n"
+        + "\n".join(lines)
+    )
     print("\n" + text)
     if not args.no_write:
         write_block("cub50-classes", text, "CUB-50 real birds: R@1 gain against the number of training classes")

@@ -35,7 +35,9 @@ def margins(model, cfg) -> torch.Tensor:
     """Each test query's best same-class minus best other-class cosine (leave-one-out)."""
     test = make_splits(cfg, build_model_from_config(cfg)).test
     test.transform = eval_transform(cfg, model)
-    e = embed_fields(model, test, fields=["embedding"], batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers)
+    e = embed_fields(
+        model, test, fields=["embedding"], batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers
+    )
     x, y = F.normalize(e["embedding"].float(), dim=1), e["labels"]
     s = (x @ x.T).fill_diagonal_(-2.0)
     same = (y[:, None] == y[None, :]).fill_diagonal_(False)
@@ -53,24 +55,32 @@ def main() -> None:
     cfg = load_config("cub50", [f"data.root={CUB50}"])
     base = margins(PooledFeatures(build_model_from_config(cfg).backbone), cfg)
     hit0 = base > 0
-    lines = ["| model | R@1 | fixed | broken | still wrong (of the pretrained misses) | margin correlation with pretrained |",
-             "|---|---|---|---|---|---|",
-             f"| Lite0 ImageNet features | {100 * hit0.float().mean():.2f} | - | - | {int((~hit0).sum())} misses, "
-             f"{int((base.abs() < NEAR_TIE).sum())} near ties (abs margin < {NEAR_TIE}) | 1 |"]
+    lines = [
+        "| model | R@1 | fixed | broken | still wrong (of the pretrained misses) | margin correlation with pretrained |",
+        "|---|---|---|---|---|---|",
+        f"| Lite0 ImageNet features | {100 * hit0.float().mean():.2f} | - | - | {int((~hit0).sum())} misses, "
+        f"{int((base.abs() < NEAR_TIE).sum())} near ties (abs margin < {NEAR_TIE}) | 1 |",
+    ]
     for run in args.runs:
         ckpt = Path(run) / "checkpoints" / "best.ckpt"
         if not ckpt.is_file():
-            raise SystemExit(f"--runs: {ckpt} does not exist (train it with python bench/real_birds.py --methods baseline)")
+            raise SystemExit(
+                f"--runs: {ckpt} does not exist (train it with python bench/real_birds.py --methods baseline)"
+            )
         model, tcfg = load_trained(str(ckpt), [f"data.root={CUB50}"])
         m = margins(model, tcfg)
         hit = m > 0
         corr = torch.corrcoef(torch.stack([base, m]))[0, 1].item()
-        lines.append(f"| {Path(run).name} | {100 * hit.float().mean():.2f} | {int((hit & ~hit0).sum())} | "
-                     f"{int((~hit & hit0).sum())} | {int((~hit & ~hit0).sum())} of {int((~hit0).sum())} | {corr:.3f} |")
+        lines.append(
+            f"| {Path(run).name} | {100 * hit.float().mean():.2f} | {int((hit & ~hit0).sum())} | "
+            f"{int((~hit & hit0).sum())} | {int((~hit & ~hit0).sum())} of {int((~hit0).sum())} | {corr:.3f} |"
+        )
         print(lines[-1], flush=True)
     command = " ".join(["python bench/cub50_first_neighbour.py", *sys.argv[1:]])
-    text = (f"Measured by `{command}` on {os.cpu_count()} CPU cores, torch {torch.__version__}; "
-            f"{len(base)} test queries (classes 26-50).\n\n" + "\n".join(lines))
+    text = (
+        f"Measured by `{command}` on {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        f"{len(base)} test queries (classes 26-50).\n\n" + "\n".join(lines)
+    )
     print("\n" + text)
     if not args.no_write:
         write_block("cub50-first-neighbour", text, "CUB-50 real birds: which first neighbours training changes")

@@ -38,12 +38,16 @@ from glassmetric.retrieval.index import GalleryIndex
 from glassmetric.retrieval.knn import knn
 
 
-def mixture(n: int, dim: int, centres: np.ndarray, noise: float, rng: np.random.Generator, chunk: int = 200_000) -> np.ndarray:
+def mixture(
+    n: int, dim: int, centres: np.ndarray, noise: float, rng: np.random.Generator, chunk: int = 200_000
+) -> np.ndarray:
     """``n`` unit vectors: a random centre + Gaussian noise of norm about ``noise``."""
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
-        x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, dim), dtype=np.float32) * (noise / np.sqrt(dim))
+        x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, dim), dtype=np.float32) * (
+            noise / np.sqrt(dim)
+        )
         out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
@@ -75,7 +79,9 @@ def run(n: int, dim: int, args) -> list[dict]:
     t, (_, truth) = best_time(lambda qd=qd, xd=xd: (knn(qd, xd, args.k), sync())[0], args.repeat)
     truth = truth.cpu()
     del xd, qd
-    rows.append({"method": f"exact: torch kNN ({args.device})", "build": 0.0, "tune": 0.0, "qps": len(q) / t, "recall": 1.0})
+    rows.append(
+        {"method": f"exact: torch kNN ({args.device})", "build": 0.0, "tune": 0.0, "qps": len(q) / t, "recall": 1.0}
+    )
     plans = [("exact", {})]
     if n <= args.hnsw_max:
         plans.append(("hnsw", {"ef_search": [32, 128, 512]}))
@@ -88,7 +94,9 @@ def run(n: int, dim: int, args) -> list[dict]:
         t0 = time.perf_counter()
         index.set_search_params(settings, x)  # the default: tuned to eval.index.target_recall
         tune = time.perf_counter() - t0
-        fixed = [dataclasses.replace(settings, **{key: v}, target_recall=None) for key, vals in sweep.items() for v in vals]
+        fixed = [
+            dataclasses.replace(settings, **{key: v}, target_recall=None) for key, vals in sweep.items() for v in vals
+        ]
         for s in [None, *fixed]:
             if s is not None:
                 index.set_search_params(s)
@@ -97,7 +105,15 @@ def run(n: int, dim: int, args) -> list[dict]:
             label = f"{kind}" + (f" ({knobs})" if knobs else " (faiss IndexFlatIP)")
             if s is None and kind != "exact":
                 label += f" [default: tuned, estimated recall@10 {index.params['recall@10']:.3f}]"
-            rows.append({"method": label, "build": build, "tune": tune if s is None else 0.0, "qps": len(q) / t, "recall": recall(ids, truth)})
+            rows.append(
+                {
+                    "method": label,
+                    "build": build,
+                    "tune": tune if s is None else 0.0,
+                    "qps": len(q) / t,
+                    "recall": recall(ids, truth),
+                }
+            )
             if kind == "exact":
                 break
         del index
@@ -115,7 +131,11 @@ def main() -> None:
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="build HNSW only up to this gallery size")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch and faiss threads")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of the torch kNN (faiss-cpu runs on the CPU)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="of the torch kNN (faiss-cpu runs on the CPU)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import faiss
@@ -123,16 +143,21 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     load = os.getloadavg()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, {args.threads} threads; "
-          f"torch {torch.__version__}, faiss {faiss.__version__}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, {args.threads} threads; "
+        f"torch {torch.__version__}, faiss {faiss.__version__}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     print(f"{args.queries} queries, k = {args.k}, mixture of N / {args.per_cluster} components, noise {args.noise}\n")
     print("| N | dim | method | build s | tune s | queries/s | recall@10 |")
     print("|---|---|---|---|---|---|---|")
     for n in (int(s) for s in args.sizes.split(",")):
         for dim in (int(d) for d in args.dims.split(",")):
             for r in run(n, dim, args):
-                print(f"| {n:,} | {dim} | {r['method']} | {r['build']:.1f} | {r['tune']:.1f} | {r['qps']:,.0f} | "
-                      f"{r['recall']:.3f} |", flush=True)
+                print(
+                    f"| {n:,} | {dim} | {r['method']} | {r['build']:.1f} | {r['tune']:.1f} | {r['qps']:,.0f} | "
+                    f"{r['recall']:.3f} |",
+                    flush=True,
+                )
     load = os.getloadavg()
     print(f"\nload average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

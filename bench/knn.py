@@ -92,8 +92,10 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), faiss {faiss.__version__} "
         f"({faiss.omp_get_max_threads()} threads), pytorch-metric-learning {pytorch_metric_learning.__version__}"
     )
-    print("| N | classes | kNN path | ours s | theirs s | speed-up | parts ours (ranking / nmi) | "
-          "parts theirs (ranking / nmi) | max abs difference (points) |")
+    print(
+        "| N | classes | kNN path | ours s | theirs s | speed-up | parts ours (ranking / nmi) | "
+        "parts theirs (ranking / nmi) | max abs difference (points) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n in (int(s) for s in args.sizes.split(",")):
         x, y = clustered(n, args.dim, args.class_size, args.noise)
@@ -120,8 +122,10 @@ def main() -> None:
         )
         print("  ours:  ", {k: round(v, 6) for k, v in ours_out.items()})
         print("  theirs:", {k: round(theirs_out[k], 6) for k in ours_out})
-    print(f"load average at the end: {' / '.join(f'{v:.2f}' for v in os.getloadavg())}; "
-          "speed-up = theirs / ours (best of each); points = percentage points")
+    print(
+        f"load average at the end: {' / '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+        "speed-up = theirs / ours (best of each); points = percentage points"
+    )
 
 
 if __name__ == "__main__":

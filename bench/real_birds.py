@@ -79,12 +79,22 @@ METHODS = {
     "grouping": ["model.groups=4"],
     # the groups' queries start small: attention near average pooling, the pretrained geometry
     "grouping-flatstart": ["model.groups=4", "model.group_query_std=0.1"],
-    "grouping-flatstart+structural": ["model.groups=4", "model.group_query_std=0.1", "model.spatial_grid=4",
-                                      "model.spatial_head=own", "loss.similarity=structural"],
+    "grouping-flatstart+structural": [
+        "model.groups=4",
+        "model.group_query_std=0.1",
+        "model.spatial_grid=4",
+        "model.spatial_head=own",
+        "loss.similarity=structural",
+    ],
     "introspective": ["model.uncertainty_dim=1280", "loss.similarity=introspective"],
     # the combinations the design allows: groups give the global embedding, a DIML head of its own the
     # local ones (a groups checkpoint has no global head to share) or an uncertainty head beside them
-    "grouping+structural": ["model.groups=4", "model.spatial_grid=4", "model.spatial_head=own", "loss.similarity=structural"],
+    "grouping+structural": [
+        "model.groups=4",
+        "model.spatial_grid=4",
+        "model.spatial_head=own",
+        "loss.similarity=structural",
+    ],
     "grouping+introspective": ["model.groups=4", "model.uncertainty_dim=1280", "loss.similarity=introspective"],
 }
 GLOBAL_COLUMNS = ["recall@1", "recall@2", "recall@4", "recall@8", "nmi", "r_precision", "map_at_r"]
@@ -113,7 +123,9 @@ def train_images_per_s(folder: Path) -> float:
     values = []
     for path in sorted((folder / "logs").glob("version_*/metrics.csv")):
         with open(path) as f:
-            values += [float(r["perf/train_images_per_s"]) for r in csv.DictReader(f) if r.get("perf/train_images_per_s")]
+            values += [
+                float(r["perf/train_images_per_s"]) for r in csv.DictReader(f) if r.get("perf/train_images_per_s")
+            ]
     return statistics.mean(values) if values else float("nan")
 
 
@@ -145,17 +157,38 @@ def correspondence(ckpt: Path, pairs: int) -> dict:
     """Keypoint transfer and part correspondence of ``pairs`` same-class test pairs (seed 0)."""
     model, cfg, test = trained_and_test(ckpt)
     ot = OTSettings.from_config(cfg)
-    return evaluate_correspondence(model, test, pairs=pairs, grid=cfg.model.spatial_grid or 4, crop=224,
-                                   resize=cfg.data.resize, seed=0, epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol,
-                                   marginals=ot.marginals, mean=model.backbone.mean, std=model.backbone.std,
-                                   num_workers=cfg.data.num_workers)
+    return evaluate_correspondence(
+        model,
+        test,
+        pairs=pairs,
+        grid=cfg.model.spatial_grid or 4,
+        crop=224,
+        resize=cfg.data.resize,
+        seed=0,
+        epsilon=ot.epsilon,
+        iters=ot.iters,
+        tol=ot.tol,
+        marginals=ot.marginals,
+        mean=model.backbone.mean,
+        std=model.backbone.std,
+        num_workers=cfg.data.num_workers,
+    )
 
 
 def group_parts(ckpt: Path) -> dict:
     """Group-to-part statistics of a grouping checkpoint on every test image."""
     model, cfg, test = trained_and_test(ckpt)
-    return evaluate_group_parts(model, test, images=len(test), crop=224, resize=cfg.data.resize, seed=0,
-                                mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers)
+    return evaluate_group_parts(
+        model,
+        test,
+        images=len(test),
+        crop=224,
+        resize=cfg.data.resize,
+        seed=0,
+        mean=model.backbone.mean,
+        std=model.backbone.std,
+        num_workers=cfg.data.num_workers,
+    )
 
 
 def evaluate_once(ckpt: Path, ks: list[int]) -> dict:
@@ -171,8 +204,16 @@ def evaluate_once(ckpt: Path, ks: list[int]) -> dict:
     out["global"] = retrieval_metrics(emb["embedding"], emb["labels"], seed=cfg.seed)
     if local:
         ot = OTSettings.from_config(cfg)
-        sweep = rerank_sweep(query_global=emb["embedding"], query_local=emb["local"], query_labels=emb["labels"], ks=ks,
-                             epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals)
+        sweep = rerank_sweep(
+            query_global=emb["embedding"],
+            query_local=emb["local"],
+            query_labels=emb["labels"],
+            ks=ks,
+            epsilon=ot.epsilon,
+            iters=ot.iters,
+            tol=ot.tol,
+            marginals=ot.marginals,
+        )
         out["rerank"] = {str(k): v for k, v in sweep.items()}
     if "uncertainty" in emb:
         u = image_uncertainty(emb["uncertainty"])
@@ -200,10 +241,13 @@ def pretrained_reference(out: Path) -> dict:
 
 def readme_table(results: dict, reference: dict, k: int = 10) -> str:
     """The README's summary: global metrics and the re-ranked top ``k`` of every method."""
-    lines = [f"| model (`cub50` preset) | seeds | R@1 | NMI | RP | MAP@R | re-ranked top {k}: R@1 | MAP@R |",
-             "|---|---|---|---|---|---|---|---|",
-             "| Lite0 ImageNet features, no metric training | - | "
-             + " | ".join(f"{100 * reference[c]:.2f}" for c in ("recall@1", "nmi", "r_precision", "map_at_r")) + " | - | - |"]
+    lines = [
+        f"| model (`cub50` preset) | seeds | R@1 | NMI | RP | MAP@R | re-ranked top {k}: R@1 | MAP@R |",
+        "|---|---|---|---|---|---|---|---|",
+        "| Lite0 ImageNet features, no metric training | - | "
+        + " | ".join(f"{100 * reference[c]:.2f}" for c in ("recall@1", "nmi", "r_precision", "map_at_r"))
+        + " | - | - |",
+    ]
     for method, runs in results.items():
         cells = [mean_std([r["global"][c] for r in runs]) for c in ("recall@1", "nmi", "r_precision", "map_at_r")]
         if "rerank" in runs[0] and str(k) in runs[0]["rerank"]:
@@ -215,39 +259,61 @@ def readme_table(results: dict, reference: dict, k: int = 10) -> str:
 
 
 def accuracy_tables(results: dict, ks: list[int], speed: dict) -> str:
-    lines = ["| model | seeds | R@1 | R@2 | R@4 | R@8 | NMI | RP | MAP@R | train time / epoch vs baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | seeds | R@1 | R@2 | R@4 | R@8 | NMI | RP | MAP@R | train time / epoch vs baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     base_speed = statistics.mean(speed["baseline"]) if speed.get("baseline") else float("nan")
     for method, runs in results.items():
         cells = [mean_std([r["global"][c] for r in runs]) for c in GLOBAL_COLUMNS]
         ratio = base_speed / statistics.mean(speed[method]) if speed.get(method) else float("nan")
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
-    lines += ["", "Structural re-ranking of each checkpoint's global top-K (K = 0: the global ranking):", "",
-              "| model | " + " | ".join(f"K={k} R@1 / RP / MAP@R" for k in ks) + " |",
-              "|---|" + "---|" * len(ks)]
+    lines += [
+        "",
+        "Structural re-ranking of each checkpoint's global top-K (K = 0: the global ranking):",
+        "",
+        "| model | " + " | ".join(f"K={k} R@1 / RP / MAP@R" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
     for method, runs in results.items():
         if "rerank" not in runs[0]:
             continue
-        cells = [" / ".join(mean_std([r["rerank"][str(k)][c] for r in runs]) for c in ("recall@1", "r_precision", "map_at_r"))
-                 for k in ks]
+        cells = [
+            " / ".join(
+                mean_std([r["rerank"][str(k)][c] for r in runs]) for c in ("recall@1", "r_precision", "map_at_r")
+            )
+            for k in ks
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def correspondence_section(name: str, corr: dict) -> str:
-    plans = [("learned plan (DIML, cross-correlation marginals)", "learned"), ("uniform marginals", "uniform_marginals"),
-             ("uniform plan", "uniform"), ("nearest cell (arg-max S, no transport)", "nearest"),
-             ("true target cell (the 4x4 grid's limit)", "oracle_cell")]
-    lines = [f"**{name}**: {corr['n_pairs']} same-class test pairs, {corr['n_parts']} keypoints visible in both images, "
-             f"{corr['grid']}x{corr['grid']} grid, PCK@{corr['pck_alpha']:g} of the larger side of the target's box.", "",
-             "| plan | PCK@0.1 | mass share to the part's cell |", "|---|---|---|"]
+    plans = [
+        ("learned plan (DIML, cross-correlation marginals)", "learned"),
+        ("uniform marginals", "uniform_marginals"),
+        ("uniform plan", "uniform"),
+        ("nearest cell (arg-max S, no transport)", "nearest"),
+        ("true target cell (the 4x4 grid's limit)", "oracle_cell"),
+    ]
+    lines = [
+        f"**{name}**: {corr['n_pairs']} same-class test pairs, {corr['n_parts']} keypoints visible in both images, "
+        f"{corr['grid']}x{corr['grid']} grid, PCK@{corr['pck_alpha']:g} of the larger side of the target's box.",
+        "",
+        "| plan | PCK@0.1 | mass share to the part's cell |",
+        "|---|---|---|",
+    ]
     for label, key in plans:
         share = f"{corr[key]:.3f}" if key in corr else "-"
         lines.append(f"| {label} | {corr[f'pck_{key}']:.3f} | {share} |")
     parts = list(corr["per_part_pck_learned"])
     lines += ["", "| part | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
-    for label, key in (("PCK learned", "per_part_pck_learned"), ("PCK nearest cell", "per_part_pck_nearest"),
-                       ("PCK true cell", "per_part_pck_oracle_cell"), ("share of SS", "part_mass")):
+    for label, key in (
+        ("PCK learned", "per_part_pck_learned"),
+        ("PCK nearest cell", "per_part_pck_nearest"),
+        ("PCK true cell", "per_part_pck_oracle_cell"),
+        ("share of SS", "part_mass"),
+    ):
         lines.append(f"| {label} | " + " | ".join(f"{corr[key][p]:.3f}" for p in parts) + " |")
     return "\n".join(lines)
 
@@ -290,8 +356,14 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     out, started = Path(args.out), time.perf_counter()
     if args.reuse_only:  # the finished runs only: a partial table while training goes on elsewhere
-        ckpts = {m: {s: run_dir(out, m, s) / "checkpoints" / "best.ckpt" for s in args.seeds
-                     if (run_dir(out, m, s) / "done").is_file()} for m in args.methods}
+        ckpts = {
+            m: {
+                s: run_dir(out, m, s) / "checkpoints" / "best.ckpt"
+                for s in args.seeds
+                if (run_dir(out, m, s) / "done").is_file()
+            }
+            for m in args.methods
+        }
         ckpts = {m: c for m, c in ckpts.items() if c}
     else:
         ckpts = {m: {s: train(m, s, out) for s in args.seeds} for m in args.methods}
@@ -304,9 +376,13 @@ def main() -> None:
             results.setdefault(m, []).append(r)
             speed.setdefault(m, []).append(train_images_per_s(run_dir(out, m, s)))
     seeds = "; ".join(f"{m} {', '.join(map(str, c))}" for m, c in ckpts.items())
-    sections = [f"Measured by `python bench/real_birds.py {' '.join(sys.argv[1:])}`".rstrip() +
-                f" on {os.cpu_count()} CPU cores, torch {torch.__version__}. Percentages; mean ± std over the seeds "
-                f"({seeds}).", "", accuracy_tables(results, args.ks, speed)]
+    sections = [
+        f"Measured by `python bench/real_birds.py {' '.join(sys.argv[1:])}`".rstrip()
+        + f" on {os.cpu_count()} CPU cores, torch {torch.__version__}. Percentages; mean ± std over the seeds "
+        f"({seeds}).",
+        "",
+        accuracy_tables(results, args.ks, speed),
+    ]
 
     if args.accuracy_only:
         print("\n" + "\n".join(sections) + "\n\n" + readme_table(results, pretrained_reference(out)))
@@ -318,7 +394,9 @@ def main() -> None:
     for m in ("baseline", "structural"):
         if m not in ckpts:
             continue
-        corr = cached(first[m], "bench_correspondence.json", args.pairs, lambda m=m: correspondence(first[m], args.pairs))
+        corr = cached(
+            first[m], "bench_correspondence.json", args.pairs, lambda m=m: correspondence(first[m], args.pairs)
+        )
         print(json.dumps({"correspondence": m, **corr}, default=float), flush=True)
         label = "baseline checkpoint, training-free" if m == "baseline" else "structurally trained checkpoint"
         sections += ["", correspondence_section(f"{label} ({first[m].parents[1].name})", corr)]
@@ -336,52 +414,89 @@ def main() -> None:
 
     grouped = [m for m in ckpts if m.startswith("grouping")]
     if grouped:
-        sections += ["", "**Attention groups** (4 groups, all test images): most frequent nearest part of each "
-                         "group's attention peak (share of images), how often the peak sits at the group's most frequent "
-                         "position, how many of the 49 positions the group attends to (the perplexity of its attention, "
-                         "mean over images: 1 is one position, 49 average pooling), and the mutual information between "
-                         "group and part, against i.i.d. random maps on the same images.", "",
-                     "| model | seed | group 1 | group 2 | group 3 | group 4 | distinct parts | MI (nats) | MI random maps | top-10% IoU (chance) |",
-                     "|---|---|---|---|---|---|---|---|---|---|"]
+        sections += [
+            "",
+            "**Attention groups** (4 groups, all test images): most frequent nearest part of each "
+            "group's attention peak (share of images), how often the peak sits at the group's most frequent "
+            "position, how many of the 49 positions the group attends to (the perplexity of its attention, "
+            "mean over images: 1 is one position, 49 average pooling), and the mutual information between "
+            "group and part, against i.i.d. random maps on the same images.",
+            "",
+            "| model | seed | group 1 | group 2 | group 3 | group 4 | distinct parts | MI (nats) | MI random maps | top-10% IoU (chance) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for m in grouped:  # every seed of the groups alone, the first seed of each combination
             for s, ckpt in list(ckpts[m].items())[: None if m == "grouping" else 1]:
                 g = cached(ckpt, "bench_groups.json", "all, spread", lambda ckpt=ckpt: group_parts(ckpt))
                 print(json.dumps({"method": m, "seed": s, **g}, default=float), flush=True)
-                cells = [f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%, "
-                         f"{v['spread']:.1f} pos.)" for v in g["groups"].values()]
-                sections.append(f"| {m} | {s} | " + " | ".join(cells) + f" | {g['distinct_parts']} | {g['mi']:.3f} | "
-                                f"{g['mi_random']:.3f} | {g['iou']:.3f} ({g['iou_chance']:.3f}) |")
+                cells = [
+                    f"{v['part']} {100 * v['share']:.0f}% (fixed {100 * v['fixed_position']:.0f}%, "
+                    f"{v['spread']:.1f} pos.)"
+                    for v in g["groups"].values()
+                ]
+                sections.append(
+                    f"| {m} | {s} | " + " | ".join(cells) + f" | {g['distinct_parts']} | {g['mi']:.3f} | "
+                    f"{g['mi_random']:.3f} | {g['iou']:.3f} ({g['iou_chance']:.3f}) |"
+                )
     if "grouping" in ckpts:
-        cli_main(["eval", "--checkpoint", str(first["grouping"]), "--groups-parts", "500", "--groups-figure",
-                  str(figures / "birds_groups.png"), f"data.root={CUB50}"])
+        cli_main(
+            [
+                "eval",
+                "--checkpoint",
+                str(first["grouping"]),
+                "--groups-parts",
+                "500",
+                "--groups-figure",
+                str(figures / "birds_groups.png"),
+                f"data.root={CUB50}",
+            ]
+        )
 
     uncertain = [m for m in results if "uncertainty" in results[m][0]]
     if uncertain:
-        sections += ["", "**Uncertainty** (introspective checkpoints, test images as queries): AUROC of ||u|| for an R@1 "
-                         "failure; R@1 of the certain and uncertain halves; Spearman rho with the box's share of the image "
-                         "and with the number of visible parts.", "",
-                     "| model | seed | AUROC | R@1 certain half | R@1 uncertain half | rho(box area share) | rho(visible parts) |",
-                     "|---|---|---|---|---|---|---|"]
+        sections += [
+            "",
+            "**Uncertainty** (introspective checkpoints, test images as queries): AUROC of ||u|| for an R@1 "
+            "failure; R@1 of the certain and uncertain halves; Spearman rho with the box's share of the image "
+            "and with the number of visible parts.",
+            "",
+            "| model | seed | AUROC | R@1 certain half | R@1 uncertain half | rho(box area share) | rho(visible parts) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for m in uncertain:
             for s, r in zip(ckpts[m], results[m], strict=True):
                 u = r["uncertainty"]
                 sp = u["spearman"]
-                sections.append(f"| {m} | {s} | {u['auroc_uncertainty_vs_r1_failure']:.3f} | {100 * u['recall@1_certain_half']:.2f} | "
-                                f"{100 * u['recall@1_uncertain_half']:.2f} | {sp['box_area_share']['rho']:+.3f} "
-                                f"(p {sp['box_area_share']['p']:.2g}) | {sp['visible_parts']['rho']:+.3f} (p {sp['visible_parts']['p']:.2g}) |")
+                sections.append(
+                    f"| {m} | {s} | {u['auroc_uncertainty_vs_r1_failure']:.3f} | {100 * u['recall@1_certain_half']:.2f} | "
+                    f"{100 * u['recall@1_uncertain_half']:.2f} | {sp['box_area_share']['rho']:+.3f} "
+                    f"(p {sp['box_area_share']['p']:.2g}) | {sp['visible_parts']['rho']:+.3f} (p {sp['visible_parts']['p']:.2g}) |"
+                )
     if "introspective" in ckpts:
-        cli_main(["eval", "--checkpoint", str(first["introspective"]), "--uncertainty-figure",
-                  str(figures / "birds_uncertainty.png"), f"data.root={CUB50}"])
+        cli_main(
+            [
+                "eval",
+                "--checkpoint",
+                str(first["introspective"]),
+                "--uncertainty-figure",
+                str(figures / "birds_uncertainty.png"),
+                f"data.root={CUB50}",
+            ]
+        )
 
-    sections += ["", f"Total {(time.perf_counter() - started) / 60:.0f} min (training reused where a finished run was found)."]
+    sections += [
+        "",
+        f"Total {(time.perf_counter() - started) / 60:.0f} min (training reused where a finished run was found).",
+    ]
     text = "\n".join(sections)
     print("\n" + text)
     summary = readme_table(results, pretrained_reference(out))
     print("\n" + summary)
     if not args.no_write:
-        write_block("birds", text, "CUB-50 real birds: each method's gain and its explanations (`python bench/real_birds.py`)")
+        write_block(
+            "birds", text, "CUB-50 real birds: each method's gain and its explanations (`python bench/real_birds.py`)"
+        )
         write_block("birds-readme", summary, "Real birds: each method measured (CUB-50)", path=README)
-
 
 
 if __name__ == "__main__":

@@ -61,9 +61,20 @@ async def _load(url: str, n: int, concurrency: int, gallery_size: int, seed: int
         jobs = []
         for i, kind in enumerate(kinds):
             if kind == "search_gallery":
-                jobs.append((kind, ("GET", "/api/search", {"params": {"query": f"g{rng.randrange(gallery_size)}", "k": 10}})))
+                jobs.append(
+                    (kind, ("GET", "/api/search", {"params": {"query": f"g{rng.randrange(gallery_size)}", "k": 10}}))
+                )
             elif kind == "search_upload":
-                jobs.append((kind, ("POST", "/api/search", {"files": {"image": ("q.png", uploads[i % len(uploads)], "image/png")}})))
+                jobs.append(
+                    (
+                        kind,
+                        (
+                            "POST",
+                            "/api/search",
+                            {"files": {"image": ("q.png", uploads[i % len(uploads)], "image/png")}},
+                        ),
+                    )
+                )
             else:
                 q, r = rng.sample(range(gallery_size), 2)
                 jobs.append((kind, ("GET", "/api/explain", {"params": {"query": f"g{q}", "result": f"g{r}"}})))
@@ -92,10 +103,23 @@ async def _load(url: str, n: int, concurrency: int, gallery_size: int, seed: int
         await asyncio.gather(*(one(kind, request) for kind, request in jobs))
         wall = time.perf_counter() - start
     every = [v for values in latencies.values() for v in values]
-    rows = {kind: {"requests": len(v), "p50_ms": 1000 * _percentile(v, 50), "p99_ms": 1000 * _percentile(v, 99)}
-            for kind, v in latencies.items() if v}
-    rows["all"] = {"requests": len(every), "p50_ms": 1000 * _percentile(every, 50), "p99_ms": 1000 * _percentile(every, 99)}
-    return {"latency": rows, "errors": len(errors), "error_examples": errors[:5], "wall_s": wall, "throughput_rps": n / wall}
+    rows = {
+        kind: {"requests": len(v), "p50_ms": 1000 * _percentile(v, 50), "p99_ms": 1000 * _percentile(v, 99)}
+        for kind, v in latencies.items()
+        if v
+    }
+    rows["all"] = {
+        "requests": len(every),
+        "p50_ms": 1000 * _percentile(every, 50),
+        "p99_ms": 1000 * _percentile(every, 99),
+    }
+    return {
+        "latency": rows,
+        "errors": len(errors),
+        "error_examples": errors[:5],
+        "wall_s": wall,
+        "throughput_rps": n / wall,
+    }
 
 
 def main() -> int:
@@ -112,8 +136,22 @@ def main() -> int:
         sys.exit(f"serve_load: no checkpoint at {args.checkpoint} (run `make demo` first, or pass --checkpoint)")
     port = _free_port()
     cache = tempfile.mkdtemp(prefix="glassmetric-load-cache-")
-    cmd = [sys.executable, "-m", "glassmetric.cli", "serve", "--checkpoint", args.checkpoint, "--port", str(port),
-           "--cache-dir", cache, "--device", "cpu", "--workers", str(args.workers)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "glassmetric.cli",
+        "serve",
+        "--checkpoint",
+        args.checkpoint,
+        "--port",
+        str(port),
+        "--cache-dir",
+        cache,
+        "--device",
+        "cpu",
+        "--workers",
+        str(args.workers),
+    ]
     if args.gallery:
         cmd += ["--gallery", args.gallery]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -137,16 +175,29 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    result.update(checkpoint=args.checkpoint, gallery=info["gallery"], gallery_size=info["gallery_size"],
-                  fields=info["fields"], requests=args.requests, concurrency=args.concurrency, workers=args.workers,
-                  rss_before_mib=before["VmRSS"] / 1024, rss_after_mib=after["VmRSS"] / 1024, rss_peak_mib=after["VmHWM"] / 1024,
-                  cpus=os.cpu_count())
-    print(f"{args.requests} requests, {args.concurrency} at a time, against {info['gallery']} ({info['gallery_size']} images, "
-          f"fields {', '.join(info['fields'])}): {result['errors']} errors, {result['wall_s']:.1f} s, {result['throughput_rps']:.1f} requests/s")
+    result.update(
+        checkpoint=args.checkpoint,
+        gallery=info["gallery"],
+        gallery_size=info["gallery_size"],
+        fields=info["fields"],
+        requests=args.requests,
+        concurrency=args.concurrency,
+        workers=args.workers,
+        rss_before_mib=before["VmRSS"] / 1024,
+        rss_after_mib=after["VmRSS"] / 1024,
+        rss_peak_mib=after["VmHWM"] / 1024,
+        cpus=os.cpu_count(),
+    )
+    print(
+        f"{args.requests} requests, {args.concurrency} at a time, against {info['gallery']} ({info['gallery_size']} images, "
+        f"fields {', '.join(info['fields'])}): {result['errors']} errors, {result['wall_s']:.1f} s, {result['throughput_rps']:.1f} requests/s"
+    )
     print("| request | count | p50 (ms) | p99 (ms) |\n|---|---|---|---|")
     for kind, row in result["latency"].items():
         print(f"| {kind} | {row['requests']} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} |")
-    print(f"server RSS: {result['rss_before_mib']:.0f} MiB before, {result['rss_after_mib']:.0f} MiB after, peak {result['rss_peak_mib']:.0f} MiB")
+    print(
+        f"server RSS: {result['rss_before_mib']:.0f} MiB before, {result['rss_after_mib']:.0f} MiB after, peak {result['rss_peak_mib']:.0f} MiB"
+    )
     for e in result["error_examples"]:
         print("  error:", e)
     if args.out:

@@ -183,8 +183,7 @@ def diml_calc_similarity(anchor, anchor_center, fb, fb_center, solver, exact_mas
     att = F.relu(torch.einsum("cr,nc->nr", anchor, fb_center)).view(N, R)
     v = att / (att.sum(dim=1, keepdims=True) + 1e-5)
     if exact_mass:  # (a') only, see above
-        u, v = (torch.where(w.sum(1, keepdim=True) > 0, w / w.sum(1, keepdim=True), 1.0 / R)
-                for w in (u, v))
+        u, v = (torch.where(w.sum(1, keepdim=True) > 0, w / w.sum(1, keepdim=True), 1.0 / R) for w in (u, v))
     T, iters = solver(Kmat, u, v)
     return torch.sum(T * sim, dim=(1, 2)), (T, u, v, iters)
 
@@ -226,18 +225,14 @@ def cache_chunk_rows(k, n_cells):
 
 def ours_rerank(qg, ql, gg, gl, k, tol=TOL, iters=2000, chunk_size=None):
     if structural_rerank is not None:
-        return structural_rerank(
-            qg, ql, gg, gl, k=k, iters=iters, tol=tol, chunk_size=chunk_size
-        ).indices
+        return structural_rerank(qg, ql, gg, gl, k=k, iters=iters, tol=tol, chunk_size=chunk_size).indices
     _, idx = knn(qg, gg, k)
     rows = chunk_size or len(qg)
     out = []
     for s in range(0, len(qg), rows):
         c_idx = idx[s : s + rows]
         q_g, c_g = qg[s : s + rows], gg[c_idx]
-        ss = structural_similarity(
-            ql[s : s + rows], gl[c_idx], q_g, c_g, epsilon=EPS, iters=iters, tol=tol
-        )
+        ss = structural_similarity(ql[s : s + rows], gl[c_idx], q_g, c_g, epsilon=EPS, iters=iters, tol=tol)
         score = global_similarity(q_g, c_g) + ss
         out.append(c_idx.gather(1, score.sort(dim=1, descending=True, stable=True).indices))
     return torch.cat(out)
@@ -274,8 +269,15 @@ def pot_solve(C, mu, nu, method, tol):
 
     n, m = C.shape[-2:]
     res = ot.solve_batch(
-        C.reshape(-1, n, m), reg=EPS, a=mu.reshape(-1, n), b=nu.reshape(-1, m),
-        reg_type="entropy", method=method, tol=tol, max_iter=5000, grad="detach",
+        C.reshape(-1, n, m),
+        reg=EPS,
+        a=mu.reshape(-1, n),
+        b=nu.reshape(-1, m),
+        reg_type="entropy",
+        method=method,
+        tol=tol,
+        max_iter=5000,
+        grad="detach",
     )
     return res.plan.reshape(C.shape)
 
@@ -316,8 +318,10 @@ def solve_stage_inputs(qg, ql, gg, gl, k):
     S = local_similarity(xl, yl).contiguous()
     mu, nu = (t.contiguous() for t in compute_marginals(xl, yl, xg, yg))
     rows = pot_chunk_rows(k, ql.shape[1], ql.shape[2])
-    pot_chunks = [(S[s : s + rows], 1.0 - S[s : s + rows].clamp(-1, 1), mu[s : s + rows],
-                   nu[s : s + rows]) for s in range(0, len(qg), rows)]
+    pot_chunks = [
+        (S[s : s + rows], 1.0 - S[s : s + rows].clamp(-1, 1), mu[s : s + rows], nu[s : s + rows])
+        for s in range(0, len(qg), rows)
+    ]
     return S, mu, nu, pot_chunks
 
 
@@ -335,9 +339,13 @@ def solve_torch(S, mu, nu):
     problem: all problems at once would stream them from DRAM)."""
     with lane_sinkhorn.disabled():
         rows = default_rerank_chunk_rows(S.shape[1], S.shape[2], 1)
-    return [(_plan_from_similarity(S[s : s + rows], mu[s : s + rows], nu[s : s + rows], epsilon=EPS,
-                                   iters=2000, tol=TOL) * S[s : s + rows]).sum((-2, -1))
-            for s in range(0, len(S), rows)]
+    return [
+        (
+            _plan_from_similarity(S[s : s + rows], mu[s : s + rows], nu[s : s + rows], epsilon=EPS, iters=2000, tol=TOL)
+            * S[s : s + rows]
+        ).sum((-2, -1))
+        for s in range(0, len(S), rows)
+    ]
 
 
 def solve_pot(pot_chunks, method, tol):
@@ -396,8 +404,7 @@ def ours_iterations_and_error(qg, ql, gg, gl, k):
             native["dss"] = max(native["dss"], (ss_n - ex.ss).abs().max().item())
             for it in its_n.unique().tolist():
                 sel = its_n == it
-                T = sinkhorn(C[sel], ex.mu[sel], ex.nu[sel], epsilon=EPS, iters=it,
-                             cost_range=2.0)
+                T = sinkhorn(C[sel], ex.mu[sel], ex.nu[sel], epsilon=EPS, iters=it, cost_range=2.0)
                 native["err"] = max(native["err"], err_of(T, ex.mu[sel], ex.nu[sel]))
     native["iters"] /= idx.numel()
     return total_iter_pairs / idx.numel(), worst, torch.cat(ss_all), native
@@ -476,29 +483,27 @@ def profile_ours(qg, ql, gg, gl, k, iters, device, repeat):
     xl, xg = ql[qs, None], qg[qs, None]
     S = stage("S = local cosines", lambda: local_similarity(xl, yl))
     mu, nu = stage("marginals", lambda: compute_marginals(xl, yl, xg, yg))
-    t1 = stage("sinkhorn, 1 iteration",
-               lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=1, tol=None))
-    stage(f"sinkhorn, {iters} iterations",
-          lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=iters, tol=None))
-    stage(f"sinkhorn, tol {TOL:g}",
-          lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=2000, tol=TOL))
+    t1 = stage("sinkhorn, 1 iteration", lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=1, tol=None))
+    stage(f"sinkhorn, {iters} iterations", lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=iters, tol=None))
+    stage(f"sinkhorn, tol {TOL:g}", lambda: _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=2000, tol=TOL))
     stage("SS = sum T*S", lambda: (t1 * S).sum((-2, -1)))
     if lane_sinkhorn.applies(torch.float32, device):
-        stage(f"native lanes: plans + SS, tol {TOL:g}",
-              lambda: lane_sinkhorn.lane_structural_similarity(
-                  S, mu, nu, epsilon=EPS, iters=2000, tol=TOL))
+        stage(
+            f"native lanes: plans + SS, tol {TOL:g}",
+            lambda: lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=2000, tol=TOL),
+        )
     pairs = idx.numel()
-    per_it = (stages[f"sinkhorn, {iters} iterations"] - stages["sinkhorn, 1 iteration"]) / max(
-        1, iters - 1
-    )
+    per_it = (stages[f"sinkhorn, {iters} iterations"] - stages["sinkhorn, 1 iteration"]) / max(1, iters - 1)
     n = ql.shape[1]
     print(f"  profile of one chunk ({pairs} pairs, N={n}, D={ql.shape[2]}):")
     for name, s in stages.items():
         print(f"    {name:28s} {s * 1e3:8.2f} ms  {s / pairs * 1e6:7.2f} us/pair")
-    print(f"    {'-> one iteration':28s} {per_it * 1e3:8.2f} ms  "
-          f"{per_it / pairs * 1e9:7.1f} ns/pair  "
-          f"({pairs * n * n * 4 * 3 / per_it / 1e9:.1f} GB/s if each of the ~3 N^2 buffers "
-          "per iteration is streamed once)")
+    print(
+        f"    {'-> one iteration':28s} {per_it * 1e3:8.2f} ms  "
+        f"{per_it / pairs * 1e9:7.1f} ns/pair  "
+        f"({pairs * n * n * 4 * 3 / per_it / 1e9:.1f} GB/s if each of the ~3 N^2 buffers "
+        "per iteration is streamed once)"
+    )
 
 
 def _timed_cli(stages_path: str, argv: list[str]) -> int:
@@ -546,9 +551,12 @@ def _timed_cli(stages_path: str, argv: list[str]) -> int:
         problems = torch.cat([p for p, _ in stops]).double()
         blocks = torch.cat([b for _, b in stops]).double()
         out["iterations"] = {
-            "median": problems.median().item(), "mean": problems.mean().item(),
-            "p90": problems.quantile(0.9).item(), "max": problems.max().item(),
-            "block_mean": blocks.mean().item(), "problems": len(problems),
+            "median": problems.median().item(),
+            "mean": problems.mean().item(),
+            "p90": problems.quantile(0.9).item(),
+            "max": problems.max().item(),
+            "block_mean": blocks.mean().item(),
+            "problems": len(problems),
         }
     Path(stages_path).write_text(json.dumps(out))
     return code
@@ -564,25 +572,40 @@ def _cli_checkpoint(case: str, images: int, folder: Path) -> tuple[Path, str]:
 
     if case == "demo":
         classes = max(4, images // 20)
-        overrides = ["data.image_size=64", "data.resize=64", "data.val_classes=0",
-                     f"data.synthetic.num_classes={2 * classes}",
-                     f"data.synthetic.images_per_class={images // classes}",
-                     "model.embedding_dim=128", "eval.batch_size=128", "trainer.select=last"]
+        overrides = [
+            "data.image_size=64",
+            "data.resize=64",
+            "data.val_classes=0",
+            f"data.synthetic.num_classes={2 * classes}",
+            f"data.synthetic.images_per_class={images // classes}",
+            "model.embedding_dim=128",
+            "eval.batch_size=128",
+            "trainer.select=last",
+        ]
     else:
         overrides = []
     cfg = load_config(case, ["data.num_workers=0", *overrides])
     if cfg.data.root and not Path(cfg.data.root).is_absolute():  # as the preset reads it: from the project root
-        cfg = load_config(case, ["data.num_workers=0", *overrides,
-                                 f"data.root={(Path(__file__).parents[1] / cfg.data.root).resolve()}"])
+        cfg = load_config(
+            case,
+            ["data.num_workers=0", *overrides, f"data.root={(Path(__file__).parents[1] / cfg.data.root).resolve()}"],
+        )
     torch.manual_seed(0)
     model = build_model_from_config(cfg)
     n_test = len(make_splits(cfg, model).test)
     ckpt = folder / f"{case}.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "glassmetric": checkpoint_metadata(cfg)}, ckpt)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "glassmetric": checkpoint_metadata(cfg),
+        },
+        ckpt,
+    )
     grid = cfg.model.spatial_grid or 4
-    what = (f"untrained `{case}` checkpoint ({cfg.model.backbone}, {cfg.model.embedding_dim}-d, {grid}x{grid} "
-            f"training-free cells), test split of {n_test} images")
+    what = (
+        f"untrained `{case}` checkpoint ({cfg.model.backbone}, {cfg.model.embedding_dim}-d, {grid}x{grid} "
+        f"training-free cells), test split of {n_test} images"
+    )
     return ckpt, what
 
 
@@ -605,8 +628,24 @@ def cli_end_to_end(case: str, images: int, repeat: int, threads: int) -> None:
         for _ in range(repeat):
             for name, extra in runs.items():
                 out, stages = Path(tmp) / "m.json", Path(tmp) / "stages.json"
-                cmd = [sys.executable, __file__, "--timed-cli", str(stages), "eval", "--checkpoint", str(ckpt),
-                       "--device", "cpu", "--rerank", "structural", "--k", "100", "--out", str(out), *extra]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--timed-cli",
+                    str(stages),
+                    "eval",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--device",
+                    "cpu",
+                    "--rerank",
+                    "structural",
+                    "--k",
+                    "100",
+                    "--out",
+                    str(out),
+                    *extra,
+                ]
                 cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 start = time.perf_counter()
                 subprocess.run(cmd, check=True, capture_output=True, env=env)
@@ -619,26 +658,38 @@ def cli_end_to_end(case: str, images: int, repeat: int, threads: int) -> None:
                 for key, value in times.items():
                     best[name][key] = min(best[name].get(key, float("inf")), value)
                 info[name] = {"metrics": json.loads(out.read_text())["metrics"], **child}
-    print(f"\nglassmetric eval --rerank structural --k 100 end to end: {what}; CPU, "
-          f"OMP_NUM_THREADS={threads}, best of {repeat} interleaved rounds (each number on its own)")
+    print(
+        f"\nglassmetric eval --rerank structural --k 100 end to end: {what}; CPU, "
+        f"OMP_NUM_THREADS={threads}, best of {repeat} interleaved rounds (each number on its own)"
+    )
     stage_names = ("embed", "knn", "rerank", "ot kernel")
-    print("| run | wall s | CPU s | " + " | ".join(f"{s} CPU s" for s in stage_names)
-          + " | iterations per problem (median / mean / p90 / max) | per 16-problem block (mean) | R@1 | MAP@R |")
+    print(
+        "| run | wall s | CPU s | "
+        + " | ".join(f"{s} CPU s" for s in stage_names)
+        + " | iterations per problem (median / mean / p90 / max) | per 16-problem block (mean) | R@1 | MAP@R |"
+    )
     print("|---|---|---|" + "---|" * len(stage_names) + "---|---|---|---|")
     for name in runs:
         b, i = best[name], info[name]
         it = i.get("iterations")
-        iters = "torch solver (not counted)" if it is None else \
-            f"{it['median']:.0f} / {it['mean']:.1f} / {it['p90']:.0f} / {it['max']:.0f}"
+        iters = (
+            "torch solver (not counted)"
+            if it is None
+            else f"{it['median']:.0f} / {it['mean']:.1f} / {it['p90']:.0f} / {it['max']:.0f}"
+        )
         block = "" if it is None else f"{it['block_mean']:.1f}"
         stages = " | ".join(f"{b.get(f'{s} cpu', float('nan')):.2f}" for s in stage_names)
         m = i["metrics"]
-        print(f"| {name} | {b['wall']:.1f} | {b['cpu']:.1f} | {stages} | {iters} | {block} "
-              f"| {100 * m['recall@1']:.2f} | {100 * m['map_at_r']:.2f} |")
+        print(
+            f"| {name} | {b['wall']:.1f} | {b['cpu']:.1f} | {stages} | {iters} | {block} "
+            f"| {100 * m['recall@1']:.2f} | {100 * m['map_at_r']:.2f} |"
+        )
     (fixed, default) = (best[n] for n in runs)
-    print(f"fixed / default: re-rank CPU {fixed['rerank cpu'] / default['rerank cpu']:.2f}x, "
-          f"OT kernel CPU {fixed.get('ot kernel cpu', float('nan')) / default.get('ot kernel cpu', float('nan')):.2f}x, "
-          f"whole command CPU {fixed['cpu'] / default['cpu']:.2f}x, wall {fixed['wall'] / default['wall']:.2f}x")
+    print(
+        f"fixed / default: re-rank CPU {fixed['rerank cpu'] / default['rerank cpu']:.2f}x, "
+        f"OT kernel CPU {fixed.get('ot kernel cpu', float('nan')) / default.get('ot kernel cpu', float('nan')):.2f}x, "
+        f"whole command CPU {fixed['cpu'] / default['cpu']:.2f}x, wall {fixed['wall'] / default['wall']:.2f}x"
+    )
 
 
 def main() -> None:
@@ -649,15 +700,28 @@ def main() -> None:
     parser.add_argument("--gallery", type=int, default=4000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads (default 1: on a loaded 2-core machine, 2 OpenMP threads make every "
-        "large batched op wait for a descheduled thread; see BENCHMARKS.md)")
+        "large batched op wait for a descheduled thread; see BENCHMARKS.md)",
+    )
     parser.add_argument("--profile", action="store_true", help="stage breakdown of ours")
     parser.add_argument("--configs", default="4x128,4x512,7x128,7x512", help="GRIDxDIM,...")
-    parser.add_argument("--cli", type=int, default=0, metavar="N", help="also time `glassmetric eval --rerank "
-                        "structural --k 100` on a test split of N images, fixed iterations against early stopping")
-    parser.add_argument("--cli-preset", metavar="PRESET", help="also time it on an untrained checkpoint of PRESET "
-                        "on its own test split (e.g. cub50: ImageNet features, ../shared/data/cub50)")
+    parser.add_argument(
+        "--cli",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time `glassmetric eval --rerank "
+        "structural --k 100` on a test split of N images, fixed iterations against early stopping",
+    )
+    parser.add_argument(
+        "--cli-preset",
+        metavar="PRESET",
+        help="also time it on an untrained checkpoint of PRESET "
+        "on its own test split (e.g. cub50: ImageNet features, ../shared/data/cub50)",
+    )
     parser.add_argument("--cli-only", action="store_true", help="run only the command-line timings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -672,14 +736,20 @@ def main() -> None:
         name = f"CPU, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"device: {name}; torch {torch.__version__}")
-    print(f"load average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
-          f"(the machine is shared and was loaded: compare ratios, not absolute numbers)")
+    print(
+        f"load average at start: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} "
+        f"(the machine is shared and was loaded: compare ratios, not absolute numbers)"
+    )
     native = lane_sinkhorn.applies(torch.float32, device)
-    print(f"ours solves on the {'native lane kernel' if native else 'torch solver'}"
-          f"; 'ours, torch solver' is the same pipeline on the torch solver")
-    print(f"Q = {args.queries} queries vs a gallery of {args.gallery}, K = {K}, eps = {EPS}, "
-          f"cross-correlation marginals; best of {args.repeat} interleaved rounds; "
-          f"ours = {'structural_rerank' if structural_rerank else 'block structural_similarity'}")
+    print(
+        f"ours solves on the {'native lane kernel' if native else 'torch solver'}"
+        f"; 'ours, torch solver' is the same pipeline on the torch solver"
+    )
+    print(
+        f"Q = {args.queries} queries vs a gallery of {args.gallery}, K = {K}, eps = {EPS}, "
+        f"cross-correlation marginals; best of {args.repeat} interleaved rounds; "
+        f"ours = {'structural_rerank' if structural_rerank else 'block structural_similarity'}"
+    )
     t_start = time.perf_counter()
     flops = matmul_flops(device)
 
@@ -701,9 +771,7 @@ def main() -> None:
         # the original has no zero-mass fallback: a pair whose marginal has no positive mass
         # gives 0/0 = NaN; count those and leave them out of its error and dSS
         a_nan = sum(int((~torch.isfinite(s)).sum()) for s, _ in keep_a)
-        a_err = max(
-            (err_of(T, u, v) if torch.isfinite(T).all() else 0.0) for _, (T, u, v, _) in keep_a
-        )
+        a_err = max((err_of(T, u, v) if torch.isfinite(T).all() else 0.0) for _, (T, u, v, _) in keep_a)
         a_iters = np.mean([it for _, (*_, it) in keep_a])
         b_err = max(err_of(T, u, v) for _, (T, u, v, _) in keep_b)
         b_iters = np.mean([it for _, (*_, it) in keep_b])
@@ -741,92 +809,131 @@ def main() -> None:
         pairs = args.queries * K
         floor_flops = pairs * (2 * n * n * dim + 8 * n * n * iters)
         floor_s = floor_flops / flops
-        rows_out.append({
-            "cfg": f"{grid}x{grid}, D={dim}", "pairs": pairs, "best": best, "iters": iters,
-            "a_iters": a_iters, "b_iters": b_iters, "errs": (ours_err, a_err, b_err,
-                                                    pot[3] if pot else float("nan")),
-            "pot": (pot_method, pot_tol), "floor": floor_s, "native": native, "rows_small": rows_small, "a_nan": a_nan,
-            "dss": ((ss_o - ss_b).abs().max().item(),
-                 (ss_o - ss_a)[ok_a].abs().max().item() if ok_a.any() else float("nan"),
-                 (ss_ours - pot[4]).abs().max().item() if pot else float("nan")),
-        })
-        print(f"  done {cfg}: ours {best['ours']:.3f}s (torch solver {best['ours_torch']:.3f}s; "
-              f"cache-sized chunks of {rows_small}: "
-              f"{best['ours_small']:.3f}s), (a) {best['a']:.3f}s, "
-              f"(a') {best['a2']:.3f}s, POT {best.get('pot', float('nan')):.3f}s "
-              f"[{time.perf_counter() - t_start:.0f}s elapsed]", flush=True)
+        rows_out.append(
+            {
+                "cfg": f"{grid}x{grid}, D={dim}",
+                "pairs": pairs,
+                "best": best,
+                "iters": iters,
+                "a_iters": a_iters,
+                "b_iters": b_iters,
+                "errs": (ours_err, a_err, b_err, pot[3] if pot else float("nan")),
+                "pot": (pot_method, pot_tol),
+                "floor": floor_s,
+                "native": native,
+                "rows_small": rows_small,
+                "a_nan": a_nan,
+                "dss": (
+                    (ss_o - ss_b).abs().max().item(),
+                    (ss_o - ss_a)[ok_a].abs().max().item() if ok_a.any() else float("nan"),
+                    (ss_ours - pot[4]).abs().max().item() if pot else float("nan"),
+                ),
+            }
+        )
+        print(
+            f"  done {cfg}: ours {best['ours']:.3f}s (torch solver {best['ours_torch']:.3f}s; "
+            f"cache-sized chunks of {rows_small}: "
+            f"{best['ours_small']:.3f}s), (a) {best['a']:.3f}s, "
+            f"(a') {best['a2']:.3f}s, POT {best.get('pot', float('nan')):.3f}s "
+            f"[{time.perf_counter() - t_start:.0f}s elapsed]",
+            flush=True,
+        )
         if args.profile:
             profile_ours(qg, ql, gg, gl, K, max(2, round(iters)), device, args.repeat)
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    print(f"\nmatmul rate (float32 2048^3, best of 3): {flops / 1e9:.0f} GFLOP/s; "
-          f"load average at end: {load[0]:.1f}; total {time.perf_counter() - t_start:.0f}s\n")
-    print("| config | ours pairs/s | (a) pairs/s | (a') pairs/s | POT pairs/s "
-          "| ours/(a) | ours/(a') | ours/POT | floor/ours |")
+    print(
+        f"\nmatmul rate (float32 2048^3, best of 3): {flops / 1e9:.0f} GFLOP/s; "
+        f"load average at end: {load[0]:.1f}; total {time.perf_counter() - t_start:.0f}s\n"
+    )
+    print(
+        "| config | ours pairs/s | (a) pairs/s | (a') pairs/s | POT pairs/s "
+        "| ours/(a) | ours/(a') | ours/POT | floor/ours |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows_out:
         b, p = r["best"], r["pairs"]
         pot_s = b.get("pot", float("nan"))
-        print(f"| {r['cfg']} | {p / b['ours']:,.0f} | {p / b['a']:,.0f} | {p / b['a2']:,.0f}"
-              f" | {p / pot_s:,.0f} | {b['a'] / b['ours']:.1f}x | {b['a2'] / b['ours']:.1f}x"
-              f" | {pot_s / b['ours']:.1f}x | {r['floor'] / b['ours']:.3f} |")
+        print(
+            f"| {r['cfg']} | {p / b['ours']:,.0f} | {p / b['a']:,.0f} | {p / b['a2']:,.0f}"
+            f" | {p / pot_s:,.0f} | {b['a'] / b['ours']:.1f}x | {b['a2'] / b['ours']:.1f}x"
+            f" | {pot_s / b['ours']:.1f}x | {r['floor'] / b['ours']:.3f} |"
+        )
     print("\nOurs on the native lane kernel against the same pipeline on the torch solver:\n")
-    print("| config | ours pairs/s | ours, torch solver pairs/s | native/torch | "
-          "torch solver/(a) | torch solver/POT |")
+    print("| config | ours pairs/s | ours, torch solver pairs/s | native/torch | torch solver/(a) | torch solver/POT |")
     print("|---|---|---|---|---|---|")
     for r in rows_out:
         b, p = r["best"], r["pairs"]
         o = b["ours_torch"]
-        print(f"| {r['cfg']} | {p / b['ours']:,.0f} | {p / o:,.0f} | {o / b['ours']:.2f}x "
-              f"| {b['a'] / o:.1f}x | {b.get('pot', float('nan')) / o:.1f}x |")
-    print("\nWhat the 5x-over-POT target leaves for the whole re-ranking, against our pipeline "
-          "without the OT (kNN, gather, S and marginals, sort: what any Sinkhorn, POT's too, is "
-          "added to here):\n")
-    print("| config | POT / 5 (us a pair) | no-OT pipeline (us a pair) | ours (us a pair) "
-          "| no-OT / (POT / 5) |")
+        print(
+            f"| {r['cfg']} | {p / b['ours']:,.0f} | {p / o:,.0f} | {o / b['ours']:.2f}x "
+            f"| {b['a'] / o:.1f}x | {b.get('pot', float('nan')) / o:.1f}x |"
+        )
+    print(
+        "\nWhat the 5x-over-POT target leaves for the whole re-ranking, against our pipeline "
+        "without the OT (kNN, gather, S and marginals, sort: what any Sinkhorn, POT's too, is "
+        "added to here):\n"
+    )
+    print("| config | POT / 5 (us a pair) | no-OT pipeline (us a pair) | ours (us a pair) | no-OT / (POT / 5) |")
     print("|---|---|---|---|---|")
     for r in rows_out:
         b, p = r["best"], r["pairs"]
         budget = b.get("pot", float("nan")) / 5
-        print(f"| {r['cfg']} | {budget / p * 1e6:.2f} | {b['no_ot'] / p * 1e6:.2f} "
-              f"| {b['ours'] / p * 1e6:.2f} | {b['no_ot'] / budget:.2f} |")
-    print("\nThe OT stage alone, on the same cost matrices and marginals (built once, untimed; "
-          "ours takes all Q x K problems in one call, the torch solver re-ranking's chunks, POT "
-          "the chunks of its pipeline; each solver to a marginal error <= 1e-4; time to SS):\n")
-    print("| config | ours (us a pair) | torch solver (us a pair) | POT solve_batch (us a pair) "
-          "| POT/ours | POT/torch solver |")
+        print(
+            f"| {r['cfg']} | {budget / p * 1e6:.2f} | {b['no_ot'] / p * 1e6:.2f} "
+            f"| {b['ours'] / p * 1e6:.2f} | {b['no_ot'] / budget:.2f} |"
+        )
+    print(
+        "\nThe OT stage alone, on the same cost matrices and marginals (built once, untimed; "
+        "ours takes all Q x K problems in one call, the torch solver re-ranking's chunks, POT "
+        "the chunks of its pipeline; each solver to a marginal error <= 1e-4; time to SS):\n"
+    )
+    print(
+        "| config | ours (us a pair) | torch solver (us a pair) | POT solve_batch (us a pair) "
+        "| POT/ours | POT/torch solver |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows_out:
         b, p = r["best"], r["pairs"]
         o, t, q = b["solve_ours"], b["solve_torch"], b.get("solve_pot", float("nan"))
-        print(f"| {r['cfg']} | {o / p * 1e6:.2f} | {t / p * 1e6:.2f} | {q / p * 1e6:.2f} "
-              f"| {q / o:.1f}x | {q / t:.1f}x |")
-    print("\nThe same, ours with cache-sized chunks (structural_rerank(..., chunk_size="
-          "max(1, 2 MiB // (4 K N^2))), a public argument):\n")
+        print(
+            f"| {r['cfg']} | {o / p * 1e6:.2f} | {t / p * 1e6:.2f} | {q / p * 1e6:.2f} | {q / o:.1f}x | {q / t:.1f}x |"
+        )
+    print(
+        "\nThe same, ours with cache-sized chunks (structural_rerank(..., chunk_size="
+        "max(1, 2 MiB // (4 K N^2))), a public argument):\n"
+    )
     print("| config | chunk (queries) | ours pairs/s | ours/(a) | ours/(a') | ours/POT |")
     print("|---|---|---|---|---|---|")
     for r in rows_out:
         b, p = r["best"], r["pairs"]
         o = b["ours_small"]
-        print(f"| {r['cfg']} | {r['rows_small']} | {p / o:,.0f} | {b['a'] / o:.1f}x "
-              f"| {b['a2'] / o:.1f}x | {b.get('pot', float('nan')) / o:.1f}x |")
+        print(
+            f"| {r['cfg']} | {r['rows_small']} | {p / o:,.0f} | {b['a'] / o:.1f}x "
+            f"| {b['a2'] / o:.1f}x | {b.get('pot', float('nan')) / o:.1f}x |"
+        )
     print("\nThe native lane kernel's plans (untimed replay of its stops with the torch solver):\n")
-    print("| config | native iters (mean per problem) | marginal error at its stops "
-          "| max abs dSS vs the torch solver |")
+    print(
+        "| config | native iters (mean per problem) | marginal error at its stops | max abs dSS vs the torch solver |"
+    )
     print("|---|---|---|---|")
     for r in rows_out:
         nat = r["native"]
         print(f"| {r['cfg']} | {nat['iters']:.1f} | {nat['err']:.5e} | {nat['dss']:.1e} |")
-    print("\n| config | ours iters (mean per problem) | (a) iters (mean) | (a') iters (mean) "
-          "| POT method, tol (L2) | marginal error ours / (a) / (a') / POT "
-          "| max abs dSS vs (a') / (a) / POT | (a) pairs with NaN |")
+    print(
+        "\n| config | ours iters (mean per problem) | (a) iters (mean) | (a') iters (mean) "
+        "| POT method, tol (L2) | marginal error ours / (a) / (a') / POT "
+        "| max abs dSS vs (a') / (a) / POT | (a) pairs with NaN |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows_out:
         e, d = r["errs"], r["dss"]
         m, t = r["pot"]
-        print(f"| {r['cfg']} | {r['iters']:.1f} | {r['a_iters']:.1f} | {r['b_iters']:.1f} | "
-              f"{m}, {t:.1e} | {e[0]:.3e} / {e[1]:.3e} / {e[2]:.3e} / {e[3]:.3e} | "
-              f"{d[0]:.1e} / {d[1]:.1e} / {d[2]:.1e} | {r['a_nan']} |")
+        print(
+            f"| {r['cfg']} | {r['iters']:.1f} | {r['a_iters']:.1f} | {r['b_iters']:.1f} | "
+            f"{m}, {t:.1e} | {e[0]:.3e} / {e[1]:.3e} / {e[2]:.3e} / {e[3]:.3e} | "
+            f"{d[0]:.1e} / {d[1]:.1e} / {d[2]:.1e} | {r['a_nan']} |"
+        )
     _cli_timings(args)
 
 

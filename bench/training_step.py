@@ -33,15 +33,20 @@ from glassmetric.training.module import MetricLearner
 #: plain model); ``{dim}`` in an override is the setting's embedding size
 METHODS = {
     "introspective": {
-        "paper": "idml", "demo": [],
+        "paper": "idml",
+        "demo": [],
         "variants": [
             ("plain", ["model.uncertainty_dim=0", "loss.similarity=global", "loss.mixup=false"]),
             ("introspective", ["model.uncertainty_dim={dim}", "loss.similarity=introspective", "loss.mixup=false"]),
-            ("introspective + mixup", ["model.uncertainty_dim={dim}", "loss.similarity=introspective", "loss.mixup=true"]),
+            (
+                "introspective + mixup",
+                ["model.uncertainty_dim={dim}", "loss.similarity=introspective", "loss.mixup=true"],
+            ),
         ],
     },
     "grouping": {
-        "paper": "dgml", "demo": ["model.embedding_dim=96"],
+        "paper": "dgml",
+        "demo": ["model.embedding_dim=96"],
         "variants": [("plain", ["model.groups=0"]), ("grouped, k = 3", ["model.groups=3"])],
     },
 }
@@ -97,12 +102,25 @@ def bench(method: str, setting: str, loss: str, rounds: int, steps: int, device:
     rows = []
     for name in built:
         per_round = [t / p for p, t in zip(times[plain], times[name], strict=True)]
-        rows.append({
-            "variant": name, "best_s": min(times[name]), "ratio": min(times[name]) / min(times[plain]),
-            "median": statistics.median(per_round), "lo": min(per_round), "hi": max(per_round),
-        })
-    return {"setting": setting, "preset": preset, "loss": loss, "batch": cfg.trainer.batch_size, "size": size,
-            "backbone": cfg.model.backbone, "rows": rows}
+        rows.append(
+            {
+                "variant": name,
+                "best_s": min(times[name]),
+                "ratio": min(times[name]) / min(times[plain]),
+                "median": statistics.median(per_round),
+                "lo": min(per_round),
+                "hi": max(per_round),
+            }
+        )
+    return {
+        "setting": setting,
+        "preset": preset,
+        "loss": loss,
+        "batch": cfg.trainer.batch_size,
+        "size": size,
+        "backbone": cfg.model.backbone,
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -112,22 +130,33 @@ def main() -> None:
     parser.add_argument("--losses", default="proxyanchor,multisimilarity")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=2, help="training steps per timed block")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (on a shared 2-core machine more threads time the scheduler)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (on a shared 2-core machine more threads time the scheduler)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} torch thread(s)"
-    print(f"method {args.method}; device: {where}; load average at start {os.getloadavg()[0]:.1f}; "
-          f"{args.rounds} interleaved rounds of {args.steps} steps")
-    print("| setting | loss | batch | variant | step (best) | ratio of best to plain | per-round ratio: median (range) |")
+    print(
+        f"method {args.method}; device: {where}; load average at start {os.getloadavg()[0]:.1f}; "
+        f"{args.rounds} interleaved rounds of {args.steps} steps"
+    )
+    print(
+        "| setting | loss | batch | variant | step (best) | ratio of best to plain | per-round ratio: median (range) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for setting in args.settings.split(","):
         for loss in args.losses.split(","):
             r = bench(args.method, setting, loss, args.rounds, args.steps, device)
             for row in r["rows"]:
-                print(f"| {r['preset']} ({r['backbone']}, {r['size']} px) | {r['loss']} | {r['batch']} | {row['variant']} | "
-                      f"{1000 * row['best_s']:.0f} ms | {row['ratio']:.3f}x | {row['median']:.3f}x ({row['lo']:.2f}-{row['hi']:.2f}x) |",
-                      flush=True)
+                print(
+                    f"| {r['preset']} ({r['backbone']}, {r['size']} px) | {r['loss']} | {r['batch']} | {row['variant']} | "
+                    f"{1000 * row['best_s']:.0f} ms | {row['ratio']:.3f}x | {row['median']:.3f}x ({row['lo']:.2f}-{row['hi']:.2f}x) |",
+                    flush=True,
+                )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -17,8 +17,14 @@ __all__ = ["CHROMIUM", "CHROMIUM_ARGS", "browser_missing", "chromium_page"]
 #: Debian's chromium (``apt-get install chromium``); GLASSMETRIC_CHROMIUM overrides it
 CHROMIUM = os.environ.get("GLASSMETRIC_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-    "--no-first-run", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
 )
 
 
@@ -42,7 +48,10 @@ def chromium_page(width: int = 1280, height: int = 900):
     try:
         with sync_playwright() as p:
             context = p.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=list(CHROMIUM_ARGS),
+                profile,
+                executable_path=CHROMIUM,
+                headless=True,
+                args=list(CHROMIUM_ARGS),
                 viewport={"width": width, "height": height},
             )
             try:

@@ -50,15 +50,29 @@ def make_checkpoint(tmp_path):
     from glassmetric.factory import build_model_from_config
 
     def make(*overrides: str, name: str = "untrained.ckpt"):
-        cfg = load_config("demo", [
-            "data.num_workers=0", "data.synthetic.num_classes=8", "data.synthetic.images_per_class=4",
-            "data.val_classes=0", "trainer.select=last", "model.embedding_dim=16", "eval.batch_size=16", *overrides,
-        ])
+        cfg = load_config(
+            "demo",
+            [
+                "data.num_workers=0",
+                "data.synthetic.num_classes=8",
+                "data.synthetic.images_per_class=4",
+                "data.val_classes=0",
+                "trainer.select=last",
+                "model.embedding_dim=16",
+                "eval.batch_size=16",
+                *overrides,
+            ],
+        )
         torch.manual_seed(0)
         model = build_model_from_config(cfg)
         path = tmp_path / name
-        torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                    "glassmetric": {"config": cfg.to_dict()}}, path)
+        torch.save(
+            {
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "glassmetric": {"config": cfg.to_dict()},
+            },
+            path,
+        )
         return path
 
     return make

@@ -21,7 +21,15 @@ def run_capped(code: str, extra_bytes: int, timeout: int = 120) -> subprocess.Co
     """Run ``code`` in a fresh Python (this checkout's ``src`` first on its path, one thread);
     when the code calls ``cap()``, its address space may grow by ``extra_bytes`` beyond what
     it holds at that moment (imports done)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", _PRELUDE.format(extra=extra_bytes) + code], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", _PRELUDE.format(extra=extra_bytes) + code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -15,8 +15,15 @@ from hypothesis import strategies as st
 from glassmetric import cli
 from glassmetric.config import Config
 
-CROSS_FIELD = ("trainer.batch_size", "trainer.select", "data.root", "data.image_size", "loss.similarity", "model.groups",
-               "model.spatial_head")
+CROSS_FIELD = (
+    "trainer.batch_size",
+    "trainer.select",
+    "data.root",
+    "data.image_size",
+    "loss.similarity",
+    "model.groups",
+    "model.spatial_head",
+)
 
 
 def _leaves(obj, prefix=""):
@@ -27,10 +34,23 @@ def _leaves(obj, prefix=""):
 
 KEYS = sorted(_leaves(Config()))
 WORD = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=10)
-JUNK = st.one_of(st.integers(-10**9, 10**9), st.floats(), WORD, st.booleans(), st.none(),
-                 st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text("abc", max_size=3), st.integers(), max_size=2))
-KEY = st.one_of(st.sampled_from(KEYS), st.builds(lambda s, n: s + n, st.sampled_from(["", "data.", "trainer.", "optim.", "model."]),
-                                                  st.from_regex(r"[a-z_]{1,10}", fullmatch=True)))
+JUNK = st.one_of(
+    st.integers(-(10**9), 10**9),
+    st.floats(),
+    WORD,
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text("abc", max_size=3), st.integers(), max_size=2),
+)
+KEY = st.one_of(
+    st.sampled_from(KEYS),
+    st.builds(
+        lambda s, n: s + n,
+        st.sampled_from(["", "data.", "trainer.", "optim.", "model."]),
+        st.from_regex(r"[a-z_]{1,10}", fullmatch=True),
+    ),
+)
 
 
 def _override(key, value) -> str:
@@ -38,9 +58,14 @@ def _override(key, value) -> str:
 
 
 FLAG_VALUES = {
-    "--k": st.one_of(WORD, st.just("-1,2"), st.just("0,5")), "--groups-fraction": st.one_of(WORD, st.floats().map(str)),
-    "--groups-parts": st.one_of(WORD, st.integers(-5, 5).map(str)), "--correspondence": st.integers(-5, 5).map(str),
-    "--knn": WORD, "--split": WORD, "--rerank": st.one_of(WORD, st.just("structural")), "--top-flows": st.integers(-5, 5).map(str),
+    "--k": st.one_of(WORD, st.just("-1,2"), st.just("0,5")),
+    "--groups-fraction": st.one_of(WORD, st.floats().map(str)),
+    "--groups-parts": st.one_of(WORD, st.integers(-5, 5).map(str)),
+    "--correspondence": st.integers(-5, 5).map(str),
+    "--knn": WORD,
+    "--split": WORD,
+    "--rerank": st.one_of(WORD, st.just("structural")),
+    "--top-flows": st.integers(-5, 5).map(str),
 }
 
 
@@ -88,14 +113,25 @@ def test_random_command_lines_fail_on_one_line(no_training, argv):
     assert len(lines) == 1 and "Traceback" not in err, (argv, err)
     named = re.findall(r"[\w.-]+", lines[0])
     overrides = [a.split("=", 1)[0] for a in argv if "=" in a and not a.startswith("-")]
-    culprits = set(overrides) | {a for a in argv if a.startswith("-")} | set(CROSS_FIELD) | {"no-such-preset", "missing.yaml", "no/such.ckpt", "nonsense"}
-    assert any(c in lines[0] for c in culprits) or "required" in lines[0] or "unknown config key" in lines[0], (argv, err, named)
+    culprits = (
+        set(overrides)
+        | {a for a in argv if a.startswith("-")}
+        | set(CROSS_FIELD)
+        | {"no-such-preset", "missing.yaml", "no/such.ckpt", "nonsense"}
+    )
+    assert any(c in lines[0] for c in culprits) or "required" in lines[0] or "unknown config key" in lines[0], (
+        argv,
+        err,
+        named,
+    )
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 TREE = st.dictionaries(
     st.one_of(st.sampled_from(sorted(SECTIONS)), st.from_regex(r"[a-z]{1,6}", fullmatch=True)),
-    st.one_of(JUNK, st.dictionaries(st.one_of(st.sampled_from([k.split(".", 1)[-1] for k in KEYS]), WORD), JUNK, max_size=3)),
+    st.one_of(
+        JUNK, st.dictionaries(st.one_of(st.sampled_from([k.split(".", 1)[-1] for k in KEYS]), WORD), JUNK, max_size=3)
+    ),
     max_size=4,
 )
 

@@ -27,16 +27,30 @@ def test_presets_load_and_match_the_papers():
     demo = load_config("demo")
     assert demo.data.name == "synthetic" and demo.trainer.select == "val"
     idml = load_config("idml")
-    assert (idml.model.backbone, idml.model.embedding_dim, idml.model.uncertainty_dim, idml.model.pooling) == ("resnet50", 512, 512, "avgmax")
+    assert (idml.model.backbone, idml.model.embedding_dim, idml.model.uncertainty_dim, idml.model.pooling) == (
+        "resnet50",
+        512,
+        512,
+        "avgmax",
+    )
     assert (idml.loss.name, idml.loss.similarity, idml.loss.mixup) == ("proxyanchor", "introspective", False)
     assert (idml.optim.name, idml.optim.warmup_epochs, idml.trainer.gradient_clip_val) == ("adamw", 1, 10.0)
     cross = load_config("cross_domain")
     assert (cross.data.synthetic.style, cross.data.synthetic.gallery_style) == ("photo", "painting")
     dgml = load_config("dgml")
-    assert (dgml.model.backbone, dgml.model.groups, dgml.model.embedding_dim, dgml.loss.name) == ("resnet50", 3, 510, "margin")
+    assert (dgml.model.backbone, dgml.model.groups, dgml.model.embedding_dim, dgml.loss.name) == (
+        "resnet50",
+        3,
+        510,
+        "margin",
+    )
     assert (dgml.trainer.batch_size, dgml.trainer.samples_per_class, dgml.loss.diversity_weight) == (112, 2, 0.02)
     assert (dgml.optim.lr, dgml.optim.grouping_lr, dgml.optim.query_lr) == (1e-5, None, None)
-    assert (dgml.optim.weight_decay, dgml.optim.grouping_weight_decay, dgml.optim.query_weight_decay) == (3e-3, 3e-3, 1e-3)
+    assert (dgml.optim.weight_decay, dgml.optim.grouping_weight_decay, dgml.optim.query_weight_decay) == (
+        3e-3,
+        3e-3,
+        1e-3,
+    )
 
 
 def test_every_preset_loads():
@@ -45,7 +59,9 @@ def test_every_preset_loads():
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():
-    cfg = load_config("demo", ["trainer.max_epochs=3", "optim.lr=0.01", "data.train_classes=[1, 25]", "loss.params={base: 0.3}"])
+    cfg = load_config(
+        "demo", ["trainer.max_epochs=3", "optim.lr=0.01", "data.train_classes=[1, 25]", "loss.params={base: 0.3}"]
+    )
     assert cfg.trainer.max_epochs == 3
     assert cfg.optim.lr == 0.01
     assert cfg.data.train_classes == (1, 25)
@@ -122,8 +138,13 @@ _KEYS = sorted(_leaf_keys(Config()))
 #: keys named by cross-field checks, which a bad value elsewhere can trigger
 _CROSS_FIELD = ("trainer.batch_size", "trainer.select", "data.root")
 _JUNK = st.one_of(
-    st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-    st.booleans(), st.none(), st.lists(st.integers(-5, 5), max_size=4), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(-5, 5), max_size=4),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 
 
@@ -131,14 +152,19 @@ _JUNK = st.one_of(
 @given(key=st.sampled_from(_KEYS), value=_JUNK)
 def test_random_values_either_load_or_fail_naming_the_key(key, value):
     try:
-        load_config("demo", [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
+        load_config(
+            "demo", [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+        )
     except ConfigError as e:
         assert key in str(e) or any(k in str(e) for k in _CROSS_FIELD)
         assert "\n" not in str(e)
 
 
 @settings(max_examples=100, deadline=None)
-@given(section=st.sampled_from(["", "data.", "model.", "loss.", "optim.", "trainer.", "eval."]), name=st.from_regex(r"[a-z_]{1,12}", fullmatch=True))
+@given(
+    section=st.sampled_from(["", "data.", "model.", "loss.", "optim.", "trainer.", "eval."]),
+    name=st.from_regex(r"[a-z_]{1,12}", fullmatch=True),
+)
 def test_unknown_keys_are_named(section, name):
     key = section + name
     try:
@@ -164,7 +190,10 @@ def test_auto_marginals_follow_the_spatial_head():
     assert load_config("demo", ["model.spatial_grid=4"]).structural.marginals == "cross_correlation"
     own = ["model.groups=4", "model.spatial_grid=4", "model.spatial_head=own", "loss.similarity=structural"]
     assert load_config("demo", own).structural.marginals == "pooled_cross_correlation"
-    assert load_config("demo", [*own, "structural.marginals=cross_correlation"]).structural.marginals == "cross_correlation"
+    assert (
+        load_config("demo", [*own, "structural.marginals=cross_correlation"]).structural.marginals
+        == "cross_correlation"
+    )
     with pytest.raises(ConfigError, match=r"structural\.marginals"):
         load_config("demo", ["structural.marginals=pooled"])
 
@@ -195,7 +224,9 @@ def test_yaml_aliases_are_refused_in_files_and_overrides(tmp_path: Path):
 def test_deep_nesting_and_non_utf8_files_are_one_line_errors(tmp_path: Path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("loss:\n  params:\n    x: " + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(ConfigError, match=r"deep.yaml is not valid YAML: line 3, column \d+: nested more than 32 levels"):
+    with pytest.raises(
+        ConfigError, match=r"deep.yaml is not valid YAML: line 3, column \d+: nested more than 32 levels"
+    ):
         load_config(str(deep))
     with pytest.raises(ConfigError, match=r"override loss\.params: .*nested more than 32 levels"):
         load_config("demo", ["loss.params=" + "[" * 5000 + "]" * 5000])
@@ -246,7 +277,10 @@ def test_an_endless_config_file_is_refused_without_reading_it_all():
         ("trainer.devices=[]", "trainer.devices: expected"),
         ("trainer.devices=[0, 0]", "trainer.devices: expected"),
         ("trainer.devices=0,a", "trainer.devices: expected"),
-        ("trainer.accelerator=tpu", "trainer.accelerator: expected one of 'auto', 'cpu', 'gpu', 'cuda', 'mps', got 'tpu'"),
+        (
+            "trainer.accelerator=tpu",
+            "trainer.accelerator: expected one of 'auto', 'cpu', 'gpu', 'cuda', 'mps', got 'tpu'",
+        ),
         ("trainer.accelerator=banana", "trainer.accelerator: expected one of"),
         ("seed=4294967296", "seed: expected between 0 and 2**32 - 1"),
         ("model.embedding_dim=1000000000", "model.embedding_dim: expected between 1 and 65536"),
@@ -264,9 +298,15 @@ def test_loss_params_are_checked_against_the_loss_and_miner_classes():
     from pytorch_metric_learning.losses import MarginLoss, MultiSimilarityLoss
     from pytorch_metric_learning.miners import DistanceWeightedMiner
 
-    margin = ["loss.name=margin", "loss.params={nu: 0.1, learn_beta: false, margin: 1e-1}", "loss.miner_params.cutoff=0.4"]
+    margin = [
+        "loss.name=margin",
+        "loss.params={nu: 0.1, learn_beta: false, margin: 1e-1}",
+        "loss.miner_params.cutoff=0.4",
+    ]
     cfg = load_config("demo", margin)
-    assert cfg.loss.params == {"nu": 0.1, "learn_beta": False, "margin": 0.1} and cfg.loss.miner_params == {"cutoff": 0.4}
+    assert cfg.loss.params == {"nu": 0.1, "learn_beta": False, "margin": 0.1} and cfg.loss.miner_params == {
+        "cutoff": 0.4
+    }
     MarginLoss(num_classes=4, **cfg.loss.params)  # what the config accepts, the classes take
     DistanceWeightedMiner(**cfg.loss.miner_params)
     ms = load_config("demo", ["loss.params={alpha: 1e-3, base: 1, collect_stats: true}"]).loss.params
@@ -281,6 +321,7 @@ def test_loss_params_are_checked_against_the_loss_and_miner_classes():
 def test_devices_and_seeds_at_the_edges_of_their_ranges():
     """Lightning's forms of ``devices``: a count, "auto", GPU indices as "0,1" (one index as
     "0,": "0" alone would be a count of none); numpy seeds span 0 .. 2**32 - 1."""
+
     def devices(v):
         return load_config("demo", [f"trainer.devices={v}"]).trainer.devices
 

@@ -23,8 +23,11 @@ def _runtime_nodes(tree: ast.AST):
     while todo:
         node = todo.pop()
         yield node
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name | ast.Attribute) and \
-                ast.unparse(node.test).endswith("TYPE_CHECKING"):
+        if (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Name | ast.Attribute)
+            and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        ):
             todo.extend(node.orelse)
             continue
         todo.extend(ast.iter_child_nodes(node))
@@ -108,7 +111,9 @@ def test_the_cycle_finder_leaves_out_type_checking_imports(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "config.py").write_text("def check():\n    from glassmetric.settings import Settings\n")
-    (pkg / "settings.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from glassmetric.config import Config\n")
+    (pkg / "settings.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from glassmetric.config import Config\n"
+    )
     assert cycles(import_graph(pkg)) == []
     (pkg / "settings.py").write_text("import glassmetric.config\n")
     assert cycles(import_graph(pkg)) == [["glassmetric.config", "glassmetric.settings"]]
@@ -130,7 +135,7 @@ def test_inference_never_imports_lightning(tmp_path, make_checkpoint):
         r = glassmetric.Retriever.from_checkpoint({str(ckpt)!r}, device="cpu")
         e = r.embed({str(tmp_path)!r})
         r.rerank(e, k=2)
-        r.explain({str(tmp_path / '0.png')!r}, {str(tmp_path / '1.png')!r})
+        r.explain({str(tmp_path / "0.png")!r}, {str(tmp_path / "1.png")!r})
         glassmetric.Retriever.from_preset("demo")
         print(sorted(m for m in sys.modules if m.split(".")[0] == "lightning" or m.startswith("glassmetric.training")))
     """)

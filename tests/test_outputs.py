@@ -21,9 +21,16 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 SMALL = ("data.image_size=64", "data.resize=64")
 #: one epoch on 12 classes x 6 images, 2 of the training classes for validation
 TINY_RUN = (
-    "data.num_workers=0", "data.synthetic.num_classes=12", "data.synthetic.images_per_class=6", "data.val_classes=2",
-    "model.embedding_dim=16", "trainer.batch_size=12", "trainer.samples_per_class=3", "trainer.max_epochs=1",
-    "trainer.progress_bar=false", "eval.batch_size=32",
+    "data.num_workers=0",
+    "data.synthetic.num_classes=12",
+    "data.synthetic.images_per_class=6",
+    "data.val_classes=2",
+    "model.embedding_dim=16",
+    "trainer.batch_size=12",
+    "trainer.samples_per_class=3",
+    "trainer.max_epochs=1",
+    "trainer.progress_bar=false",
+    "eval.batch_size=32",
 )
 
 
@@ -80,8 +87,15 @@ def test_gallery_caches_follow_the_umask(tmp_path, make_checkpoint):
     for c in ("a", "b"):
         save_images(tmp_path / "gallery" / c)
     with umask(0o022):
-        gallery = load_gallery(model, cfg, ckpt, folder_source(tmp_path / "gallery"), ("embedding",),
-                               cache_dir=tmp_path / "cache", progress=False)
+        gallery = load_gallery(
+            model,
+            cfg,
+            ckpt,
+            folder_source(tmp_path / "gallery"),
+            ("embedding",),
+            cache_dir=tmp_path / "cache",
+            progress=False,
+        )
         expected = plain_mode(tmp_path)
     assert not gallery.from_cache and mode(gallery.cache_file) == expected == 0o644
 
@@ -128,7 +142,9 @@ def test_explain_wants_a_figure_file(tmp_path, make_checkpoint, capsys):
 def test_eval_out_is_checked_before_the_metrics_and_its_folder_is_created(tmp_path, make_checkpoint, capsys):
     ckpt = make_checkpoint(*SMALL)
     (tmp_path / "a file").write_text("not a folder")
-    assert main(["eval", "--checkpoint", str(ckpt), "--device", "cpu", "--out", str(tmp_path / "a file" / "m.json")]) == 2
+    assert (
+        main(["eval", "--checkpoint", str(ckpt), "--device", "cpu", "--out", str(tmp_path / "a file" / "m.json")]) == 2
+    )
     err = one_line_error(capsys, "eval")
     assert "m.json" in err and "is a file, not a folder" in err
     assert "R@1" not in capsys.readouterr().out  # nothing was computed
@@ -147,7 +163,10 @@ def test_report_and_export_and_serve_refuse_a_file_where_a_folder_goes(tmp_path,
     assert "a file is a file: expected a folder" in one_line_error(capsys, "report")
     assert main(["export", "--checkpoint", str(ckpt), "-o", str(tmp_path)]) == 2
     assert "is a folder: expected a file name" in one_line_error(capsys, "export")
-    assert main(["serve", "--checkpoint", str(ckpt), "--cache-dir", str(tmp_path / "a file" / "cache"), "--device", "cpu"]) == 2
+    assert (
+        main(["serve", "--checkpoint", str(ckpt), "--cache-dir", str(tmp_path / "a file" / "cache"), "--device", "cpu"])
+        == 2
+    )
     assert "--cache-dir" in one_line_error(capsys, "serve")
     assert main(["fit", "--config", "demo", f"trainer.output_dir={tmp_path / 'a file'}"]) == 2
     assert "trainer.output_dir" in one_line_error(capsys, "fit")
@@ -182,8 +201,15 @@ def unwritable(tmp_path):
         )
         env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
         preexec = _without_permission_override if os.geteuid() == 0 else None
-        proc = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path, preexec_fn=preexec)
+        proc = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(argvs)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            preexec_fn=preexec,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 

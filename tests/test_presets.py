@@ -30,10 +30,15 @@ def offline_overrides(name: str) -> list[str]:
     return ["model.pretrained=false"] if downloads else []
 
 
-@pytest.mark.parametrize("name, extra", [(name, []) for name in preset_names()] + [
-    # no preset has a spatial grid: the demo with every head checks the ``local`` output too
-    ("demo", ["model.spatial_grid=3", "model.spatial_head=own", "model.groups=4", "model.uncertainty_dim=8"]),
-], ids=[*preset_names(), "demo-every-head"])
+@pytest.mark.parametrize(
+    "name, extra",
+    [(name, []) for name in preset_names()]
+    + [
+        # no preset has a spatial grid: the demo with every head checks the ``local`` output too
+        ("demo", ["model.spatial_grid=3", "model.spatial_head=own", "model.groups=4", "model.uncertainty_dim=8"]),
+    ],
+    ids=[*preset_names(), "demo-every-head"],
+)
 def test_every_preset_builds_a_model_whose_outputs_match_its_config(name, extra):
     cfg = load_config(name, offline_overrides(name) + extra)
     m = cfg.model

@@ -10,7 +10,9 @@ def test_python_quick_start(make_checkpoint, tmp_path, monkeypatch):
     for bird in ("robin", "wren"):
         (tmp_path / "birds" / bird).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(tmp_path / "birds" / bird / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (72, 72, 3), dtype=np.uint8)).save(
+                tmp_path / "birds" / bird / f"{i}.png"
+            )
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model.ckpt").write_bytes(ckpt.read_bytes())
 

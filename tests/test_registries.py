@@ -20,12 +20,16 @@ def literal_names(cls: type, key: str) -> tuple:
     return typing.get_args(typing.get_type_hints(cls)[key])
 
 
-@pytest.mark.parametrize("cls, key, registry", [
-    (DataConfig, "name", DATASETS),
-    (LossConfig, "name", LOSSES),
-    (ModelConfig, "pooling", POOLINGS),
-    (ModelConfig, "head_init", HEAD_INITS),
-], ids=["data.name", "loss.name", "model.pooling", "model.head_init"])
+@pytest.mark.parametrize(
+    "cls, key, registry",
+    [
+        (DataConfig, "name", DATASETS),
+        (LossConfig, "name", LOSSES),
+        (ModelConfig, "pooling", POOLINGS),
+        (ModelConfig, "head_init", HEAD_INITS),
+    ],
+    ids=["data.name", "loss.name", "model.pooling", "model.head_init"],
+)
 def test_config_names_are_the_registry_names(cls, key, registry):
     assert literal_names(cls, key) == tuple(registry)
 

@@ -108,9 +108,13 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # torch raises several types for truncated or foreign files
         kind = _file_kind(path)
         if kind == "other":
-            raise CheckpointError(f"cannot load checkpoint {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from e
+            raise CheckpointError(
+                f"cannot load checkpoint {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+            ) from e
         culprit = re.search(r"GLOBAL [\w.]+|Unsupported operand \S+", str(e))
-        if isinstance(e, pickle.UnpicklingError) and (kind != "cut" or (culprit and culprit.group(0).startswith("GLOBAL"))):
+        if isinstance(e, pickle.UnpicklingError) and (
+            kind != "cut" or (culprit and culprit.group(0).startswith("GLOBAL"))
+        ):
             # the weights-only unpickler met a class or function: loading it could run any code
             detail = f" ({culprit.group(0).strip()})" if culprit else ""
             raise CheckpointError(
@@ -118,7 +122,9 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"containers{detail}, which could run code; glassmetric loads weights only"
             ) from e
         first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
-        raise CheckpointError(f"cannot load checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}: {first}") from e
+        raise CheckpointError(
+            f"cannot load checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}: {first}"
+        ) from e
 
 
 def checkpoint_metadata(cfg: Config) -> dict:
@@ -132,6 +138,7 @@ def checkpoint_metadata(cfg: Config) -> dict:
 def _checkpoint_parts(ckpt, path) -> tuple[dict, dict]:
     """The stored config (a copy) and the weights of a ``glassmetric fit`` checkpoint;
     CheckpointError saying what is wrong with anything else torch can load."""
+
     def foreign(what: str) -> CheckpointError:
         return CheckpointError(f"cannot load checkpoint {path}: not a glassmetric checkpoint: {what}")
 
@@ -163,7 +170,9 @@ def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Embed
     """
     fixed = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith("model.")]
     if fixed:
-        raise ConfigError(f"{fixed[0]}: model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint")
+        raise ConfigError(
+            f"{fixed[0]}: model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint"
+        )
     stored, weights = _checkpoint_parts(safe_torch_load(path), path)
     stored["model"] = {**stored.get("model", {}), "pretrained": False}  # the checkpoint holds the weights
     try:
@@ -173,15 +182,17 @@ def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Embed
     cfg = config_from_dict(stored, overrides)
     model = build_model_from_config(cfg)
     prefix = MODEL_PREFIX
-    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     expected = model.state_dict()
     misfit = next((k for k, v in state.items() if k in expected and v.shape != expected[k].shape), None)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if misfit or missing or unexpected:
         m = cfg.model
         if misfit:
-            what = (f"{prefix}{misfit} is {tuple(state[misfit].shape)} in the file, "
-                    f"{tuple(expected[misfit].shape)} in the model of the config")
+            what = (
+                f"{prefix}{misfit} is {tuple(state[misfit].shape)} in the file, "
+                f"{tuple(expected[misfit].shape)} in the model of the config"
+            )
         else:
             what = f"missing {[prefix + k for k in missing[:5]]}, unexpected {[prefix + k for k in unexpected[:5]]}"
         raise CheckpointError(

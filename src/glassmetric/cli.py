@@ -33,45 +33,96 @@ def _parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="train a model from a preset or YAML config")
     fit.add_argument("--config", default="demo", help="preset name (see `glassmetric presets`) or YAML file")
     fit.add_argument("--resume", action="store_true", help="continue from trainer.output_dir/checkpoints/last.ckpt")
-    fit.add_argument("--overwrite", action="store_true", help="start again: first remove the files an earlier run wrote in "
-                     "output_dir (checkpoints, logs, config.yaml, metrics.json); other files stay")
+    fit.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again: first remove the files an earlier run wrote in "
+        "output_dir (checkpoints, logs, config.yaml, metrics.json); other files stay",
+    )
     fit.add_argument("--baseline", action="store_true", help="also evaluate the untrained model and print both")
     fit.add_argument("--no-test", action="store_true", help="skip the test evaluation at the end")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.max_epochs=5")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its test split, or on a query/gallery pair")
     ev.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
-    ev.add_argument("--data", help="image folder (one sub-folder per class) searched against itself, each query left "
-                    "out of its own results (default: the checkpoint's --split)")
+    ev.add_argument(
+        "--data",
+        help="image folder (one sub-folder per class) searched against itself, each query left "
+        "out of its own results (default: the checkpoint's --split)",
+    )
     ev.add_argument("--split", choices=("test", "val", "train"), default="test")
-    ev.add_argument("--query", help="query image folder (one sub-folder per class); needs --gallery (the same folder "
-                    "as --gallery is searched against itself, as with --data)")
+    ev.add_argument(
+        "--query",
+        help="query image folder (one sub-folder per class); needs --gallery (the same folder "
+        "as --gallery is searched against itself, as with --data)",
+    )
     ev.add_argument("--gallery", help="gallery image folder; classes matched to --query by folder name")
-    ev.add_argument("--knn", choices=("auto", "torch", "faiss", "index"), help="kNN backend (default: the config's, "
-                    "eval.knn_backend: auto, exact torch or faiss by size and device); index: "
-                    "the faiss gallery index of eval.index (exact below eval.index.exact_below images, HNSW / IVF above)")
-    ev.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when it holds the index of "
-                    "these embeddings, else build it and save it there (implies --knn index)")
+    ev.add_argument(
+        "--knn",
+        choices=("auto", "torch", "faiss", "index"),
+        help="kNN backend (default: the config's, "
+        "eval.knn_backend: auto, exact torch or faiss by size and device); index: "
+        "the faiss gallery index of eval.index (exact below eval.index.exact_below images, HNSW / IVF above)",
+    )
+    ev.add_argument(
+        "--index-dir",
+        metavar="DIR",
+        help="gallery index cache: read it from DIR when it holds the index of "
+        "these embeddings, else build it and save it there (implies --knn index)",
+    )
     ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     ev.add_argument("--rerank", choices=("structural",), help="re-rank each query's global top-K by s_global + SS")
     ev.add_argument("--k", default="100", help="shortlist size(s) K for --rerank; a list sweeps K, e.g. 0,5,10,50,100")
-    ev.add_argument("--correspondence", type=int, metavar="PAIRS", help="also score the part correspondence of the "
-                    "transport plan on PAIRS same-class pairs (data with part keypoints)")
-    ev.add_argument("--uncertainty", action="store_true", help="relate each query's uncertainty (models with an "
-                    "uncertainty head) to its R@1 failure: AUROC, R@1 of the certain and uncertain halves")
-    ev.add_argument("--uncertainty-csv", metavar="CSV", help="write every query's uncertainty and R@1 hit (implies --uncertainty)")
-    ev.add_argument("--uncertainty-figure", metavar="PNG", help="draw the 12 most and 12 least uncertain queries (implies --uncertainty)")
-    ev.add_argument("--groups-parts", type=int, metavar="IMAGES", help="also measure how distinct the attention "
-                    "groups are on IMAGES images (model.groups checkpoints, data with part keypoints): top-region IoU "
-                    "between groups and the ground-truth part nearest each group's attention peak")
-    ev.add_argument("--groups-figure", metavar="PNG", help="draw each attention group's map on 12 images of the "
-                    "split (model.groups checkpoints; with --groups-parts, columns named by each group's part)")
-    ev.add_argument("--groups-fraction", type=float, default=0.1, help="share of the positions in a group's top "
-                    "attention region for --groups-parts (default 0.1)")
+    ev.add_argument(
+        "--correspondence",
+        type=int,
+        metavar="PAIRS",
+        help="also score the part correspondence of the "
+        "transport plan on PAIRS same-class pairs (data with part keypoints)",
+    )
+    ev.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="relate each query's uncertainty (models with an "
+        "uncertainty head) to its R@1 failure: AUROC, R@1 of the certain and uncertain halves",
+    )
+    ev.add_argument(
+        "--uncertainty-csv", metavar="CSV", help="write every query's uncertainty and R@1 hit (implies --uncertainty)"
+    )
+    ev.add_argument(
+        "--uncertainty-figure",
+        metavar="PNG",
+        help="draw the 12 most and 12 least uncertain queries (implies --uncertainty)",
+    )
+    ev.add_argument(
+        "--groups-parts",
+        type=int,
+        metavar="IMAGES",
+        help="also measure how distinct the attention "
+        "groups are on IMAGES images (model.groups checkpoints, data with part keypoints): top-region IoU "
+        "between groups and the ground-truth part nearest each group's attention peak",
+    )
+    ev.add_argument(
+        "--groups-figure",
+        metavar="PNG",
+        help="draw each attention group's map on 12 images of the "
+        "split (model.groups checkpoints; with --groups-parts, columns named by each group's part)",
+    )
+    ev.add_argument(
+        "--groups-fraction",
+        type=float,
+        default=0.1,
+        help="share of the positions in a group's top attention region for --groups-parts (default 0.1)",
+    )
     ev.add_argument("--out", help="write the metrics as JSON to this file (missing folders are created)")
-    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
+    ev.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011"
+    )
 
-    ex = sub.add_parser("explain", help="explain why two images were judged alike (structural matching, or per-group attention for model.groups)")
+    ex = sub.add_parser(
+        "explain",
+        help="explain why two images were judged alike (structural matching, or per-group attention for model.groups)",
+    )
     ex.add_argument("image_x", help="first image (the query)")
     ex.add_argument("image_y", help="second image (the candidate)")
     ex.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
@@ -80,8 +131,10 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write a static HTML retrieval report with explanations (opens offline)")
     rp.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
-    rp.add_argument("--data", help="image folder (one sub-folder per class) searched against itself "
-                    "(default: the checkpoint's --split)")
+    rp.add_argument(
+        "--data",
+        help="image folder (one sub-folder per class) searched against itself (default: the checkpoint's --split)",
+    )
     rp.add_argument("--split", choices=("test", "val", "train"), default="test")
     rp.add_argument("--query", help="query image folder; needs --gallery (classes matched by folder name)")
     rp.add_argument("--gallery", help="gallery image folder")
@@ -90,29 +143,56 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--top", type=int, default=10, help="results shown per query (default 10)")
     rp.add_argument("--k", default="0,5,10,50,100", help="shortlist sizes of the re-ranking K-sweep")
     rp.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    rp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011")
+    rp.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=/data/CUB_200_2011"
+    )
 
-    sv = sub.add_parser("serve", help="a local web explorer: search a gallery by upload or pick, see each result's explanation")
+    sv = sub.add_parser(
+        "serve", help="a local web explorer: search a gallery by upload or pick, see each result's explanation"
+    )
     sv.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
-    sv.add_argument("--gallery", help="gallery image folder (one sub-folder per class, or just images); "
-                    "default: the checkpoint's --split")
+    sv.add_argument(
+        "--gallery",
+        help="gallery image folder (one sub-folder per class, or just images); default: the checkpoint's --split",
+    )
     sv.add_argument("--split", choices=("test", "val", "train"), default="test")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--cache-dir", help="where gallery embeddings are cached (default ~/.cache/glassmetric/gallery)")
     sv.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     sv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload in MiB (default 10)")
-    sv.add_argument("--max-megapixels", type=float, default=25.0, help="largest uploaded image in megapixels (default 25)")
+    sv.add_argument(
+        "--max-megapixels", type=float, default=25.0, help="largest uploaded image in megapixels (default 25)"
+    )
     sv.add_argument("--max-in-flight", type=int, default=32, help="requests served at once; more get 503 (default 32)")
-    sv.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
-                    help="seconds a request's body may take to arrive; slower ones get 408 (default 30)")
+    sv.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a request's body may take to arrive; slower ones get 408 (default 30)",
+    )
     sv.add_argument("--workers", type=int, default=1, help="threads doing model work (default 1)")
-    sv.add_argument("--upload-store-mb", type=float, default=64.0, help="memory for the recent uploads kept to be "
-                    "explained later, their embeddings and model views, in MiB (default 64)")
-    sv.add_argument("--knn", choices=("exact", "index"), default="exact", help="gallery search: exact kNN (default) or a "
-                    "faiss index (exact below 50k images, HNSW below 2M, IVF above; eval.index.* overrides shape it)")
-    sv.add_argument("--index-dir", metavar="DIR", help="gallery index cache: read it from DIR when it fits the gallery, "
-                    "else build it and save it there (implies --knn index)")
+    sv.add_argument(
+        "--upload-store-mb",
+        type=float,
+        default=64.0,
+        help="memory for the recent uploads kept to be "
+        "explained later, their embeddings and model views, in MiB (default 64)",
+    )
+    sv.add_argument(
+        "--knn",
+        choices=("exact", "index"),
+        default="exact",
+        help="gallery search: exact kNN (default) or a "
+        "faiss index (exact below 50k images, HNSW below 2M, IVF above; eval.index.* overrides shape it)",
+    )
+    sv.add_argument(
+        "--index-dir",
+        metavar="DIR",
+        help="gallery index cache: read it from DIR when it fits the gallery, "
+        "else build it and save it there (implies --knn index)",
+    )
     sv.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.index.kind=hnsw")
 
     exp = sub.add_parser("export", help="export a checkpoint's embedding model (all its heads' outputs) to ONNX")
@@ -122,7 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--image-size", type=int, help="input height = width (default: the config's evaluation size)")
     exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs torch comparison")
 
-    em = sub.add_parser("embed", help="write a folder's embeddings (every one the model gives), labels and paths to .npz")
+    em = sub.add_parser(
+        "embed", help="write a folder's embeddings (every one the model gives), labels and paths to .npz"
+    )
     em.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
     em.add_argument("--data", required=True, help="image folder: one sub-folder per class, or just images (label 0)")
     em.add_argument("-o", "--output", default="embeddings.npz", help="the .npz file to write")
@@ -156,8 +238,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _check_eval_args(args)
     retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.overrides)
-    name, dataset, gallery = retriever.eval_data(split=args.split, query=args.query, gallery=args.gallery,
-                                                 folder=args.data)
+    name, dataset, gallery = retriever.eval_data(
+        split=args.split, query=args.query, gallery=args.gallery, folder=args.data
+    )
     report: dict = {"checkpoint": args.checkpoint, "data": name}
     for wanted, analysis in _EVAL_ANALYSES:
         if wanted(args):
@@ -188,13 +271,17 @@ def _eval_metrics(args, retriever, name, dataset, gallery, report: dict) -> None
     knn = "index" if args.index_dir else args.knn
     if args.rerank:
         ks = _parse_ks(args.k)
-        sweep = retriever.evaluate(dataset, gallery, rerank_ks=ks, knn_backend=knn, index_dir=args.index_dir, progress=True)
+        sweep = retriever.evaluate(
+            dataset, gallery, rerank_ks=ks, knn_backend=knn, index_dir=args.index_dir, progress=True
+        )
         print(f"{name} ({args.checkpoint}), structural re-ranking of the global top-K:")
         print(format_metrics_table({f"K={k}" if k else "K=0 (global)": m for k, m in sweep.items()}))
         report["rerank"] = {str(k): m for k, m in sweep.items()}
         report["metrics"] = sweep[max(ks)]
     else:
-        report["metrics"] = retriever.evaluate(dataset, gallery, knn_backend=knn, index_dir=args.index_dir, progress=True)
+        report["metrics"] = retriever.evaluate(
+            dataset, gallery, knn_backend=knn, index_dir=args.index_dir, progress=True
+        )
         print(f"{name} ({args.checkpoint}):")
         print(format_metrics_table({Path(args.checkpoint).name: report["metrics"]}))
 
@@ -204,10 +291,21 @@ def _eval_correspondence(args, retriever, name, dataset, gallery, report: dict) 
 
     cfg, ot, model = retriever.cfg, retriever.settings, retriever.model
     corr = evaluate_correspondence(
-        model, dataset, pairs=args.correspondence, grid=cfg.model.spatial_grid or 4,
-        crop=cfg.data.eval_image_size or cfg.data.image_size, resize=cfg.data.resize, seed=cfg.seed,
-        device=retriever.device, epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals,
-        mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
+        model,
+        dataset,
+        pairs=args.correspondence,
+        grid=cfg.model.spatial_grid or 4,
+        crop=cfg.data.eval_image_size or cfg.data.image_size,
+        resize=cfg.data.resize,
+        seed=cfg.seed,
+        device=retriever.device,
+        epsilon=ot.epsilon,
+        iters=ot.iters,
+        tol=ot.tol,
+        marginals=ot.marginals,
+        mean=model.backbone.mean,
+        std=model.backbone.std,
+        num_workers=cfg.data.num_workers,
     )
     print(
         f"part correspondence over {corr['n_pairs']} same-class pairs ({corr['n_parts']} parts): "
@@ -243,10 +341,19 @@ def _eval_uncertainty(args, retriever, name, dataset, gallery, report: dict) -> 
     )
 
     if "uncertainty" not in retriever.fields:
-        raise ConfigError("--uncertainty: this checkpoint has no uncertainty head (train with model.uncertainty_dim > 0)")
+        raise ConfigError(
+            "--uncertainty: this checkpoint has no uncertainty head (train with model.uncertainty_dim > 0)"
+        )
     cfg = retriever.cfg
-    rep = evaluate_uncertainty(retriever.model, dataset, gallery, batch_size=cfg.eval.batch_size,
-                               num_workers=cfg.data.num_workers, device=retriever.device, progress=True)
+    rep = evaluate_uncertainty(
+        retriever.model,
+        dataset,
+        gallery,
+        batch_size=cfg.eval.batch_size,
+        num_workers=cfg.data.num_workers,
+        device=retriever.device,
+        progress=True,
+    )
     summary = rep.summary()
     print(
         f"uncertainty of {summary['n_queries']} queries: AUROC for R@1 failure {summary['auroc_uncertainty_vs_r1_failure']:.3f}; "
@@ -256,8 +363,10 @@ def _eval_uncertainty(args, retriever, name, dataset, gallery, report: dict) -> 
     stats = object_statistics(dataset, rep.index)
     if stats is not None:  # data with boxes and part keypoints (CUB): does doubt follow visibility?
         summary["spearman"] = uncertainty_vs_ground_truth(rep.uncertainty, stats)
-        print("Spearman rho of the uncertainty with " + ", ".join(
-            f"{name} {v['rho']:+.3f} (p {v['p']:.2g})" for name, v in summary["spearman"].items()))
+        print(
+            "Spearman rho of the uncertainty with "
+            + ", ".join(f"{name} {v['rho']:+.3f} (p {v['p']:.2g})" for name, v in summary["spearman"].items())
+        )
     if args.uncertainty_csv:
         Path(args.uncertainty_csv).parent.mkdir(parents=True, exist_ok=True)
         write_csv(rep, args.uncertainty_csv)
@@ -267,11 +376,17 @@ def _eval_uncertainty(args, retriever, name, dataset, gallery, report: dict) -> 
         from glassmetric.explain.uncertainty import extremes, uncertainty_grid_figure
 
         most, least = extremes(rep.uncertainty, 12)
+
         def show(rows):
             return [dataset.load(int(rep.index[i])).image for i in rows]
 
         fig = uncertainty_grid_figure(
-            show(most), rep.uncertainty[most], rep.correct[most], show(least), rep.uncertainty[least], rep.correct[least],
+            show(most),
+            rep.uncertainty[most],
+            rep.correct[most],
+            show(least),
+            rep.uncertainty[least],
+            rep.correct[least],
         )
         print(f"figure written to {save_figure(fig, args.uncertainty_figure)}")
     report["uncertainty"] = summary
@@ -282,17 +397,29 @@ def _eval_group_parts(args, retriever, name, dataset, gallery, report: dict) -> 
 
     cfg, model = retriever.cfg, retriever.model
     out = evaluate_group_parts(
-        model, dataset, images=args.groups_parts, fraction=args.groups_fraction,
-        crop=cfg.data.eval_image_size or cfg.data.image_size, resize=cfg.data.resize, seed=cfg.seed,
-        device=retriever.device, mean=model.backbone.mean, std=model.backbone.std, num_workers=cfg.data.num_workers,
+        model,
+        dataset,
+        images=args.groups_parts,
+        fraction=args.groups_fraction,
+        crop=cfg.data.eval_image_size or cfg.data.image_size,
+        resize=cfg.data.resize,
+        seed=cfg.seed,
+        device=retriever.device,
+        mean=model.backbone.mean,
+        std=model.backbone.std,
+        num_workers=cfg.data.num_workers,
     )
     pairs = ", ".join(f"{p} {v:.3f}" for p, v in out["iou_pairs"].items())
-    print(f"group distinctness over {out['n_images']} images: top-{100 * out['fraction']:.0f}% region IoU "
-          f"{out['iou']:.3f} ({pairs}; chance {out['iou_chance']:.3f}, {out['n_top']} of {out['positions']} positions)")
+    print(
+        f"group distinctness over {out['n_images']} images: top-{100 * out['fraction']:.0f}% region IoU "
+        f"{out['iou']:.3f} ({pairs}; chance {out['iou_chance']:.3f}, {out['n_top']} of {out['positions']} positions)"
+    )
     for g, v in out["groups"].items():
-        print(f"  group {g}: attention peak nearest the {v['part']} in {100 * v['share']:.1f}% of the images "
-              f"(peak at its most frequent position in {100 * v['fixed_position']:.1f}%; attends to "
-              f"{v['spread']:.1f} of {out['positions']} positions)")
+        print(
+            f"  group {g}: attention peak nearest the {v['part']} in {100 * v['share']:.1f}% of the images "
+            f"(peak at its most frequent position in {100 * v['fixed_position']:.1f}%; attends to "
+            f"{v['spread']:.1f} of {out['positions']} positions)"
+        )
     print(f"  mutual information between group and part {out['mi']:.3f} nats (random maps {out['mi_random']:.3f})")
     report["group_parts"] = out
 
@@ -310,8 +437,12 @@ def _eval_groups_figure(args, retriever, name, dataset, gallery, report: dict) -
     raw = [dataset.load(int(i)).image for i in picked]
     att = retriever.embed(raw, fields=("attention",)).attention
     heads = [v["part"] for v in parts["groups"].values()] if parts else None
-    fig = group_attention_grid_figure([model_view(cfg, img) for img in raw], att.float().cpu(), group_parts=heads,
-                                      titles=[f"class {int(dataset.labels[i])}" for i in picked])
+    fig = group_attention_grid_figure(
+        [model_view(cfg, img) for img in raw],
+        att.float().cpu(),
+        group_parts=heads,
+        titles=[f"class {int(dataset.labels[i])}" for i in picked],
+    )
     print(f"figure written to {save_figure(fig, args.groups_figure)}")
 
 
@@ -363,9 +494,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     ks = _parse_ks(args.k)
     writable_folder(args.output, "-o")
     retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.overrides)
-    name, dataset, gallery = retriever.eval_data(split=args.split, query=args.query, gallery=args.gallery, folder=args.data)
-    page = build_report(retriever, dataset, gallery, args.output, data_name=name, per_group=args.queries,
-                        top=args.top, ks=ks, seed=retriever.cfg.seed)
+    name, dataset, gallery = retriever.eval_data(
+        split=args.split, query=args.query, gallery=args.gallery, folder=args.data
+    )
+    page = build_report(
+        retriever,
+        dataset,
+        gallery,
+        args.output,
+        data_name=name,
+        per_group=args.queries,
+        top=args.top,
+        ks=ks,
+        seed=retriever.cfg.seed,
+    )
     print(f"report written to {page} (open it in a browser; it works offline)")
     return 0
 
@@ -379,11 +521,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         writable_folder(args.cache_dir, "--cache-dir")
     else:
         writable_folder(default_cache_dir(), "--cache-dir (default)")
-    return serve(args.checkpoint, args.gallery, split=args.split, host=args.host, port=args.port, cache_dir=args.cache_dir,
-                 device=str(args.device or default_device()), max_upload_mb=args.max_upload_mb,
-                 max_megapixels=args.max_megapixels, max_in_flight=args.max_in_flight, body_timeout=args.body_timeout,
-                 workers=args.workers, knn=args.knn, index_dir=args.index_dir, overrides=args.overrides,
-                 upload_store_mb=args.upload_store_mb)
+    return serve(
+        args.checkpoint,
+        args.gallery,
+        split=args.split,
+        host=args.host,
+        port=args.port,
+        cache_dir=args.cache_dir,
+        device=str(args.device or default_device()),
+        max_upload_mb=args.max_upload_mb,
+        max_megapixels=args.max_megapixels,
+        max_in_flight=args.max_in_flight,
+        body_timeout=args.body_timeout,
+        workers=args.workers,
+        knn=args.knn,
+        index_dir=args.index_dir,
+        overrides=args.overrides,
+        upload_store_mb=args.upload_store_mb,
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -411,7 +566,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.overrides)
     embeddings = retriever.embed(args.data, progress=True)
     embeddings.save_npz(args.output)
-    print(f"{args.output}: {len(embeddings)} images of {args.data}; {', '.join(embeddings.fields)}, labels, positions, paths")
+    print(
+        f"{args.output}: {len(embeddings)} images of {args.data}; {', '.join(embeddings.fields)}, labels, positions, paths"
+    )
     return 0
 
 
@@ -424,8 +581,16 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "eval": _cmd_eval, "embed": _cmd_embed, "explain": _cmd_explain, "export": _cmd_export,
-            "presets": _cmd_presets, "report": _cmd_report, "serve": _cmd_serve}
+COMMANDS = {
+    "fit": _cmd_fit,
+    "eval": _cmd_eval,
+    "embed": _cmd_embed,
+    "explain": _cmd_explain,
+    "export": _cmd_export,
+    "presets": _cmd_presets,
+    "report": _cmd_report,
+    "serve": _cmd_serve,
+}
 
 
 def _quiet_libraries() -> None:

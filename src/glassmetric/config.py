@@ -97,9 +97,9 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     #: the losses of glassmetric.losses.metric_losses.LOSSES (tests/test_registries.py checks the two agree)
-    name: Literal[
-        "contrastive", "triplet", "margin", "multisimilarity", "proxyanchor", "proxynca", "fastap"
-    ] = "multisimilarity"
+    name: Literal["contrastive", "triplet", "margin", "multisimilarity", "proxyanchor", "proxynca", "fastap"] = (
+        "multisimilarity"
+    )
     #: keyword arguments of the pytorch-metric-learning loss, overriding the paper defaults
     params: dict[str, Any] = field(default_factory=dict)
     #: keyword arguments of the loss's miner (if it has one), overriding the paper defaults
@@ -375,7 +375,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf"):
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and value == value
+            and abs(value) != float("inf")
+        ):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -418,7 +423,12 @@ def _devices(value: int | str | tuple[int, ...]) -> int | str:
         return value.strip()
     else:
         indices = [i.strip() for i in value.split(",") if i.strip()]
-        if "," in value and indices and all(i.isdigit() for i in indices) and len(set(map(int, indices))) == len(indices):
+        if (
+            "," in value
+            and indices
+            and all(i.isdigit() for i in indices)
+            and len(set(map(int, indices))) == len(indices)
+        ):
             return value.strip()
     raise ConfigError(
         f"trainer.devices: expected a number of devices >= 1, 'auto', or GPU indices such as [0, 1] or '0,1', got {value!r}"
@@ -437,11 +447,17 @@ def validate(cfg: Config) -> Config:
             f"trainer.samples_per_class = {cfg.trainer.samples_per_class}"
         )
     if cfg.trainer.select == "val" and cfg.data.val_classes == 0:
-        raise ConfigError("trainer.select: 'val' needs data.val_classes > 0 (model selection never uses the test split)")
+        raise ConfigError(
+            "trainer.select: 'val' needs data.val_classes > 0 (model selection never uses the test split)"
+        )
     if cfg.loss.similarity == "introspective" and cfg.model.uncertainty_dim == 0:
-        raise ConfigError("loss.similarity: 'introspective' needs an uncertainty embedding: set model.uncertainty_dim (e.g. 512)")
+        raise ConfigError(
+            "loss.similarity: 'introspective' needs an uncertainty embedding: set model.uncertainty_dim (e.g. 512)"
+        )
     if cfg.loss.similarity in ("structural", "multiscale") and cfg.model.spatial_grid == 0:
-        raise ConfigError(f"loss.similarity: {cfg.loss.similarity!r} needs local embeddings: set model.spatial_grid (e.g. 4)")
+        raise ConfigError(
+            f"loss.similarity: {cfg.loss.similarity!r} needs local embeddings: set model.spatial_grid (e.g. 4)"
+        )
     m = cfg.model
     if m.groups and m.embedding_dim % m.groups:
         raise ConfigError(
@@ -464,9 +480,13 @@ def validate(cfg: Config) -> Config:
         from glassmetric.data.synthetic import MAX_CLASSES
 
         if not 64 <= cfg.data.image_size <= 224:
-            raise ConfigError(f"data.image_size: the embedded synthetic data is drawn at 64 to 224 px, got {cfg.data.image_size}")
+            raise ConfigError(
+                f"data.image_size: the embedded synthetic data is drawn at 64 to 224 px, got {cfg.data.image_size}"
+            )
         if cfg.data.synthetic.num_classes > MAX_CLASSES:
-            raise ConfigError(f"data.synthetic.num_classes: expected <= {MAX_CLASSES}, got {cfg.data.synthetic.num_classes}")
+            raise ConfigError(
+                f"data.synthetic.num_classes: expected <= {MAX_CLASSES}, got {cfg.data.synthetic.num_classes}"
+            )
     if cfg.data.name != "synthetic" and cfg.data.root is None:
         raise ConfigError(f"data.root: data set {cfg.data.name!r} needs a root folder")
     return cfg
@@ -516,7 +536,9 @@ class _ConfigLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             raise yaml.composer.ComposerError(
-                None, None, "YAML aliases (*name) are not accepted in configs: write the value out",
+                None,
+                None,
+                "YAML aliases (*name) are not accepted in configs: write the value out",
                 self.peek_event().start_mark,
             )
         self._depth = getattr(self, "_depth", 0) + 1

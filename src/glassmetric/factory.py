@@ -25,8 +25,14 @@ from glassmetric.similarity.introspective import IntrospectiveParams
 from glassmetric.similarity.ot_settings import OTSettings
 
 __all__ = [
-    "build_model_from_config", "build_training_loss", "eval_transform", "evaluation_recall_ks", "introspective_params",
-    "make_splits", "structural_settings", "train_transform",
+    "build_model_from_config",
+    "build_training_loss",
+    "eval_transform",
+    "evaluation_recall_ks",
+    "introspective_params",
+    "make_splits",
+    "structural_settings",
+    "train_transform",
 ]
 
 
@@ -34,12 +40,20 @@ def build_model_from_config(cfg: Config) -> EmbeddingModel:
     """The :class:`~glassmetric.models.EmbeddingModel` of ``cfg.model``: backbone, global head and
     the extra heads it asks for (grouping, spatial grid, uncertainty), initialised, not trained."""
     m = cfg.model
-    model = build_model(m.backbone, m.embedding_dim, pretrained=m.pretrained, frozen_bn=m.frozen_bn, pooling=m.pooling, head_init=m.head_init)
+    model = build_model(
+        m.backbone,
+        m.embedding_dim,
+        pretrained=m.pretrained,
+        frozen_bn=m.frozen_bn,
+        pooling=m.pooling,
+        head_init=m.head_init,
+    )
     if m.trainable_backbone is not None:
         model.backbone.freeze_except(m.trainable_backbone)
     if m.groups:
-        model.add_head(GROUPING, GroupingHead(model.backbone.out_channels, m.embedding_dim, m.groups,
-                                                query_std=m.group_query_std))
+        model.add_head(
+            GROUPING, GroupingHead(model.backbone.out_channels, m.embedding_dim, m.groups, query_std=m.group_query_std)
+        )
     if m.spatial_grid:
         head = (
             SpatialGridHead.sharing(model.head, m.spatial_grid)
@@ -62,7 +76,9 @@ def structural_settings(cfg: Config, chunk_size: int | None = 32) -> StructuralS
     """The structural loss's settings: the OT settings of :meth:`OTSettings.from_config`, and
     whether the loss compares by the multi-scale score."""
     return StructuralSettings(
-        ot=OTSettings.from_config(cfg), multiscale=cfg.loss.similarity == "multiscale", chunk_size=chunk_size,
+        ot=OTSettings.from_config(cfg),
+        multiscale=cfg.loss.similarity == "multiscale",
+        chunk_size=chunk_size,
     )
 
 
@@ -75,9 +91,15 @@ def build_training_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
     introspective = introspective_params(cfg) if loss_cfg.similarity == "introspective" else None
 
     def make(dim: int, structural_settings_=None):
-        return build_loss(loss_cfg.name, embedding_dim=dim, num_classes=num_classes, params=loss_cfg.params,
-                          miner_params=loss_cfg.miner_params, structural=structural_settings_,
-                          introspective_params=introspective)
+        return build_loss(
+            loss_cfg.name,
+            embedding_dim=dim,
+            num_classes=num_classes,
+            params=loss_cfg.params,
+            miner_params=loss_cfg.miner_params,
+            structural=structural_settings_,
+            introspective_params=introspective,
+        )
 
     if not m.groups:
         return make(m.embedding_dim, structural)
@@ -89,13 +111,17 @@ def build_training_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
 def eval_transform(cfg: Config, model: HasBackbone):
     """Resize + centre crop at the evaluation size, normalised as the backbone expects."""
     d = cfg.data
-    return build_transforms(False, d.eval_image_size or d.image_size, d.resize, mean=model.backbone.mean, std=model.backbone.std)
+    return build_transforms(
+        False, d.eval_image_size or d.image_size, d.resize, mean=model.backbone.mean, std=model.backbone.std
+    )
 
 
 def train_transform(cfg: Config, model: HasBackbone):
     """Random resized crop + flip at the training size, normalised as the backbone expects."""
     d = cfg.data
-    return build_transforms(True, d.image_size, mean=model.backbone.mean, std=model.backbone.std, crop_scale=d.crop_scale)
+    return build_transforms(
+        True, d.image_size, mean=model.backbone.mean, std=model.backbone.std, crop_scale=d.crop_scale
+    )
 
 
 def make_splits(cfg: Config, model: HasBackbone) -> Splits:

@@ -23,8 +23,14 @@ from pathlib import Path
 from glassmetric.errors import OutputError
 
 __all__ = [
-    "FIGURE_SUFFIXES", "atomic_write", "atomic_write_text", "figure_file", "follow_umask", "umask",
-    "writable_file", "writable_folder",
+    "FIGURE_SUFFIXES",
+    "atomic_write",
+    "atomic_write_text",
+    "figure_file",
+    "follow_umask",
+    "umask",
+    "writable_file",
+    "writable_folder",
 ]
 
 #: the figure formats the commands write (Matplotlib's Agg, PDF, SVG and PS backends, and Pillow)
@@ -49,8 +55,9 @@ def follow_umask(fd: int, mode: int = 0o666) -> None:
     os.fchmod(fd, mode & ~umask())
 
 
-def atomic_write(path: str | Path, data: bytes | bytearray | memoryview, *,
-                 before_replace: Callable[[], None] | None = None) -> Path:
+def atomic_write(
+    path: str | Path, data: bytes | bytearray | memoryview, *, before_replace: Callable[[], None] | None = None
+) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder),
     with the umask's mode; ``before_replace`` runs just before the rename. Creates missing folders."""
     path = Path(path)

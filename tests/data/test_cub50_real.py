@@ -39,7 +39,11 @@ def test_every_image_loads_with_box_and_keypoints_inside(cub50_root):
 
 def test_greyscale_images_load_as_rgb(cub50_root):
     every = CUB200(cub50_root, "all")
-    grey = [i for i, p in enumerate(every.paths) if "Brewer_Blackbird_0028_2682" in str(p) or "Pelagic_Cormorant_0022_23802" in str(p)]
+    grey = [
+        i
+        for i, p in enumerate(every.paths)
+        if "Brewer_Blackbird_0028_2682" in str(p) or "Pelagic_Cormorant_0022_23802" in str(p)
+    ]
     assert len(grey) == 2
     for i in grey:
         assert every.load(i).image.mode == "RGB"

@@ -18,10 +18,22 @@ def _folder(root, files):
 
 
 def test_image_folder_layout(tmp_path):
-    root = _folder(tmp_path, [
-        "dog/b.JPG", "dog/a.png", "dog/sub/c.jpeg", "dog/notes.txt", "dog/.hidden.jpg",
-        "dog/.cache/d.jpg", "cat/grey.png", "cat/x.BMP", "cat/y.webp", "cat/z.tif", ".trash/e.jpg",
-    ])
+    root = _folder(
+        tmp_path,
+        [
+            "dog/b.JPG",
+            "dog/a.png",
+            "dog/sub/c.jpeg",
+            "dog/notes.txt",
+            "dog/.hidden.jpg",
+            "dog/.cache/d.jpg",
+            "cat/grey.png",
+            "cat/x.BMP",
+            "cat/y.webp",
+            "cat/z.tif",
+            ".trash/e.jpg",
+        ],
+    )
     (tmp_path / "empty").mkdir()
     ds = ImageFolderDataset(root, transform=lambda im: im.mode)
     assert ds.class_names == ("cat", "dog", "empty")
@@ -52,7 +64,9 @@ def test_query_gallery_matches_classes_by_name(tmp_path):
     assert isinstance(pair, QueryGallery)
     names = ("ant", "cat", "dog", "owl")
     assert pair.query.class_names == pair.gallery.class_names == names
-    label = {p.parent.name: int(y) for ds in (pair.query, pair.gallery) for p, y in zip(ds.paths, ds.labels, strict=True)}
+    label = {
+        p.parent.name: int(y) for ds in (pair.query, pair.gallery) for p, y in zip(ds.paths, ds.labels, strict=True)
+    }
     assert label == {n: i for i, n in enumerate(names)}
     assert len(pair.query) == 4 and len(pair.gallery) == 4  # owl queries kept, ant is a distractor
     assert sorted(pair.query.labels.tolist()) == [1, 1, 2, 3]

@@ -52,25 +52,38 @@ def _palette_image(transparent: bool = False) -> Image.Image:
 GOOD = {
     "rgb.png": (lambda p: Image.fromarray(RGB).save(p), RGB, 0),
     "palette.png": (lambda p: _palette_image().save(p), PALETTE[INDICES], 0),
-    "palette alpha.png": (lambda p: _palette_image(True).save(p, transparency=3),
-                          np.where((INDICES == 3)[..., None], 255, PALETTE[INDICES]), 0),
+    "palette alpha.png": (
+        lambda p: _palette_image(True).save(p, transparency=3),
+        np.where((INDICES == 3)[..., None], 255, PALETTE[INDICES]),
+        0,
+    ),
     "rgba.png": (lambda p: Image.fromarray(np.dstack([RGB, ALPHA]), "RGBA").save(p), _over_white(RGB, ALPHA), 1),
-    "gray alpha.png": (lambda p: Image.fromarray(np.dstack([RGB[..., 0], ALPHA]), "LA").save(p),
-                       np.repeat(_over_white(RGB[..., :1], ALPHA), 3, 2), 1),
+    "gray alpha.png": (
+        lambda p: Image.fromarray(np.dstack([RGB[..., 0], ALPHA]), "LA").save(p),
+        np.repeat(_over_white(RGB[..., :1], ALPHA), 3, 2),
+        1,
+    ),
     "gray.png": (lambda p: Image.fromarray(RGB[..., 0], "L").save(p), np.repeat(RGB[..., :1], 3, 2), 0),
     "gray16.png": (lambda p: Image.fromarray(GRAY16).save(p), np.repeat(np.round(GRAY16 / 257)[..., None], 3, 2), 0),
-    "cmyk.tif": (lambda p: Image.fromarray(CMYK, "CMYK").save(p),
-                 (255 - CMYK[..., :3].astype(float)) * (255 - CMYK[..., 3:].astype(float)) / 255, 1),
+    "cmyk.tif": (
+        lambda p: Image.fromarray(CMYK, "CMYK").save(p),
+        (255 - CMYK[..., :3].astype(float)) * (255 - CMYK[..., 3:].astype(float)) / 255,
+        1,
+    ),
     "ünïcödé name with spaces.png": (lambda p: Image.fromarray(RGB).save(p), RGB, 0),
 }
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header claims width x height grey pixels (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _truncated_jpeg(path: Path) -> None:
@@ -150,7 +163,9 @@ def test_error_policy_names_the_file_also_from_a_worker(tmp_path):
             with pytest.raises(DataError, match=str(path).replace("(", r"\(")):
                 data[i]
     model = build_model("timm:test_resnet", 8)
-    data.transform = lambda img: torch.from_numpy(np.asarray(img.resize((16, 16)), dtype=np.float32).transpose(2, 0, 1).copy())
+    data.transform = lambda img: torch.from_numpy(
+        np.asarray(img.resize((16, 16)), dtype=np.float32).transpose(2, 0, 1).copy()
+    )
     with pytest.raises(DataError) as e:  # the evaluation's embedding loop
         embed_fields(model, data, fields=("embedding",), batch_size=4, num_workers=2)
     message = str(e.value)
@@ -164,10 +179,13 @@ def test_skip_policy_leaves_bad_images_out_and_counts_them(tmp_path, caplog):
         batches = list(DataLoader(data, batch_size=4, num_workers=0, collate_fn=collate_readable))
     assert sum(int(b["skipped"]) for b in batches) == len(BAD) + 1
     read = torch.cat([b["index"] for b in batches if "index" in b]).tolist()
-    assert [data.paths[i].name for i in read] == [p.name for p in data.paths if p.name not in BAD and p.name != "gone.png"]
+    assert [data.paths[i].name for i in read] == [
+        p.name for p in data.paths if p.name not in BAD and p.name != "gone.png"
+    ]
     skipped = [r.getMessage() for r in caplog.records if "skipping an unreadable image" in r.getMessage()]
-    assert sorted(Path(m.split("image ", 2)[-1].split(":")[0]).name if "not found" not in m else "gone.png" for m in skipped) \
-        == sorted([*BAD, "gone.png"])
+    assert sorted(
+        Path(m.split("image ", 2)[-1].split(":")[0]).name if "not found" not in m else "gone.png" for m in skipped
+    ) == sorted([*BAD, "gone.png"])
 
 
 def _write_folder_split(root: Path, classes: int, per_class: int, seed: int, prefix: str | None = None) -> None:
@@ -189,19 +207,44 @@ def test_cli_fit_with_bad_images_and_workers(tmp_path, policy):
     write_corpus(test / "test class 1", ["empty.jpg"])
     out = tmp_path / "run"
     argv = [
-        sys.executable, "-m", "glassmetric.cli", "fit", "--config", "demo", "data.name=folder", f"data.root={train}",
-        f"data.test_root={test}", "data.val_classes=0", "trainer.select=last", "data.image_size=16", "data.resize=16",
-        "data.num_workers=2", f"data.on_bad_image={policy}", "model.backbone=timm:test_resnet", "model.embedding_dim=8",
-        "trainer.batch_size=8", "trainer.samples_per_class=2", "trainer.max_epochs=1", "trainer.progress_bar=false",
-        "trainer.log_every_n_steps=1", f"trainer.output_dir={out}",
+        sys.executable,
+        "-m",
+        "glassmetric.cli",
+        "fit",
+        "--config",
+        "demo",
+        "data.name=folder",
+        f"data.root={train}",
+        f"data.test_root={test}",
+        "data.val_classes=0",
+        "trainer.select=last",
+        "data.image_size=16",
+        "data.resize=16",
+        "data.num_workers=2",
+        f"data.on_bad_image={policy}",
+        "model.backbone=timm:test_resnet",
+        "model.embedding_dim=8",
+        "trainer.batch_size=8",
+        "trainer.samples_per_class=2",
+        "trainer.max_epochs=1",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        f"trainer.output_dir={out}",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     if policy == "error":
         assert run.returncode == 2, run.stderr[-2000:]
         lines = run.stderr.strip().splitlines()
         assert "Traceback" not in run.stderr
-        assert lines[-1].startswith("glassmetric fit: error: cannot read image ") and "in DataLoader worker process" in lines[-1]
+        assert (
+            lines[-1].startswith("glassmetric fit: error: cannot read image ")
+            and "in DataLoader worker process" in lines[-1]
+        )
         assert "truncated.jpg" in lines[-1] or "text.png" in lines[-1]
     else:
         assert run.returncode == 0, run.stderr[-2000:]
@@ -211,7 +254,9 @@ def test_cli_fit_with_bad_images_and_workers(tmp_path, policy):
         sampler = MPerClassBatchSampler(labels, 2, 8, seed=0)
         bad = {i for i, p in enumerate(ImageFolderDataset(train).paths) if p.name in ("truncated.jpg", "text.png")}
         assert skipped == [float(sum(i in bad for batch in sampler for i in batch))]
-        assert "empty.jpg" in run.stderr and (skipped[0] == 0 or "truncated.jpg" in run.stderr or "text.png" in run.stderr)
+        assert "empty.jpg" in run.stderr and (
+            skipped[0] == 0 or "truncated.jpg" in run.stderr or "text.png" in run.stderr
+        )
         assert skipped[0] == 0 or f"epoch 0: skipped {skipped[0]:.0f} unreadable training image(s)" in run.stderr
         assert "embedding: skipped 1 unreadable image(s) of 9" in run.stderr
 
@@ -243,8 +288,6 @@ def test_elongated_images_are_refused_from_the_header(tmp_path, monkeypatch, siz
     assert "\n" not in message
 
 
-
-
 def test_eval_explain_and_report_refuse_an_elongated_image_in_bounded_memory(tmp_path):
     """A 1 x 1,000,000 PNG among the images: ``eval`` and ``report`` skip it under
     ``data.on_bad_image: skip`` and name it on one line under ``error``, ``explain`` names it;
@@ -262,9 +305,28 @@ def test_eval_explain_and_report_refuse_an_elongated_image_in_bounded_memory(tmp
     runs = {
         "eval error": ["eval", "--checkpoint", str(checkpoint), *pair],
         "eval skip": ["eval", "--checkpoint", str(checkpoint), *pair, "data.on_bad_image=skip"],
-        "report skip": ["report", "--checkpoint", str(checkpoint), *pair, "-o", str(tmp_path / "report"),
-                        "--queries", "1", "--top", "3", "data.on_bad_image=skip"],
-        "explain": ["explain", str(fine), str(strip), "--checkpoint", str(checkpoint), "-o", str(tmp_path / "pair.png")],
+        "report skip": [
+            "report",
+            "--checkpoint",
+            str(checkpoint),
+            *pair,
+            "-o",
+            str(tmp_path / "report"),
+            "--queries",
+            "1",
+            "--top",
+            "3",
+            "data.on_bad_image=skip",
+        ],
+        "explain": [
+            "explain",
+            str(fine),
+            str(strip),
+            "--checkpoint",
+            str(checkpoint),
+            "-o",
+            str(tmp_path / "pair.png"),
+        ],
     }
     code = (
         "import contextlib, io, json, sys\n"

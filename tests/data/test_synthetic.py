@@ -41,8 +41,11 @@ def test_classes_are_distinct_combinations_many_differing_in_one_attribute(all_c
     for half in (attrs[:60], attrs[60:]):  # fine-grained within each split
         distances = [attribute_distance(a, b) for a, b in itertools.combinations(half, 2)]
         assert distances.count(1) >= 15 and distances.count(2) >= 100
-    sole_differences = {next(k for k in ATTRIBUTES if a[k] != b[k])
-                        for a, b in itertools.combinations(attrs, 2) if attribute_distance(a, b) == 1}
+    sole_differences = {
+        next(k for k in ATTRIBUTES if a[k] != b[k])
+        for a, b in itertools.combinations(attrs, 2)
+        if attribute_distance(a, b) == 1
+    }
     assert sole_differences == set(ATTRIBUTES)  # every attribute alone separates some classes
 
 

@@ -120,12 +120,15 @@ def dot_centre_after_transform(size, dot_xy, resize, crop, side=4):
     return float((inten * xs).sum() / mass), float((inten * ys).sum() / mass), float(mass)
 
 
-@pytest.mark.parametrize("size, resize, crop, dot", [
-    ((150, 97), 80, 64, (60.0, 40.0)),  # landscape, downscaled
-    ((97, 150), 80, 64, (30.0, 100.0)),  # portrait
-    ((123, 123), 73, 64, (20.0, 90.0)),  # square, odd margins
-    ((40, 61), 72, 64, (12.0, 34.0)),  # upscaled
-])
+@pytest.mark.parametrize(
+    "size, resize, crop, dot",
+    [
+        ((150, 97), 80, 64, (60.0, 40.0)),  # landscape, downscaled
+        ((97, 150), 80, 64, (30.0, 100.0)),  # portrait
+        ((123, 123), 73, 64, (20.0, 90.0)),  # square, odd margins
+        ((40, 61), 72, 64, (12.0, 34.0)),  # upscaled
+    ],
+)
 def test_keypoints_follow_the_real_eval_transform(size, resize, crop, dot):
     kp = np.array([[dot[0], dot[1], 1.0]], np.float32)
     mapped = keypoints_to_eval_frame(kp, size, resize, crop)
@@ -191,8 +194,14 @@ def test_evaluate_correspondence_end_to_end():
     assert out["n_pairs_sampled"] == 5 and 0 < out["n_pairs"] <= 5 and out["n_parts"] > 0
     assert not model.extra_heads  # the model is left unchanged
     assert out["uniform"] == pytest.approx(1 / 16) and out["uniform_top1"] == pytest.approx(1 / 16)
-    for key in ("learned", "uniform_marginals", "learned_top1", "uniform_marginals_top1",
-                "learned_empty", "upper_bound"):
+    for key in (
+        "learned",
+        "uniform_marginals",
+        "learned_top1",
+        "uniform_marginals_top1",
+        "learned_empty",
+        "upper_bound",
+    ):
         assert 0.0 <= out[key] <= 1.0, key
     assert set(out["per_part"]) == set(data.part_names)
     # keypoint transfer (the synthetic images carry boxes): PCK in [0, 1]; a uniform plan
@@ -204,8 +213,7 @@ def test_evaluate_correspondence_end_to_end():
     masses = [v for v in out["part_mass"].values() if v == v]
     assert masses and all(-1.0 <= v <= 1.0 for v in masses)
     # batching does not matter (up to float32 rounding of the network's batched convolutions)
-    again = evaluate_correspondence(model, data, pairs=5, crop=64, resize=64, seed=0, batch_size=5,
-                                    pair_batch=2)
+    again = evaluate_correspondence(model, data, pairs=5, crop=64, resize=64, seed=0, batch_size=5, pair_batch=2)
     nested = [k for k, v in out.items() if isinstance(v, dict)]
     for key in nested:
         assert again.pop(key) == pytest.approx(out[key], abs=1e-5, nan_ok=True), key
@@ -254,4 +262,3 @@ def test_unreadable_images_are_skipped_or_named(monkeypatch):
     lost = int((pairs == bad).any(1).sum())
     assert out["n_pairs_unreadable"] == lost and full["n_pairs_unreadable"] == 0
     assert out["n_pairs_sampled"] == len(pairs) and out["n_pairs"] <= len(pairs) - lost and lost > 0
-

@@ -62,9 +62,7 @@ def _flow_cells(fig, grid, wx, wy):
 
 
 def test_cell_centres_row_major_and_stretched():
-    np.testing.assert_allclose(
-        cell_centres(2, 100, 60), [[25, 15], [75, 15], [25, 45], [75, 45]]
-    )
+    np.testing.assert_allclose(cell_centres(2, 100, 60), [[25, 15], [75, 15], [25, 45], [75, 45]])
     c = cell_centres(7, 1.0, 1.0)
     assert c.shape == (49, 2)
     np.testing.assert_allclose(c[8], [1.5 / 7, 1.5 / 7])  # row 1, col 1
@@ -109,7 +107,9 @@ def test_flow_count_is_capped_by_nonzero_entries():
     T = torch.zeros(n, n)
     T[torch.arange(n), torch.arange(n).flip(0)] = torch.linspace(1, 2, n) / torch.linspace(1, 2, n).sum()
     sparse = StructuralExplanation(**{**e.__dict__, "T": T})
-    assert len(_flows(structural_pair_figure(_image(32, 32), _image(32, 32), sparse, top_flows=100)).get_segments()) == n
+    assert (
+        len(_flows(structural_pair_figure(_image(32, 32), _image(32, 32), sparse, top_flows=100)).get_segments()) == n
+    )
     assert len(_flows(structural_pair_figure(_image(32, 32), _image(32, 32), sparse, top_flows=5)).get_segments()) == 5
     assert len(_flows(structural_pair_figure(_image(32, 32), _image(32, 32), e, top_flows=0)).get_segments()) == 0
     with pytest.raises(ValueError):

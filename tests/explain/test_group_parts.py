@@ -105,8 +105,9 @@ def test_mutual_information_matches_the_definition():
     counts = torch.tensor([[6, 1, 0], [2, 2, 5]])
     joint = counts.double().numpy() / counts.sum().item()
     pg, pp = joint.sum(1), joint.sum(0)
-    expect = sum(joint[g, p] * math.log(joint[g, p] / (pg[g] * pp[p]))
-                 for g in range(2) for p in range(3) if joint[g, p] > 0)
+    expect = sum(
+        joint[g, p] * math.log(joint[g, p] / (pg[g] * pp[p])) for g in range(2) for p in range(3) if joint[g, p] > 0
+    )
     assert group_part_mutual_information(counts) == pytest.approx(expect)
     # independent groups and parts: 0; each group its own part: log k
     assert group_part_mutual_information(torch.tensor([[2, 4], [1, 2]])) == pytest.approx(0.0, abs=1e-12)

@@ -33,7 +33,9 @@ def test_group_contributions_sum_to_the_reported_score():
     expected = [float(F.cosine_similarity(g[0, i], g[1, i], dim=0)) for i in range(4)]
     assert e.group_similarity.tolist() == pytest.approx(expected)
     assert float(e.contribution.sum()) == pytest.approx(float(e.score))
-    assert float(e.score) == pytest.approx(float(F.cosine_similarity(out.embedding[0], out.embedding[1], dim=0)), abs=1e-6)
+    assert float(e.score) == pytest.approx(
+        float(F.cosine_similarity(out.embedding[0], out.embedding[1], dim=0)), abs=1e-6
+    )
 
 
 def test_retriever_explains_a_pair_over_groups_and_draws_the_figure(checkpoint, images, tmp_path):
@@ -62,7 +64,10 @@ def test_explain_cli_draws_the_group_figure_and_prints_the_sum(checkpoint, image
 
 def test_eval_cli_reports_group_distinctness(checkpoint, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(checkpoint), "--groups-parts", "12", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(checkpoint), "--groups-parts", "12", "--device", "cpu", "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "region IoU" in printed and "group 3: attention peak nearest the" in printed
     report = json.loads(out.read_text())["group_parts"]

@@ -35,10 +35,20 @@ def test_retriever_explains_a_pair_training_free_without_changing_the_model(chec
         lin = model.head.linear
         proj = torch.einsum("bchw,dc->bdhw", out.feature_map, lin.weight) + lin.bias[None, :, None, None]
         up = torch.nn.functional.interpolate(proj, size=(16, 16), mode="bilinear", align_corners=False)
-        cells = torch.nn.functional.normalize(torch.nn.functional.adaptive_avg_pool2d(up, 4).flatten(2).transpose(1, 2), dim=-1)
+        cells = torch.nn.functional.normalize(
+            torch.nn.functional.adaptive_avg_pool2d(up, 4).flatten(2).transpose(1, 2), dim=-1
+        )
     ot = retriever.settings
-    ref = explain_pair(x_local=cells[0], y_local=cells[1], x_global=out.embedding[0], y_global=out.embedding[1],
-                       epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals)
+    ref = explain_pair(
+        x_local=cells[0],
+        y_local=cells[1],
+        x_global=out.embedding[0],
+        y_global=out.embedding[1],
+        epsilon=ot.epsilon,
+        iters=ot.iters,
+        tol=ot.tol,
+        marginals=ot.marginals,
+    )
     torch.testing.assert_close(e.T, ref.T, atol=1e-5, rtol=0)
     torch.testing.assert_close(e.region_contribution_x.sum(), e.ss, atol=1e-5, rtol=0)
     torch.testing.assert_close(e.score, e.s_global + e.ss)
@@ -59,8 +69,21 @@ def test_explain_cli_names_a_missing_image(checkpoint, images, tmp_path, capsys)
 def test_eval_rerank_sweep_and_correspondence(checkpoint, tmp_path):
     plain, swept = tmp_path / "plain.json", tmp_path / "swept.json"
     assert main(["eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(plain)]) == 0
-    args = ["eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--rerank", "structural", "--k", "0,3,10",
-            "--correspondence", "12", "--out", str(swept)]
+    args = [
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--device",
+        "cpu",
+        "--rerank",
+        "structural",
+        "--k",
+        "0,3,10",
+        "--correspondence",
+        "12",
+        "--out",
+        str(swept),
+    ]
     assert main(args) == 0
     import json
 

@@ -18,7 +18,14 @@ from glassmetric.retriever import Retriever
 from glassmetric.similarity.introspective import IntrospectiveParams, introspective_distance_matrix
 from glassmetric.training.fit import fit
 
-TINY = [*tiny_runs.TINY, "model.embedding_dim=16", "model.uncertainty_dim=8", "model.pooling=avgmax", "loss.similarity=introspective", "eval.batch_size=16"]
+TINY = [
+    *tiny_runs.TINY,
+    "model.embedding_dim=16",
+    "model.uncertainty_dim=8",
+    "model.pooling=avgmax",
+    "loss.similarity=introspective",
+    "eval.batch_size=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +36,19 @@ def checkpoint(tmp_path_factory):
 
 def test_eval_reports_uncertainty_csv_and_figure(checkpoint, tmp_path, capsys):
     csv, png, out = tmp_path / "u.csv", tmp_path / "u.png", tmp_path / "m.json"
-    args = ["eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--uncertainty-csv", str(csv),
-            "--uncertainty-figure", str(png), "--out", str(out)]
+    args = [
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--device",
+        "cpu",
+        "--uncertainty-csv",
+        str(csv),
+        "--uncertainty-figure",
+        str(png),
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "AUROC for R@1 failure" in printed
@@ -68,12 +86,16 @@ def test_introspective_scores_match_the_distance():
     got = introspective_scores(s, u, IntrospectiveParams())
     sn = torch.nn.functional.normalize(s, dim=1)
     assert got.semantic_distance == pytest.approx(float(((sn[0] - sn[1]) ** 2).sum()), rel=1e-5)
-    assert got.introspective_distance == pytest.approx(float(introspective_distance_matrix(s[:1], u[:1], s[1:], u[1:])), rel=1e-5)
+    assert got.introspective_distance == pytest.approx(
+        float(introspective_distance_matrix(s[:1], u[:1], s[1:], u[1:])), rel=1e-5
+    )
     assert got.uncertainty == pytest.approx((float(u[0].norm()), float(u[1].norm())))
 
 
 def test_cross_domain_splits_share_classes_not_style():
-    cfg = load_config("cross_domain", ["data.synthetic.num_classes=8", "data.synthetic.images_per_class=3", "data.val_classes=2"])
+    cfg = load_config(
+        "cross_domain", ["data.synthetic.num_classes=8", "data.synthetic.images_per_class=3", "data.val_classes=2"]
+    )
     splits = build_splits(cfg.data, None, None)
     assert splits.gallery is not None and splits.gallery.style == "painting" and splits.test.style == "photo"
     assert np.array_equal(np.unique(splits.gallery.labels), np.unique(splits.test.labels))
@@ -87,8 +109,11 @@ def test_cross_domain_fit_tests_photo_queries_against_the_painting_gallery(tmp_p
     from glassmetric.factory import make_splits
     from glassmetric.retrieval.evaluate import evaluate_model
 
-    cfg = load_config("cross_domain", [t for t in TINY if "synthetic" not in t] + [
-        "data.synthetic.num_classes=8", "data.synthetic.images_per_class=4", f"trainer.output_dir={tmp_path}"])
+    cfg = load_config(
+        "cross_domain",
+        [t for t in TINY if "synthetic" not in t]
+        + ["data.synthetic.num_classes=8", "data.synthetic.images_per_class=4", f"trainer.output_dir={tmp_path}"],
+    )
     result = fit(cfg)
     model, trained = load_trained(str(result.checkpoint))
     splits = make_splits(trained, model)

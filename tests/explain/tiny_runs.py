@@ -8,9 +8,16 @@ from glassmetric.training.fit import fit
 
 #: 8 classes x 4 images at 64 px, one epoch, the last epoch kept
 TINY = [
-    "data.image_size=64", "data.resize=64", "data.num_workers=0", "data.synthetic.num_classes=8",
-    "data.synthetic.images_per_class=4", "data.val_classes=0", "trainer.select=last", "trainer.max_epochs=1",
-    "trainer.batch_size=8", "trainer.progress_bar=false",
+    "data.image_size=64",
+    "data.resize=64",
+    "data.num_workers=0",
+    "data.synthetic.num_classes=8",
+    "data.synthetic.images_per_class=4",
+    "data.val_classes=0",
+    "trainer.select=last",
+    "trainer.max_epochs=1",
+    "trainer.batch_size=8",
+    "trainer.progress_bar=false",
 ]
 
 

@@ -21,8 +21,16 @@ def run_onnx(path, images: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def test_all_heads_export_with_a_dynamic_batch(tmp_path):
-    cfg = load_config("demo", ["model.embedding_dim=16", "model.groups=2", "model.spatial_grid=2",
-                               "model.spatial_head=own", "model.uncertainty_dim=8"])
+    cfg = load_config(
+        "demo",
+        [
+            "model.embedding_dim=16",
+            "model.groups=2",
+            "model.spatial_grid=2",
+            "model.spatial_head=own",
+            "model.uncertainty_dim=8",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model_from_config(cfg).eval()
     names = export_onnx(model, tmp_path / "all.onnx", 64)

@@ -89,6 +89,7 @@ def test_contrastive_matches_brute_force():
                 continue
             d = math.sqrt(max(_d(S[i], U[i], S[j], U[j]), 1e-12))
             (pos if y[i] == y[j] else neg).append(d if y[i] == y[j] else max(0.0, 1.0 - d))
+
     def mean_nz(t):
         return sum(v for v in t if v > 0) / max(1, sum(1 for v in t if v > 0))
 
@@ -131,8 +132,13 @@ def test_structural_and_introspective_together_are_refused():
     from glassmetric.losses.structural import StructuralSettings
 
     with pytest.raises(ConfigError, match="one of structural and introspective"):
-        build_loss("multisimilarity", embedding_dim=DIM, num_classes=NUM_CLASSES,
-                   structural=StructuralSettings(), introspective_params=IntrospectiveParams())
+        build_loss(
+            "multisimilarity",
+            embedding_dim=DIM,
+            num_classes=NUM_CLASSES,
+            structural=StructuralSettings(),
+            introspective_params=IntrospectiveParams(),
+        )
 
 
 # --------------------------------------------------------------------------- IntrospectiveLoss
@@ -141,8 +147,9 @@ def test_structural_and_introspective_together_are_refused():
 def _hand_distances(s, u, p=IntrospectiveParams()):
     S, U = s.double().tolist(), u.double().tolist()
     # an image with itself: alpha = 0, so D = 0
-    return torch.tensor([[_d(S[i], U[i], S[j], U[j], p) if i != j else 0.0 for j in range(len(S))]
-                         for i in range(len(S))])
+    return torch.tensor(
+        [[_d(S[i], U[i], S[j], U[j], p) if i != j else 0.0 for j in range(len(S))] for i in range(len(S))]
+    )
 
 
 def _fixed(base_cls, matrix):

@@ -241,10 +241,20 @@ def proxyanchor_reference(rows, labels, proxies, margin=0.1, alpha=32.0):
     present = sorted(set(labels))
     pos = 0.0
     for c in present:
-        pos += math.log(1 + sum(math.exp(-alpha * (cosine(x, proxies[c]) - margin)) for x, y in zip(rows, labels, strict=True) if y == c))
+        pos += math.log(
+            1
+            + sum(
+                math.exp(-alpha * (cosine(x, proxies[c]) - margin)) for x, y in zip(rows, labels, strict=True) if y == c
+            )
+        )
     neg = 0.0
     for c in range(len(proxies)):
-        neg += math.log(1 + sum(math.exp(alpha * (cosine(x, proxies[c]) + margin)) for x, y in zip(rows, labels, strict=True) if y != c))
+        neg += math.log(
+            1
+            + sum(
+                math.exp(alpha * (cosine(x, proxies[c]) + margin)) for x, y in zip(rows, labels, strict=True) if y != c
+            )
+        )
     return pos / len(present) + neg / len(proxies)
 
 
@@ -325,7 +335,7 @@ def test_margin_matches_reference_on_the_mined_triplets(seed, params):
     torch.manual_seed(seed)  # distance-weighted sampling is random: record what it drew
     got = run_loss(loss, x, labels)
     hook.remove()
-    (a, p, n), = mined
+    ((a, p, n),) = mined
     triplets = list(zip(a.tolist(), p.tolist(), n.tolist(), strict=True))
     rows, ys = as_lists(x, labels)
     assert triplets

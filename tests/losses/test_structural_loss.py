@@ -41,8 +41,17 @@ def pot_plans(glob, local):
             S[a * B + b] = s
             mu[a * B + b] = m / m.sum() if m.sum() > 1e-8 else np.full(N, 1 / N)
             nu[a * B + b] = n / n.sum() if n.sum() > 1e-8 else np.full(N, 1 / N)
-    res = ot.solve_batch(torch.from_numpy(1 - S), reg=0.05, a=torch.from_numpy(mu), b=torch.from_numpy(nu),
-                         method="log_sinkhorn", reg_type="entropy", max_iter=3000, tol=1e-11, grad="detach")
+    res = ot.solve_batch(
+        torch.from_numpy(1 - S),
+        reg=0.05,
+        a=torch.from_numpy(mu),
+        b=torch.from_numpy(nu),
+        method="log_sinkhorn",
+        reg_type="entropy",
+        max_iter=3000,
+        tol=1e-11,
+        grad="detach",
+    )
     return res.plan.reshape(B, B, N, N)
 
 
@@ -74,7 +83,9 @@ def reference(plans):
     return glob, local, labels, ss_with_constant_plans(plans, local).float()
 
 
-@pytest.mark.parametrize("name, calibration", [("multisimilarity", "similarity"), ("contrastive", "distance"), ("triplet", "distance")])
+@pytest.mark.parametrize(
+    "name, calibration", [("multisimilarity", "similarity"), ("contrastive", "distance"), ("triplet", "distance")]
+)
 def test_loss_equals_the_loss_on_a_brute_force_matrix(name, calibration, reference):
     glob, local, labels, ss = reference
     loss = build_loss(name, embedding_dim=D, num_classes=4, structural=SETTINGS)

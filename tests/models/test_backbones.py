@@ -62,7 +62,9 @@ def test_timm_vit_tokens_become_grid() -> None:
 
 
 # ---------------------------------------------------------------------- errors on names
-@pytest.mark.parametrize("name", ["resnet5000", "vgg16", "torchvision:vit_b_16", "timm:no_such_model", "foo:resnet18", ""])
+@pytest.mark.parametrize(
+    "name", ["resnet5000", "vgg16", "torchvision:vit_b_16", "timm:no_such_model", "foo:resnet18", ""]
+)
 def test_unknown_backbone(name: str) -> None:
     with pytest.raises(ConfigError) as info:
         build_backbone(name)
@@ -210,7 +212,9 @@ def test_pretrained_true_reads_hub_cache(tmp_path, monkeypatch, resnet18: Backbo
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
     loaded = build_backbone("resnet18", pretrained=True)
-    torch.testing.assert_close(loaded.trunk.layer4[1].conv2.weight, resnet18.trunk.layer4[1].conv2.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.trunk.layer4[1].conv2.weight, resnet18.trunk.layer4[1].conv2.weight, rtol=0, atol=0
+    )
 
 
 @pytest.fixture
@@ -286,7 +290,9 @@ def test_freeze_except_rejects_unknown_paths():
     assert "layer4" in str(e.value)
 
 
-@pytest.mark.parametrize("url", ["https://weights.example.org/models/net_a.pth", ("https://weights.example.org/dl?id=7", "net_a.pth")])
+@pytest.mark.parametrize(
+    "url", ["https://weights.example.org/models/net_a.pth", ("https://weights.example.org/dl?id=7", "net_a.pth")]
+)
 def test_timm_url_weights_are_found_in_timms_cache_by_their_file_name(url, tmp_path, monkeypatch):
     """timm names a url's cached file by the url's last path part, or by the second item of a
     ``(url, file name)`` pair."""

@@ -23,8 +23,11 @@ def _run(head: GroupingHead, fmap: torch.Tensor) -> dict:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    seed=st.integers(0, 2**31 - 1), h=st.integers(1, 6), w=st.integers(1, 6),
-    groups=st.integers(1, 4), channels=st.sampled_from([8, 16, 24]),
+    seed=st.integers(0, 2**31 - 1),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    groups=st.integers(1, 4),
+    channels=st.sampled_from([8, 16, 24]),
 )
 def test_group_outputs_are_invariant_to_permutations_of_the_positions(seed, h, w, groups, channels):
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +94,9 @@ def test_bad_group_configs_name_the_key(bad):
 def test_shared_spatial_head_is_refused_with_groups_and_the_own_head_composes():
     with pytest.raises(ConfigError, match=r"model\.spatial_head"):
         load_config("demo", ["model.groups=2", "model.spatial_grid=4"])
-    cfg = load_config("demo", ["model.groups=2", "model.spatial_grid=4", "model.spatial_head=own", "model.embedding_dim=16"])
+    cfg = load_config(
+        "demo", ["model.groups=2", "model.spatial_grid=4", "model.spatial_head=own", "model.embedding_dim=16"]
+    )
     model = build_model_from_config(cfg)
     out = model(torch.randn(2, 3, 64, 64))
     assert out.local.shape == (2, 16, 16) and out.group_embeddings.shape == (2, 2, 8)
@@ -112,9 +117,14 @@ def test_training_free_structural_matching_refuses_a_grouping_model_without_spat
     assert set(model.extra_heads) == {"grouping"}  # the model is not changed
 
 
-@pytest.mark.parametrize("backbone, kwargs, grid", [
-    ("efficientnet_lite0", None, 2), ("timm:resnet10t", None, 2), ("timm:vit_tiny_patch16_224", {"img_size": 64}, 4),
-])
+@pytest.mark.parametrize(
+    "backbone, kwargs, grid",
+    [
+        ("efficientnet_lite0", None, 2),
+        ("timm:resnet10t", None, 2),
+        ("timm:vit_tiny_patch16_224", {"img_size": 64}, 4),
+    ],
+)
 def test_grouping_works_on_every_kind_of_backbone(backbone, kwargs, grid):
     model = build_model(backbone, 12, timm_kwargs=kwargs)
     model.add_head("grouping", GroupingHead(model.backbone.out_channels, 12, 3))
@@ -152,8 +162,10 @@ def test_small_initial_queries_start_every_group_near_average_pooling():
     mean_values = flat.values(fmap).flatten(2).mean(-1)  # (B, D/k): average pooling of the values
     for i in range(4):
         torch.testing.assert_close(g_flat[:, i], mean_values, atol=2e-3, rtol=0)
-    cfg = load_config("demo", ["model.groups=4", "model.embedding_dim=32", "model.group_query_std=0.1",
-                               "model.backbone=timm:test_resnet"])
+    cfg = load_config(
+        "demo",
+        ["model.groups=4", "model.embedding_dim=32", "model.group_query_std=0.1", "model.backbone=timm:test_resnet"],
+    )
     assert build_model_from_config(cfg).extra_heads["grouping"].queries.abs().max() < 1.0
     with pytest.raises(ConfigError, match=r"model\.group_query_std"):
         load_config("demo", ["model.groups=4", "model.group_query_std=0"])

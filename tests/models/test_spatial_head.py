@@ -93,7 +93,9 @@ def test_sharing_head_adds_no_state_and_follows_the_global_weights():
     torch.testing.assert_close(model(images).local, -before)
 
 
-@pytest.mark.parametrize("backbone, kwargs", [("timm:resnet10t", None), ("timm:vit_tiny_patch16_224", {"img_size": 64})])
+@pytest.mark.parametrize(
+    "backbone, kwargs", [("timm:resnet10t", None), ("timm:vit_tiny_patch16_224", {"img_size": 64})]
+)
 def test_training_free_grid_on_timm_cnns_and_vit_token_grids(backbone, kwargs):
     model = build_model(backbone, 8, timm_kwargs=kwargs)
     model.add_head("spatial", SpatialGridHead.sharing(model.head, grid=4))

@@ -55,8 +55,21 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    args = ["report", "--checkpoint", str(checkpoint), "-o", str(out), "--queries", "1", "--top", "3",
-            "--k", "0,2,100", "--device", "cpu"]
+    args = [
+        "report",
+        "--checkpoint",
+        str(checkpoint),
+        "-o",
+        str(out),
+        "--queries",
+        "1",
+        "--top",
+        "3",
+        "--k",
+        "0,2,100",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     return out
 
@@ -107,7 +120,10 @@ def test_every_result_has_its_explanation(report):
 def test_groups_model_shows_attention_panels_without_structure(tmp_path):
     ckpt = fit_tiny(tmp_path / "run", "model.embedding_dim=12", "model.groups=3")
     out = tmp_path / "report"
-    assert main(["report", "--checkpoint", str(ckpt), "-o", str(out), "--queries", "1", "--top", "1", "--device", "cpu"]) == 0
+    assert (
+        main(["report", "--checkpoint", str(ckpt), "-o", str(out), "--queries", "1", "--top", "1", "--device", "cpu"])
+        == 0
+    )
     page = (out / "index.html").read_text()
     assert "_groups.png" in page and "_flows.png" not in page and "K-sweep" not in page
     assert "per-group cosines" in page
@@ -124,14 +140,21 @@ def test_bad_arguments_are_one_line(checkpoint, tmp_path, capsys):
 def test_the_report_opens_offline_in_chromium(report, chromium_page):
     page = chromium_page
     requested = []
-    page.route("**/*", lambda route: (requested.append(route.request.url), route.continue_()
-                                      if route.request.url.startswith("file://") else route.abort()))
+    page.route(
+        "**/*",
+        lambda route: (
+            requested.append(route.request.url),
+            route.continue_() if route.request.url.startswith("file://") else route.abort(),
+        ),
+    )
     page.goto((report / "index.html").as_uri())
     page.wait_for_function("[...document.images].filter(i => !i.loading || i.loading != 'lazy').every(i => i.complete)")
     assert page.evaluate("[...document.querySelectorAll('button.result img')].every(i => i.naturalWidth > 0)")
     page.locator("button.result").nth(4).click()
     page.wait_for_selector("dialog[open] img")
-    page.wait_for_function("[...document.querySelectorAll('dialog[open] img')].every(i => i.complete && i.naturalWidth > 500)")
+    page.wait_for_function(
+        "[...document.querySelectorAll('dialog[open] img')].every(i => i.complete && i.naturalWidth > 500)"
+    )
     assert "structural" in page.text_content("dialog[open] pre")
     assert all(u.startswith("file://") for u in requested)
     page.click("#explain-close")
@@ -175,8 +198,28 @@ def test_a_skipped_unreadable_image_leaves_every_shown_image_its_own(checkpoint,
     query = _folder_with_an_unreadable_image(tmp_path / "query", ("a", "c")) if mode == "query-gallery" else gallery
     out = tmp_path / "report"
     where = ["--data", str(gallery)] if mode == "data" else ["--query", str(query), "--gallery", str(gallery)]
-    assert main(["report", "--checkpoint", str(checkpoint), *where, "-o", str(out), "--queries", "1", "--top", "2",
-                 "--k", "0", "--device", "cpu", "data.on_bad_image=skip"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--checkpoint",
+                str(checkpoint),
+                *where,
+                "-o",
+                str(out),
+                "--queries",
+                "1",
+                "--top",
+                "2",
+                "--k",
+                "0",
+                "--device",
+                "cpu",
+                "data.on_bad_image=skip",
+            ]
+        )
+        == 0
+    )
 
     def listing(root):  # data-set position -> file, and the embeddings of the readable files
         paths = ImageFolderDataset(root, ["a", "b", "c"]).paths

@@ -167,7 +167,9 @@ def _other_weights(path, name="other.ckpt"):
     data and embedding size, other embeddings."""
     ckpt = torch.load(path, weights_only=True)
     weight = ckpt["state_dict"]["model.head.linear.weight"]
-    ckpt["state_dict"]["model.head.linear.weight"] = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)) * weight.std()
+    ckpt["state_dict"]["model.head.linear.weight"] = (
+        torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)) * weight.std()
+    )
     out = path.parent / name
     torch.save(ckpt, out)
     return out
@@ -219,7 +221,9 @@ def test_a_cached_index_is_rebuilt_for_another_size_or_settings_and_refused_when
     with caplog.at_level("WARNING", logger="glassmetric.retrieval"):
         index = cached_gallery_index(x[:200], IndexConfig(kind="exact"), folder)
         assert "holds 300 vectors of dim 16, the gallery is (200, 16): building it again" in caplog.text
-        assert len(index) == 200 and json.loads((folder / "index.json").read_text())["fingerprint"] == fingerprint(x[:200])
+        assert len(index) == 200 and json.loads((folder / "index.json").read_text())["fingerprint"] == fingerprint(
+            x[:200]
+        )
         caplog.clear()
         index = cached_gallery_index(x[:200], IndexConfig(kind="hnsw", hnsw_m=8), folder)
         assert "is exact, eval.index asks for hnsw (hnsw_m 8, ef_construction 80)" in caplog.text
@@ -255,7 +259,9 @@ def _mixture(n, dim, noise, per_cluster=100, seed=0):
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
 
     def draw(m):
-        x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, dim)).astype(np.float32) * noise / np.sqrt(dim)
+        x = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, dim)).astype(
+            np.float32
+        ) * noise / np.sqrt(dim)
         return torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))
 
     return draw(n), draw(300)
@@ -288,5 +294,7 @@ def test_the_tuning_is_saved_and_an_unreachable_target_warns(tmp_path, monkeypat
     assert GalleryIndex.load(tmp_path / "ivf", IndexConfig(nprobe=4, target_recall=None)).params["nprobe"] == 4
     monkeypatch.setattr(index_module, "EF_SEARCH_MAX", 8)
     with pytest.warns(index_module.IndexRecallWarning, match="estimated recall@10 of 0.[0-9]+ at ef_search 8, below"):
-        hnsw = GalleryIndex.build(x, IndexConfig(kind="hnsw", hnsw_m=4, ef_construction=8, ef_search=2, target_recall=1.0))
+        hnsw = GalleryIndex.build(
+            x, IndexConfig(kind="hnsw", hnsw_m=4, ef_construction=8, ef_search=2, target_recall=1.0)
+        )
     assert hnsw.params["ef_search"] == 8 and hnsw.params["recall@10"] < 1.0

@@ -193,7 +193,9 @@ def test_auto_picks_faiss_for_large_cpu_searches(monkeypatch):
     ran = []
     for name in ("_iter_torch", "_iter_faiss"):
         real = getattr(knn_mod, name)
-        monkeypatch.setattr(knn_mod, name, lambda *a, _real=real, _name=name, **kw: (ran.append(_name), _real(*a, **kw))[1])
+        monkeypatch.setattr(
+            knn_mod, name, lambda *a, _real=real, _name=name, **kw: (ran.append(_name), _real(*a, **kw))[1]
+        )
     for threshold, path in [(81, "_iter_torch"), (80, "_iter_faiss")]:
         monkeypatch.setattr(knn_mod, "AUTO_FAISS_MIN_ITEMS", threshold)
         ran.clear()
@@ -237,9 +239,7 @@ def test_property_forced_ties(data, n_query, n_gallery, dim, exclude_self, chunk
         n_gallery = n_query = max(n_query, 2)
     entries = st.lists(st.integers(-1, 1), min_size=dim, max_size=dim)
     g = np.array(data.draw(st.lists(entries, min_size=n_gallery, max_size=n_gallery)), np.float32)
-    q = g if exclude_self else np.array(
-        data.draw(st.lists(entries, min_size=n_query, max_size=n_query)), np.float32
-    )
+    q = g if exclude_self else np.array(data.draw(st.lists(entries, min_size=n_query, max_size=n_query)), np.float32)
     k = data.draw(st.integers(1, n_gallery - int(exclude_self)))
     got = knn(as_t(q), as_t(g), k, exclude_self=exclude_self, chunk_size=chunk_size, backend=backend)
     check_equal(got, brute_force(q, g, k, exclude_self))

@@ -45,18 +45,21 @@ class BruteForceKNN:
         return torch.from_numpy(np.take_along_axis(s, idx, 1)), torch.from_numpy(idx)
 
 
-def accuracy_calculator(query, query_labels, gallery=None, gallery_labels=None, *,
-                        knn_func=None, kmeans_seed=0, include=AC_METRICS):
-    kmeans = FaissKMeans(niter=20) if kmeans_seed is None else FaissKMeans(
-        niter=20, seed=kmeans_seed
-    )
+def accuracy_calculator(
+    query, query_labels, gallery=None, gallery_labels=None, *, knn_func=None, kmeans_seed=0, include=AC_METRICS
+):
+    kmeans = FaissKMeans(niter=20) if kmeans_seed is None else FaissKMeans(niter=20, seed=kmeans_seed)
     calc = AccuracyCalculator(
-        include=include, k=None, device=torch.device("cpu"), knn_func=knn_func,
+        include=include,
+        k=None,
+        device=torch.device("cpu"),
+        knn_func=knn_func,
         kmeans_func=kmeans,
     )
     same = gallery is None
     res = calc.get_accuracy(
-        query, query_labels,
+        query,
+        query_labels,
         query if same else gallery,
         query_labels if same else gallery_labels,
         ref_includes_query=same,
@@ -142,9 +145,7 @@ def test_equals_accuracy_calculator(kind, mode, knn_backend):
     x, y = make_problem(kind)
     args = (x, y) if mode == "same_set" else split(x, y)
     got = retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=KS, seed=0, knn_backend=knn_backend)
-    expected = accuracy_calculator(
-        *(torch.from_numpy(a) for a in args), knn_func=BruteForceKNN(), kmeans_seed=0
-    )
+    expected = accuracy_calculator(*(torch.from_numpy(a) for a in args), knn_func=BruteForceKNN(), kmeans_seed=0)
     assert_metrics_equal(got, expected)
     assert_metrics_equal(got, loop_metrics(*args))
     assert list(got) == [f"recall@{k}" for k in KS] + ["nmi", "r_precision", "map_at_r"]
@@ -171,8 +172,9 @@ def test_lone_queries_are_skipped_not_missed():
     got = retrieval_metrics(x, y, include=("recall", "r_precision", "map_at_r"), recall_ks=(1,))
     assert got == {"recall@1": 1.0, "r_precision": 1.0, "map_at_r": 1.0}
     with pytest.warns(UnmatchedQueryWarning, match="1 of 2 queries"):
-        got = retrieval_metrics(x[:2], y[:2], x[2:], torch.tensor([1, 5]), recall_ks=(1,),
-                                include=("recall", "r_precision"))
+        got = retrieval_metrics(
+            x[:2], y[:2], x[2:], torch.tensor([1, 5]), recall_ks=(1,), include=("recall", "r_precision")
+        )
     assert got == {"recall@1": 1.0, "r_precision": 1.0}  # query 0 has R = 0
 
 
@@ -189,16 +191,21 @@ def test_chunking_and_backend_invariance():
     ref = retrieval_metrics(x, y, recall_ks=KS, include=("recall", "r_precision", "map_at_r"))
     for chunk_size in (1, 7, None):
         for backend in ("torch", "faiss"):
-            got = retrieval_metrics(x, y, recall_ks=KS, chunk_size=chunk_size, knn_backend=backend,
-                                    include=("recall", "r_precision", "map_at_r"))
+            got = retrieval_metrics(
+                x,
+                y,
+                recall_ks=KS,
+                chunk_size=chunk_size,
+                knn_backend=backend,
+                include=("recall", "r_precision", "map_at_r"),
+            )
             assert got == ref
 
     rng = np.random.default_rng(4)
     x = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((300, 24))).float())
     y = torch.from_numpy(rng.integers(0, 30, size=300))
     t = retrieval_metrics(x, y, recall_ks=KS, include=("recall", "r_precision", "map_at_r"))
-    f = retrieval_metrics(x, y, recall_ks=KS, include=("recall", "r_precision", "map_at_r"),
-                          knn_backend="faiss")
+    f = retrieval_metrics(x, y, recall_ks=KS, include=("recall", "r_precision", "map_at_r"), knn_backend="faiss")
     assert_metrics_equal(f, t, tol=1e-12)
 
 
@@ -214,8 +221,7 @@ def test_nmi_separated_clusters():
     got = retrieval_metrics(x, torch.from_numpy(y), include=("nmi",), nmi_backend="sklearn")
     assert got == {"nmi": pytest.approx(1.0)}
     got = retrieval_metrics(x, torch.from_numpy(y), include=("nmi",), seed=7)
-    assert got == pytest.approx(accuracy_calculator(x, torch.from_numpy(y), kmeans_seed=7,
-                                                    include=("NMI",)), abs=1e-12)
+    assert got == pytest.approx(accuracy_calculator(x, torch.from_numpy(y), kmeans_seed=7, include=("NMI",)), abs=1e-12)
 
 
 def test_bad_arguments():
@@ -235,9 +241,7 @@ def test_bad_arguments():
 def test_format_metrics_table():
     rows = {
         "untrained": {"recall@1": 0.5123, "nmi": 0.4, "map_at_r": 0.01},
-        "trained": {
-            "recall@1": 0.736, "nmi": 0.655555, "map_at_r": float("nan"), "r_precision": 1.0
-        },
+        "trained": {"recall@1": 0.736, "nmi": 0.655555, "map_at_r": float("nan"), "r_precision": 1.0},
     }
     assert format_metrics_table(rows) == (
         "run          R@1    NMI  MAP@R      RP\n"
@@ -272,11 +276,16 @@ def test_property_forced_ties(data, same_set):
         with pytest.raises(DataError, match="share no class"):
             retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=(1, 2, 3, 20), include=include)
         return
-    got = retrieval_metrics(*(torch.from_numpy(a) for a in args), recall_ks=(1, 2, 3, 20),
-                            include=include, chunk_size=data.draw(st.integers(1, 5)),
-                            knn_backend=data.draw(st.sampled_from(["torch", "faiss"])))
-    expected = accuracy_calculator(*(torch.from_numpy(a) for a in args),
-                                   knn_func=BruteForceKNN(), include=AC_METRICS[:3])
+    got = retrieval_metrics(
+        *(torch.from_numpy(a) for a in args),
+        recall_ks=(1, 2, 3, 20),
+        include=include,
+        chunk_size=data.draw(st.integers(1, 5)),
+        knn_backend=data.draw(st.sampled_from(["torch", "faiss"])),
+    )
+    expected = accuracy_calculator(
+        *(torch.from_numpy(a) for a in args), knn_func=BruteForceKNN(), include=AC_METRICS[:3]
+    )
     assert_metrics_equal(got, expected)
     assert_metrics_equal(got, loop_metrics(*args, ks=(1, 2, 3, 20)))
 
@@ -291,18 +300,27 @@ def test_queries_whose_class_the_gallery_lacks_are_counted_or_refused():
     q = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((30, 8))).float())
     g = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((40, 8))).float())
     q_lab, g_lab = torch.arange(30) % 6, torch.arange(40) % 4  # query classes 4 and 5: not in the gallery
-    with pytest.warns(UnmatchedQueryWarning, match=r"10 of 30 queries have no gallery item of their class "
-                      r"\(2 of 6 query classes: labels 4, 5\).*the other 20"):
+    with pytest.warns(
+        UnmatchedQueryWarning,
+        match=r"10 of 30 queries have no gallery item of their class "
+        r"\(2 of 6 query classes: labels 4, 5\).*the other 20",
+    ):
         got = retrieval_metrics(q, q_lab, g, g_lab, recall_ks=(1, 4), include=("recall", "r_precision", "map_at_r"))
     qn, gn, qln, gln = q.numpy(), g.numpy(), q_lab.numpy(), g_lab.numpy()
     assert_metrics_equal(got, loop_metrics(qn, qln, gn, gln, ks=(1, 4)))
     matched = qln < 4
     assert_metrics_equal(got, loop_metrics(qn[matched], qln[matched], gn, gln, ks=(1, 4)))
-    local = lambda x: x[:, None, :].repeat(1, 4, 1)
+
+    def local(x):
+        return x[:, None, :].repeat(1, 4, 1)
+
     with pytest.warns(UnmatchedQueryWarning, match="10 of 30 queries"):
         rerank_sweep(q, local(q), g, local(g), query_labels=q_lab, gallery_labels=g_lab, ks=(0,), iters=5)
-    with pytest.raises(DataError, match=r"share no class: the 30 queries are of 6 classes \(labels 0, 1, 2, 3, 4, 5\), "
-                       r"the 40 gallery items of 4 classes \(labels 10, 11, 12, 13\)"):
+    with pytest.raises(
+        DataError,
+        match=r"share no class: the 30 queries are of 6 classes \(labels 0, 1, 2, 3, 4, 5\), "
+        r"the 40 gallery items of 4 classes \(labels 10, 11, 12, 13\)",
+    ):
         retrieval_metrics(q, q_lab, g, g_lab + 10)
     with pytest.raises(DataError, match="share no class"):
         rerank_sweep(q, local(q), g, local(g), query_labels=q_lab, gallery_labels=g_lab + 10, ks=(0,), iters=5)
@@ -319,7 +337,9 @@ def _class_folders(root, classes, per_class=2):
     return root
 
 
-def test_eval_of_folders_sharing_no_class_fails_on_one_line_and_partial_overlap_warns(tmp_path, make_checkpoint, capsys):
+def test_eval_of_folders_sharing_no_class_fails_on_one_line_and_partial_overlap_warns(
+    tmp_path, make_checkpoint, capsys
+):
     from glassmetric.cli import main
 
     ckpt = make_checkpoint("data.image_size=64", "data.resize=64")

@@ -15,7 +15,11 @@ def test_means_are_the_aggregate_metrics(same_set):
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(40, 8, generator=g), dim=1)
     q_lab = torch.randint(0, 5, (40,), generator=g)
-    ref, ref_lab = (q, q_lab) if same_set else (F.normalize(torch.randn(30, 8, generator=g), dim=1), torch.randint(0, 5, (30,), generator=g))
+    ref, ref_lab = (
+        (q, q_lab)
+        if same_set
+        else (F.normalize(torch.randn(30, 8, generator=g), dim=1), torch.randint(0, 5, (30,), generator=g))
+    )
     _, idx = knn(q, ref, len(ref) - int(same_set), exclude_self=same_set)
     pq = per_query_metrics(idx, q_lab, ref_lab, exclude_self=same_set)
     agg = ranking_metrics(idx, q_lab, ref_lab, recall_ks=(1,), exclude_self=same_set)

@@ -89,7 +89,9 @@ def test_rerank_with_pooled_marginals_matches_brute_force(dtype):
     res = structural_rerank(qg, ql, gg, gl, k=7, n_neighbours=10, **ot)
     ranked, scores = brute_rerank(qg.double(), ql.double(), gg.double(), gl.double(), 7, **ot)
     assert torch.equal(res.indices, ranked[:, :10])
-    torch.testing.assert_close(res.scores[:, :7].double(), scores, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    torch.testing.assert_close(
+        res.scores[:, :7].double(), scores, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5
+    )
     torch.testing.assert_close(res.global_scores[:, :7], (qg[:, None] * gg[res.indices[:, :7]]).sum(-1))
     plain = structural_rerank(qg, ql, gg, gl, k=7, n_neighbours=10, **OT)
     assert not torch.allclose(plain.structural_scores[:, :7], res.structural_scores[:, :7])
@@ -118,9 +120,11 @@ def test_rerank_with_tolerance_is_chunking_invariant_and_converged():
         torch.testing.assert_close(res.scores, ref.scores, rtol=0, atol=1e-6)
     exact = structural_rerank(qg, ql, gg, gl, k=6, epsilon=0.05, iters=3000)
     torch.testing.assert_close(
-        ref.structural_scores, exact.structural_scores.gather(
-            1, (exact.indices[:, :, None] == ref.indices[:, None, :]).float().argmax(1)
-        ), rtol=0, atol=2e-5)
+        ref.structural_scores,
+        exact.structural_scores.gather(1, (exact.indices[:, :, None] == ref.indices[:, None, :]).float().argmax(1)),
+        rtol=0,
+        atol=2e-5,
+    )
 
 
 @pytest.mark.parametrize("dtypes", [("float32", "float64"), ("float32", "float32")])
@@ -179,9 +183,16 @@ def test_rerank_fixes_a_wrong_global_top1():
     _, glob_idx = knn(q_glob[None], gallery_global, 3)
     assert glob_idx[0, 0] == 1  # the global top-1 is the wrong class
     assert res.indices[0, 0] == 2  # re-ranking puts the right one first
-    sweep = rerank_sweep(q_glob[None], q_loc[None], gallery_global, gallery_local,
-                         query_labels=torch.tensor([7]), gallery_labels=torch.tensor([0, 1, 7]),
-                         ks=(0, 1, 2, 3), recall_ks=(1,))
+    sweep = rerank_sweep(
+        q_glob[None],
+        q_loc[None],
+        gallery_global,
+        gallery_local,
+        query_labels=torch.tensor([7]),
+        gallery_labels=torch.tensor([0, 1, 7]),
+        ks=(0, 1, 2, 3),
+        recall_ks=(1,),
+    )
     assert [sweep[k]["recall@1"] for k in (0, 1, 2, 3)] == [0.0, 0.0, 1.0, 1.0]
     assert sweep[2]["map_at_r"] == 1.0 and sweep[0]["r_precision"] == 0.0
 
@@ -198,8 +209,9 @@ def test_sweep_k0_equals_global_metrics(same_set):
     else:
         qg, ql, ql_lab = glob[:10], local[:10], labels[:10]
         gg, gl, gl_lab = glob[10:], local[10:], labels[10:]
-        sweep = rerank_sweep(qg, ql, gg, gl, query_labels=ql_lab, gallery_labels=gl_lab,
-                             ks=(0,), recall_ks=(1, 2, 4, 50))
+        sweep = rerank_sweep(
+            qg, ql, gg, gl, query_labels=ql_lab, gallery_labels=gl_lab, ks=(0,), recall_ks=(1, 2, 4, 50)
+        )
         ref = retrieval_metrics(qg, ql_lab, gg, gl_lab, recall_ks=(1, 2, 4, 50), include=NON_NMI)
     assert sweep[0] == ref  # exactly
 
@@ -256,8 +268,9 @@ def test_ranking_metrics_equals_retrieval_metrics_on_knn_ranking():
 
 def test_embed_fields_and_sweep_end_to_end():
     torch.manual_seed(0)
-    data = SyntheticParts("test", num_classes=4, images_per_class=3, image_size=64,
-                          transform=build_transforms(False, 64, 64))
+    data = SyntheticParts(
+        "test", num_classes=4, images_per_class=3, image_size=64, transform=build_transforms(False, 64, 64)
+    )
     model = build_model("resnet18", 16)
     only = embed_fields(model, data, fields=("embedding",), batch_size=4)
     assert set(only) == {"embedding", "labels", "index"}

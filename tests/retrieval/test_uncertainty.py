@@ -29,7 +29,9 @@ def test_auroc_matches_pair_counting(seed):
 def test_report_nearest_neighbours_and_halves():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(6).repeat_interleave(5)
-    x = torch.nn.functional.normalize(torch.randn(6, 8, generator=g)[labels] + 0.9 * torch.randn(30, 8, generator=g), dim=1)
+    x = torch.nn.functional.normalize(
+        torch.randn(6, 8, generator=g)[labels] + 0.9 * torch.randn(30, 8, generator=g), dim=1
+    )
     u = torch.rand(30, generator=g)
     rep = uncertainty_vs_failure(u, x, labels)
     sims = x @ x.T
@@ -143,8 +145,7 @@ def test_an_uncertainty_report_names_the_images_it_kept(tmp_path):
     class Colour(torch.nn.Module):  # embedding: the mean colour; uncertainty: its spread
         def forward(self, x):
             mean = x.mean((2, 3))
-            return EmbeddingOutput(embedding=torch.nn.functional.normalize(mean, dim=1),
-                                   uncertainty=x.std((2, 3)))
+            return EmbeddingOutput(embedding=torch.nn.functional.normalize(mean, dim=1), uncertainty=x.std((2, 3)))
 
     from torchvision.transforms.functional import to_tensor
 
@@ -153,8 +154,7 @@ def test_an_uncertainty_report_names_the_images_it_kept(tmp_path):
     rep = evaluate_uncertainty(Colour(), data, batch_size=4)
     kept = [i for i in range(len(data)) if i != 5]
     assert rep.index.tolist() == kept and len(rep.uncertainty) == len(kept)
-    emb = torch.stack([torch.nn.functional.normalize(to_tensor(data.load(i).image).mean((1, 2)), dim=0)
-                       for i in kept])
+    emb = torch.stack([torch.nn.functional.normalize(to_tensor(data.load(i).image).mean((1, 2)), dim=0) for i in kept])
     sims = emb @ emb.T
     sims.fill_diagonal_(-float("inf"))
     assert rep.neighbour.tolist() == [kept[j] for j in sims.argmax(1).tolist()]

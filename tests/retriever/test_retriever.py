@@ -32,7 +32,9 @@ def retriever(make_checkpoint):
 def test_fields_are_decided_once_and_the_model_is_not_changed(retriever):
     assert retriever.fields == ("embedding", "local")
     assert len(retriever.model.model.extra_heads) == 0
-    assert sum(p.numel() for p in retriever.model.parameters()) == sum(p.numel() for p in retriever.model.model.parameters())
+    assert sum(p.numel() for p in retriever.model.parameters()) == sum(
+        p.numel() for p in retriever.model.model.parameters()
+    )
 
 
 def test_embed_accepts_a_folder_files_and_images_alike(retriever, folder):

@@ -35,11 +35,16 @@ def setup_paths(files) -> tuple[str, Path]:
 def setup(files):
     root, checkpoint, paths = files
     explorer = Explorer.open(str(checkpoint), root / "gallery", cache_dir=root / "cache", progress=False)
-    client = TestClient(create_app(explorer, Limits(max_upload_bytes=200_000, max_pixels=400 * 400, max_k=12)),
-                        base_url="http://127.0.0.1")
+    client = TestClient(
+        create_app(explorer, Limits(max_upload_bytes=200_000, max_pixels=400 * 400, max_k=12)),
+        base_url="http://127.0.0.1",
+    )
     model, cfg = load_trained(str(checkpoint))
-    ref = embed_fields(model, ImageFolderDataset(root / "gallery", transform=eval_transform(cfg, model)),
-                       fields=("embedding", "uncertainty"))
+    ref = embed_fields(
+        model,
+        ImageFolderDataset(root / "gallery", transform=eval_transform(cfg, model)),
+        fields=("embedding", "uncertainty"),
+    )
     return client, paths, ref
 
 
@@ -118,11 +123,14 @@ def test_upload_search_explain_and_uncertainty(setup):
     assert client.get("/api/uncertainty", params={"query": qid}).json()["uncertainty"] == pytest.approx(u)
 
 
-@pytest.mark.parametrize("name, data, status, words", [
-    ("big.png", b"\x89PNG" + b"0" * 250_000, 413, "over the limit"),
-    ("wide.png", _png(Image.new("RGB", (500, 400))), 413, "pixels"),
-    ("notes.txt", b"just some text", 415, "not an image"),
-])
+@pytest.mark.parametrize(
+    "name, data, status, words",
+    [
+        ("big.png", b"\x89PNG" + b"0" * 250_000, 413, "over the limit"),
+        ("wide.png", _png(Image.new("RGB", (500, 400))), 413, "pixels"),
+        ("notes.txt", b"just some text", 415, "not an image"),
+    ],
+)
 def test_refused_uploads_get_4xx_and_the_server_keeps_serving(setup, name, data, status, words):
     client, _, _ = setup
     res = client.post("/api/search", files={"image": (name, data, "application/octet-stream")})
@@ -132,8 +140,12 @@ def test_refused_uploads_get_4xx_and_the_server_keeps_serving(setup, name, data,
 
 def test_bad_ids_and_values_are_named(setup):
     client, _, _ = setup
-    for params, status, words in (({"query": "g99"}, 404, "g99"), ({"query": "u0000"}, 404, "u0000"),
-                                  ({"query": "g1", "k": 13}, 422, "k"), ({"query": "nonsense"}, 404, "nonsense")):
+    for params, status, words in (
+        ({"query": "g99"}, 404, "g99"),
+        ({"query": "u0000"}, 404, "u0000"),
+        ({"query": "g1", "k": 13}, 422, "k"),
+        ({"query": "nonsense"}, 404, "nonsense"),
+    ):
         res = client.get("/api/search", params=params)
         assert res.status_code == status and words in res.json()["detail"]
     res = client.get("/api/explain/figure", params={"query": "g1", "result": "g2", "kind": "groups"})
@@ -157,8 +169,14 @@ def test_explorer_on_a_faiss_index_matches_brute_force(setup, files, tmp_path, k
     checkpoint, gallery = setup_paths(files)
     opened = []
     for _ in range(2):  # built and saved, then read back from the folder
-        explorer = Explorer.open(checkpoint, gallery, cache_dir=gallery.parent / "cache", progress=False,
-                                 index_dir=tmp_path / "index", overrides=[f"eval.index.kind={kind}"])
+        explorer = Explorer.open(
+            checkpoint,
+            gallery,
+            cache_dir=gallery.parent / "cache",
+            progress=False,
+            index_dir=tmp_path / "index",
+            overrides=[f"eval.index.kind={kind}"],
+        )
         opened.append(explorer)
         client = TestClient(create_app(explorer, Limits(max_k=12)), base_url="http://127.0.0.1")
         res = client.get("/api/search", params={"query": "g3", "k": 5}).json()
@@ -177,7 +195,9 @@ def test_top_k_drops_the_missing_hits_of_an_approximate_index():
         size = 10
 
         def search(self, query, k):
-            return torch.tensor([[0.9, 0.8, -float("inf"), -float("inf")]])[:, :k], torch.tensor([[4, 7, -1, -1]])[:, :k]
+            return torch.tensor([[0.9, 0.8, -float("inf"), -float("inf")]])[:, :k], torch.tensor([[4, 7, -1, -1]])[
+                :, :k
+            ]
 
     scores, idx = top_k(Sparse(), torch.zeros(3), 3, exclude=7)
     assert idx.tolist() == [4] and scores.tolist() == [pytest.approx(0.9)]
@@ -197,10 +217,13 @@ def test_ids_outside_ascii_digits_are_unknown_everywhere(setup, gid):
     but int() does not read (superscripts, more digits than int() converts), and for others
     that are not g<ASCII digits>."""
     client, _, _ = setup
-    for res in (client.get(f"/api/images/{quote(gid)}"), client.get("/api/search", params={"query": gid}),
-                client.get("/api/explain", params={"query": gid, "result": "g1"}),
-                client.get("/api/explain", params={"query": "g1", "result": gid}),
-                client.get("/api/uncertainty", params={"query": gid})):
+    for res in (
+        client.get(f"/api/images/{quote(gid)}"),
+        client.get("/api/search", params={"query": gid}),
+        client.get("/api/explain", params={"query": gid, "result": "g1"}),
+        client.get("/api/explain", params={"query": "g1", "result": gid}),
+        client.get("/api/uncertainty", params={"query": gid}),
+    ):
         assert res.status_code == 404, (res.request.url, res.text)
         assert "unknown gallery image" in res.json()["detail"] and len(res.json()["detail"]) < 200
 
@@ -236,8 +259,11 @@ def test_foreign_hosts_and_cross_origin_posts_are_refused(setup, files):
         res = client.get("/api/info", headers={"host": host})
         assert res.status_code == 200 and res.json()["gallery"] == gallery, host
     upload = {"image": ("mine.png", paths[7].read_bytes(), "image/png")}
-    foreign = client.post("/api/search", files=upload, headers={"host": f"evil.example.com:{port}",
-                                                                 "origin": f"http://evil.example.com:{port}"})
+    foreign = client.post(
+        "/api/search",
+        files=upload,
+        headers={"host": f"evil.example.com:{port}", "origin": f"http://evil.example.com:{port}"},
+    )
     assert foreign.status_code == 421 and "results" not in foreign.text
     for origin in (f"http://evil.example.com:{port}", "null", f"http://localhost:{port}", f"https://127.0.0.1:{port}"):
         res = client.post("/api/search", files=upload, headers={"host": f"127.0.0.1:{port}", "origin": origin})

@@ -39,7 +39,9 @@ def test_upload_search_and_explain_in_the_browser(served, chromium_page, tmp_pat
 
     results.nth(1).click()
     page.wait_for_selector("#explanation img.figure")
-    page.wait_for_function("[...document.querySelectorAll('#explanation img.figure')].every(i => i.complete && i.naturalWidth > 500)")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#explanation img.figure')].every(i => i.complete && i.naturalWidth > 500)"
+    )
     assert "structural" in page.text_content("#explanation pre")
     shot = tmp_path / "explorer.png"
     page.screenshot(path=str(shot), full_page=True)

@@ -26,13 +26,23 @@ def test_cache_is_reused_until_the_gallery_changes(checkpoint, tmp_path):
     retriever = Retriever.from_checkpoint(checkpoint, "cpu")
     model, cfg, fields = retriever.model, retriever.cfg, report_fields(retriever)
     paths = write_gallery(tmp_path / "gallery", 8)
+
     def load():
-        return load_gallery(model, cfg, checkpoint, folder_source(tmp_path / "gallery"), fields,
-                            cache_dir=tmp_path / "cache", progress=False)
+        return load_gallery(
+            model,
+            cfg,
+            checkpoint,
+            folder_source(tmp_path / "gallery"),
+            fields,
+            cache_dir=tmp_path / "cache",
+            progress=False,
+        )
 
     first = load()
     assert not first.from_cache and first.cache_file.is_file()
-    expected = embed_fields(model, ImageFolderDataset(tmp_path / "gallery", transform=eval_transform(cfg, model)), fields=fields)
+    expected = embed_fields(
+        model, ImageFolderDataset(tmp_path / "gallery", transform=eval_transform(cfg, model)), fields=fields
+    )
     for name in fields:
         torch.testing.assert_close(first.fields[name], expected[name])
     assert first.labelled and first.class_name(0) == paths[0].parent.name and first.name(0) == "c04/00.png"
@@ -91,15 +101,23 @@ def test_the_cache_follows_the_evaluation_transform_and_the_bad_image_policy(che
     from glassmetric.serve.explorer import Explorer
 
     paths = write_gallery(tmp_path / "gallery", 8)
+
     def open_(*overrides):
-        return Explorer.open(str(checkpoint), tmp_path / "gallery", cache_dir=tmp_path / "cache",
-                             progress=False, overrides=list(overrides)).gallery
+        return Explorer.open(
+            str(checkpoint),
+            tmp_path / "gallery",
+            cache_dir=tmp_path / "cache",
+            progress=False,
+            overrides=list(overrides),
+        ).gallery
 
     default = open_()
     resized = open_("data.resize=96")
     assert not resized.from_cache and resized.cache_file != default.cache_file
     model, _ = load_trained(str(checkpoint))
-    reference = T.Compose([T.Resize(96), T.CenterCrop(64), T.ToTensor(), T.Normalize(model.backbone.mean, model.backbone.std)])
+    reference = T.Compose(
+        [T.Resize(96), T.CenterCrop(64), T.ToTensor(), T.Normalize(model.backbone.mean, model.backbone.std)]
+    )
     expected = embed_fields(model, ImageFolderDataset(tmp_path / "gallery", transform=reference), fields=("embedding",))
     torch.testing.assert_close(resized.fields["embedding"], expected["embedding"])
     assert (resized.fields["embedding"] - default.fields["embedding"]).abs().max() > 1e-3  # the settings matter

@@ -22,8 +22,12 @@ def _png(w, h) -> bytes:
 def test_read_upload_accepts_an_image_and_refuses_the_rest():
     limits = Limits(max_upload_bytes=4000, max_pixels=50 * 50)
     assert read_upload(_png(50, 50), limits).size == (50, 50)
-    for data, status, words in ((_png(51, 50), 413, "2550 pixels"), (b"x" * 4001, 413, "4001 bytes"),
-                                (b"GIF89a not really", 415, "not an image"), (b"", 400, "empty")):
+    for data, status, words in (
+        (_png(51, 50), 413, "2550 pixels"),
+        (b"x" * 4001, 413, "4001 bytes"),
+        (b"GIF89a not really", 415, "not an image"),
+        (b"", 400, "empty"),
+    ):
         with pytest.raises(RequestError, match=words) as err:
             read_upload(data, limits, "q.png")
         assert err.value.status == status and "q.png" in str(err.value)
@@ -69,8 +73,11 @@ def test_bodies_over_the_limit_get_413_with_or_without_a_length():
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            return [(await client.post("/", content=b"x" * 101)), (await client.post("/", content=chunks())),
-                    (await client.post("/", content=b"x" * 100))]
+            return [
+                (await client.post("/", content=b"x" * 101)),
+                (await client.post("/", content=chunks())),
+                (await client.post("/", content=b"x" * 100)),
+            ]
 
     declared, streamed, fits = asyncio.run(run())
     assert declared.status_code == 413 and "101 bytes" in declared.json()["detail"]
@@ -100,8 +107,10 @@ def test_slow_bodies_hold_no_slot_and_time_out_with_408():
     with ServerThread(app) as url:
         port = int(url.rsplit(":", 1)[1])
         start = time.monotonic()
-        slow = [_send(port, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
-                for _ in range(4)]
+        slow = [
+            _send(port, b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+            for _ in range(4)
+        ]
         time.sleep(0.2)  # the slow requests are in the middleware before the others arrive
         assert _status(_send(port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")) == 200
         whole = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\nConnection: close\r\n\r\n" + b"y" * 100
@@ -135,7 +144,10 @@ def test_a_received_body_reaches_the_app_unchanged():
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            return [(await client.post("/", content=data)).text, (await client.post("/", content=chunks())).text,
-                    (await client.get("/")).text]
+            return [
+                (await client.post("/", content=data)).text,
+                (await client.post("/", content=chunks())).text,
+                (await client.get("/")).text,
+            ]
 
     assert asyncio.run(run()) == [hashlib.sha256(data).hexdigest()] * 2 + [hashlib.sha256(b"").hexdigest()]

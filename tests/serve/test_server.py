@@ -21,7 +21,9 @@ def checkpoint(tmp_path_factory):
 
 def _one_line_error(capsys, *words) -> None:
     out, err = capsys.readouterr()
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("embedding:")]
+    lines = [
+        line for line in err.replace("\r", "\n").splitlines() if line.strip() and not line.startswith("embedding:")
+    ]
     assert "http://" not in out and len(lines) == 1 and lines[0].startswith("glassmetric serve: error: "), (out, err)
     assert all(w in lines[0] for w in words), err
 
@@ -42,8 +44,24 @@ def test_a_busy_port_is_named_before_anything_is_announced(checkpoint, tmp_path,
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert main(["serve", "--checkpoint", checkpoint, "--gallery", str(tmp_path / "gallery"), "--port", str(port),
-                     "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 2
+        assert (
+            main(
+                [
+                    "serve",
+                    "--checkpoint",
+                    checkpoint,
+                    "--gallery",
+                    str(tmp_path / "gallery"),
+                    "--port",
+                    str(port),
+                    "--cache-dir",
+                    str(tmp_path / "cache"),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 2
+        )
     _one_line_error(capsys, f"--port {port}", f"127.0.0.1:{port}", "in use")
     assert not (tmp_path / "cache").exists()  # nothing embedded
 
@@ -58,14 +76,30 @@ def test_a_dangling_symlink_in_the_gallery_follows_the_bad_image_policy(checkpoi
     link = paths[2].parent / "gone.png"
     link.symlink_to(tmp_path / "deleted.png")
     if policy == "error":
-        argv = ["serve", "--checkpoint", checkpoint, "--gallery", str(tmp_path / "gallery"), "--port", "0",
-                "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+        argv = [
+            "serve",
+            "--checkpoint",
+            checkpoint,
+            "--gallery",
+            str(tmp_path / "gallery"),
+            "--port",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ]
         assert main(argv) == 2
         _one_line_error(capsys, str(link))
         return
     with caplog.at_level(logging.WARNING, logger="glassmetric"):
-        explorer = Explorer.open(checkpoint, tmp_path / "gallery", cache_dir=tmp_path / "cache", progress=False,
-                                 overrides=["data.on_bad_image=skip"])
+        explorer = Explorer.open(
+            checkpoint,
+            tmp_path / "gallery",
+            cache_dir=tmp_path / "cache",
+            progress=False,
+            overrides=["data.on_bad_image=skip"],
+        )
     names = [explorer.gallery.name(i) for i in range(len(explorer.gallery))]
     assert sorted(names) == sorted(p.relative_to(tmp_path / "gallery").as_posix() for p in paths)
     assert any(str(link) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -79,11 +113,26 @@ def test_the_announced_url_reaches_the_explorer(checkpoint, tmp_path, capsys, mo
 
     servers = []
     init = uvicorn.Server.__init__
-    monkeypatch.setattr(uvicorn.Server, "__init__", lambda self, *a, **k: (servers.append(self), init(self, *a, **k))[1])
+    monkeypatch.setattr(
+        uvicorn.Server, "__init__", lambda self, *a, **k: (servers.append(self), init(self, *a, **k))[1]
+    )
     gallery = tmp_path / "gallery"
     write_gallery(gallery, 4)
-    argv = ["serve", "--checkpoint", checkpoint, "--gallery", str(gallery), "--host", host, "--port", "0",
-            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    argv = [
+        "serve",
+        "--checkpoint",
+        checkpoint,
+        "--gallery",
+        str(gallery),
+        "--host",
+        host,
+        "--port",
+        "0",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
+    ]
     result = []
     thread = threading.Thread(target=lambda: result.append(main(argv)), daemon=True)
     thread.start()
@@ -93,7 +142,7 @@ def test_the_announced_url_reaches_the_explorer(checkpoint, tmp_path, capsys, mo
             assert thread.is_alive() and time.monotonic() < deadline, (out, capsys.readouterr())
             time.sleep(0.05)
             out += capsys.readouterr().out
-        url = out[out.index("http://"):].split()[0]
+        url = out[out.index("http://") :].split()[0]
         parts = urlsplit(url)
         assert parts.hostname == host and parts.port > 0
         while not (servers and servers[0].started):

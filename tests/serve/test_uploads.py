@@ -42,7 +42,12 @@ def _exif_rotated(img: Image.Image, path: Path) -> None:
 
 
 #: file name -> writer of a gallery image in that mode, made from a plain RGB gallery image
-MODES = {"gray16.png": _gray16, "rgba.png": _rgba, "palette alpha.png": _palette_alpha, "exif rotated.jpg": _exif_rotated}
+MODES = {
+    "gray16.png": _gray16,
+    "rgba.png": _rgba,
+    "palette alpha.png": _palette_alpha,
+    "exif rotated.jpg": _exif_rotated,
+}
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +80,15 @@ def test_an_upload_reads_as_its_file_in_the_gallery_and_finds_it_first(files, ex
     reference = Image.open(path)  # the file, read without glassmetric's decoder
     assert upload.size == (reference.size[::-1] if name.startswith("exif") else reference.size)
     np.testing.assert_array_equal(np.asarray(upload), np.asarray(open_image(path)))
-    row = [explorer.gallery.name(i) for i in range(len(explorer.gallery))].index(path.relative_to(root / "gallery").as_posix())
+    row = [explorer.gallery.name(i) for i in range(len(explorer.gallery))].index(
+        path.relative_to(root / "gallery").as_posix()
+    )
     qid = explorer.add_upload(upload)
-    torch.testing.assert_close(explorer.query(qid).fields["embedding"], explorer.gallery.fields["embedding"][row : row + 1])
+    torch.testing.assert_close(
+        explorer.query(qid).fields["embedding"], explorer.gallery.fields["embedding"][row : row + 1]
+    )
     top = explorer.search(qid, 3)["results"][0]
     assert top["id"] == f"g{row}" and top["scores"]["global"] == pytest.approx(1.0, abs=1e-5)
-
-
 
 
 def _png(width: int, height: int) -> bytes:

@@ -60,13 +60,13 @@ def test_matches_pot_log_sinkhorn(n, m):
         for k in range(3):
             s = S[g, k].double().numpy()
             a, b = (w[g, k].double().numpy() for w in (mu, nu))  # exactly equal masses
-            T = ot.sinkhorn(a / a.sum(), b / b.sum(), 1 - s, EPS, method="sinkhorn_log",
-                            numItermax=20000, stopThr=1e-10)
+            T = ot.sinkhorn(
+                a / a.sum(), b / b.sum(), 1 - s, EPS, method="sinkhorn_log", numItermax=20000, stopThr=1e-10
+            )
             assert abs(float((T * s).sum()) - float(ss[g, k])) < 2e-5
 
 
-@pytest.mark.parametrize("g,k,n,m", [(2, 21, 16, 16), (1, 1, 16, 16), (3, 7, 9, 25),
-                                     (1, 17, 49, 49), (2, 33, 4, 4)])
+@pytest.mark.parametrize("g,k,n,m", [(2, 21, 16, 16), (1, 1, 16, 16), (3, 7, 9, 25), (1, 17, 49, 49), (2, 33, 4, 4)])
 def test_stops_where_the_torch_solver_run_for_that_long_gives_the_same_score(g, k, n, m):
     """Per problem: SS equals the torch solver run for exactly the reported iterations; the
     row error there is <= tol (or the cap was reached) and, one check earlier, it was not."""
@@ -124,13 +124,11 @@ def test_strides_threads_and_chunks_do_not_change_a_score():
     )
     torch.testing.assert_close(contiguous, ss, rtol=0, atol=0)
     per_query = torch.cat(
-        [lane_sinkhorn.lane_structural_similarity(S[g:g + 1], mu[g:g + 1], nu[g:g + 1], **kw)
-         for g in range(3)]
+        [lane_sinkhorn.lane_structural_similarity(S[g : g + 1], mu[g : g + 1], nu[g : g + 1], **kw) for g in range(3)]
     )
     torch.testing.assert_close(per_query, ss, rtol=0, atol=0)
     torch.set_num_threads(2)
-    torch.testing.assert_close(lane_sinkhorn.lane_structural_similarity(S, mu, nu, **kw), ss,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(lane_sinkhorn.lane_structural_similarity(S, mu, nu, **kw), ss, rtol=0, atol=0)
 
 
 def test_bad_arguments():
@@ -214,7 +212,7 @@ def test_pads_odd_shortlists_with_problems_that_never_leak():
     ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=300, tol=1e-4)
     for j in (0, 15, 16):
         alone = lane_sinkhorn.lane_structural_similarity(
-            S[:, j:j + 1], mu[:, j:j + 1], nu[:, j:j + 1], epsilon=EPS, iters=300, tol=1e-4
+            S[:, j : j + 1], mu[:, j : j + 1], nu[:, j : j + 1], epsilon=EPS, iters=300, tol=1e-4
         )
         torch.testing.assert_close(alone[:, 0], ss[:, j], rtol=0, atol=0)
     assert np.isfinite(ss.numpy()).all()

@@ -74,8 +74,9 @@ def test_matches_pot_solve_batch(cost_range):
     rng = np.random.default_rng(7)
     C, a, b = problem(rng, 6, 11, batch=(5,))
     Ct, at, bt = t64(C, a, b)
-    res = ot.solve_batch(Ct, reg=0.05, a=at, b=bt, method="log_sinkhorn", reg_type="entropy",
-                         max_iter=50_000, tol=1e-13, grad="detach")
+    res = ot.solve_batch(
+        Ct, reg=0.05, a=at, b=bt, method="log_sinkhorn", reg_type="entropy", max_iter=50_000, tol=1e-13, grad="detach"
+    )
     T = sinkhorn(Ct, at, bt, epsilon=0.05, iters=50_000, tol=1e-13, cost_range=cost_range)
     np.testing.assert_allclose(T.numpy(), res.plan.numpy(), atol=1e-5, rtol=0)
 
@@ -364,12 +365,12 @@ def test_constant_plan_paths_never_read_back_without_tol(monkeypatch):
     calls = []
     for name in ("item", "__bool__", "tolist"):
         orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *a, _o=orig, _n=name: calls.append(_n) or _o(self, *a))
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=orig, _n=name: calls.append(_n) or _o(self, *a))
     monkeypatch.setattr(torch, "nonzero", lambda *a, **k: calls.append("nonzero"))
     _plan_from_similarity(x @ x.transpose(1, 2), mu, mu, epsilon=0.05, iters=20, tol=None)
-    _gathered_block_scores(x[:2], gx[:2], x, gx, idx, epsilon=0.05, iters=20, tol=None,
-                           marginals="cross_correlation", per_query=False)
+    _gathered_block_scores(
+        x[:2], gx[:2], x, gx, idx, epsilon=0.05, iters=20, tol=None, marginals="cross_correlation", per_query=False
+    )
     assert calls == []
     structural_similarity(x[:, None], x[None], gx[:, None], gx[None], iters=20, tol=None)
     assert calls == ["tolist"]  # the one read-back of the input check
@@ -418,12 +419,22 @@ def test_cuda_fixed_iterations_never_synchronise():
     mu = torch.full((8, 16), 1 / 16)
     mu[:, :3] = 0
     mu = mu / mu.sum(-1, keepdim=True)
+
     def run(x, gx, C, mu):
         return [
             sinkhorn(C, mu, mu, cost_range=2.0),
             sinkhorn(C, mu, mu),
-            _structural_similarity(x[0], x[1], gx[0], gx[1], epsilon=0.05, iters=100, tol=None,
-                                   marginals="cross_correlation", gradient="none_through_plan"),
+            _structural_similarity(
+                x[0],
+                x[1],
+                gx[0],
+                gx[1],
+                epsilon=0.05,
+                iters=100,
+                tol=None,
+                marginals="cross_correlation",
+                gradient="none_through_plan",
+            ),
         ]
 
     cpu = run(x, gx, C, mu)

@@ -74,9 +74,7 @@ def ref_pair(x, y, gx, gy, eps=0.05, marginals="cross_correlation"):
         mu, nu = ref_marginal(x, gy), ref_marginal(y, gx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # log(0) warnings for zero-mass entries
-        T = ot.sinkhorn(
-            mu, nu, 1 - S, eps, method="sinkhorn_log", numItermax=100_000, stopThr=1e-13
-        )
+        T = ot.sinkhorn(mu, nu, 1 - S, eps, method="sinkhorn_log", numItermax=100_000, stopThr=1e-13)
     return float((T * S).sum()), T, S, mu, nu
 
 
@@ -415,18 +413,26 @@ def test_settings_object_equals_the_keywords_and_defaults_are_the_settings_defau
     y, gy = images(gen, 3, n=4, d=6, dtype=torch.float32)
     ot = OTSettings(epsilon=0.1, iters=7, tol=None, marginals="uniform", gradient="unrolled")
     kw = {"epsilon": 0.1, "iters": 7, "tol": None, "marginals": "uniform", "gradient": "unrolled"}
-    torch.testing.assert_close(structural_similarity(x, y, gx, gy, settings=ot),
-                               structural_similarity(x, y, gx, gy, **kw), rtol=0, atol=0)
-    torch.testing.assert_close(structural_similarity_matrix(x, y, gx, gy, settings=ot),
-                               structural_similarity_matrix(x, y, gx, gy, **kw), rtol=0, atol=0)
-    torch.testing.assert_close(multiscale_score(x, y, gx, gy, settings=ot),
-                               multiscale_score(x, y, gx, gy, **kw), rtol=0, atol=0)
+    torch.testing.assert_close(
+        structural_similarity(x, y, gx, gy, settings=ot), structural_similarity(x, y, gx, gy, **kw), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        structural_similarity_matrix(x, y, gx, gy, settings=ot),
+        structural_similarity_matrix(x, y, gx, gy, **kw),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        multiscale_score(x, y, gx, gy, settings=ot), multiscale_score(x, y, gx, gy, **kw), rtol=0, atol=0
+    )
     kw.pop("gradient")
-    torch.testing.assert_close(explain_pair(x, y, gx, gy, settings=ot).T, explain_pair(x, y, gx, gy, **kw).T,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        explain_pair(x, y, gx, gy, settings=ot).T, explain_pair(x, y, gx, gy, **kw).T, rtol=0, atol=0
+    )
     # leaving every keyword out is OTSettings(): tol 1e-4 and the rest
-    torch.testing.assert_close(structural_similarity(x, y, gx, gy),
-                               structural_similarity(x, y, gx, gy, settings=OTSettings()), rtol=0, atol=0)
+    torch.testing.assert_close(
+        structural_similarity(x, y, gx, gy), structural_similarity(x, y, gx, gy, settings=OTSettings()), rtol=0, atol=0
+    )
     for f in (structural_similarity, structural_similarity_matrix, explain_pair):
         params = inspect.signature(f).parameters
         for name in ("epsilon", "iters", "tol", "marginals"):

@@ -69,7 +69,9 @@ def check_training(rank: int, size: int, references: dict) -> dict:
         ref_loss, ref_grads = references[name]
         scale = max(float(g.abs().max()) for g in ref_grads.values())
         report[name] = {
-            "loss": loss, "reference_loss": ref_loss, "same_parameters": sorted(grads) == sorted(ref_grads),
+            "loss": loss,
+            "reference_loss": ref_loss,
+            "same_parameters": sorted(grads) == sorted(ref_grads),
             "max_grad_diff": max(float((grads[n] - ref_grads[n]).abs().max()) for n in ref_grads) / scale,
         }
     return report
@@ -78,7 +80,9 @@ def check_training(rank: int, size: int, references: dict) -> dict:
 def evaluation_setup():
     torch.manual_seed(3)
     learner = MetricLearner(load_config("demo", BASE), np.arange(CLASSES))
-    data = SyntheticParts("test", num_classes=8, images_per_class=6, image_size=64, transform=build_transforms(False, 32, 32))
+    data = SyntheticParts(
+        "test", num_classes=8, images_per_class=6, image_size=64, transform=build_transforms(False, 32, 32)
+    )
     data = torch.utils.data.Subset(data, range(23))  # odd: DistributedSampler pads a shard
     return learner.model, data, {"fields": ("embedding",), "batch_size": 5, "device": "cpu"}
 
@@ -94,8 +98,9 @@ class WithABadImage(SyntheticParts):
 
 def skip_setup():
     model, _, kw = evaluation_setup()
-    data = WithABadImage("test", num_classes=8, images_per_class=6, image_size=64,
-                         transform=build_transforms(False, 32, 32)).set_bad_image_policy("skip")
+    data = WithABadImage(
+        "test", num_classes=8, images_per_class=6, image_size=64, transform=build_transforms(False, 32, 32)
+    ).set_bad_image_policy("skip")
     return model, torch.utils.data.Subset(data, range(23)), kw
 
 
@@ -129,7 +134,11 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, size = dist.get_rank(), dist.get_world_size()
     assert world() == (size, rank)
-    report = {"world_size": size, "training": check_training(rank, size, references), "evaluation": check_evaluation(eval_reference, skip_reference)}
+    report = {
+        "world_size": size,
+        "training": check_training(rank, size, references),
+        "evaluation": check_evaluation(eval_reference, skip_reference),
+    }
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)

@@ -24,11 +24,24 @@ MONITOR = "map_at_r"
 #: 16 classes x 6 images at 64 px: 4 training classes, 4 validation classes (carved from the 8
 #: training classes), 8 test classes; validation after every epoch
 TINY = [
-    "data.image_size=64", "data.resize=64", "data.num_workers=0", "data.synthetic.num_classes=16",
-    "data.synthetic.images_per_class=6", "data.val_classes=4", "model.backbone=resnet18", "model.embedding_dim=16",
-    "trainer.batch_size=12", "trainer.samples_per_class=3", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
-    "trainer.select=val", f"trainer.monitor={MONITOR}", "trainer.val_every=1", f"trainer.max_epochs={EPOCHS}",
-    "eval.batch_size=32", "optim.lr=1e-3",
+    "data.image_size=64",
+    "data.resize=64",
+    "data.num_workers=0",
+    "data.synthetic.num_classes=16",
+    "data.synthetic.images_per_class=6",
+    "data.val_classes=4",
+    "model.backbone=resnet18",
+    "model.embedding_dim=16",
+    "trainer.batch_size=12",
+    "trainer.samples_per_class=3",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.select=val",
+    f"trainer.monitor={MONITOR}",
+    "trainer.val_every=1",
+    f"trainer.max_epochs={EPOCHS}",
+    "eval.batch_size=32",
+    "optim.lr=1e-3",
 ]
 
 

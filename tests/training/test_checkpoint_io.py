@@ -115,7 +115,10 @@ def test_empty_and_random_files_are_named_without_blaming_pickled_code(tmp_path,
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(random.Random(0).randbytes(4096))  # starts with 0xc5: no zip, no pickle opcode
     err = _cli_error(["eval", "--checkpoint", str(noise)], capsys)
-    assert err == f"glassmetric eval: error: cannot load checkpoint {noise}: not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    assert (
+        err
+        == f"glassmetric eval: error: cannot load checkpoint {noise}: not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    )
     for seed in range(1, 40):  # no random file is ever said to hold pickled code
         noise.write_bytes(random.Random(seed).randbytes(4096))
         with pytest.raises(CheckpointError) as e:
@@ -139,11 +142,26 @@ def test_plain_pickles_of_code_of_every_protocol_are_still_refused(tmp_path, pro
         ([1, 2], "not a glassmetric checkpoint: the top level is a list, not a mapping"),
         (torch.ones(3), "not a glassmetric checkpoint: the top level is a Tensor, not a mapping"),
         ({"epoch": 3}, "not a glassmetric checkpoint: no 'state_dict' and 'glassmetric' config (its keys: epoch)"),
-        ({"state_dict": "weights", "glassmetric": {"config": {}}}, "not a glassmetric checkpoint: 'state_dict' is a str, not a mapping of tensors"),
-        ({"state_dict": {"model.w": 3}, "glassmetric": {"config": {}}}, "not a glassmetric checkpoint: 'state_dict' entry 'model.w' is a int, not a tensor"),
-        ({"state_dict": {}, "glassmetric": {"config": "demo"}}, "not a glassmetric checkpoint: the 'glassmetric' config is a str, not a mapping"),
-        ({"state_dict": {}, "glassmetric": {"config": {"model": [1]}}}, "not a glassmetric checkpoint: the stored config's 'model' is a list, not a mapping"),
-        ({"state_dict": {}, "glassmetric": {"config": {"seed": -1}}}, "its stored config is invalid: seed: expected between 0"),
+        (
+            {"state_dict": "weights", "glassmetric": {"config": {}}},
+            "not a glassmetric checkpoint: 'state_dict' is a str, not a mapping of tensors",
+        ),
+        (
+            {"state_dict": {"model.w": 3}, "glassmetric": {"config": {}}},
+            "not a glassmetric checkpoint: 'state_dict' entry 'model.w' is a int, not a tensor",
+        ),
+        (
+            {"state_dict": {}, "glassmetric": {"config": "demo"}},
+            "not a glassmetric checkpoint: the 'glassmetric' config is a str, not a mapping",
+        ),
+        (
+            {"state_dict": {}, "glassmetric": {"config": {"model": [1]}}},
+            "not a glassmetric checkpoint: the stored config's 'model' is a list, not a mapping",
+        ),
+        (
+            {"state_dict": {}, "glassmetric": {"config": {"seed": -1}}},
+            "its stored config is invalid: seed: expected between 0",
+        ),
     ],
 )
 def test_torch_files_that_are_not_glassmetric_checkpoints_are_named(tmp_path, capsys, content, problem):
@@ -164,9 +182,11 @@ def test_a_stored_config_that_does_not_fit_the_weights_is_named(make_checkpoint,
     torch.save(ckpt, path)
     err = _cli_error(["export", "--checkpoint", str(path)], capsys)
     wider = tuple(torch.nn.Linear(512, 32).weight.shape)
-    assert err == (f"glassmetric export: error: cannot load checkpoint {path}: the stored config (model.backbone resnet18, "
-                   f"model.embedding_dim 32) does not fit the weights: model.head.linear.weight is (16, 512) in the file, "
-                   f"{wider} in the model of the config")
+    assert err == (
+        f"glassmetric export: error: cannot load checkpoint {path}: the stored config (model.backbone resnet18, "
+        f"model.embedding_dim 32) does not fit the weights: model.head.linear.weight is (16, 512) in the file, "
+        f"{wider} in the model of the config"
+    )
     ckpt["glassmetric"]["config"]["model"].update(embedding_dim=16, backbone="resnet34")  # layers resnet18 lacks
     torch.save(ckpt, path)
     err = _cli_error(["eval", "--checkpoint", str(path)], capsys)

@@ -23,7 +23,11 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
+    )
     env.pop("LOCAL_RANK", None)
     return env
 
@@ -35,11 +39,25 @@ def _run(cmd: list[str], timeout: int = 240) -> None:
 
 def test_two_processes_give_the_one_process_gradients_and_embeddings(tmp_path):
     out = tmp_path / "report.json"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-          str(HERE / "ddp_worker.py"), str(out)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(HERE / "ddp_worker.py"),
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert report["world_size"] == 2
-    assert set(report["training"]) == {"multisimilarity", "structural_contrastive", "groups_proxyanchor", "introspective"}
+    assert set(report["training"]) == {
+        "multisimilarity",
+        "structural_contrastive",
+        "groups_proxyanchor",
+        "introspective",
+    }
     for name, r in report["training"].items():
         assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-5), name
         assert r["same_parameters"], name
@@ -55,11 +73,25 @@ def test_ddp_fit_on_two_processes_validates_like_one(tmp_path):
     """A 2-process Lightning DDP run (with attentive groups, whose global head gets no gradient)
     completes, and its validation metrics equal one process's on the saved weights."""
     overrides = [
-        "data.image_size=64", "data.resize=64", "data.num_workers=0", "data.synthetic.num_classes=20",
-        "data.synthetic.images_per_class=5", "data.val_classes=3", "model.embedding_dim=16", "model.groups=2",
-        "trainer.batch_size=8", "trainer.samples_per_class=2", "trainer.max_epochs=1", "trainer.select=last",
-        "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "eval.batch_size=4",
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"trainer.output_dir={tmp_path}",
+        "data.image_size=64",
+        "data.resize=64",
+        "data.num_workers=0",
+        "data.synthetic.num_classes=20",
+        "data.synthetic.images_per_class=5",
+        "data.val_classes=3",
+        "model.embedding_dim=16",
+        "model.groups=2",
+        "trainer.batch_size=8",
+        "trainer.samples_per_class=2",
+        "trainer.max_epochs=1",
+        "trainer.select=last",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "eval.batch_size=4",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"trainer.output_dir={tmp_path}",
     ]
     _run([sys.executable, "-m", "glassmetric.cli", "fit", "--config", "demo", "--overwrite", *overrides])
     assert "test" in json.loads((tmp_path / "metrics.json").read_text())
@@ -123,8 +155,11 @@ def test_devices_this_machine_lacks_are_named(monkeypatch, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["fit", "--config", "demo", "trainer.accelerator=gpu", f"trainer.output_dir={out}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "glassmetric fit: error: trainer.accelerator: 'gpu', but torch finds no CUDA GPU here: use cpu or auto"
+    assert (
+        err == "glassmetric fit: error: trainer.accelerator: 'gpu', but torch finds no CUDA GPU here: use cpu or auto"
+    )
     assert not out.exists()
+
     def trainer(*o):
         return load_config("demo", list(o)).trainer
 

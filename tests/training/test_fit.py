@@ -19,11 +19,20 @@ from glassmetric.factory import build_model_from_config
 from glassmetric.training.fit import fit
 
 TINY = [
-    "data.image_size=64", "data.resize=64", "data.num_workers=0",
-    "data.synthetic.num_classes=12", "data.synthetic.images_per_class=6", "data.val_classes=2",
-    "model.backbone=resnet18", "model.embedding_dim=16",
-    "trainer.batch_size=12", "trainer.samples_per_class=3", "trainer.progress_bar=false",
-    "trainer.log_every_n_steps=1", "eval.batch_size=32", "optim.lr=1e-3",
+    "data.image_size=64",
+    "data.resize=64",
+    "data.num_workers=0",
+    "data.synthetic.num_classes=12",
+    "data.synthetic.images_per_class=6",
+    "data.val_classes=2",
+    "model.backbone=resnet18",
+    "model.embedding_dim=16",
+    "trainer.batch_size=12",
+    "trainer.samples_per_class=3",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "eval.batch_size=32",
+    "optim.lr=1e-3",
 ]
 
 
@@ -106,7 +115,12 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
 
 
 def test_loss_parameters_are_checkpointed_with_their_own_learning_rate(tmp_path):
-    result = fit(tiny_config(tmp_path, "trainer.max_epochs=1", "loss.name=proxyanchor", "trainer.select=last", "optim.scheduler=none"), run_test=False)
+    result = fit(
+        tiny_config(
+            tmp_path, "trainer.max_epochs=1", "loss.name=proxyanchor", "trainer.select=last", "optim.scheduler=none"
+        ),
+        run_test=False,
+    )
     ckpt = safe_torch_load(result.checkpoint)
     assert ckpt["state_dict"]["loss.loss.proxies"].shape == (4, 16)  # 6 training classes - 2 validation
     groups = {g["name"]: g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]}
@@ -145,7 +159,9 @@ def test_throughput_is_measured(tmp_path):
 
 
 def test_warmup_epochs_leave_the_backbone_untouched(tmp_path):
-    cfg = tiny_config(tmp_path, "trainer.max_epochs=1", "trainer.select=last", "optim.warmup_epochs=1", "optim.scheduler=cosine")
+    cfg = tiny_config(
+        tmp_path, "trainer.max_epochs=1", "trainer.select=last", "optim.warmup_epochs=1", "optim.scheduler=cosine"
+    )
     result = fit(cfg, run_test=False)
     trained = safe_torch_load(result.checkpoint)["state_dict"]
     pl.seed_everything(cfg.seed, verbose=False)  # as fit() does before building the model
@@ -157,8 +173,13 @@ def test_warmup_epochs_leave_the_backbone_untouched(tmp_path):
 @pytest.mark.parametrize("loss", ["multisimilarity", "triplet"])
 def test_structural_training_under_bf16_autocast(tmp_path, loss):
     cfg = tiny_config(
-        tmp_path, "trainer.max_epochs=1", "trainer.select=last", "trainer.precision=bf16-mixed",
-        "model.spatial_grid=4", "loss.similarity=structural", f"loss.name={loss}",
+        tmp_path,
+        "trainer.max_epochs=1",
+        "trainer.select=last",
+        "trainer.precision=bf16-mixed",
+        "model.spatial_grid=4",
+        "loss.similarity=structural",
+        f"loss.name={loss}",
     )
     result = fit(cfg, run_test=False)
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:

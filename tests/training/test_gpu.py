@@ -14,9 +14,18 @@ from glassmetric.training.fit import fit
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 TINY = [
-    "data.image_size=64", "data.resize=64", "data.num_workers=0", "data.synthetic.num_classes=12",
-    "data.synthetic.images_per_class=4", "data.val_classes=0", "trainer.select=last", "trainer.max_epochs=1",
-    "trainer.batch_size=8", "trainer.samples_per_class=2", "trainer.progress_bar=false", "model.embedding_dim=16",
+    "data.image_size=64",
+    "data.resize=64",
+    "data.num_workers=0",
+    "data.synthetic.num_classes=12",
+    "data.synthetic.images_per_class=4",
+    "data.val_classes=0",
+    "trainer.select=last",
+    "trainer.max_epochs=1",
+    "trainer.batch_size=8",
+    "trainer.samples_per_class=2",
+    "trainer.progress_bar=false",
+    "model.embedding_dim=16",
     "trainer.accelerator=gpu",
 ]
 METHODS = {
@@ -32,11 +41,15 @@ def test_method_trains_on_cuda_and_evaluates_like_the_cpu(tmp_path, method):
     result = fit(load_config("demo", TINY + METHODS[method] + [f"trainer.output_dir={tmp_path}"]))
     assert result.test_metrics and all(0 <= v <= 1 for v in result.test_metrics.values())
     model, _ = load_trained(str(result.checkpoint))
-    data = SyntheticParts("test", num_classes=12, images_per_class=4, image_size=64, transform=build_transforms(False, 64, 64))
+    data = SyntheticParts(
+        "test", num_classes=12, images_per_class=4, image_size=64, transform=build_transforms(False, 64, 64)
+    )
     # float32 convolutions and Sinkhorn on another device: allow one near-tied query of the 24 to flip
     one_query = 1 / 24 + 1e-6
     cpu = evaluate_model(model, data, device="cpu")
     assert evaluate_model(model, data, device="cuda") == pytest.approx(cpu, abs=one_query)
     if method != "groups":
         view, kw = InferenceModel(model, grid=2), {"ks": (0, 5)}
-        assert evaluate_rerank_sweep(view, data, device="cuda", **kw) == pytest.approx(evaluate_rerank_sweep(view, data, device="cpu", **kw), abs=one_query)
+        assert evaluate_rerank_sweep(view, data, device="cuda", **kw) == pytest.approx(
+            evaluate_rerank_sweep(view, data, device="cpu", **kw), abs=one_query
+        )

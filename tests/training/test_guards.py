@@ -18,11 +18,22 @@ from glassmetric.training.fit import fit
 
 #: 8 classes x 12 images at 64 px: 4 training classes, 4 steps of 12 images per epoch
 TINY = [
-    "data.image_size=64", "data.resize=64", "data.num_workers=0", "data.synthetic.num_classes=8",
-    "data.synthetic.images_per_class=12", "data.val_classes=0", "trainer.select=last",
-    "model.backbone=timm:test_resnet", "model.embedding_dim=16", "trainer.batch_size=12",
-    "trainer.samples_per_class=3", "trainer.max_epochs=1", "trainer.progress_bar=false",
-    "trainer.log_every_n_steps=1", "eval.batch_size=64", "optim.lr=1e-3",
+    "data.image_size=64",
+    "data.resize=64",
+    "data.num_workers=0",
+    "data.synthetic.num_classes=8",
+    "data.synthetic.images_per_class=12",
+    "data.val_classes=0",
+    "trainer.select=last",
+    "model.backbone=timm:test_resnet",
+    "model.embedding_dim=16",
+    "trainer.batch_size=12",
+    "trainer.samples_per_class=3",
+    "trainer.max_epochs=1",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "eval.batch_size=64",
+    "optim.lr=1e-3",
 ]
 
 
@@ -81,7 +92,10 @@ def test_nan_loss_stops_with_a_checkpoint_of_the_step_before_and_resumes_with_sk
         fit(tiny(tmp_path), run_test=False, callbacks=[NaNLossAt(2)])
     message = str(e.value)
     assert "\n" not in message
-    assert re.search(r"non-finite loss \(nan\) at epoch 0, step 2 \(batch 2 of the epoch\), training images \[\d+(, \d+){11}\]", message), message
+    assert re.search(
+        r"non-finite loss \(nan\) at epoch 0, step 2 \(batch 2 of the epoch\), training images \[\d+(, \d+){11}\]",
+        message,
+    ), message
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert str(last) in message and "--resume" in message
     ckpt = safe_torch_load(last)
@@ -107,7 +121,16 @@ def test_a_skipped_step_changes_nothing(tmp_path, caplog):
 
 def test_cli_reports_a_diverging_run_on_one_line(tmp_path, capsys):
     # SGD at a learning rate of 1e30: the first step sends the weights to inf, the next loss is NaN
-    argv = ["fit", "--config", "demo", *TINY, f"trainer.output_dir={tmp_path}", "optim.name=sgd", "optim.lr=1e30", "--no-test"]
+    argv = [
+        "fit",
+        "--config",
+        "demo",
+        *TINY,
+        f"trainer.output_dir={tmp_path}",
+        "optim.name=sgd",
+        "optim.lr=1e30",
+        "--no-test",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(r"non-finite (loss|gradient).* at epoch 0, step \d", err), err

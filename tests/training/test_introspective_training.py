@@ -43,8 +43,13 @@ def test_mixup_terms_follow_the_formula():
 @pytest.mark.parametrize("loss,mixup", [("proxyanchor", "true"), ("contrastive", "false")])
 def test_introspective_fit_runs_and_reloads(tmp_path, loss, mixup):
     cfg = tiny_config(
-        tmp_path, "trainer.max_epochs=1", f"loss.name={loss}", "loss.similarity=introspective",
-        f"loss.mixup={mixup}", "model.uncertainty_dim=8", "model.pooling=avgmax",
+        tmp_path,
+        "trainer.max_epochs=1",
+        f"loss.name={loss}",
+        "loss.similarity=introspective",
+        f"loss.mixup={mixup}",
+        "model.uncertainty_dim=8",
+        "model.pooling=avgmax",
     )
     result = fit(cfg)
     assert all(0.0 <= v <= 1.0 for v in result.test_metrics.values())
@@ -55,8 +60,15 @@ def test_introspective_fit_runs_and_reloads(tmp_path, loss, mixup):
 
 def test_introspection_composes_with_attentive_groups(tmp_path):
     """Each group's semantic distance meets the image's uncertainty; the model carries both."""
-    cfg = tiny_config(tmp_path, "trainer.max_epochs=1", "model.groups=3", "model.embedding_dim=18",
-                      "model.uncertainty_dim=6", "loss.similarity=introspective", "loss.mixup=true")
+    cfg = tiny_config(
+        tmp_path,
+        "trainer.max_epochs=1",
+        "model.groups=3",
+        "model.embedding_dim=18",
+        "model.uncertainty_dim=6",
+        "loss.similarity=introspective",
+        "loss.mixup=true",
+    )
     result = fit(cfg)
     assert all(0.0 <= v <= 1.0 for v in result.test_metrics.values())
     model, _ = load_trained(str(result.checkpoint))

@@ -26,10 +26,22 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 #: 12 classes x 12 images at 64 px (6 train classes, 2 of them for validation: 4 batches of 12
 #: per epoch), the 0.5M-parameter timm test ResNet, mixup on (RNG in the step), a checkpoint every step
 RUN = [
-    "data.image_size=64", "data.resize=64", "data.synthetic.num_classes=12", "data.synthetic.images_per_class=12",
-    "data.val_classes=2", "model.backbone=timm:test_resnet", "model.embedding_dim=16", "trainer.batch_size=12",
-    "trainer.samples_per_class=3", "trainer.max_epochs=3", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
-    "trainer.checkpoint_every_n_steps=1", "eval.batch_size=64", "optim.lr=1e-3", "loss.mixup=true",
+    "data.image_size=64",
+    "data.resize=64",
+    "data.synthetic.num_classes=12",
+    "data.synthetic.images_per_class=12",
+    "data.val_classes=2",
+    "model.backbone=timm:test_resnet",
+    "model.embedding_dim=16",
+    "trainer.batch_size=12",
+    "trainer.samples_per_class=3",
+    "trainer.max_epochs=3",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+    "trainer.checkpoint_every_n_steps=1",
+    "eval.batch_size=64",
+    "optim.lr=1e-3",
+    "loss.mixup=true",
 ]
 STEPS = 12
 
@@ -71,7 +83,9 @@ def _step_losses(out: Path) -> dict[int, float]:
     losses = {}
     for log in sorted((out / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
         with open(log) as f:
-            losses.update({int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")})
+            losses.update(
+                {int(r["step"]): float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")}
+            )
     return losses
 
 
@@ -89,12 +103,26 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def _cli(out: Path, *flags: str) -> list[str]:
     # 2 workers here, none in the uninterrupted run: the augmentations do not depend on them
-    return [sys.executable, "-m", "glassmetric.cli", "fit", "--config", "demo", *flags, *RUN,
-            f"trainer.output_dir={out}", "data.num_workers=2"]
+    return [
+        sys.executable,
+        "-m",
+        "glassmetric.cli",
+        "fit",
+        "--config",
+        "demo",
+        *flags,
+        *RUN,
+        f"trainer.output_dir={out}",
+        "data.num_workers=2",
+    ]
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _step_of(path: Path) -> int:
@@ -194,7 +222,9 @@ def test_a_last_checkpoint_that_is_not_a_mapping_falls_back_to_the_previous_one(
     assert "not a glassmetric checkpoint: the top level is a list, not a mapping: trying the previous checkpoint" in out
     assert (ckpt / "last.damaged.ckpt").exists()  # the list, moved aside
     torch.save(torch.ones(2), ckpt / "last.prev.ckpt")
-    with pytest.raises(CheckpointError, match=r"no readable checkpoint to resume in .*last\.prev\.ckpt: .*the top level is a Tensor"):
+    with pytest.raises(
+        CheckpointError, match=r"no readable checkpoint to resume in .*last\.prev\.ckpt: .*the top level is a Tensor"
+    ):
         resume_checkpoint(ckpt)
 
 
@@ -203,8 +233,22 @@ def test_overwrite_discards_the_earlier_runs_checkpoints(tmp_path):
     ckpt.mkdir()
     for name in ("last.ckpt", "last.prev.ckpt", "last.damaged.ckpt"):
         torch.save({"global_step": 99}, ckpt / name)
-    fit(load_config("demo", [*RUN, f"trainer.output_dir={tmp_path}", "data.num_workers=0", "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=0", "trainer.select=last", "data.val_classes=0"]),
-        overwrite=True, run_test=False)
+    fit(
+        load_config(
+            "demo",
+            [
+                *RUN,
+                f"trainer.output_dir={tmp_path}",
+                "data.num_workers=0",
+                "trainer.max_epochs=1",
+                "trainer.checkpoint_every_n_steps=0",
+                "trainer.select=last",
+                "data.val_classes=0",
+            ],
+        ),
+        overwrite=True,
+        run_test=False,
+    )
     # one checkpoint of the new run at the epoch's end; nothing of the old one to fall back to
     assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt"]
     assert safe_torch_load(ckpt / "last.ckpt")["global_step"] == 6
@@ -237,32 +281,70 @@ def test_ddp_replicas_draw_their_global_batchs_seeds():
 def one_epoch(tmp_path_factory) -> Path:
     """A finished one-epoch run (multisimilarity, 16-d) to resume with changed configs."""
     out = tmp_path_factory.mktemp("one_epoch")
-    fit(_config(out, "trainer.max_epochs=1", "trainer.checkpoint_every_n_steps=0", "trainer.select=last",
-                "data.val_classes=0"), run_test=False)
+    fit(
+        _config(
+            out,
+            "trainer.max_epochs=1",
+            "trainer.checkpoint_every_n_steps=0",
+            "trainer.select=last",
+            "data.val_classes=0",
+        ),
+        run_test=False,
+    )
     return out
 
 
-@pytest.mark.parametrize("changed, named", [
-    (["model.embedding_dim=32"], ["model.embedding_dim is 32 in the config, 16 in the checkpoint"]),
-    (["model.groups=2", "model.pooling=max"],
-     ["model.groups is 2 in the config, 0 in the checkpoint", "model.pooling is 'max' in the config, 'avg' in the checkpoint"]),
-    (["loss.name=proxyanchor"],  # the same model, but the loss has weights (proxies) the checkpoint lacks
-     ["the weight loss.loss.proxies is absent in the checkpoint, of shape [6, 16] in the config's model",
-      "loss.name is 'proxyanchor' in the config, 'multisimilarity' in the checkpoint"]),
-])
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        (["model.embedding_dim=32"], ["model.embedding_dim is 32 in the config, 16 in the checkpoint"]),
+        (
+            ["model.groups=2", "model.pooling=max"],
+            [
+                "model.groups is 2 in the config, 0 in the checkpoint",
+                "model.pooling is 'max' in the config, 'avg' in the checkpoint",
+            ],
+        ),
+        (
+            ["loss.name=proxyanchor"],  # the same model, but the loss has weights (proxies) the checkpoint lacks
+            [
+                "the weight loss.loss.proxies is absent in the checkpoint, of shape [6, 16] in the config's model",
+                "loss.name is 'proxyanchor' in the config, 'multisimilarity' in the checkpoint",
+            ],
+        ),
+    ],
+)
 def test_resume_with_another_model_fails_before_writing_anything(one_epoch, capsys, changed, named):
-    before = {p: (p.read_bytes() if p.stat().st_size < 10**6 else p.stat().st_mtime_ns)
-              for p in one_epoch.rglob("*") if p.is_file()}
-    argv = ["fit", "--config", "demo", "--resume", *RUN, f"trainer.output_dir={one_epoch}", "data.num_workers=0",
-            "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=0", "trainer.select=last", "data.val_classes=0", *changed]
+    before = {
+        p: (p.read_bytes() if p.stat().st_size < 10**6 else p.stat().st_mtime_ns)
+        for p in one_epoch.rglob("*")
+        if p.is_file()
+    }
+    argv = [
+        "fit",
+        "--config",
+        "demo",
+        "--resume",
+        *RUN,
+        f"trainer.output_dir={one_epoch}",
+        "data.num_workers=0",
+        "trainer.max_epochs=2",
+        "trainer.checkpoint_every_n_steps=0",
+        "trainer.select=last",
+        "data.val_classes=0",
+        *changed,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("glassmetric fit: error: --resume: "), err
     assert str(one_epoch / "checkpoints" / "last.ckpt") in err and "--overwrite" in err
     for text in named:
         assert text in err, err
-    after = {p: (p.read_bytes() if p.stat().st_size < 10**6 else p.stat().st_mtime_ns)
-             for p in one_epoch.rglob("*") if p.is_file()}
+    after = {
+        p: (p.read_bytes() if p.stat().st_size < 10**6 else p.stat().st_mtime_ns)
+        for p in one_epoch.rglob("*")
+        if p.is_file()
+    }
     assert after == before  # config.yaml, checkpoints and logs untouched; no new logs/version_N
 
 
@@ -271,7 +353,18 @@ def test_resume_may_change_what_does_not_shape_the_model(one_epoch, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(one_epoch, run)
-    result = fit(_config(run, "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=0", "trainer.select=last",
-                         "data.val_classes=0", "model.pretrained=false", "optim.lr=5e-4"), resume=True, run_test=False)
+    result = fit(
+        _config(
+            run,
+            "trainer.max_epochs=2",
+            "trainer.checkpoint_every_n_steps=0",
+            "trainer.select=last",
+            "data.val_classes=0",
+            "model.pretrained=false",
+            "optim.lr=5e-4",
+        ),
+        resume=True,
+        run_test=False,
+    )
     assert safe_torch_load(result.checkpoint)["epoch"] == 1
     assert "lr: 0.0005" in (run / "config.yaml").read_text()

@@ -20,9 +20,18 @@ from glassmetric.training.run_folder import is_launching_process, run_folder_loc
 SRC = Path(__file__).resolve().parents[2] / "src"
 #: one epoch on 12 classes x 6 images at 64 px (2 of the 6 training classes for validation)
 TINY = [
-    "data.image_size=64", "data.resize=64", "data.num_workers=0", "data.synthetic.num_classes=12",
-    "data.synthetic.images_per_class=6", "data.val_classes=2", "model.embedding_dim=16", "trainer.batch_size=12",
-    "trainer.samples_per_class=3", "trainer.max_epochs=1", "trainer.progress_bar=false", "eval.batch_size=32",
+    "data.image_size=64",
+    "data.resize=64",
+    "data.num_workers=0",
+    "data.synthetic.num_classes=12",
+    "data.synthetic.images_per_class=6",
+    "data.val_classes=2",
+    "model.embedding_dim=16",
+    "trainer.batch_size=12",
+    "trainer.samples_per_class=3",
+    "trainer.max_epochs=1",
+    "trainer.progress_bar=false",
+    "eval.batch_size=32",
 ]
 
 
@@ -40,8 +49,16 @@ def test_overwrite_leaves_only_the_new_run_and_the_users_files(tmp_path, capsys)
     (out / "logs" / "version_0" / "mine.txt").write_text("mine too")
     capsys.readouterr()
 
-    argv = ["fit", "--config", "demo", "--overwrite", *TINY, "trainer.select=last", "model.embedding_dim=8",
-            f"trainer.output_dir={out}"]
+    argv = [
+        "fit",
+        "--config",
+        "demo",
+        "--overwrite",
+        *TINY,
+        "trainer.select=last",
+        "model.embedding_dim=8",
+        f"trainer.output_dir={out}",
+    ]
     assert main(argv) == 0
     assert "kept what glassmetric fit did not write" in capsys.readouterr().out
     files = [f for f in tree(out) if not f.startswith("logs/") and f != ".fit.lock"]
@@ -68,7 +85,9 @@ class SecondRun(Callback):
 
 def test_a_second_run_into_a_busy_folder_fails_at_once(tmp_path, capsys):
     out = tmp_path / "run"
-    second = SecondRun(["fit", "--config", "demo", "--overwrite", *TINY, "model.embedding_dim=8", f"trainer.output_dir={out}"])
+    second = SecondRun(
+        ["fit", "--config", "demo", "--overwrite", *TINY, "model.embedding_dim=8", f"trainer.output_dir={out}"]
+    )
     first = fit(load_config("demo", [*TINY, "trainer.select=last", f"trainer.output_dir={out}"]), callbacks=[second])
     captured = capsys.readouterr()
     err = captured.err.strip()
@@ -76,7 +95,9 @@ def test_a_second_run_into_a_busy_folder_fails_at_once(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("glassmetric fit: error: "), err
     assert f"trainer.output_dir {out} is in use by another glassmetric fit (pid {os.getpid()} on " in err
     # the folder holds the first run only
-    assert first.test_metrics and json.loads((out / "metrics.json").read_text())["test"] == pytest.approx(first.test_metrics)
+    assert first.test_metrics and json.loads((out / "metrics.json").read_text())["test"] == pytest.approx(
+        first.test_metrics
+    )
     assert "embedding_dim: 16" in (out / "config.yaml").read_text()
     assert safe_torch_load(out / "checkpoints" / "last.ckpt")["state_dict"]["model.head.linear.weight"].shape[0] == 16
     # the lock went with the first run: the next one starts
@@ -86,14 +107,23 @@ def test_a_second_run_into_a_busy_folder_fails_at_once(tmp_path, capsys):
 
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom glassmetric.training.run_folder import run_folder_lock\n"
-         "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n", str(tmp_path)],
-        env=dict(os.environ, PYTHONPATH=str(SRC)), stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom glassmetric.training.run_folder import run_folder_lock\n"
+            "with run_folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)\n",
+            str(tmp_path),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(SRC)),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputError, match=rf"in use by another glassmetric fit \(pid {holder.pid} on "), \
-                run_folder_lock(tmp_path):
+        with (
+            pytest.raises(OutputError, match=rf"in use by another glassmetric fit \(pid {holder.pid} on "),
+            run_folder_lock(tmp_path),
+        ):
             pass
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -102,15 +132,18 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         pass
 
 
-@pytest.mark.parametrize("env, launching", [
-    ({}, True),
-    ({"LOCAL_RANK": "0"}, True),
-    ({"LOCAL_RANK": "1"}, False),  # a rank Lightning's launcher started
-    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # rank 0 of the second node
-    ({"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}, True),  # torchrun
-    ({"RANK": "3", "LOCAL_RANK": "1"}, False),
-    ({"SLURM_PROCID": "1"}, False),
-])
+@pytest.mark.parametrize(
+    "env, launching",
+    [
+        ({}, True),
+        ({"LOCAL_RANK": "0"}, True),
+        ({"LOCAL_RANK": "1"}, False),  # a rank Lightning's launcher started
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # rank 0 of the second node
+        ({"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}, True),  # torchrun
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False),
+        ({"SLURM_PROCID": "1"}, False),
+    ],
+)
 def test_only_the_launching_process_holds_the_lock(monkeypatch, env, launching):
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(key, raising=False)

@@ -61,8 +61,9 @@ class _PathDataset(RetrievalDataset):
         self.class_names = tuple(class_names)
 
     def load(self, index: int) -> Sample:
-        return Sample(image=open_image(self.paths[index]), label=int(self.labels[index]),
-                      meta={"path": str(self.paths[index])})
+        return Sample(
+            image=open_image(self.paths[index]), label=int(self.labels[index]), meta={"path": str(self.paths[index])}
+        )
 
 
 class ImageFolderDataset(_PathDataset):
@@ -131,7 +132,9 @@ class CSVDataset(_PathDataset):
                 if not any(v.strip() for v in row):
                     continue
                 if len(row) != len(header):
-                    raise DataError(f"{self.csv_path}:{reader.line_num}: expected {len(header)} columns, got {len(row)}")
+                    raise DataError(
+                        f"{self.csv_path}:{reader.line_num}: expected {len(header)} columns, got {len(row)}"
+                    )
                 path, label = row[ip].strip(), row[il].strip()
                 if not path or not label:
                     raise DataError(f"{self.csv_path}:{reader.line_num}: empty path or label")

@@ -70,7 +70,9 @@ def _check_size(img: Image.Image, name: str, max_pixels: int | None) -> None:
             "(a decompression bomb?)"
         )
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageTooLarge(f"cannot read image {name}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels")
+        raise ImageTooLarge(
+            f"cannot read image {name}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels"
+        )
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise ImageTooLarge(
             f"cannot read image {name}: {w}x{h} pixels, one side more than {MAX_ASPECT_RATIO} times the other "

@@ -52,8 +52,16 @@ def _synthetic(cfg: DataConfig, train_transform: Callable | None, eval_transform
     from glassmetric.data.synthetic import SyntheticParts
 
     s = cfg.synthetic
-    common: dict[str, Any] = {"num_classes": s.num_classes, "images_per_class": s.images_per_class, "image_size": cfg.image_size, "seed": s.seed, "style": s.style}
-    return SyntheticParts("train", transform=train_transform, **common), SyntheticParts("test", transform=eval_transform, **common)
+    common: dict[str, Any] = {
+        "num_classes": s.num_classes,
+        "images_per_class": s.images_per_class,
+        "image_size": cfg.image_size,
+        "seed": s.seed,
+        "style": s.style,
+    }
+    return SyntheticParts("train", transform=train_transform, **common), SyntheticParts(
+        "test", transform=eval_transform, **common
+    )
 
 
 def _class_range_benchmark(load_class: Callable[[], type]) -> DatasetFactory:
@@ -61,7 +69,9 @@ def _class_range_benchmark(load_class: Callable[[], type]) -> DatasetFactory:
 
     def factory(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
         cls, kwargs = load_class(), _class_range_kwargs(cfg)
-        return cls(_root(cfg), "train", transform=train_transform, **kwargs), cls(_root(cfg), "test", transform=eval_transform, **kwargs)
+        return cls(_root(cfg), "train", transform=train_transform, **kwargs), cls(
+            _root(cfg), "test", transform=eval_transform, **kwargs
+        )
 
     return factory
 
@@ -122,7 +132,9 @@ def build_base_splits(cfg: DataConfig, train_transform: Callable | None, eval_tr
     return factory(cfg, train_transform, eval_transform)
 
 
-def carve_validation(train: RetrievalDataset, num_val_classes: int, seed: int, eval_transform: Callable | None) -> tuple[RetrievalDataset, RetrievalDataset | None]:
+def carve_validation(
+    train: RetrievalDataset, num_val_classes: int, seed: int, eval_transform: Callable | None
+) -> tuple[RetrievalDataset, RetrievalDataset | None]:
     """Hold out ``num_val_classes`` training classes (a seeded random choice) for validation."""
     if num_val_classes == 0:
         return train, None
@@ -144,12 +156,19 @@ def build_gallery(cfg: DataConfig, eval_transform: Callable | None) -> Retrieval
 
     s = cfg.synthetic
     return SyntheticParts(
-        "test", num_classes=s.num_classes, images_per_class=s.images_per_class, image_size=cfg.image_size,
-        seed=s.seed, style=style, transform=eval_transform,
+        "test",
+        num_classes=s.num_classes,
+        images_per_class=s.images_per_class,
+        image_size=cfg.image_size,
+        seed=s.seed,
+        style=style,
+        transform=eval_transform,
     )
 
 
-def build_splits(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None, seed: int = 0) -> Splits:
+def build_splits(
+    cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None, seed: int = 0
+) -> Splits:
     """The splits of ``cfg``, checked to have disjoint train and test classes, each reading
     bad images by ``cfg.on_bad_image``."""
     from glassmetric.data.integrity import check_disjoint_classes

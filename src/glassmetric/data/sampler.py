@@ -44,7 +44,9 @@ class MPerClassBatchSampler(torch.utils.data.Sampler[list[int]]):
         if m < 1 or batch_size < 1 or batch_size % m != 0:
             raise ConfigError(f"batch_size must be a positive multiple of m, got batch_size={batch_size}, m={m}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ConfigError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got num_replicas={num_replicas}, rank={rank}")
+            raise ConfigError(
+                f"need num_replicas >= 1 and 0 <= rank < num_replicas, got num_replicas={num_replicas}, rank={rank}"
+            )
         if seed < 0:
             raise ConfigError(f"seed must be non-negative, got {seed}")
         classes, inverse = np.unique(labels, return_inverse=True)

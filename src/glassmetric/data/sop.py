@@ -51,6 +51,9 @@ class StanfordOnlineProducts(RetrievalDataset):
         return Sample(
             image=open_image(self.paths[index]),
             label=int(self.labels[index]),
-            meta={"path": str(self.paths[index]), "image_id": self.image_ids[index],
-                  "super_label": int(self.super_labels[index])},
+            meta={
+                "path": str(self.paths[index]),
+                "image_id": self.image_ids[index],
+                "super_label": int(self.super_labels[index]),
+            },
         )

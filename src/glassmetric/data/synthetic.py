@@ -157,8 +157,9 @@ def _bird(attrs: dict[str, str], rng: np.random.Generator, palette: Callable) ->
     shapes, anchors = [], np.zeros((len(PART_NAMES), 2))
 
     tail_base, tail_angle = np.array([-0.42 * sb, 0.0]), np.pi - 0.35
-    shapes.append(_Shape(TAIL, _place(_TAILS[attrs["tail_shape"]] * st, tail_angle, tail_base),
-                         _jitter(palette(body_rgb), rng)))
+    shapes.append(
+        _Shape(TAIL, _place(_TAILS[attrs["tail_shape"]] * st, tail_angle, tail_base), _jitter(palette(body_rgb), rng))
+    )
     anchors[TAIL] = _place([[0.22 * st, 0.0]], tail_angle, tail_base)[0]
 
     legs_rgb, length = _jitter(palette(_LEGS_RGB), rng), _LEG_LENGTH[attrs["legs_length"]] * sl
@@ -227,8 +228,17 @@ class SyntheticParts(RetrievalDataset):
 
     part_names = PART_NAMES
 
-    def __init__(self, split: str = "train", *, num_classes: int = 120, images_per_class: int = 40,
-                 image_size: int = 96, seed: int = 0, transform: Callable | None = None, style: str = "photo"):
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        num_classes: int = 120,
+        images_per_class: int = 40,
+        image_size: int = 96,
+        seed: int = 0,
+        transform: Callable | None = None,
+        style: str = "photo",
+    ):
         super().__init__(transform)
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -268,8 +278,13 @@ class SyntheticParts(RetrievalDataset):
                 _paint(draw, shape, scene.scale, scene.rng)
             image = image.reduce(k)
         label = int(self.labels[index])
-        return Sample(image=image, label=label, keypoints=scene.keypoints, bbox=scene.bbox,
-                      meta={"attributes": class_attributes(label)})
+        return Sample(
+            image=image,
+            label=label,
+            keypoints=scene.keypoints,
+            bbox=scene.bbox,
+            meta={"attributes": class_attributes(label)},
+        )
 
     def part_mask(self, index: int) -> np.ndarray:
         """What covers the centre of each pixel of image ``index``: a (size, size) uint8 array of

@@ -98,9 +98,7 @@ def _crop_offset(size: int, crop: int) -> int:
     return round((size - crop) / 2.0)
 
 
-def keypoints_to_eval_frame(
-    keypoints: np.ndarray, image_size: tuple[int, int], resize: int, crop: int
-) -> np.ndarray:
+def keypoints_to_eval_frame(keypoints: np.ndarray, image_size: tuple[int, int], resize: int, crop: int) -> np.ndarray:
     """Map raw-image keypoints through ``Resize(resize)`` + ``CenterCrop(crop)``.
 
     Args:
@@ -194,11 +192,11 @@ def part_correspondence_batch(plans: Tensor, cells_x: Tensor, cells_y: Tensor) -
     b, n, m = plans.shape
     if cells_x.shape != cells_y.shape or cells_x.ndim != 2 or cells_x.shape[0] != b:
         raise ValueError(
-            f"cells_x and cells_y must both be (B={b}, P), got {tuple(cells_x.shape)} and "
-            f"{tuple(cells_y.shape)}"
+            f"cells_x and cells_y must both be (B={b}, P), got {tuple(cells_x.shape)} and {tuple(cells_y.shape)}"
         )
-    if cells_x.numel() and (int(cells_x.max()) >= n or int(cells_y.max()) >= m
-                            or int(cells_x.min()) < -1 or int(cells_y.min()) < -1):
+    if cells_x.numel() and (
+        int(cells_x.max()) >= n or int(cells_y.max()) >= m or int(cells_x.min()) < -1 or int(cells_y.min()) < -1
+    ):
         raise ValueError(f"cells must be -1 or lie in [0, {n}) for x and [0, {m}) for y")
     plans = plans.double()
     cells_x, cells_y = cells_x.long().to(plans.device), cells_y.long().to(plans.device)
@@ -318,13 +316,18 @@ class _EvalImages(Dataset):
                 "part correspondence needs a data set with part annotations"
             )
         kp = keypoints_to_eval_frame(sample.keypoints, sample.image.size, self.resize, self.crop)
-        return {"image": self.transform(sample.image), "keypoints": torch.from_numpy(kp),
-                "box_side": box_side_in_eval_frame(sample.bbox, sample.image.size, self.resize), "position": i}
+        return {
+            "image": self.transform(sample.image),
+            "keypoints": torch.from_numpy(kp),
+            "box_side": box_side_in_eval_frame(sample.bbox, sample.image.size, self.resize),
+            "position": i,
+        }
 
     def loader(self, batch_size: int, num_workers: int) -> DataLoader:
         """In order; a batch holds the images that were read, their ``position`` in ``indices``."""
-        return DataLoader(self, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                          collate_fn=collate_readable)
+        return DataLoader(
+            self, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_readable
+        )
 
 
 @torch.inference_mode()
@@ -488,13 +491,14 @@ def evaluate_correspondence(
         out[name] = _mean(torch.nanmean(cat(name, "share")[scored], 1))
         out[f"{name}_top1"] = _mean(torch.nanmean(cat(name, "top1")[scored], 1))
     out["learned_empty"] = _mean(cat("learned", "empty")[common])
-    out["upper_bound"] = float(np.nanmean(correspondence_upper_bound(
-        cells[ia][scored].numpy(), cells[ib][scored].numpy()))) if bool(scored.any()) else math.nan
+    out["upper_bound"] = (
+        float(np.nanmean(correspondence_upper_bound(cells[ia][scored].numpy(), cells[ib][scored].numpy())))
+        if bool(scored.any())
+        else math.nan
+    )
     share = cat("learned", "share")
     part_names = list(getattr(dataset, "part_names", ())) or [str(p) for p in range(share.shape[1])]
-    out["per_part"] = {
-        name: _mean(share[common[:, p], p]) for p, name in enumerate(part_names[: share.shape[1]])
-    }
+    out["per_part"] = {name: _mean(share[common[:, p], p]) for p, name in enumerate(part_names[: share.shape[1]])}
     if with_pck:
         for name, per_batch in pck.items():
             hits = torch.cat(per_batch)
@@ -505,10 +509,17 @@ def evaluate_correspondence(
                 }
         out["pck_alpha"] = pck_alpha
     mass_share = torch.cat(mass)
-    out["part_mass"] = {part: _mean(mass_share[common[:, p], p]) for p, part in enumerate(part_names[: mass_share.shape[1]])}
-    out.update(n_pairs=int(scored.sum()), n_pairs_sampled=len(pair_idx), n_pairs_unreadable=int((~readable).sum()),
-               n_parts=int(common.sum()),
-               grid=g, n_cells=n_cells)
+    out["part_mass"] = {
+        part: _mean(mass_share[common[:, p], p]) for p, part in enumerate(part_names[: mass_share.shape[1]])
+    }
+    out.update(
+        n_pairs=int(scored.sum()),
+        n_pairs_sampled=len(pair_idx),
+        n_pairs_unreadable=int((~readable).sum()),
+        n_parts=int(common.sum()),
+        grid=g,
+        n_cells=n_cells,
+    )
     return out
 
 

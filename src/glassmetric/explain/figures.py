@@ -73,9 +73,7 @@ def cell_centres(grid: int, width: float, height: float) -> np.ndarray:
         raise ValueError(f"width and height must be positive, got {width!r} x {height!r}")
     grid = int(grid)
     rows, cols = np.divmod(np.arange(grid * grid), grid)
-    return np.stack(
-        [(cols + 0.5) * (width / grid), (rows + 0.5) * (height / grid)], axis=1
-    ).astype(np.float64)
+    return np.stack([(cols + 0.5) * (width / grid), (rows + 0.5) * (height / grid)], axis=1).astype(np.float64)
 
 
 def cell_labels(grid: int, part_names: Sequence[str] | Mapping[Any, str] | None = None) -> list[str]:
@@ -224,9 +222,7 @@ def structural_pair_figure(
     """
     S, T = _array(explanation.S), _array(explanation.T)
     if S.ndim != 2 or T.shape != S.shape:
-        raise ValueError(
-            f"expected one pair's explanation with S and T of shape (N, M), got S {S.shape}, T {T.shape}"
-        )
+        raise ValueError(f"expected one pair's explanation with S and T of shape (N, M), got S {S.shape}, T {T.shape}")
     mu, nu = _array(explanation.mu).reshape(-1), _array(explanation.nu).reshape(-1)
     contrib_x = _array(explanation.region_contribution_x).reshape(-1)
     n, m = S.shape
@@ -268,14 +264,29 @@ def structural_pair_figure(
             ax.plot([x0, x0 + w], [k / g] * 2, **grid_style)
         fs = 8 if g <= 8 else 6
         for k in range(g):
-            ax.text(x0 + w * (k + 0.5) / g, -0.012, str(k), ha="center", va="bottom",
-                    fontsize=fs, color="0.35")
-            ax.text(x0 - 0.012 if left else x0 + w + 0.012, (k + 0.5) / g, str(k),
-                    ha="right" if left else "left", va="center", fontsize=fs, color="0.35")
-    for (x0, w), title, g, note in (((0.0, wx), titles[0], gx, (notes or ("", ""))[0]),
-                                    ((x0_y, wy), titles[1], gy, (notes or ("", ""))[1])):
-        ax.text(x0 + w / 2, -0.06, f"{title}  ({g}x{g} cells)" + (f", {note}" if note else ""), ha="center",
-                va="bottom", fontsize=12, fontweight="bold")
+            ax.text(x0 + w * (k + 0.5) / g, -0.012, str(k), ha="center", va="bottom", fontsize=fs, color="0.35")
+            ax.text(
+                x0 - 0.012 if left else x0 + w + 0.012,
+                (k + 0.5) / g,
+                str(k),
+                ha="right" if left else "left",
+                va="center",
+                fontsize=fs,
+                color="0.35",
+            )
+    for (x0, w), title, g, note in (
+        ((0.0, wx), titles[0], gx, (notes or ("", ""))[0]),
+        ((x0_y, wy), titles[1], gy, (notes or ("", ""))[1]),
+    ):
+        ax.text(
+            x0 + w / 2,
+            -0.06,
+            f"{title}  ({g}x{g} cells)" + (f", {note}" if note else ""),
+            ha="center",
+            va="bottom",
+            fontsize=12,
+            fontweight="bold",
+        )
 
     # flow lines (weakest first, so the strongest are drawn on top)
     cx = cell_centres(gx, wx, 1.0)
@@ -285,13 +296,14 @@ def structural_pair_figure(
     t_top = T[rows, cols]
     order = np.arange(len(rows))[::-1]
     segments = _arcs(cx[rows[order]], cy[cols[order]])
-    widths = (
-        np.maximum(_MAX_LINEWIDTH * t_top[order] / t_top.max(), _MIN_LINEWIDTH)
-        if len(rows) else np.zeros(0)
-    )
+    widths = np.maximum(_MAX_LINEWIDTH * t_top[order] / t_top.max(), _MIN_LINEWIDTH) if len(rows) else np.zeros(0)
     flows = LineCollection(
         segments,  # type: ignore[arg-type]  # an (F, points, 2) array works; matplotlib's stubs ask for a Sequence
-        linewidths=widths, cmap=_SIM_CMAP, norm=sim_norm, capstyle="round", zorder=4
+        linewidths=widths,
+        cmap=_SIM_CMAP,
+        norm=sim_norm,
+        capstyle="round",
+        zorder=4,
     )
     flows.set_array(S[rows[order], cols[order]] if len(rows) else np.zeros(0))
     flows.set_gid(FLOWS_GID)
@@ -300,7 +312,11 @@ def structural_pair_figure(
         # a black outline 1.6 pt wider than each line keeps it visible on any background
         outline = LineCollection(
             segments,  # type: ignore[arg-type]  # an (F, points, 2) array works; matplotlib's stubs ask for a Sequence
-            linewidths=widths + 1.6, colors="black", capstyle="round", zorder=3.9, alpha=0.8
+            linewidths=widths + 1.6,
+            colors="black",
+            capstyle="round",
+            zorder=3.9,
+            alpha=0.8,
         )
         ax.add_collection(outline)
         ends = np.concatenate([cx[np.unique(rows)], cy[np.unique(cols)]])
@@ -315,7 +331,9 @@ def structural_pair_figure(
         f"lines: the {len(rows)} strongest of {n * m} flows $T_{{ij}}$ (width $\\propto T_{{ij}}$, "
         f"carrying {100 * shown_mass:.0f}% of the transport mass); "
         f"heat: cell mass $\\mu_i$ / $\\nu_j$",
-        fontsize=9.5, color="0.25", pad=10,
+        fontsize=9.5,
+        color="0.25",
+        pad=10,
     )
     cb_mass = fig.colorbar(heat, ax=ax, location="right", shrink=0.85, pad=0.01, fraction=0.035)
     cb_mass.set_label(r"cell mass $\mu_i$, $\nu_j$ (uniform $= 1/N$ dashed)", fontsize=9)
@@ -333,8 +351,7 @@ def structural_pair_figure(
     axb.bar(pos, vals, color=colours, width=0.8, zorder=2)
     axb.axhline(0.0, color="0.3", lw=0.8, zorder=3)
     many = n > 16
-    axb.set_xticks(pos, [labels[i] for i in idx], rotation=90 if many else 0,
-                   fontsize=7 if many else 8.5)
+    axb.set_xticks(pos, [labels[i] for i in idx], rotation=90 if many else 0, fontsize=7 if many else 8.5)
     axb.set_xlim(-0.7, n - 0.3)
     axb.set_ylabel("contribution to SS\n" + r"$\Sigma_j\, T_{ij} S_{ij}$", fontsize=9)
     axb.tick_params(axis="y", labelsize=8)
@@ -346,8 +363,15 @@ def structural_pair_figure(
         for p, v in zip(pos, vals, strict=True):
             if abs(v) < 0.01 * span:  # labels of invisible bars would only clutter
                 continue
-            axb.text(float(p), v + (0.02 if v >= 0 else -0.02) * span, f"{v:.2g}", ha="center",
-                     va="bottom" if v >= 0 else "top", fontsize=7, color="0.25")
+            axb.text(
+                float(p),
+                v + (0.02 if v >= 0 else -0.02) * span,
+                f"{v:.2g}",
+                ha="center",
+                va="bottom" if v >= 0 else "top",
+                fontsize=7,
+                color="0.25",
+            )
         axb.margins(y=0.12)
     if abs(ss) >= 1e-12 and np.all(vals * np.sign(ss) >= 0):
         share = f", top 3 cells: {100 * float(vals[:3].sum()) / ss:.0f}% of it"
@@ -358,7 +382,8 @@ def structural_pair_figure(
     axb.set_title(
         f"what each {titles[0]} cell contributes to the structural score "
         f"(bars sum to SS = {round(ss, 2) + 0.0:.2f}{share})",
-        fontsize=10, loc="left",
+        fontsize=10,
+        loc="left",
     )
 
     fig.suptitle(format_scores(explanation), fontsize=15, fontweight="bold")
@@ -387,11 +412,18 @@ def _attention_panel(ax, img: np.ndarray, amap: np.ndarray, vmax: float, marker_
     """``img`` with one attention map bilinearly upsampled over it and its peak marked; returns the heat image."""
     h, w = img.shape[:2]
     ax.imshow(img, extent=(0, w, h, 0))
-    heat = ax.imshow(amap, extent=(0, w, h, 0), cmap=_ATT_CMAP, alpha=_ATT_ALPHA,
-                     interpolation="bilinear", vmin=0.0, vmax=vmax)
+    heat = ax.imshow(
+        amap, extent=(0, w, h, 0), cmap=_ATT_CMAP, alpha=_ATT_ALPHA, interpolation="bilinear", vmin=0.0, vmax=vmax
+    )
     r, c = np.unravel_index(int(np.argmax(amap)), amap.shape)
-    ax.plot((c + 0.5) * w / amap.shape[1], (r + 0.5) * h / amap.shape[0], marker="+",
-            color="white", markersize=marker_size, mew=2.5)
+    ax.plot(
+        (c + 0.5) * w / amap.shape[1],
+        (r + 0.5) * h / amap.shape[0],
+        marker="+",
+        color="white",
+        markersize=marker_size,
+        mew=2.5,
+    )
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()

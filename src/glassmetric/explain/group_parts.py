@@ -213,7 +213,8 @@ def evaluate_group_parts(
         total = int(counts[i].sum())
         best = int(counts[i].argmax())
         groups[str(i + 1)] = {
-            "part": names[best], "share": counts[i, best].item() / total if total else math.nan,
+            "part": names[best],
+            "share": counts[i, best].item() / total if total else math.nan,
             "counts": {names[p]: int(c) for p, c in enumerate(counts[i].tolist())},
             "fixed_position": torch.bincount(peak_cells[:, i], minlength=h * w).max().item() / len(att),
             "spread": spread[i].item(),
@@ -221,8 +222,11 @@ def evaluate_group_parts(
     n_top = int(masks[0, 0].sum())
     gen = torch.Generator().manual_seed(seed)
     mi_random = [
-        group_part_mutual_information(part_assignment(
-            nearest_parts(attention_peaks(torch.rand(att.shape, generator=gen), crop), kps), kps.shape[1]))
+        group_part_mutual_information(
+            part_assignment(
+                nearest_parts(attention_peaks(torch.rand(att.shape, generator=gen), crop), kps), kps.shape[1]
+            )
+        )
         for _ in range(random_maps)
     ]
     return {
@@ -230,6 +234,11 @@ def evaluate_group_parts(
         "mi_random": float(np.mean(mi_random)) if mi_random else math.nan,
         "iou": float(np.mean([iou[i, j].item() for i, j in pairs])) if pairs else math.nan,
         "iou_pairs": {f"{i + 1}-{j + 1}": iou[i, j].item() for i, j in pairs},
-        "iou_chance": chance_iou(h * w, n_top), "fraction": fraction, "n_top": n_top, "positions": h * w,
-        "groups": groups, "distinct_parts": len({g["part"] for g in groups.values()}), "n_images": len(att),
+        "iou_chance": chance_iou(h * w, n_top),
+        "fraction": fraction,
+        "n_top": n_top,
+        "positions": h * w,
+        "groups": groups,
+        "distinct_parts": len({g["part"] for g in groups.values()}),
+        "n_images": len(att),
     }

@@ -50,7 +50,9 @@ def explain_groups(x: EmbeddingOutput, y: EmbeddingOutput, ix: int = 0, iy: int 
     gx, gy = x.group_embeddings[ix].double(), y.group_embeddings[iy].double()
     sim = (gx * gy).sum(-1)
     return GroupExplanation(
-        group_similarity=sim, contribution=sim / len(sim),
+        group_similarity=sim,
+        contribution=sim / len(sim),
         score=(x.embedding[ix].double() * y.embedding[iy].double()).sum(),
-        attention_x=x.attention[ix].double(), attention_y=y.attention[iy].double(),
+        attention_x=x.attention[ix].double(),
+        attention_y=y.attention[iy].double(),
     )

@@ -71,8 +71,9 @@ def oracle_cell_transfer(cells_y: Tensor, centres: Tensor) -> tuple[Tensor, Tens
     return centres.double()[cells_y.long().clamp(min=0)], cells_y >= 0
 
 
-def pck_hits(predicted: Tensor, valid: Tensor, keypoints_y: Tensor, box_side_y: Tensor,
-             common: Tensor, alpha: float = 0.1) -> Tensor:
+def pck_hits(
+    predicted: Tensor, valid: Tensor, keypoints_y: Tensor, box_side_y: Tensor, common: Tensor, alpha: float = 0.1
+) -> Tensor:
     """``(B, P)`` float64: 1.0 where the prediction lies within ``alpha * box_side_y`` of the
     true keypoint of y, 0.0 where it does not or no prediction exists, NaN where the part is
     not visible in both images (``common`` False).

@@ -38,8 +38,10 @@ class IntrospectiveScores:
 
     def describe(self) -> str:
         ux, uy = self.uncertainty
-        return (f"uncertainty {ux:.3g} / {uy:.3g}; semantic distance {self.semantic_distance:.3f}, "
-                f"introspective distance {self.introspective_distance:.3f}")
+        return (
+            f"uncertainty {ux:.3g} / {uy:.3g}; semantic distance {self.semantic_distance:.3f}, "
+            f"introspective distance {self.introspective_distance:.3f}"
+        )
 
 
 @dataclass
@@ -58,15 +60,27 @@ def model_view(cfg: Config, image: Image.Image) -> Image.Image:
     return eval_geometry(cfg.data.eval_image_size or cfg.data.image_size, cfg.data.resize)(image)
 
 
-def explain_images(model: torch.nn.Module, cfg: Config, image_x: Image.Image, image_y: Image.Image, *,
-                   introspective: IntrospectiveParams | None = None) -> PairExplanation:
+def explain_images(
+    model: torch.nn.Module,
+    cfg: Config,
+    image_x: Image.Image,
+    image_y: Image.Image,
+    *,
+    introspective: IntrospectiveParams | None = None,
+) -> PairExplanation:
     """Embed two RGB images in one batch and explain their similarity in every way the model supports."""
     return explain_views(model, cfg, model_view(cfg, image_x), model_view(cfg, image_y), introspective=introspective)
 
 
 @torch.inference_mode()
-def explain_views(model: torch.nn.Module, cfg: Config, view_x: Image.Image, view_y: Image.Image, *,
-                  introspective: IntrospectiveParams | None = None) -> PairExplanation:
+def explain_views(
+    model: torch.nn.Module,
+    cfg: Config,
+    view_x: Image.Image,
+    view_y: Image.Image,
+    *,
+    introspective: IntrospectiveParams | None = None,
+) -> PairExplanation:
     """:func:`explain_images` of two images already in :func:`model_view` (resized, centre-cropped):
     the same explanation, as the evaluation transform is that geometry, then normalisation.
 
@@ -75,7 +89,9 @@ def explain_views(model: torch.nn.Module, cfg: Config, view_x: Image.Image, view
     parameters of the introspective distance, is needed when the model has an uncertainty head.
     """
     model.eval()
-    backbone = cast("Backbone", model.backbone)  # an EmbeddingModel's (or its inference view's); nn.Module's attributes are typed Tensor | Module
+    backbone = cast(
+        "Backbone", model.backbone
+    )  # an EmbeddingModel's (or its inference view's); nn.Module's attributes are typed Tensor | Module
     normalise = normalisation(backbone.mean, backbone.std)
     device = next(model.parameters()).device
     out = model(torch.stack([normalise(img) for img in (view_x, view_y)]).to(device))
@@ -83,8 +99,14 @@ def explain_views(model: torch.nn.Module, cfg: Config, view_x: Image.Image, view
     if out.local is not None:
         ot = OTSettings.from_config(cfg)
         explanation = explain_pair(
-            x_local=out.local[0], y_local=out.local[1], x_global=out.embedding[0], y_global=out.embedding[1],
-            epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals,
+            x_local=out.local[0],
+            y_local=out.local[1],
+            x_global=out.embedding[0],
+            y_global=out.embedding[1],
+            epsilon=ot.epsilon,
+            iters=ot.iters,
+            tol=ot.tol,
+            marginals=ot.marginals,
         )
     intro = None
     if out.uncertainty is not None:
@@ -95,10 +117,14 @@ def explain_views(model: torch.nn.Module, cfg: Config, view_x: Image.Image, view
     return PairExplanation(images=(view_x, view_y), structural=explanation, introspective=intro, groups=groups)
 
 
-def introspective_scores(semantic: torch.Tensor, uncertainty: torch.Tensor, params: IntrospectiveParams) -> IntrospectiveScores:
+def introspective_scores(
+    semantic: torch.Tensor, uncertainty: torch.Tensor, params: IntrospectiveParams
+) -> IntrospectiveScores:
     """The IDML scores of a pair from its (2, D) semantic and (2, Du) uncertainty embeddings."""
     s = torch.nn.functional.normalize(semantic.float(), dim=1)
     alpha = float((s[0] - s[1]).pow(2).sum())
     d = float(introspective_distance_matrix(s[:1], uncertainty[:1], s[1:], uncertainty[1:], params))
     u = image_uncertainty(uncertainty)
-    return IntrospectiveScores(uncertainty=(float(u[0]), float(u[1])), semantic_distance=alpha, introspective_distance=d)
+    return IntrospectiveScores(
+        uncertainty=(float(u[0]), float(u[1])), semantic_distance=alpha, introspective_distance=d
+    )

@@ -17,8 +17,9 @@ from glassmetric.explain.pair import PairExplanation
 __all__ = ["group_summary", "pair_figures", "pair_summary"]
 
 
-def pair_figures(pair: PairExplanation, titles: tuple[str, str] = ("query", "candidate"), *,
-                 top_flows: int = 12) -> dict[str, Figure]:
+def pair_figures(
+    pair: PairExplanation, titles: tuple[str, str] = ("query", "candidate"), *, top_flows: int = 12
+) -> dict[str, Figure]:
     """``{"flows": ..., "groups": ...}``: the figures the pair's explanations allow, in that order."""
     figures: dict[str, Figure] = {}
     e, intro = pair.structural, pair.introspective
@@ -33,7 +34,8 @@ def pair_figures(pair: PairExplanation, titles: tuple[str, str] = ("query", "can
             fig.suptitle(
                 f"{format_scores(e)}\nsemantic distance {intro.semantic_distance:.3f}, "
                 f"introspective {intro.introspective_distance:.3f}",
-                fontsize=15, fontweight="bold",
+                fontsize=15,
+                fontweight="bold",
             )
         figures["flows"] = fig
     if pair.groups is not None:

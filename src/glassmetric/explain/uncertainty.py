@@ -27,13 +27,21 @@ def extremes(uncertainty: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def uncertainty_grid_figure(
-    images_most: Sequence, values_most: Sequence[float], correct_most: Sequence[bool],
-    images_least: Sequence, values_least: Sequence[float], correct_least: Sequence[bool],
-    *, columns: int = 6, title: str | None = None,
+    images_most: Sequence,
+    values_most: Sequence[float],
+    correct_most: Sequence[bool],
+    images_least: Sequence,
+    values_least: Sequence[float],
+    correct_least: Sequence[bool],
+    *,
+    columns: int = 6,
+    title: str | None = None,
 ) -> Figure:
     """Two blocks of tiles: the most uncertain images on top, the least uncertain below."""
-    blocks = [("most uncertain", images_most, values_most, correct_most),
-              ("least uncertain", images_least, values_least, correct_least)]
+    blocks = [
+        ("most uncertain", images_most, values_most, correct_most),
+        ("least uncertain", images_least, values_least, correct_least),
+    ]
     rows_of = [max(1, -(-len(b[1]) // columns)) for b in blocks]
     fig = Figure(figsize=(2.0 * columns, 2.25 * sum(rows_of) + 0.8))
     FigureCanvasAgg(fig)
@@ -56,5 +64,7 @@ def uncertainty_grid_figure(
             if k == 0:
                 ax.set_ylabel(name, fontsize=11, fontweight="bold")
         row0 += rows
-    fig.suptitle(title or "uncertainty ||u||: green = nearest neighbour of the same class, red = of another", fontsize=12)
+    fig.suptitle(
+        title or "uncertainty ||u||: green = nearest neighbour of the same class, red = of another", fontsize=12
+    )
     return fig

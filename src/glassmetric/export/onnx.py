@@ -60,7 +60,9 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, opset: i
         import onnx
         import onnxscript  # noqa: F401  (the dynamo exporter needs it)
     except ImportError as e:
-        raise ExportError(f"ONNX export needs the 'export' extra: pip install 'glassmetric[export]' ({e.name} missing)") from e
+        raise ExportError(
+            f"ONNX export needs the 'export' extra: pip install 'glassmetric[export]' ({e.name} missing)"
+        ) from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -69,8 +71,15 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, opset: i
     example = torch.zeros(2, 3, image_size, image_size)
     with torch.no_grad():
         program = torch.onnx.export(
-            wrapper, (example,), dynamo=True, verbose=False, input_names=["images"], output_names=names, opset_version=opset,
-            dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=False,
+            wrapper,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            input_names=["images"],
+            output_names=names,
+            opset_version=opset,
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            external_data=False,
         )
     assert program is not None  # the dynamo exporter returns the program
     program.save(str(path), external_data=False)
@@ -78,7 +87,9 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, *, opset: i
     return names
 
 
-def compare_with_torch(model: nn.Module, path: str | Path, image_size: int, *, batch: int = 3, seed: int = 0) -> dict[str, float]:
+def compare_with_torch(
+    model: nn.Module, path: str | Path, image_size: int, *, batch: int = 3, seed: int = 0
+) -> dict[str, float]:
     """Max abs difference of each output between onnxruntime (CPU) and torch on random images."""
     try:
         import onnxruntime

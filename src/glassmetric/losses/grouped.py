@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 
 
 class GroupedLoss(nn.Module):
-    def __init__(self, per_group: list[MetricLoss], diversity_weight: float = 0.02, structural: nn.Module | None = None):
+    def __init__(
+        self, per_group: list[MetricLoss], diversity_weight: float = 0.02, structural: nn.Module | None = None
+    ):
         super().__init__()
         if not per_group:
             raise ConfigError("model.groups: the grouped loss needs at least one group")
@@ -44,11 +46,16 @@ class GroupedLoss(nn.Module):
         """The parts of the objective: ``metric`` (mean over groups), ``diversity``, ``structural``."""
         g = output.group_embeddings
         if g is None:
-            raise ConfigError("model.groups: the grouped loss needs group embeddings (a model built with model.groups > 0)")
+            raise ConfigError(
+                "model.groups: the grouped loss needs group embeddings (a model built with model.groups > 0)"
+            )
         if g.shape[1] != self.groups:
             raise ConfigError(f"model.groups: the loss has {self.groups} groups, the model gives {g.shape[1]}")
         metric = torch.stack(
-            [loss(EmbeddingOutput(embedding=g[:, i], uncertainty=output.uncertainty), labels) for i, loss in enumerate(self.per_group)]
+            [
+                loss(EmbeddingOutput(embedding=g[:, i], uncertainty=output.uncertainty), labels)
+                for i, loss in enumerate(self.per_group)
+            ]
         ).mean()
         out = {"metric": metric, "diversity": diversity_loss(g)}
         if self.structural is not None:

@@ -54,7 +54,9 @@ class _IntrospectiveMixin:
         if packed.shape[1] == self.dim:
             return packed, None  # a proxy: zero uncertainty
         if packed.shape[1] <= self.dim:
-            raise ValueError(f"introspective distance: expected width {self.dim} (+ uncertainty), got {packed.shape[1]}")
+            raise ValueError(
+                f"introspective distance: expected width {self.dim} (+ uncertainty), got {packed.shape[1]}"
+            )
         return packed[:, : self.dim], packed[:, self.dim :]
 
     def _distance(self, query_emb: torch.Tensor, ref_emb: torch.Tensor) -> torch.Tensor:
@@ -118,18 +120,22 @@ def use_introspective_distance(module: nn.Module | None, params: IntrospectivePa
     if module is None:
         return
     own = cast(BaseDistance, module.distance)  # nn.Module's attributes are typed Tensor | Module
-    module.distance = (IntrospectiveSimilarity(dim, params) if own.is_inverted
-                       else IntrospectiveDistance(dim, params, power=own.power))
+    module.distance = (
+        IntrospectiveSimilarity(dim, params) if own.is_inverted else IntrospectiveDistance(dim, params, power=own.power)
+    )
 
 
-def introspective_loss(loss: nn.Module, miner: nn.Module | None, semantic: torch.Tensor,
-                       uncertainty: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def introspective_loss(
+    loss: nn.Module, miner: nn.Module | None, semantic: torch.Tensor, uncertainty: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """``loss`` (mined by ``miner``) on the introspective distances of ``semantic (B, D)`` and
     ``uncertainty (B, Du)``; both must carry an introspective distance
     (:func:`use_introspective_distance`)."""
     if semantic.ndim != 2 or uncertainty.ndim != 2 or len(semantic) != len(uncertainty):
-        raise ValueError(f"expected semantic (B, D) and uncertainty (B, Du), got {tuple(semantic.shape)} "
-                         f"and {tuple(uncertainty.shape)}")
+        raise ValueError(
+            f"expected semantic (B, D) and uncertainty (B, Du), got {tuple(semantic.shape)} "
+            f"and {tuple(uncertainty.shape)}"
+        )
     for m in (loss, miner):
         if m is not None:
             # set by use_introspective_distance (nn.Module's attributes are typed Tensor | Module)
@@ -154,8 +160,13 @@ class IntrospectiveLoss(nn.Module):
     L2-normalised by the distance; the uncertainty embedding is used as it is.
     """
 
-    def __init__(self, base_loss: nn.Module, params: IntrospectiveParams = IntrospectiveParams(), *,
-                 miner: nn.Module | None = None):
+    def __init__(
+        self,
+        base_loss: nn.Module,
+        params: IntrospectiveParams = IntrospectiveParams(),
+        *,
+        miner: nn.Module | None = None,
+    ):
         super().__init__()
         if not isinstance(base_loss, BaseMetricLossFunction):
             raise TypeError(f"expected a pytorch-metric-learning loss, got {type(base_loss).__name__}")

@@ -66,30 +66,44 @@ class LossSpec:
 LOSSES: dict[str, LossSpec] = {
     "contrastive": LossSpec(losses.ContrastiveLoss, {"pos_margin": 0.0, "neg_margin": 1.0}),
     "triplet": LossSpec(
-        losses.TripletMarginLoss, {"margin": 0.2},
-        miners.TripletMarginMiner, {"margin": 0.2, "type_of_triplets": "semihard"},
+        losses.TripletMarginLoss,
+        {"margin": 0.2},
+        miners.TripletMarginMiner,
+        {"margin": 0.2, "type_of_triplets": "semihard"},
         miner_from_loss=lambda kw: {"margin": kw["margin"]},
     ),
     "margin": LossSpec(
         lambda num_classes, embedding_size, **kw: losses.MarginLoss(num_classes=num_classes, **kw),
         {"margin": 0.2, "beta": 1.2, "nu": 0.0, "learn_beta": True},
-        SphereDistanceWeightedMiner, {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
-        needs_classes=True, param_lr=("absolute", 5e-4), miner_needs_dimension=True, loss_class=losses.MarginLoss,
+        SphereDistanceWeightedMiner,
+        {"cutoff": 0.5, "nonzero_loss_cutoff": 1.4},
+        needs_classes=True,
+        param_lr=("absolute", 5e-4),
+        miner_needs_dimension=True,
+        loss_class=losses.MarginLoss,
         # sample only negatives that can have a non-zero loss: d < beta + margin (Wu et al.)
         miner_from_loss=lambda kw: {"nonzero_loss_cutoff": kw["beta"] + kw["margin"]},
     ),
     "multisimilarity": LossSpec(
-        losses.MultiSimilarityLoss, {"alpha": 2.0, "beta": 50.0, "base": 0.5},
-        miners.MultiSimilarityMiner, {"epsilon": 0.1},
+        losses.MultiSimilarityLoss,
+        {"alpha": 2.0, "beta": 50.0, "base": 0.5},
+        miners.MultiSimilarityMiner,
+        {"epsilon": 0.1},
         calibration="similarity",
     ),
     "proxyanchor": LossSpec(
-        losses.ProxyAnchorLoss, {"margin": 0.1, "alpha": 32.0},
-        needs_classes=True, param_lr=("relative", 100.0), calibration=None,
+        losses.ProxyAnchorLoss,
+        {"margin": 0.1, "alpha": 32.0},
+        needs_classes=True,
+        param_lr=("relative", 100.0),
+        calibration=None,
     ),
     "proxynca": LossSpec(
-        losses.ProxyNCALoss, {"softmax_scale": 1.0},
-        needs_classes=True, param_lr=("relative", 100.0), calibration=None,
+        losses.ProxyNCALoss,
+        {"softmax_scale": 1.0},
+        needs_classes=True,
+        param_lr=("relative", 100.0),
+        calibration=None,
     ),
     "fastap": LossSpec(losses.FastAPLoss, {"num_bins": 10}),
 }
@@ -104,8 +118,11 @@ def _construct(factory: Callable, kwargs: dict, what: str) -> torch.nn.Module:
 
 #: keyword arguments that glassmetric sets itself, and from what
 _SET_BY_GLASSMETRIC = {
-    "num_classes": "the training classes", "embedding_size": "model.embedding_dim", "dimension": "model.embedding_dim",
-    "distance": "loss.similarity", "mat_based_loss": "the loss",
+    "num_classes": "the training classes",
+    "embedding_size": "model.embedding_dim",
+    "dimension": "model.embedding_dim",
+    "distance": "loss.similarity",
+    "mat_based_loss": "the loss",
 }
 #: keyword arguments whose default is None but that take a plain value
 _PLAIN_NONE_DEFAULTS = {"collect_stats": bool}
@@ -147,14 +164,18 @@ def _checked(value: Any, default: Any, key: str) -> Any:
 
 def _check_keywords(cls: type, values: dict, defaults: dict, section: str) -> dict:
     accepted = {**_keywords(cls), **defaults}
-    settable = sorted(k for k, v in accepted.items() if k not in _SET_BY_GLASSMETRIC and (v is not None or k in _PLAIN_NONE_DEFAULTS))
+    settable = sorted(
+        k for k, v in accepted.items() if k not in _SET_BY_GLASSMETRIC and (v is not None or k in _PLAIN_NONE_DEFAULTS)
+    )
     checked = {}
     for name, value in values.items():
         key = f"{section}.{name}"
         if name in _SET_BY_GLASSMETRIC:
             raise ConfigError(f"{key}: set by glassmetric (from {_SET_BY_GLASSMETRIC[name]}), not by the config")
         if name not in accepted:
-            raise ConfigError(f"{key}: not a parameter of pytorch-metric-learning's {cls.__name__} (its parameters: {', '.join(settable)})")
+            raise ConfigError(
+                f"{key}: not a parameter of pytorch-metric-learning's {cls.__name__} (its parameters: {', '.join(settable)})"
+            )
         checked[name] = _checked(value, accepted[name], key)
     return checked
 
@@ -200,13 +221,19 @@ class MetricLoss(torch.nn.Module):
     def forward(self, output: EmbeddingOutput, labels: torch.Tensor) -> torch.Tensor:
         if self.structural is not None:  # what StructuralLoss computes
             if output.local is None:
-                raise ConfigError("loss.similarity: structural losses need local embeddings: set model.spatial_grid > 0")
+                raise ConfigError(
+                    "loss.similarity: structural losses need local embeddings: set model.spatial_grid > 0"
+                )
             return structural_loss(self.loss, self.miner, output.embedding, output.local, labels, self.structural)
         embeddings = output.embedding.float()
         if self.introspective:  # what IntrospectiveLoss computes
             if output.uncertainty is None:
-                raise ConfigError("loss.similarity: 'introspective' needs an uncertainty embedding: set model.uncertainty_dim > 0")
-            return introspective.introspective_loss(self.loss, self.miner, embeddings, output.uncertainty.float(), labels)
+                raise ConfigError(
+                    "loss.similarity: 'introspective' needs an uncertainty embedding: set model.uncertainty_dim > 0"
+                )
+            return introspective.introspective_loss(
+                self.loss, self.miner, embeddings, output.uncertainty.float(), labels
+            )
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         return self.loss(embeddings, labels, indices)
 
@@ -243,7 +270,9 @@ def build_loss(
     if structural is not None:
         if spec.calibration is None:
             pair_losses = ", ".join(n for n, sp in LOSSES.items() if sp.calibration)
-            raise ConfigError(f"loss.similarity: structural similarity needs a pair-based loss ({pair_losses}), not {name!r}")
+            raise ConfigError(
+                f"loss.similarity: structural similarity needs a pair-based loss ({pair_losses}), not {name!r}"
+            )
         if introspective_params is not None:
             raise ConfigError("loss.similarity: choose one of structural and introspective")
     if spec.needs_classes:

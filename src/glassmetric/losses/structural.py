@@ -51,12 +51,12 @@ class StructuralSettings:
     chunk_size: int | None = 32
 
 
-def batch_structural_similarity(global_emb: torch.Tensor, local_emb: torch.Tensor,
-                                settings: StructuralSettings) -> torch.Tensor:
+def batch_structural_similarity(
+    global_emb: torch.Tensor, local_emb: torch.Tensor, settings: StructuralSettings
+) -> torch.Tensor:
     """``(B, B)`` structural similarity (or halved multi-scale score) of a batch of L2-normalised
     ``global_emb (B, D)`` and ``local_emb (B, N, D)``; not checked (see :class:`StructuralLoss`)."""
-    mat = _structural_similarity_matrix(local_emb, local_emb, global_emb, global_emb, settings.ot,
-                                        settings.chunk_size)
+    mat = _structural_similarity_matrix(local_emb, local_emb, global_emb, global_emb, settings.ot, settings.chunk_size)
     if settings.multiscale:
         g = global_emb.to(mat.dtype)
         mat = 0.5 * (mat + g @ g.T)
@@ -115,16 +115,28 @@ def use_structural_distance(module: nn.Module | None) -> None:
     module.distance = StructuralSimilarity() if own.is_inverted else StructuralDistance(power=own.power)
 
 
-def structural_loss(loss: nn.Module, miner: nn.Module | None, global_emb: torch.Tensor,
-                    local_emb: torch.Tensor, labels: torch.Tensor, settings: StructuralSettings) -> torch.Tensor:
+def structural_loss(
+    loss: nn.Module,
+    miner: nn.Module | None,
+    global_emb: torch.Tensor,
+    local_emb: torch.Tensor,
+    labels: torch.Tensor,
+    settings: StructuralSettings,
+) -> torch.Tensor:
     """``loss`` (mined by ``miner``) on the batch's structural matrix; both must carry a
     structural distance (:func:`use_structural_distance`). The inputs are checked to be
     L2-normalised; the loss sees the global embeddings as its ``embeddings`` (what embedding
     regularizers act on)."""
-    if local_emb.ndim != 3 or global_emb.ndim != 2 or local_emb.shape[0] != global_emb.shape[0] \
-            or local_emb.shape[-1] != global_emb.shape[-1]:
-        raise ValueError(f"expected global_emb (B, D) and local_emb (B, N, D), got "
-                         f"{tuple(global_emb.shape)} and {tuple(local_emb.shape)}")
+    if (
+        local_emb.ndim != 3
+        or global_emb.ndim != 2
+        or local_emb.shape[0] != global_emb.shape[0]
+        or local_emb.shape[-1] != global_emb.shape[-1]
+    ):
+        raise ValueError(
+            f"expected global_emb (B, D) and local_emb (B, N, D), got "
+            f"{tuple(global_emb.shape)} and {tuple(local_emb.shape)}"
+        )
     check_normalised(global_emb=global_emb, local_emb=local_emb)
     matrix = batch_structural_similarity(global_emb, local_emb, settings)
     embeddings = global_emb.to(matrix.dtype)
@@ -159,8 +171,15 @@ class StructuralLoss(nn.Module):
     L2-normalised along the last dimension (a ValueError otherwise).
     """
 
-    def __init__(self, base_loss: nn.Module, settings: OTSettings = OTSettings(), multiscale: bool = False, *,
-                 miner: nn.Module | None = None, chunk_size: int | None = 32):
+    def __init__(
+        self,
+        base_loss: nn.Module,
+        settings: OTSettings = OTSettings(),
+        multiscale: bool = False,
+        *,
+        miner: nn.Module | None = None,
+        chunk_size: int | None = 32,
+    ):
         super().__init__()
         check_pair_based(base_loss)
         if not isinstance(settings, OTSettings):
@@ -185,5 +204,7 @@ def check_pair_based(loss: nn.Module) -> None:
     if not isinstance(loss, BaseMetricLossFunction):
         raise TypeError(f"expected a pytorch-metric-learning loss, got {type(loss).__name__}")
     if isinstance(loss, WeightMixin):
-        raise ValueError(f"{type(loss).__name__} compares embeddings with learned class weights, which have "
-                         f"no local cells: the structural similarity needs a pair-based loss")
+        raise ValueError(
+            f"{type(loss).__name__} compares embeddings with learned class weights, which have "
+            f"no local cells: the structural similarity needs a pair-based loss"
+        )

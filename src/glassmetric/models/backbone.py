@@ -18,7 +18,15 @@ from torch import nn
 
 from glassmetric.errors import ConfigError, WeightsError
 
-__all__ = ["CLASSIFIER_PREFIXES", "IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "HasBackbone", "few_keys", "read_state_dict"]
+__all__ = [
+    "CLASSIFIER_PREFIXES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "HasBackbone",
+    "few_keys",
+    "read_state_dict",
+]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -147,7 +155,9 @@ class Backbone(nn.Module):
             if not _under(name, trainable):
                 param.requires_grad_(False)
         self._frozen_bn_layers = [
-            m for n, m in self.trunk.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _under(n, trainable)
+            m
+            for n, m in self.trunk.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not _under(n, trainable)
         ]
         self.train(self.training)
 
@@ -176,9 +186,7 @@ class Backbone(nn.Module):
         """Strictly load ``state`` into the trunk; ``source`` names it in error messages."""
         own = self.trunk.state_dict()
         state = _strip_shared_prefix(dict(state), own)
-        state = {
-            k: v for k, v in state.items() if k in own or not k.startswith(CLASSIFIER_PREFIXES)
-        }
+        state = {k: v for k, v in state.items() if k in own or not k.startswith(CLASSIFIER_PREFIXES)}
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         if missing or unexpected:
@@ -187,9 +195,7 @@ class Backbone(nn.Module):
                 parts.append(f"{len(missing)} missing key(s) {few_keys(missing)}")
             if unexpected:
                 parts.append(f"{len(unexpected)} unexpected key(s) {few_keys(unexpected)}")
-            raise WeightsError(
-                f"weights in {source} do not fit backbone {self.name!r}: " + "; ".join(parts)
-            )
+            raise WeightsError(f"weights in {source} do not fit backbone {self.name!r}: " + "; ".join(parts))
         bad = [
             f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
             for k, v in state.items()
@@ -203,10 +209,7 @@ class Backbone(nn.Module):
         self.trunk.load_state_dict(state, strict=True)
 
     def extra_repr(self) -> str:
-        return (
-            f"name={self.name!r}, out_channels={self.out_channels}, stride={self.stride}, "
-            f"frozen_bn={self.frozen_bn}"
-        )
+        return f"name={self.name!r}, out_channels={self.out_channels}, stride={self.stride}, frozen_bn={self.frozen_bn}"
 
 
 # ---------------------------------------------------------------------- building
@@ -225,9 +228,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             try:
                 from safetensors.torch import load_file
             except ImportError as exc:
-                raise WeightsError(
-                    f"{path.name}: reading .safetensors needs the 'safetensors' package"
-                ) from exc
+                raise WeightsError(f"{path.name}: reading .safetensors needs the 'safetensors' package") from exc
             state: Any = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -243,9 +244,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _strip_shared_prefix(
-    state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def _strip_shared_prefix(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop ``module.`` (DataParallel) / ``trunk.`` (a saved Backbone) if every key has it."""
     changed = True
     while changed and state:

@@ -57,12 +57,8 @@ def build_backbone(
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"backbone name must be a non-empty string, got {name!r}")
-    if not isinstance(pretrained, (bool, str, os.PathLike)) or (
-        isinstance(pretrained, str) and not pretrained.strip()
-    ):
-        raise ConfigError(
-            f"pretrained must be true, false or a path to a weights file, got {pretrained!r}"
-        )
+    if not isinstance(pretrained, (bool, str, os.PathLike)) or (isinstance(pretrained, str) and not pretrained.strip()):
+        raise ConfigError(f"pretrained must be true, false or a path to a weights file, got {pretrained!r}")
     library, _, model_name = name.strip().partition(":") if ":" in name else ("", "", name.strip())
     library = library.strip().lower()
     model_name = model_name.strip()
@@ -70,7 +66,9 @@ def build_backbone(
         backbone = _build_timm(model_name, pretrained, timm_kwargs)
     else:
         key = model_name.lower()
-        builder = BACKBONES.get(key) if library == "" or (library == "torchvision" and key in TORCHVISION_BACKBONES) else None
+        builder = (
+            BACKBONES.get(key) if library == "" or (library == "torchvision" and key in TORCHVISION_BACKBONES) else None
+        )
         if builder is None:
             raise ConfigError(
                 f"unknown backbone {name!r}: use one of {', '.join(BACKBONES)} "
@@ -114,9 +112,7 @@ def _torchvision_state_dict(arch: str, url: str) -> dict[str, torch.Tensor]:
         return read_state_dict(cached)
     try:
         with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT):
-            return torch.hub.load_state_dict_from_url(
-                url, map_location="cpu", progress=False, weights_only=True
-            )
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
     except Exception as exc:  # no network, proxy, HTTP error, truncated file, ...
         raise WeightsError(
             f"cannot get ImageNet weights for backbone 'torchvision:{arch}': not cached at "
@@ -142,8 +138,7 @@ def _build_timm(
 
     if not timm.is_model(model_name):
         raise ConfigError(
-            f"unknown backbone 'timm:{model_name}': timm has no model of that name "
-            "(see timm.list_models())"
+            f"unknown backbone 'timm:{model_name}': timm has no model of that name (see timm.list_models())"
         )
     kwargs = dict(timm_kwargs or {})
     for reserved in ("pretrained", "num_classes", "global_pool", "features_only"):
@@ -163,8 +158,10 @@ def _build_timm(
     if pretrained is True:
         overlay, host = _timm_weights_source(model_name)
         if overlay is None and (host is None or not _reachable(host)):
-            reason = "timm lists no pretrained weights for it" if host is None else (
-                f"they are not in the timm / Hugging Face cache and {host} cannot be reached"
+            reason = (
+                "timm lists no pretrained weights for it"
+                if host is None
+                else (f"they are not in the timm / Hugging Face cache and {host} cannot be reached")
             )
             raise WeightsError(
                 f"cannot get pretrained weights for backbone 'timm:{model_name}': {reason}. "

@@ -122,9 +122,7 @@ def weights_package(name: str) -> str:
 def _check_name(name: str) -> str:
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in EFFICIENTNET_LITE_BACKBONES:
-        raise ConfigError(
-            f"unknown EfficientNet-Lite {name!r}: use one of {', '.join(EFFICIENTNET_LITE_BACKBONES)}"
-        )
+        raise ConfigError(f"unknown EfficientNet-Lite {name!r}: use one of {', '.join(EFFICIENTNET_LITE_BACKBONES)}")
     return key
 
 
@@ -266,8 +264,11 @@ def map_efficientnet_pytorch_state_dict(
     for key in state:
         structural = source_structural_name(key)
         if structural is None or structural not in by_structure:
-            if (structural is not None and structural.startswith("classifier.")
-                    and not any(s.startswith("classifier.") for s in by_structure)):
+            if (
+                structural is not None
+                and structural.startswith("classifier.")
+                and not any(s.startswith("classifier.") for s in by_structure)
+            ):
                 continue  # a headless model: the ImageNet classifier is not used
             unexpected.append(key)
         elif structural in from_source:
@@ -371,9 +372,7 @@ def build_efficientnet_lite(
     return model
 
 
-def build_efficientnet_lite_backbone(
-    name: str, pretrained: bool | str | os.PathLike[str] = False
-) -> Backbone:
+def build_efficientnet_lite_backbone(name: str, pretrained: bool | str | os.PathLike[str] = False) -> Backbone:
     """:class:`~glassmetric.models.backbones.Backbone` on a headless ``tf_efficientnet_liteN``.
 
     ``pretrained``: ``False``, ``True`` (the PyPI package) or a local file in either

@@ -48,9 +48,7 @@ class EmbeddingModel(nn.Module):
     def add_head(self, name: str, module: nn.Module) -> None:
         """Add an extra head; its parameters form the optimiser group ``name``."""
         if not isinstance(name, str) or not name.isidentifier() or name in _RESERVED_GROUPS:
-            raise ConfigError(
-                f"extra head name must be an identifier other than 'backbone' / 'head', got {name!r}"
-            )
+            raise ConfigError(f"extra head name must be an identifier other than 'backbone' / 'head', got {name!r}")
         if name in self.extra_heads:
             raise ConfigError(f"an extra head named {name!r} is already present")
         if not isinstance(module, nn.Module):
@@ -125,5 +123,7 @@ def build_model(
 ) -> EmbeddingModel:
     """Backbone ``backbone`` (see :func:`build_backbone`) with a ``GlobalHead`` of size ``embedding_dim``."""
     net = build_backbone(backbone, pretrained=pretrained, frozen_bn=frozen_bn, timm_kwargs=timm_kwargs)
-    head = GlobalHead(net.out_channels, embedding_dim, pooling=pooling, gem_p=gem_p, normalize=normalize, init=head_init)
+    head = GlobalHead(
+        net.out_channels, embedding_dim, pooling=pooling, gem_p=gem_p, normalize=normalize, init=head_init
+    )
     return EmbeddingModel(net, head)

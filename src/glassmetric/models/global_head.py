@@ -53,9 +53,7 @@ class GlobalHead(nn.Module):
         if pooling not in POOLINGS:
             raise ConfigError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
         if int(in_channels) <= 0 or int(embedding_dim) <= 0:
-            raise ConfigError(
-                f"in_channels and embedding_dim must be positive, got {in_channels} and {embedding_dim}"
-            )
+            raise ConfigError(f"in_channels and embedding_dim must be positive, got {in_channels} and {embedding_dim}")
         if init not in HEAD_INITS:
             raise ConfigError(f"unknown head init {init!r}: use one of {', '.join(HEAD_INITS)}")
         if init == "identity" and int(in_channels) != int(embedding_dim):
@@ -104,9 +102,7 @@ class GlobalHead(nn.Module):
         With ``normalize=True`` each projected vector is L2-normalised along D.
         """
         if features.dim() < 2 or features.shape[1] != self.in_channels:
-            raise ValueError(
-                f"project expects (B, {self.in_channels}, ...) features, got {tuple(features.shape)}"
-            )
+            raise ValueError(f"project expects (B, {self.in_channels}, ...) features, got {tuple(features.shape)}")
         out = self.linear(features.movedim(1, -1)).movedim(-1, 1)
         return F.normalize(out, dim=1) if normalize else out
 

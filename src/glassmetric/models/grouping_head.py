@@ -54,8 +54,9 @@ class GroupingHead(nn.Module):
             pooling (the pretrained feature's geometry) and specialises while training.
     """
 
-    def __init__(self, in_channels: int, embedding_dim: int, groups: int = 3, key_dim: int | None = None,
-                 query_std: float = 1.0):
+    def __init__(
+        self, in_channels: int, embedding_dim: int, groups: int = 3, key_dim: int | None = None, query_std: float = 1.0
+    ):
         super().__init__()
         check_groups(embedding_dim, groups)
         self.groups = int(groups)

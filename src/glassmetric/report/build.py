@@ -50,8 +50,10 @@ def _describe_model(cfg: Config, fields: tuple[str, ...], model: InferenceModel)
     m = cfg.model
     parts = [f"{m.backbone}, {m.embedding_dim}-d, loss {cfg.loss.name} on {cfg.loss.similarity} similarity"]
     if "local" in fields:
-        parts.append(f"structural {cfg.model.spatial_grid or 4}x{cfg.model.spatial_grid or 4} cells"
-                     + ("" if m.spatial_grid else " (training-free)"))
+        parts.append(
+            f"structural {cfg.model.spatial_grid or 4}x{cfg.model.spatial_grid or 4} cells"
+            + ("" if m.spatial_grid else " (training-free)")
+        )
     if GROUPING in model.extra_heads:
         parts.append(f"{m.groups} attention groups")
     if "uncertainty" in fields:
@@ -103,7 +105,9 @@ def build_report(
     bar.set_postfix_str("metrics")
     recall_ks = evaluation_recall_ks(cfg)
     ref_args = () if same else (g["embedding"], g["labels"])
-    metrics = retrieval_metrics(q["embedding"], q["labels"], *ref_args, recall_ks=recall_ks, knn_backend=cfg.eval.knn_backend)
+    metrics = retrieval_metrics(
+        q["embedding"], q["labels"], *ref_args, recall_ks=recall_ks, knn_backend=cfg.eval.knn_backend
+    )
     bar.update()
 
     sweep = None
@@ -111,10 +115,18 @@ def build_report(
         bar.set_postfix_str("re-ranking sweep")
         sweep_ks = tuple(sorted({min(k, available) for k in ks}))
         sweep = rerank_sweep(
-            query_global=q["embedding"], query_local=q["local"], gallery_global=None if same else g["embedding"],
-            gallery_local=None if same else g["local"], query_labels=q["labels"],
-            gallery_labels=None if same else g["labels"], ks=sweep_ks, recall_ks=recall_ks,
-            epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals,
+            query_global=q["embedding"],
+            query_local=q["local"],
+            gallery_global=None if same else g["embedding"],
+            gallery_local=None if same else g["local"],
+            query_labels=q["labels"],
+            gallery_labels=None if same else g["labels"],
+            ks=sweep_ks,
+            recall_ks=recall_ks,
+            epsilon=ot.epsilon,
+            iters=ot.iters,
+            tol=ot.tol,
+            marginals=ot.marginals,
         )
     bar.update()
 
@@ -151,8 +163,14 @@ def build_report(
         for qi in indices:
             sel = torch.tensor([qi])
             scored = score_shortlist(
-                {k: v[sel] for k, v in q.items() if k != "labels"}, g, ranked[sel, :top],
-                epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol, marginals=ot.marginals, introspective=retriever.introspective,
+                {k: v[sel] for k, v in q.items() if k != "labels"},
+                g,
+                ranked[sel, :top],
+                epsilon=ot.epsilon,
+                iters=ot.iters,
+                tol=ot.tol,
+                marginals=ot.marginals,
+                introspective=retriever.introspective,
             )
             q_raw, q_img = thumbnail("query", dataset, q_pos[qi])
             results = []
@@ -164,22 +182,42 @@ def build_report(
                 for kind, fig in pair_figures(pair, ("query", f"result {r + 1}"), top_flows=top_flows).items():
                     figures[kind] = f"pairs/{'item' if same else 'query'}-{q_pos[qi]}_{g_pos[gi]}_{kind}.png"
                     save_figure(fig, out / figures[kind], dpi=dpi)
-                results.append(Result(
-                    rank=r + 1, index=g_pos[gi], image=g_img, label=_class_name(ref, int(g["labels"][gi])),
-                    correct=bool(g["labels"][gi] == q["labels"][qi]), scores=scores, figures=figures,
-                    lines=pair_summary(pair),
-                ))
+                results.append(
+                    Result(
+                        rank=r + 1,
+                        index=g_pos[gi],
+                        image=g_img,
+                        label=_class_name(ref, int(g["labels"][gi])),
+                        correct=bool(g["labels"][gi] == q["labels"][qi]),
+                        scores=scores,
+                        figures=figures,
+                        lines=pair_summary(pair),
+                    )
+                )
                 bar.update()
-            rows.append(QueryRow(
-                index=q_pos[qi], image=q_img, label=_class_name(dataset, int(q["labels"][qi])), hit_at_1=bool(pq.hit_at_1[qi]),
-                ap_at_r=float(pq.ap_at_r[qi]), results=results,
-                uncertainty=None if scored.query_uncertainty is None else float(scored.query_uncertainty[0]),
-            ))
+            rows.append(
+                QueryRow(
+                    index=q_pos[qi],
+                    image=q_img,
+                    label=_class_name(dataset, int(q["labels"][qi])),
+                    hit_at_1=bool(pq.hit_at_1[qi]),
+                    ap_at_r=float(pq.ap_at_r[qi]),
+                    results=results,
+                    uncertainty=None if scored.query_uncertainty is None else float(scored.query_uncertainty[0]),
+                )
+            )
         groups[group] = rows
     bar.close()
     report = ReportData(
-        title=f"glassmetric report: {Path(checkpoint).name or 'model'}", checkpoint=str(checkpoint), data=data_name,
-        model=_describe_model(cfg, fields, model), metrics=metrics, sweep=sweep, sweep_image=sweep_image, groups=groups,
-        n_queries=len(q["labels"]), n_gallery=len(g["labels"]),
+        title=f"glassmetric report: {Path(checkpoint).name or 'model'}",
+        checkpoint=str(checkpoint),
+        data=data_name,
+        model=_describe_model(cfg, fields, model),
+        metrics=metrics,
+        sweep=sweep,
+        sweep_image=sweep_image,
+        groups=groups,
+        n_queries=len(q["labels"]),
+        n_gallery=len(g["labels"]),
     )
     return write_html(report, out / "index.html")

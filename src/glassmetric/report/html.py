@@ -17,8 +17,11 @@ GROUP_TITLES = {
     "best": "Best queries (R@1 hits, highest AP@R first)",
 }
 SCORE_NAMES = {
-    "global": "global cos", "structural": "structural SS", "multiscale": "cos + SS",
-    "introspective": "introspective D", "uncertainty": "uncertainty ||u||",
+    "global": "global cos",
+    "structural": "structural SS",
+    "multiscale": "cos + SS",
+    "introspective": "introspective D",
+    "uncertainty": "uncertainty ||u||",
 }
 
 CSS = """
@@ -95,12 +98,14 @@ def _result(q: QueryRow, r: Result, group: str) -> tuple[str, str]:
         f'<img src="{_e(r.image)}" alt="result {r.rank}"><span class="mark">#{r.rank} {mark}</span><br>'
         f'{_e(r.label)}<br><span class="scores">{scores}</span></button>'
     )
-    figures = "".join(f'<h4>{_e(kind)}</h4><img src="{_e(path)}" alt="{_e(kind)} explanation" loading="lazy">'
-                      for kind, path in r.figures.items())
+    figures = "".join(
+        f'<h4>{_e(kind)}</h4><img src="{_e(path)}" alt="{_e(kind)} explanation" loading="lazy">'
+        for kind, path in r.figures.items()
+    )
     words = "\n".join(r.lines)
     detail = (
         f'<div id="{pair_id}" hidden><h3>query {q.index} ({_e(q.label)}) and result #{r.rank}: gallery image '
-        f'{r.index} ({_e(r.label)}), {"correct" if r.correct else "wrong"}</h3><pre>{_e(words)}</pre>{figures}</div>'
+        f"{r.index} ({_e(r.label)}), {'correct' if r.correct else 'wrong'}</h3><pre>{_e(words)}</pre>{figures}</div>"
     )
     return card, detail
 
@@ -112,8 +117,10 @@ def _query_row(q: QueryRow, group: str) -> tuple[str, list[str]]:
         cards.append(card)
         details.append(detail)
     u = "" if q.uncertainty is None else f"<br>uncertainty {q.uncertainty:.3g}"
-    info = (f'<div class="qcard"><img src="{_e(q.image)}" alt="query {q.index}"><br><b>query {q.index}</b><br>'
-            f'{_e(q.label)}<br>R@1 {"hit" if q.hit_at_1 else "miss"}, AP@R {q.ap_at_r:.3f}{u}</div>')
+    info = (
+        f'<div class="qcard"><img src="{_e(q.image)}" alt="query {q.index}"><br><b>query {q.index}</b><br>'
+        f"{_e(q.label)}<br>R@1 {'hit' if q.hit_at_1 else 'miss'}, AP@R {q.ap_at_r:.3f}{u}</div>"
+    )
     return f'<div class="query">{info}<div class="results">{"".join(cards)}</div></div>', details
 
 
@@ -123,9 +130,15 @@ def write_html(report: ReportData, path: Path) -> Path:
     sections.append(f"<section><h2>Metrics (global ranking)</h2>{_metrics_table({'global': report.metrics})}</section>")
     if report.sweep is not None:
         sweep_rows = {("K=0 (global)" if k == 0 else f"K={k}"): v for k, v in report.sweep.items()}
-        img = f'<img src="{_e(report.sweep_image)}" alt="K-sweep of structural re-ranking" width="600">' if report.sweep_image else ""
-        sections.append(f'<section><h2>Structural re-ranking: the K-sweep</h2><div class="sweep">{img}'
-                        f"{_metrics_table(sweep_rows)}</div></section>")
+        img = (
+            f'<img src="{_e(report.sweep_image)}" alt="K-sweep of structural re-ranking" width="600">'
+            if report.sweep_image
+            else ""
+        )
+        sections.append(
+            f'<section><h2>Structural re-ranking: the K-sweep</h2><div class="sweep">{img}'
+            f"{_metrics_table(sweep_rows)}</div></section>"
+        )
     for group, rows in report.groups.items():
         if not rows:
             continue
@@ -134,18 +147,20 @@ def write_html(report: ReportData, path: Path) -> Path:
             row, d = _query_row(q, group)
             body.append(row)
             details += d
-        sections.append(f'<section id="{group}"><h2>{_e(GROUP_TITLES.get(group, group))}</h2>'
-                        '<p class="legend">Top results by the global score; green: same class as the query, '
-                        'red: another class. Click a result for its explanation.</p>' + "".join(body) + "</section>")
+        sections.append(
+            f'<section id="{group}"><h2>{_e(GROUP_TITLES.get(group, group))}</h2>'
+            '<p class="legend">Top results by the global score; green: same class as the query, '
+            "red: another class. Click a result for its explanation.</p>" + "".join(body) + "</section>"
+        )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(report.title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
 <body><header><h1>{_e(report.title)}</h1>
 <p>checkpoint {_e(report.checkpoint)}</p><p>data: {_e(report.data)}: {report.n_queries} queries, {report.n_gallery} gallery images</p>
 <p>model: {_e(report.model)}</p></header>
-<main>{''.join(sections)}</main>
+<main>{"".join(sections)}</main>
 <dialog id="explain"><button class="close" id="explain-close">close &#10005;</button><div id="explain-body"></div></dialog>
-{''.join(details)}
+{"".join(details)}
 <script>{JS}</script></body></html>
 """
     path.write_text(page, encoding="utf-8")

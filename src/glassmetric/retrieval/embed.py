@@ -53,8 +53,13 @@ def embed_fields(
 
     was_training = model.training
     model.eval().to(device)
-    loader = DataLoader(IndexedDataset(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_readable)
+    loader = DataLoader(
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_readable,
+    )
     iterator = iter(loader)
     batches = iterator
     if progress:
@@ -112,7 +117,12 @@ def embed_dataset(
     The global embeddings only; :func:`embed_fields` collects other output fields too.
     """
     out = embed_fields(
-        model, dataset, fields=("embedding",), batch_size=batch_size, num_workers=num_workers,
-        device=device, progress=progress,
+        model,
+        dataset,
+        fields=("embedding",),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
     )
     return out["embedding"], out["labels"]

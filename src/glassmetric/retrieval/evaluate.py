@@ -72,11 +72,22 @@ def evaluate_model(
     kw: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "progress": progress}
     query, query_labels = embed_dataset(model, dataset, **kw)
     ref, ref_labels = embed_dataset(model, gallery, **kw) if gallery is not None else (None, None)
-    index = cached_gallery_index(query if ref is None else ref, index_settings, index_dir) if knn_backend == "index" else None
+    index = (
+        cached_gallery_index(query if ref is None else ref, index_settings, index_dir)
+        if knn_backend == "index"
+        else None
+    )
     if knn_backend in ("auto", "torch"):  # the exact search on the GPU when there is one
         query, ref = query.to(device), None if ref is None else ref.to(device)
     return retrieval_metrics(
-        query, query_labels, ref, ref_labels, recall_ks=recall_ks, knn_backend=knn_backend, knn_index=index, max_k=max_k,
+        query,
+        query_labels,
+        ref,
+        ref_labels,
+        recall_ks=recall_ks,
+        knn_backend=knn_backend,
+        knn_index=index,
+        max_k=max_k,
     )
 
 
@@ -109,7 +120,12 @@ def evaluate_rerank_sweep(
     from glassmetric.retrieval.embed import embed_fields
     from glassmetric.retrieval.rerank import rerank_sweep
 
-    kw: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "device": device or default_device(), "progress": progress}
+    kw: dict[str, Any] = {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "device": device or default_device(),
+        "progress": progress,
+    }
     query = embed_fields(model, dataset, **kw)
     ref = embed_fields(model, gallery, **kw) if gallery is not None else None
     index = None
@@ -119,8 +135,17 @@ def evaluate_rerank_sweep(
         for name in ("embedding", "local"):
             fields[name] = fields[name].to(kw["device"])
     return rerank_sweep(
-        query["embedding"], query["local"],
-        None if ref is None else ref["embedding"], None if ref is None else ref["local"],
-        query_labels=query["labels"], gallery_labels=None if ref is None else ref["labels"],
-        ks=ks, recall_ks=recall_ks, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals, index=index,
+        query["embedding"],
+        query["local"],
+        None if ref is None else ref["embedding"],
+        None if ref is None else ref["local"],
+        query_labels=query["labels"],
+        gallery_labels=None if ref is None else ref["labels"],
+        ks=ks,
+        recall_ks=recall_ks,
+        epsilon=epsilon,
+        iters=iters,
+        tol=tol,
+        marginals=marginals,
+        index=index,
     )

@@ -157,7 +157,9 @@ class GalleryIndex:
             nlist = params["nlist"]
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, metric)
             # k-means on at most 64 points per cell (faiss warns below 39): seconds, not minutes
-            sample = x if n <= 64 * nlist else x[np.sort(np.random.default_rng(seed).choice(n, 64 * nlist, replace=False))]
+            sample = (
+                x if n <= 64 * nlist else x[np.sort(np.random.default_rng(seed).choice(n, 64 * nlist, replace=False))]
+            )
             index.cp.seed = seed
             index.train(sample)
         index.add(x)
@@ -166,7 +168,9 @@ class GalleryIndex:
         out.set_search_params(settings, x, seed=seed)
         return out
 
-    def set_search_params(self, settings: IndexConfig, vectors: Tensor | np.ndarray | None = None, *, seed: int = 0) -> None:
+    def set_search_params(
+        self, settings: IndexConfig, vectors: Tensor | np.ndarray | None = None, *, seed: int = 0
+    ) -> None:
         """Search-time knobs: HNSW ``ef_search``, IVF ``nprobe`` (capped at ``nlist``). With
         ``settings.target_recall`` and the indexed ``vectors``, the knob is then doubled until
         the recall@10 :meth:`estimate_recall` measures reaches the target (IVF: at most every
@@ -192,14 +196,16 @@ class GalleryIndex:
                 f"the ivf gallery index reaches an estimated recall@10 of {recall:.3f} only by probing {self._knob()} "
                 f"of its {limit} lists ({100 * self._knob() / limit:.0f}% of the gallery per query): on these "
                 "embeddings exact search (eval.index.kind=exact) is about as fast",
-                IndexRecallWarning, stacklevel=2,
+                IndexRecallWarning,
+                stacklevel=2,
             )
         if recall < target:
             warnings.warn(
                 f"the {self.kind} gallery index reaches an estimated recall@10 of {recall:.3f} at ef_search "
                 f"{self._knob()}, below eval.index.target_recall {target}: build it with a larger "
                 "eval.index.hnsw_m or ef_construction, or use eval.index.kind=ivf or exact",
-                IndexRecallWarning, stacklevel=2,
+                IndexRecallWarning,
+                stacklevel=2,
             )
 
     def _knob(self) -> int:
@@ -213,8 +219,9 @@ class GalleryIndex:
             self.faiss_index.nprobe = int(value)
             self.params["nprobe"] = int(value)
 
-    def estimate_recall(self, vectors: Tensor | np.ndarray, *, k: int = RECALL_K, queries: int = RECALL_QUERIES,
-                        seed: int = 0) -> float:
+    def estimate_recall(
+        self, vectors: Tensor | np.ndarray, *, k: int = RECALL_K, queries: int = RECALL_QUERIES, seed: int = 0
+    ) -> float:
         """recall@``k`` of the current search: ``queries`` indexed items (a seeded sample of
         ``vectors``, the indexed ones) searched for their ``k`` nearest other items; the share
         of the exact top ``k`` that the index returns."""
@@ -265,7 +272,9 @@ class GalleryIndex:
         if self.fingerprint != fingerprint(x):
             return "was built from other embeddings (another checkpoint, gallery or transform)"
         kind, params = build_plan(len(x), settings)
-        built = {key: self.params.get(key) for key in build_plan(len(x), IndexConfig(kind=cast(IndexKind, self.kind)))[1]}  # a kind choose_kind picked
+        built = {
+            key: self.params.get(key) for key in build_plan(len(x), IndexConfig(kind=cast(IndexKind, self.kind)))[1]
+        }  # a kind choose_kind picked
         if (kind, params) != (self.kind, built):
             return f"is {_describe(self.kind, built)}, eval.index asks for {_describe(kind, params)}"
         return None
@@ -279,9 +288,15 @@ class GalleryIndex:
         faiss = import_faiss()
         folder = Path(folder)
         manifest = {
-            "format": FORMAT, "kind": self.kind, "dim": self.dim, "size": len(self),
-            "metric": "inner_product", "params": self.params, "search_request": self.search_request,
-            "fingerprint": self.fingerprint, "faiss": faiss.__version__,
+            "format": FORMAT,
+            "kind": self.kind,
+            "dim": self.dim,
+            "size": len(self),
+            "metric": "inner_product",
+            "params": self.params,
+            "search_request": self.search_request,
+            "fingerprint": self.fingerprint,
+            "faiss": faiss.__version__,
         }
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -66,9 +66,7 @@ def import_faiss():
     try:
         import faiss
     except ImportError as err:
-        raise ImportError(
-            "the faiss backend needs the 'faiss-cpu' package (pip install faiss-cpu)"
-        ) from err
+        raise ImportError("the faiss backend needs the 'faiss-cpu' package (pip install faiss-cpu)") from err
     return faiss
 
 
@@ -95,9 +93,8 @@ def knn(
         backend: ``"auto"`` (default: ``"torch"`` or ``"faiss"`` by device and size, see
             :func:`auto_backend`), ``"torch"`` (on the inputs' device), ``"faiss"``
             (``IndexFlatIP`` on CPU, needs ``faiss-cpu``) or ``"index"``: the
-            :class:`.index.GalleryIndex` ``index`` built over ``gallery`` (None: one built with
-            the default settings, exact below their size threshold, approximate above it, where
-            some slots may hold index -1).
+            :class:`.index.GalleryIndex` ``index`` built over ``gallery`` (required; exact below
+            its size threshold, approximate above it, where some slots may hold index -1).
 
     Returns:
         ``(similarities, indices)``, both ``(Q, k)`` on the inputs' device: float32 scores in
@@ -140,9 +137,11 @@ def iter_knn(
         backend = auto_backend(len(query), len(gallery), query.device)
     rows = chunk_size if chunk_size is not None else default_chunk_rows(len(gallery))
     if backend == "index":
-        from .index import GalleryIndex
-
-        index = index if index is not None else GalleryIndex.build(gallery)
+        if index is None:
+            raise ValueError(
+                "backend='index' searches a GalleryIndex built over the gallery: pass it as index= "
+                "(glassmetric.retrieval.index.GalleryIndex.build(gallery))"
+            )
         index.check_fits(gallery)
         yield from iter_faiss_index(index.faiss_index, query, k, exclude_self=exclude_self, rows=rows)
     elif backend == "faiss":
@@ -151,27 +150,20 @@ def iter_knn(
         yield from _iter_torch(query, gallery, k, exclude_self, rows)
 
 
-def _check_inputs(
-    query, gallery, k, exclude_self, chunk_size, backend
-) -> tuple[Tensor, Tensor]:
+def _check_inputs(query, gallery, k, exclude_self, chunk_size, backend) -> tuple[Tensor, Tensor]:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     query, gallery = torch.as_tensor(query), torch.as_tensor(gallery)
     if query.ndim != 2 or gallery.ndim != 2:
         raise ValueError(
-            f"query and gallery must be 2-D (n, dim), got shapes {tuple(query.shape)} "
-            f"and {tuple(gallery.shape)}"
+            f"query and gallery must be 2-D (n, dim), got shapes {tuple(query.shape)} and {tuple(gallery.shape)}"
         )
     if query.shape[1] != gallery.shape[1]:
-        raise ValueError(
-            f"query dim {query.shape[1]} does not match gallery dim {gallery.shape[1]}"
-        )
+        raise ValueError(f"query dim {query.shape[1]} does not match gallery dim {gallery.shape[1]}")
     if query.device != gallery.device:
         raise ValueError(f"query is on {query.device} but gallery is on {gallery.device}")
     if not (query.is_floating_point() and gallery.is_floating_point()):
-        raise ValueError(
-            f"embeddings must be floating point, got {query.dtype} and {gallery.dtype}"
-        )
+        raise ValueError(f"embeddings must be floating point, got {query.dtype} and {gallery.dtype}")
     if exclude_self and query.shape[0] != gallery.shape[0]:
         raise ValueError(
             "exclude_self=True needs query and gallery to be the same set, got "
@@ -183,12 +175,9 @@ def _check_inputs(
     if k > available:
         extra = " minus the query itself" if exclude_self else ""
         raise ValueError(
-            f"k={k} is larger than the {available} neighbours available "
-            f"(gallery size {gallery.shape[0]}{extra})"
+            f"k={k} is larger than the {available} neighbours available (gallery size {gallery.shape[0]}{extra})"
         )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     if not (torch.isfinite(query).all() and torch.isfinite(gallery).all()):
         raise ValueError("embeddings contain NaN or infinite values")

@@ -34,9 +34,9 @@ from glassmetric.errors import DataError
 from .knn import import_faiss, iter_knn
 
 __all__ = [
-    "KnnDepthWarning",
     "METRICS",
     "RANKING_METRICS",
+    "KnnDepthWarning",
     "UnmatchedQueryWarning",
     "check_shared_classes",
     "format_metrics_table",
@@ -130,8 +130,18 @@ def retrieval_metrics(
     if recall_ks or needs_r:
         out.update(
             _knn_metrics(
-                query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r,
-                knn_backend, chunk_size, knn_index, max_k,
+                query,
+                gallery,
+                q_cls,
+                g_cls,
+                r,
+                same_set,
+                recall_ks,
+                needs_r,
+                knn_backend,
+                chunk_size,
+                knn_index,
+                max_k,
             )
         )
     if "nmi" in include:
@@ -215,13 +225,11 @@ def ranking_metrics(
     if (recall_ks or needs_r) and bool(valid.any()):
         if recall_ks and k < min(max(recall_ks), available):
             raise ValueError(
-                f"recall@{max(recall_ks)} needs {min(max(recall_ks), available)} neighbours "
-                f"per query, got {k}"
+                f"recall@{max(recall_ks)} needs {min(max(recall_ks), available)} neighbours per query, got {k}"
             )
         if needs_r and k < int(r[valid].max()):
             raise ValueError(
-                f"R-Precision / MAP@R need R neighbours per query (R up to "
-                f"{int(r[valid].max())}), got {k}"
+                f"R-Precision / MAP@R need R neighbours per query (R up to {int(r[valid].max())}), got {k}"
             )
     stats = _RankStats(len(q_lab), k, recall_ks, needs_r, device)
     if len(q_lab):
@@ -255,8 +263,7 @@ def _labels(labels, n: int, name: str, device) -> Tensor:
     labels = torch.as_tensor(labels, device=device)
     if labels.ndim != 1 or len(labels) != n:
         raise ValueError(
-            f"{name}_labels must have shape ({n},) to match the {name} embeddings, "
-            f"got {tuple(labels.shape)}"
+            f"{name}_labels must have shape ({n},) to match the {name} embeddings, got {tuple(labels.shape)}"
         )
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"{name}_labels must be integers, got {labels.dtype}")
@@ -287,7 +294,8 @@ def check_shared_classes(query_labels: Tensor, gallery_labels: Tensor) -> None:
         f"{int((~matched).sum())} of {len(q)} queries have no gallery item of their class ({len(missing)} of "
         f"{len(q_classes)} query classes: {_some(missing, 'label')}): they are left out of Recall@K, R-Precision "
         f"and MAP@R, which cover the other {int(matched.sum())}",
-        UnmatchedQueryWarning, stacklevel=3,
+        UnmatchedQueryWarning,
+        stacklevel=3,
     )
 
 
@@ -323,12 +331,15 @@ def _knn_metrics(
                 f"the kNN retrieves k={k} neighbours per query, fewer than the largest class "
                 f"(R up to {int(r.max())}): R-Precision and MAP@R only count the first {k} ranks "
                 "and are too low; raise eval.knn_k or leave it unset",
-                KnnDepthWarning, stacklevel=3,
+                KnnDepthWarning,
+                stacklevel=3,
             )
     stats = _RankStats(len(query), k, recall_ks, needs_r, query.device)
-    chunks = iter_knn(
-        query, gallery, k, exclude_self=same_set, chunk_size=chunk_size, backend=backend, index=index
-    )
+    if backend == "index" and index is None:
+        from .index import GalleryIndex
+
+        index = GalleryIndex.build(gallery)
+    chunks = iter_knn(query, gallery, k, exclude_self=same_set, chunk_size=chunk_size, backend=backend, index=index)
     for start, _, idx in chunks:
         stats.add(start, idx, q_cls, g_cls, r)
     return stats.reduce(valid)
@@ -351,7 +362,7 @@ class _RankStats:
 
     @staticmethod
     def all_nan(recall_ks, needs_r) -> dict[str, float]:
-        return {key: math.nan for key in [f"recall@{k}" for k in recall_ks] + list(needs_r)}
+        return dict.fromkeys([f"recall@{k}" for k in recall_ks] + list(needs_r), math.nan)
 
     def add(self, start: int, idx: Tensor, q_cls: Tensor, g_cls: Tensor, r: Tensor) -> None:
         """Statistics of queries ``start : start + len(idx)`` from their ``(rows, k)`` lists."""
@@ -375,10 +386,7 @@ class _RankStats:
         if not bool(valid.any()):
             return self.all_nan(self.recall_ks, self.needs_r)
         # Per-query values are reduced once, so results do not depend on the chunking.
-        out = {
-            f"recall@{kk}": float((self.first_hit[valid] < kk).double().mean())
-            for kk in self.recall_ks
-        }
+        out = {f"recall@{kk}": float((self.first_hit[valid] < kk).double().mean()) for kk in self.recall_ks}
         if "r_precision" in self.needs_r:
             out["r_precision"] = float(self.rp[valid].mean())
         if "map_at_r" in self.needs_r:
@@ -425,15 +433,12 @@ def format_metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     for values in rows.values():
         metrics += [m for m in values if m not in metrics]
     header = ["run"] + [_short_name(m) for m in metrics]
-    body = [
-        [name] + [_percent(values[m]) if m in values else "-" for m in metrics]
-        for name, values in rows.items()
-    ]
+    body = [[name] + [_percent(values[m]) if m in values else "-" for m in metrics] for name, values in rows.items()]
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
 
     def fmt(line: list[str]) -> str:
         cells = [line[0].ljust(widths[0])]
-        cells += [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])]
+        cells += [cell.rjust(w) for cell, w in zip(line[1:], widths[1:], strict=True)]
         return "  ".join(cells).rstrip()
 
     return "\n".join(fmt(line) for line in [header, *body])

@@ -34,8 +34,9 @@ def relevant_counts(query_labels: Tensor, gallery_labels: Tensor) -> Tensor:
     return torch.where(found, counts[pos] if len(classes) else torch.zeros_like(q), torch.zeros_like(q))
 
 
-def per_query_metrics(neighbour_indices: Tensor, query_labels: Tensor, gallery_labels: Tensor,
-                      *, exclude_self: bool = False) -> PerQuery:
+def per_query_metrics(
+    neighbour_indices: Tensor, query_labels: Tensor, gallery_labels: Tensor, *, exclude_self: bool = False
+) -> PerQuery:
     """R@1 hit and AP@R of each query; rows must hold at least R neighbours (and one)."""
     idx = torch.as_tensor(neighbour_indices).long()
     q_lab, g_lab = torch.as_tensor(query_labels).long(), torch.as_tensor(gallery_labels).long()
@@ -48,5 +49,8 @@ def per_query_metrics(neighbour_indices: Tensor, query_labels: Tensor, gallery_l
     precision = rel.cumsum(1) / pos
     ap = (precision * rel * within_r).sum(1) / r.clamp(min=1)
     ap = torch.where(r > 0, ap, torch.full_like(ap, float("nan")))
-    return PerQuery(hit_at_1=rel[:, 0].bool().numpy() if idx.shape[1] else np.zeros(len(idx), bool),
-                    ap_at_r=ap.numpy(), relevant=r.numpy())
+    return PerQuery(
+        hit_at_1=rel[:, 0].bool().numpy() if idx.shape[1] else np.zeros(len(idx), bool),
+        ap_at_r=ap.numpy(),
+        relevant=r.numpy(),
+    )

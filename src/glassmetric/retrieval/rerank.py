@@ -165,9 +165,7 @@ def structural_rerank(
     scores are exactly the block form of ``multiscale_score``; the global kNN that draws the
     shortlist scores in float32. Runs without autograd on the inputs' device.
     """
-    qg, ql, gg, gl, exclude_self = _check_inputs(
-        query_global, query_local, gallery_global, gallery_local, exclude_self
-    )
+    qg, ql, gg, gl, exclude_self = _check_inputs(query_global, query_local, gallery_global, gallery_local, exclude_self)
     available = len(gg) - int(exclude_self)
     k = _check_count("k", k, 0, available)
     n = k if n_neighbours is None else _check_count("n_neighbours", n_neighbours, k, available)
@@ -180,7 +178,12 @@ def structural_rerank(
 
     sims, idx = _shortlist(qg, gg, n, exclude_self, knn_chunk_size, index)
     gs_short, ss_short = _rescore(
-        qg, ql, gg, gl, idx[:, :k], chunk_size,
+        qg,
+        ql,
+        gg,
+        gl,
+        idx[:, :k],
+        chunk_size,
         {"epsilon": epsilon, "iters": iters, "tol": tol, "marginals": marginals},
     )
     scores_short = gs_short + ss_short
@@ -243,9 +246,7 @@ def rerank_sweep(
     """
     if (gallery_global is None) != (gallery_labels is None):
         raise ValueError("gallery_labels must be given exactly when the gallery is")
-    qg, ql, gg, gl, exclude_self = _check_inputs(
-        query_global, query_local, gallery_global, gallery_local, exclude_self
-    )
+    qg, ql, gg, gl, exclude_self = _check_inputs(query_global, query_local, gallery_global, gallery_local, exclude_self)
     if gallery_labels is None:
         gallery_labels = query_labels
     else:
@@ -283,7 +284,12 @@ def rerank_sweep(
 
     _, idx = _shortlist(qg, gg, depth, exclude_self, knn_chunk_size, index)
     gs, ss = _rescore(
-        qg, ql, gg, gl, idx[:, :k_max], chunk_size,
+        qg,
+        ql,
+        gg,
+        gl,
+        idx[:, :k_max],
+        chunk_size,
         {"epsilon": epsilon, "iters": iters, "tol": tol, "marginals": marginals},
     )
     scores = gs + ss
@@ -332,12 +338,17 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict[str, 
         # cross-correlation against each image's mean cell: the same fast path with those in
         # place of the globals (the cosines it returns are then theirs), and the global cosines
         # of the candidates apart
-        _, pooled_ss = _rescore(pooled_cells(ql).to(ql.dtype), ql, _candidate_pooled_cells(gl, idx), gl, idx,
-                                chunk_size, {**kw, "marginals": "cross_correlation"})
+        _, pooled_ss = _rescore(
+            pooled_cells(ql).to(ql.dtype),
+            ql,
+            _candidate_pooled_cells(gl, idx),
+            gl,
+            idx,
+            chunk_size,
+            {**kw, "marginals": "cross_correlation"},
+        )
         return _candidate_cosines(qg, gg, idx).to(dtype), pooled_ss
-    rows = chunk_size or default_rerank_chunk_rows(
-        k, ql.shape[1], ql.shape[2], device=ql.device, dtype=dtype
-    )
+    rows = chunk_size or default_rerank_chunk_rows(k, ql.shape[1], ql.shape[2], device=ql.device, dtype=dtype)
     gs: list[Tensor] = []
     ss: list[Tensor] = []
     # fast path: per query, one gather of its candidates into a cached buffer and one product
@@ -366,8 +377,9 @@ def _rescore(qg, ql, gg, gl, idx: Tensor, chunk_size: int | None, kw: dict[str, 
         cand_l = torch.index_select(gl, 0, flat, out=buf[: c * k]).view(c, k, n_cells, dim)
         cand_g = torch.index_select(gg, 0, flat).view(c, k, dim)  # (c, K, D)
         q_g = qg[start : start + rows]  # (c, D)
-        ss.append(_structural_similarity(ql[start : start + rows], cand_l, q_g, cand_g,
-                                         gradient="none_through_plan", **kw))
+        ss.append(
+            _structural_similarity(ql[start : start + rows], cand_l, q_g, cand_g, gradient="none_through_plan", **kw)
+        )
         gs.append(global_similarity(q_g, cand_g))
     return torch.cat(gs).to(dtype), torch.cat(ss).to(dtype)
 
@@ -407,8 +419,12 @@ def _check_inputs(qg, ql, gg, gl, exclude_self):
     elif exclude_self is None:
         exclude_self = False
     qg, ql, gg, gl = (torch.as_tensor(t) for t in (qg, ql, gg, gl))
-    for name, t, nd in (("query_global", qg, 2), ("query_local", ql, 3),
-                        ("gallery_global", gg, 2), ("gallery_local", gl, 3)):
+    for name, t, nd in (
+        ("query_global", qg, 2),
+        ("query_local", ql, 3),
+        ("gallery_global", gg, 2),
+        ("gallery_local", gl, 3),
+    ):
         if t.ndim != nd:
             raise ValueError(f"{name} must be {nd}-D, got shape {tuple(t.shape)}")
         if not t.is_floating_point():

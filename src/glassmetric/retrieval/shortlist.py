@@ -45,9 +45,13 @@ class ScoredShortlist:
     def scores(self, q: int) -> list[dict[str, float]]:
         """Query ``q``'s results as ``{"global", "structural", "multiscale", "introspective",
         "uncertainty": value}`` dicts (the keys the model has), in shortlist order."""
-        columns = {"global": self.global_scores, "structural": self.structural_scores,
-                   "multiscale": self.multiscale_scores, "introspective": self.introspective_distances,
-                   "uncertainty": self.result_uncertainty}
+        columns = {
+            "global": self.global_scores,
+            "structural": self.structural_scores,
+            "multiscale": self.multiscale_scores,
+            "introspective": self.introspective_distances,
+            "uncertainty": self.result_uncertainty,
+        }
         present = {name: values[q].tolist() for name, values in columns.items() if values is not None}
         return [{name: float(v[r]) for name, v in present.items()} for r in range(self.indices.shape[1])]
 

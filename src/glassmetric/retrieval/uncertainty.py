@@ -83,8 +83,13 @@ def uncertainty_vs_failure(
         return float(correct[sel].mean()) if len(sel) else float("nan")
 
     return UncertaintyReport(
-        uncertainty=u, labels=query_labels.numpy(), neighbour=neighbour.numpy(), correct=correct,
-        auroc=auroc(u, ~correct), recall_at_1_certain_half=r1(order[:half]), recall_at_1_uncertain_half=r1(order[half:]),
+        uncertainty=u,
+        labels=query_labels.numpy(),
+        neighbour=neighbour.numpy(),
+        correct=correct,
+        auroc=auroc(u, ~correct),
+        recall_at_1_certain_half=r1(order[:half]),
+        recall_at_1_uncertain_half=r1(order[half:]),
     )
 
 
@@ -102,8 +107,11 @@ def evaluate_uncertainty(
     out = embed_fields(model, dataset, fields=("embedding", "uncertainty"), **embed_kw)
     ref = embed_fields(model, gallery, fields=("embedding",), **embed_kw) if gallery is not None else None
     report = uncertainty_vs_failure(
-        image_uncertainty(out["uncertainty"]), out["embedding"], out["labels"],
-        ref["embedding"] if ref else None, ref["labels"] if ref else None,
+        image_uncertainty(out["uncertainty"]),
+        out["embedding"],
+        out["labels"],
+        ref["embedding"] if ref else None,
+        ref["labels"] if ref else None,
     )
     report.index = out["index"].numpy()
     report.neighbour = (ref or out)["index"].numpy()[report.neighbour]
@@ -165,5 +173,13 @@ def write_csv(report: UncertaintyReport, path, names: list[str] | None = None) -
         assert report.index is not None  # set by __post_init__
         for i in range(len(report.uncertainty)):
             index = int(report.index[i])
-            w.writerow([index, names[index] if names else "", int(report.labels[i]), f"{report.uncertainty[i]:.6g}",
-                        int(report.neighbour[i]), int(report.correct[i])])
+            w.writerow(
+                [
+                    index,
+                    names[index] if names else "",
+                    int(report.labels[i]),
+                    f"{report.uncertainty[i]:.6g}",
+                    int(report.neighbour[i]),
+                    int(report.correct[i]),
+                ]
+            )

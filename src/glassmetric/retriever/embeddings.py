@@ -93,6 +93,8 @@ class Embeddings:
     @classmethod
     def load_npz(cls, path: str | Path) -> Embeddings:
         with np.load(path, allow_pickle=False) as data:
-            kw = {name: torch.from_numpy(data[name]) for name in (*TENSOR_FIELDS, "labels", "positions") if name in data}
+            kw = {
+                name: torch.from_numpy(data[name]) for name in (*TENSOR_FIELDS, "labels", "positions") if name in data
+            }
             paths = data["paths"].tolist() if "paths" in data else None
         return cls(**kw, paths=paths)

@@ -73,8 +73,14 @@ def same_folder(a: str | Path, b: str | Path) -> bool:
 
 
 def eval_datasets(
-    cfg: Config, transform, *, split: str = "test", query: str | None = None, gallery: str | None = None,
-    folder: str | None = None, splits=None,
+    cfg: Config,
+    transform,
+    *,
+    split: str = "test",
+    query: str | None = None,
+    gallery: str | None = None,
+    folder: str | None = None,
+    splits=None,
 ) -> tuple[str, RetrievalDataset, RetrievalDataset | None]:
     """``(description, queries, gallery or None)`` to evaluate on, with the evaluation
     ``transform``: ``folder`` (one sub-folder per class) searched against itself, each query left
@@ -102,7 +108,11 @@ def eval_datasets(
         raise ConfigError(f"--split {split}: this config has no {split} split (data.val_classes = 0)")
     if split == "train":
         dataset.transform = splits.test.transform  # evaluate without augmentation
-    return f"{split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if ref is not None else ""), dataset, ref
+    return (
+        f"{split} split of {cfg.data.name}" + (" (cross-domain: query / gallery)" if ref is not None else ""),
+        dataset,
+        ref,
+    )
 
 
 def _check_shared_folders(pair, query: str, gallery: str) -> None:
@@ -110,6 +120,7 @@ def _check_shared_folders(pair, query: str, gallery: str) -> None:
     names = pair.query.class_names
     q, g = (sorted(names[i] for i in np.unique(d.labels)) for d in (pair.query, pair.gallery))
     if not set(q) & set(g):
+
         def few(classes: list[str]) -> str:
             return ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
 

@@ -51,8 +51,10 @@ def _parameters(op: dict) -> str:
             f"<td>{default}</td><td>{'yes' if p.get('required') else 'no'}</td>"
             f"<td>{escape(p.get('description', schema.get('description', '')))}</td></tr>"
         )
-    return ("<table><tr><th>parameter</th><th>in</th><th>type</th><th>default</th><th>required</th>"
-            "<th>description</th></tr>" + "".join(rows) + "</table>")
+    return (
+        "<table><tr><th>parameter</th><th>in</th><th>type</th><th>default</th><th>required</th>"
+        "<th>description</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _field(name: str, schema: dict, required: bool) -> str:
@@ -81,8 +83,9 @@ def _body(op: dict, components: dict) -> str:
 
 
 def _responses(op: dict) -> str:
-    codes = ", ".join(f"<code>{escape(code)}</code> {escape(r.get('description', ''))}"
-                      for code, r in op.get("responses", {}).items())
+    codes = ", ".join(
+        f"<code>{escape(code)}</code> {escape(r.get('description', ''))}" for code, r in op.get("responses", {}).items()
+    )
     return f"<p class='muted'>responses: {codes}</p>" if codes else ""
 
 

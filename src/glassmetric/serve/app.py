@@ -37,10 +37,19 @@ def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 
     (:class:`glassmetric.serve.hosts.HostCheck`)."""
     # Swagger UI and ReDoc load their scripts from a CDN: offline they stay blank, so /docs is
     # our own page rendered from the schema (glassmetric.serve.api_docs)
-    app = FastAPI(title="glassmetric explorer", version="1", docs_url=None, redoc_url=None,
-                  description="Search a gallery with a trained glassmetric checkpoint and see why each result came back.")
-    app.add_middleware(RequestLimits, max_in_flight=limits.max_in_flight,
-                       max_body_bytes=limits.max_upload_bytes + _FORM_OVERHEAD, body_timeout_s=limits.body_timeout_s)
+    app = FastAPI(
+        title="glassmetric explorer",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        description="Search a gallery with a trained glassmetric checkpoint and see why each result came back.",
+    )
+    app.add_middleware(
+        RequestLimits,
+        max_in_flight=limits.max_in_flight,
+        max_body_bytes=limits.max_upload_bytes + _FORM_OVERHEAD,
+        body_timeout_s=limits.body_timeout_s,
+    )
     app.add_middleware(HostCheck, host=host)  # added last: runs first
     compute = anyio.CapacityLimiter(workers)
 
@@ -77,13 +86,22 @@ def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 
     @app.get("/api/gallery", summary="the gallery images, a page at a time")
     async def gallery(offset: int = Query(0, ge=0), limit: int = Query(60, ge=1, le=1000)) -> dict:
         n = len(explorer.gallery)
-        return {"total": n, "offset": offset, "items": [explorer.item(i) for i in range(offset, min(n, offset + limit))]}
+        return {
+            "total": n,
+            "offset": offset,
+            "items": [explorer.item(i) for i in range(offset, min(n, offset + limit))],
+        }
 
-    @app.get("/api/images/{qid}", summary="a gallery image or an upload as the model sees it (PNG)",
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @app.get(
+        "/api/images/{qid}",
+        summary="a gallery image or an upload as the model sees it (PNG)",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
     async def image(qid: str) -> Response:
-        return Response(await run(explorer.view_png, qid), media_type="image/png",
-                        headers={"cache-control": "max-age=3600"})
+        return Response(
+            await run(explorer.view_png, qid), media_type="image/png", headers={"cache-control": "max-age=3600"}
+        )
 
     @app.post("/api/search", summary="upload a query image: its nearest gallery images with their scores")
     async def search_upload(image: UploadFile = File(...), k: int = Form(10)) -> dict:
@@ -98,8 +116,12 @@ def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 
     async def explain(query: str, result: str) -> dict:
         return await run(explorer.explain, query, result)
 
-    @app.get("/api/explain/figure", summary="one figure of a pair's explanation (PNG): kind flows or groups",
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @app.get(
+        "/api/explain/figure",
+        summary="one figure of a pair's explanation (PNG): kind flows or groups",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
     async def figure(query: str, result: str, kind: str = "flows") -> Response:
         return Response(await run(explorer.figure_png, query, result, kind), media_type="image/png")
 

@@ -87,12 +87,23 @@ class _Query:
 def _upload_bytes(q: _Query) -> int:
     """What an upload holds in the store: its view's pixels and its embeddings."""
     view = q.view()
-    return view.width * view.height * len(view.getbands()) + sum(t.numel() * t.element_size() for t in q.fields.values())
+    return view.width * view.height * len(view.getbands()) + sum(
+        t.numel() * t.element_size() for t in q.fields.values()
+    )
 
 
 class Explorer:
-    def __init__(self, retriever: Retriever, gallery: Gallery, search: GallerySearch | None = None, *,
-                 fields: tuple[str, ...], checkpoint: str = "", recent: int = 64, upload_store_bytes: int = 64 * 2**20):
+    def __init__(
+        self,
+        retriever: Retriever,
+        gallery: Gallery,
+        search: GallerySearch | None = None,
+        *,
+        fields: tuple[str, ...],
+        checkpoint: str = "",
+        recent: int = 64,
+        upload_store_bytes: int = 64 * 2**20,
+    ):
         self.retriever, self.gallery, self.fields = retriever, gallery, fields
         self.model, self.cfg, self.device = retriever.model, retriever.cfg, retriever.device
         self.search_index = search or ExactSearch(gallery.fields["embedding"])
@@ -101,9 +112,20 @@ class Explorer:
         self.uploads, self.figures = _Recent(recent, upload_store_bytes, _upload_bytes), _Recent(4 * recent)
 
     @classmethod
-    def open(cls, checkpoint: str, gallery_root: str | Path | None = None, *, split: str = "test", cache_dir=None,
-             device: str = "cpu", progress: bool = True, knn: str = "exact", index_dir: str | Path | None = None,
-             overrides: Sequence[str] = (), upload_store_bytes: int = 64 * 2**20) -> Explorer:
+    def open(
+        cls,
+        checkpoint: str,
+        gallery_root: str | Path | None = None,
+        *,
+        split: str = "test",
+        cache_dir=None,
+        device: str = "cpu",
+        progress: bool = True,
+        knn: str = "exact",
+        index_dir: str | Path | None = None,
+        overrides: Sequence[str] = (),
+        upload_store_bytes: int = 64 * 2**20,
+    ) -> Explorer:
         """Load the checkpoint and embed (or load the cached embeddings of) the gallery folder,
         or without one the ``split`` of the checkpoint's own data. An unreadable gallery image (a
         dangling link included) raises or is left out as the checkpoint's ``data.on_bad_image`` says.
@@ -120,13 +142,15 @@ class Explorer:
         cfg, fields = retriever.cfg, report_fields(retriever)
         source = folder_source(gallery_root) if gallery_root is not None else split_source(retriever, split)
         source.dataset.set_bad_image_policy(cfg.data.on_bad_image)
-        gallery = load_gallery(retriever.model, cfg, checkpoint, source, fields, cache_dir=cache_dir, device=device,
-                               progress=progress)
+        gallery = load_gallery(
+            retriever.model, cfg, checkpoint, source, fields, cache_dir=cache_dir, device=device, progress=progress
+        )
         search = None
         if knn == "index" or index_dir is not None:
             search = IndexSearch(cached_gallery_index(gallery.fields["embedding"], cfg.eval.index, index_dir))
-        return cls(retriever, gallery, search, fields=fields, checkpoint=str(checkpoint),
-                   upload_store_bytes=upload_store_bytes)
+        return cls(
+            retriever, gallery, search, fields=fields, checkpoint=str(checkpoint), upload_store_bytes=upload_store_bytes
+        )
 
     # ------------------------------------------------------------------------------ queries
     @torch.inference_mode()
@@ -157,12 +181,17 @@ class Explorer:
         if qid.startswith("u"):
             q = self.uploads.get(qid)
             if q is None:
-                raise UnknownQuery(f"unknown upload {qid!r} (the last {self.uploads.size} uploads are kept, "
-                                   f"at most {self.uploads.max_bytes} bytes)")
+                raise UnknownQuery(
+                    f"unknown upload {qid!r} (the last {self.uploads.size} uploads are kept, "
+                    f"at most {self.uploads.max_bytes} bytes)"
+                )
             return q
         i = self.gallery_index(qid)
-        return _Query(view=lambda: model_view(self.cfg, self.gallery.image(i)), index=i,
-                      fields={k: v[i : i + 1] for k, v in self.gallery.fields.items()})
+        return _Query(
+            view=lambda: model_view(self.cfg, self.gallery.image(i)),
+            index=i,
+            fields={k: v[i : i + 1] for k, v in self.gallery.fields.items()},
+        )
 
     def view_png(self, qid: str) -> bytes:
         """The query or gallery image as the model sees it, as PNG."""
@@ -180,17 +209,28 @@ class Explorer:
         q = self.query(qid)
         _, idx = top_k(self.search_index, q.fields["embedding"], k, exclude=q.index)
         ot = self.retriever.settings
-        scored = score_shortlist(q.fields, self.gallery.fields, idx[None], epsilon=ot.epsilon, iters=ot.iters, tol=ot.tol,
-                                 marginals=ot.marginals, introspective=self.retriever.introspective)
+        scored = score_shortlist(
+            q.fields,
+            self.gallery.fields,
+            idx[None],
+            epsilon=ot.epsilon,
+            iters=ot.iters,
+            tol=ot.tol,
+            marginals=ot.marginals,
+            introspective=self.retriever.introspective,
+        )
         results = []
         for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0), strict=True)):
             correct = None
             if q.index is not None and self.gallery.labelled:
                 correct = bool(self.gallery.labels[gi] == self.gallery.labels[q.index])
             results.append({"rank": r + 1, **self.item(gi), "correct": correct, "scores": scores})
-        return {"query": qid, "query_class": None if q.index is None else self.gallery.class_name(q.index),
-                "uncertainty": None if scored.query_uncertainty is None else float(scored.query_uncertainty[0]),
-                "results": results}
+        return {
+            "query": qid,
+            "query_class": None if q.index is None else self.gallery.class_name(q.index),
+            "uncertainty": None if scored.query_uncertainty is None else float(scored.query_uncertainty[0]),
+            "results": results,
+        }
 
     def uncertainty(self, qid: str) -> float | None:
         """``||u||`` of the query image; None when the model has no uncertainty head."""
@@ -202,8 +242,13 @@ class Explorer:
         cached = self.figures.get(key)
         if cached is None:
             q, gi = self.query(qid), self.gallery_index(gid)
-            pair = explain_views(self.model, self.cfg, q.view(), model_view(self.cfg, self.gallery.image(gi)),
-                                 introspective=self.retriever.introspective)
+            pair = explain_views(
+                self.model,
+                self.cfg,
+                q.view(),
+                model_view(self.cfg, self.gallery.image(gi)),
+                introspective=self.retriever.introspective,
+            )
             pngs = {}
             for kind, fig in pair_figures(pair, ("query", self.gallery.name(gi))).items():
                 buffer = io.BytesIO()
@@ -228,6 +273,14 @@ class Explorer:
 
     def info(self) -> dict:
         heads = sorted(self.model.extra_heads)
-        return {"checkpoint": self.checkpoint, "gallery": self.gallery.source.description, "gallery_size": len(self.gallery),
-                "labelled": self.gallery.labelled, "classes": len(np.unique(self.gallery.labels)) if self.gallery.labelled else 0, "fields": list(self.fields),
-                "heads": heads, "embedding_cache": str(self.gallery.cache_file), "from_cache": self.gallery.from_cache}
+        return {
+            "checkpoint": self.checkpoint,
+            "gallery": self.gallery.source.description,
+            "gallery_size": len(self.gallery),
+            "labelled": self.gallery.labelled,
+            "classes": len(np.unique(self.gallery.labels)) if self.gallery.labelled else 0,
+            "fields": list(self.fields),
+            "heads": heads,
+            "embedding_cache": str(self.gallery.cache_file),
+            "from_cache": self.gallery.from_cache,
+        }

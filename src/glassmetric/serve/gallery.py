@@ -124,7 +124,9 @@ def split_source(retriever, split: str = "test") -> GallerySource:
     cfg = retriever.cfg
     name, data, _ = retriever.eval_data(split=split)
     classes = tuple(str(c) for c in range(int(data.labels.max()) + 1)) if len(data) else ()
-    fingerprint = json.dumps({"split": split, "data": cfg.to_dict()["data"], "n": len(data)}, sort_keys=True, default=str)
+    fingerprint = json.dumps(
+        {"split": split, "data": cfg.to_dict()["data"], "n": len(data)}, sort_keys=True, default=str
+    )
     return GallerySource(name, data, [f"{split} image {i}" for i in range(len(data))], classes, fingerprint)
 
 
@@ -141,8 +143,15 @@ def _cache_key(checkpoint: Path, source: GallerySource, fields: tuple[str, ...])
 
 
 def load_gallery(
-    model: InferenceModel, cfg: Config, checkpoint: str | Path, source: GallerySource, fields: tuple[str, ...], *,
-    cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
+    model: InferenceModel,
+    cfg: Config,
+    checkpoint: str | Path,
+    source: GallerySource,
+    fields: tuple[str, ...],
+    *,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
 ) -> Gallery:
     """Embed ``source`` with ``model`` (``fields`` of its output), or load the embeddings from
     ``cache_dir`` when neither the gallery nor the checkpoint changed."""
@@ -154,7 +163,15 @@ def load_gallery(
         stored = safe_torch_load(cache_file)
         out = {k: stored[k] for k in (*fields, "labels", "index")}
     else:
-        out = embed_fields(model, source.dataset, fields=fields, batch_size=cfg.eval.batch_size, device=device, progress=progress)
+        out = embed_fields(
+            model, source.dataset, fields=fields, batch_size=cfg.eval.batch_size, device=device, progress=progress
+        )
         atomic_torch_save({k: out[k] for k in (*fields, "labels", "index")}, cache_file)
-    return Gallery(source=source, labels=out["labels"].numpy(), fields={k: out[k] for k in fields},
-                   cache_file=cache_file, from_cache=from_cache, index=out["index"].numpy())
+    return Gallery(
+        source=source,
+        labels=out["labels"].numpy(),
+        fields={k: out[k] for k in fields},
+        cache_file=cache_file,
+        from_cache=from_cache,
+        index=out["index"].numpy(),
+    )

@@ -54,8 +54,13 @@ def _is_ip(name: str) -> bool:
 
 async def _answer(send, status: int, message: str) -> None:
     body = json.dumps({"detail": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -78,12 +83,20 @@ class HostCheck:
         headers = dict(scope.get("headers") or [])
         host = headers.get(b"host", b"").decode("latin-1")
         if not self.allowed(host):
-            return await _answer(send, 421, f"Host {host!r} is not served here: the explorer answers "
-                                            f"{', '.join(sorted(self.names))} (a guard against DNS rebinding)")
+            return await _answer(
+                send,
+                421,
+                f"Host {host!r} is not served here: the explorer answers "
+                f"{', '.join(sorted(self.names))} (a guard against DNS rebinding)",
+            )
         origin = headers.get(b"origin")
         if scope["method"] not in _SAFE_METHODS and origin is not None:
             origin = origin.decode("latin-1")
             if origin.lower() != f"http://{host.strip().lower()}":
-                return await _answer(send, 403, f"{scope['method']} from the foreign origin {origin!r} refused: "
-                                                f"only the explorer's own page (http://{host}) may send it")
+                return await _answer(
+                    send,
+                    403,
+                    f"{scope['method']} from the foreign origin {origin!r} refused: "
+                    f"only the explorer's own page (http://{host}) may send it",
+                )
         return await self.app(scope, receive, send)

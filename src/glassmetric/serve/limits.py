@@ -98,7 +98,9 @@ class RequestLimits:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await _answer(send, 413, f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes} bytes")
+            return await _answer(
+                send, 413, f"request body of {int(length)} bytes is over the limit of {self.max_body_bytes} bytes"
+            )
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as body:
             received, complete = 0, False
             with anyio.move_on_after(self.body_timeout_s):
@@ -115,10 +117,13 @@ class RequestLimits:
             if received > self.max_body_bytes:
                 return await _answer(send, 413, f"request body is over the limit of {self.max_body_bytes} bytes")
             if not complete:
-                return await _answer(send, 408, f"request body not received within {self.body_timeout_s:g} s "
-                                                f"({received} bytes arrived)")
+                return await _answer(
+                    send, 408, f"request body not received within {self.body_timeout_s:g} s ({received} bytes arrived)"
+                )
             if self.in_flight >= self.max_in_flight:
-                return await _answer(send, 503, f"server busy: {self.in_flight} requests in flight, the limit; try again")
+                return await _answer(
+                    send, 503, f"server busy: {self.in_flight} requests in flight, the limit; try again"
+                )
             body.seek(0)
             replayed = False
 

@@ -65,14 +65,18 @@ def squared_distance_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return sq.clamp(min=0.0)
 
 
-def shrink_factor(alpha: torch.Tensor, beta: torch.Tensor, params: IntrospectiveParams = IntrospectiveParams()) -> torch.Tensor:
+def shrink_factor(
+    alpha: torch.Tensor, beta: torch.Tensor, params: IntrospectiveParams = IntrospectiveParams()
+) -> torch.Tensor:
     """exp(-(b_s beta + b_0) / (a_s alpha + a_0)), elementwise, with a bounded exponent."""
     p = params
     ratio = (p.beta_scale * beta + p.beta_offset) / (p.alpha_scale * alpha + p.alpha_offset + _TINY)
     return torch.exp(-ratio.clamp(max=MAX_EXPONENT))
 
 
-def introspective_distance(alpha: torch.Tensor, beta: torch.Tensor, params: IntrospectiveParams = IntrospectiveParams()) -> torch.Tensor:
+def introspective_distance(
+    alpha: torch.Tensor, beta: torch.Tensor, params: IntrospectiveParams = IntrospectiveParams()
+) -> torch.Tensor:
     """D = alpha * exp(-(b_s beta + b_0) / (a_s alpha + a_0)) from given alpha and beta."""
     return alpha * shrink_factor(alpha, beta, params)
 

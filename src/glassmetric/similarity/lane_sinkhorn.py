@@ -90,8 +90,7 @@ def library_path() -> Path:
     """Where the compiled kernel for this source, compiler, flags and CPU lives."""
     root = Path(os.environ.get("GLASSMETRIC_CACHE", Path.home() / ".cache" / "glassmetric"))
     key = hashlib.sha256(
-        _SOURCE.read_bytes()
-        + f"{_compiler()}|{' '.join(_FLAGS)}|{_cpu_signature()}".encode()
+        _SOURCE.read_bytes() + f"{_compiler()}|{' '.join(_FLAGS)}|{_cpu_signature()}".encode()
     ).hexdigest()[:16]
     return root / "native" / f"lane_sinkhorn-{key}.so"
 
@@ -105,9 +104,7 @@ def _build(target: Path) -> None:
     follow_umask(fd)  # the linker adds the execute bits to the mode the umask gives
     os.close(fd)
     try:
-        proc = subprocess.run(
-            [cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
-        )
+        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed on {_SOURCE}: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: a concurrent loader sees the old file or the new one
@@ -160,9 +157,15 @@ def _damage(path: Path) -> str | None:
         return "it is not an ELF shared object"
     order = "<" if data[5] == 1 else ">"
     if data[4] == 2:
-        (shoff,), (entsize, count) = struct.unpack_from(order + "Q", data, 0x28), struct.unpack_from(order + "HH", data, 0x3A)
+        (shoff,), (entsize, count) = (
+            struct.unpack_from(order + "Q", data, 0x28),
+            struct.unpack_from(order + "HH", data, 0x3A),
+        )
     else:
-        (shoff,), (entsize, count) = struct.unpack_from(order + "I", data, 0x20), struct.unpack_from(order + "HH", data, 0x2E)
+        (shoff,), (entsize, count) = (
+            struct.unpack_from(order + "I", data, 0x20),
+            struct.unpack_from(order + "HH", data, 0x2E),
+        )
     if shoff + entsize * count > size:
         return f"it is cut short ({size} bytes; its header says at least {shoff + entsize * count})"
     return None
@@ -205,8 +208,32 @@ def _load() -> Callable[..., int] | None:
                 fn = _open_library()
                 p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
                 f32 = ctypes.c_float
-                fn.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64,
-                               i64, i32, i32, f32, i32, i32, f32, i64, i64, p, p]
+                fn.argtypes = [
+                    p,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    p,
+                    i64,
+                    i64,
+                    i64,
+                    p,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                    i32,
+                    i32,
+                    f32,
+                    i32,
+                    i32,
+                    f32,
+                    i64,
+                    i64,
+                    p,
+                    p,
+                ]
                 fn.restype = ctypes.c_int
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 log.info("native lane Sinkhorn unavailable, using the torch solver: %s", err)
@@ -295,9 +322,21 @@ def lane_structural_similarity(
         blocks = g * -(-k // LANES)
         ss = torch.empty(g, k, dtype=torch.float32)
         stops = torch.empty(g, k, dtype=torch.int32)
-        args = (S.data_ptr(), *S.stride(), mu.data_ptr(), *mu.stride(), nu.data_ptr(),
-                *nu.stride(), k, n, m, _LOG2E / epsilon, iters, check_every,
-                -1.0 if tol is None else float(tol))
+        args = (
+            S.data_ptr(),
+            *S.stride(),
+            mu.data_ptr(),
+            *mu.stride(),
+            nu.data_ptr(),
+            *nu.stride(),
+            k,
+            n,
+            m,
+            _LOG2E / epsilon,
+            iters,
+            check_every,
+            -1.0 if tol is None else float(tol),
+        )
         out_ptrs = (ss.data_ptr(), stops.data_ptr())
         workers = max(1, min(torch.get_num_threads(), blocks))
         if workers == 1:
@@ -305,8 +344,7 @@ def lane_structural_similarity(
         else:  # several ranges a thread, taken as threads free up: blocks differ in iterations
             parts = min(blocks, _PARTS_PER_THREAD * workers)
             bounds = [blocks * p // parts for p in range(parts + 1)]
-            futures = [_pool(workers).submit(fn, *args, lo, hi, *out_ptrs)
-                       for lo, hi in itertools.pairwise(bounds)]
+            futures = [_pool(workers).submit(fn, *args, lo, hi, *out_ptrs) for lo, hi in itertools.pairwise(bounds)]
             codes = [f.result() for f in futures]
         if any(c != 0 for c in codes):
             raise MemoryError("the native lane Sinkhorn could not allocate its buffers")

@@ -61,5 +61,10 @@ class OTSettings:
         s = cast("StructuralConfig", getattr(cfg, "structural", cfg))  # a Config's structural section, or the section
         if s.marginals == "auto":
             raise ValueError("structural.marginals 'auto' is resolved by glassmetric.config.validate first")
-        return cls(epsilon=float(s.epsilon), iters=int(s.iters), tol=None if s.tol is None else float(s.tol),
-                   marginals=s.marginals, gradient=s.gradient)
+        return cls(
+            epsilon=float(s.epsilon),
+            iters=int(s.iters),
+            tol=None if s.tol is None else float(s.tol),
+            marginals=s.marginals,
+            gradient=s.gradient,
+        )

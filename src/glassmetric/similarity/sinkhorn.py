@@ -206,10 +206,7 @@ def sinkhorn(
         raise ValueError("cost must be (..., n, m), mu (..., n) and nu (..., m)")
     n, m = cost.shape[-2:]
     if mu.shape[-1] != n or nu.shape[-1] != m:
-        raise ValueError(
-            f"marginal sizes {tuple(mu.shape)} / {tuple(nu.shape)} "
-            f"do not fit cost {tuple(cost.shape)}"
-        )
+        raise ValueError(f"marginal sizes {tuple(mu.shape)} / {tuple(nu.shape)} do not fit cost {tuple(cost.shape)}")
     if n == 0 or m == 0:
         raise ValueError(f"cost needs at least one row and one column, got {tuple(cost.shape)}")
 
@@ -225,9 +222,7 @@ def sinkhorn(
         return _solve(*args)
 
 
-def _solve(
-    cost, mu, nu, batch, dtype, epsilon, iters, tol, check_every, use_kernel, compact
-) -> Tensor:
+def _solve(cost, mu, nu, batch, dtype, epsilon, iters, tol, check_every, use_kernel, compact) -> Tensor:
     n, m = cost.shape[-2:]
     # flatten the (broadcast) leading dims into one batch dim B
     C = cost.to(dtype).expand(*batch, n, m).reshape(-1, n, m)
@@ -461,9 +456,7 @@ def _plan_from_similarity(
         raise ValueError(f"tol must be None or >= 0, got {tol}")
     n, m = S.shape[-2:]
     if mu.shape[-1] != n or nu.shape[-1] != m:
-        raise ValueError(
-            f"marginal sizes {tuple(mu.shape)} / {tuple(nu.shape)} do not fit {tuple(S.shape)}"
-        )
+        raise ValueError(f"marginal sizes {tuple(mu.shape)} / {tuple(nu.shape)} do not fit {tuple(S.shape)}")
     batch = torch.broadcast_shapes(S.shape[:-2], mu.shape[:-1], nu.shape[:-1])
     dtype = _compute_dtype(S, mu, nu)
     with torch.no_grad(), torch.autocast(S.device.type, enabled=False):

@@ -179,8 +179,10 @@ def _ot_settings(settings: OTSettings | None, **given) -> OTSettings:
         if not isinstance(settings, OTSettings):
             raise TypeError(f"settings must be an OTSettings, got {type(settings).__name__}")
         if passed:
-            raise ValueError(f"give the OT settings either as settings= or as keywords, not both "
-                             f"(got settings and {', '.join(passed)})")
+            raise ValueError(
+                f"give the OT settings either as settings= or as keywords, not both "
+                f"(got settings and {', '.join(passed)})"
+            )
         return settings
     values = {k: v.value if isinstance(v, _Unset) else v for k, v in given.items()}
     if "gradient" in values:
@@ -196,11 +198,7 @@ def _product_group(queries: int) -> int:
 
 
 def _cdtype(*tensors: Tensor | None) -> torch.dtype:
-    return (
-        torch.float64
-        if any(t is not None and t.dtype == torch.float64 for t in tensors)
-        else torch.float32
-    )
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _no_autocast(t: Tensor):
@@ -218,9 +216,7 @@ def local_similarity(x_local: Tensor, y_local: Tensor) -> Tensor:
         return torch.einsum("...nd,...md->...nm", x_local.to(dt), y_local.to(dt))
 
 
-def cross_correlation_marginals(
-    x_local: Tensor, y_global: Tensor, *, min_mass: float = MIN_MASS
-) -> Tensor:
+def cross_correlation_marginals(x_local: Tensor, y_global: Tensor, *, min_mass: float = MIN_MASS) -> Tensor:
     r"""Marginal over x's cells from the other image's global embedding.
 
     :math:`w_i = \max(0, x_i^\top g_y)`, :math:`\mu_i = w_i / \sum_k w_k`, or ``1/N`` for every
@@ -283,8 +279,12 @@ def compute_marginals(
     :func:`structural_similarity` does).
     """
     uses_globals = kind == "cross_correlation"
-    check_normalised(x_local=x_local, y_local=y_local, x_global=x_global if uses_globals else None,
-                     y_global=y_global if uses_globals else None)
+    check_normalised(
+        x_local=x_local,
+        y_local=y_local,
+        x_global=x_global if uses_globals else None,
+        y_global=y_global if uses_globals else None,
+    )
     return _compute_marginals(x_local, y_local, x_global, y_global, kind)
 
 
@@ -313,9 +313,7 @@ def _align(x_local, y_local, x_global, y_global):
     bx, by = x_local.ndim - 2, y_local.ndim - 2
     for name, g, b in (("x_global", x_global, bx), ("y_global", y_global, by)):
         if g is not None and g.ndim != b + 1:
-            raise ValueError(
-                f"{name} must have its local input's batch dims plus D, got {tuple(g.shape)}"
-            )
+            raise ValueError(f"{name} must have its local input's batch dims plus D, got {tuple(g.shape)}")
     if bx < by:
         k = by - bx
         x_local = x_local.reshape(*x_local.shape[:bx], *([1] * k), *x_local.shape[bx:])
@@ -354,23 +352,24 @@ def _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global):
 def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient):
     """(S, mu, nu, T) for aligned inputs."""
     x_global, y_global, marginals = _marginal_references(x_local, y_local, x_global, y_global, marginals)
-    if marginals == "cross_correlation" and gradient == "none_through_plan" and x_global is not None \
-            and y_global is not None:
+    if (
+        marginals == "cross_correlation"
+        and gradient == "none_through_plan"
+        and x_global is not None
+        and y_global is not None
+    ):
         S, mu, nu = _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global)
     else:
         S = local_similarity(x_local, y_local)
         # with a constant plan, the marginals need no autograd graph
         with torch.set_grad_enabled(torch.is_grad_enabled() and gradient == "unrolled"):
             mu, nu = _compute_marginals(x_local, y_local, x_global, y_global, marginals)
-    if gradient == "none_through_plan" and epsilon > 0 and \
-            _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[_cdtype(S)]:
+    if gradient == "none_through_plan" and epsilon > 0 and _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[_cdtype(S)]:
         # a constant plan on the plain-scaling path: the kernel straight from S
         T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, iters=iters, tol=tol)
         return S, mu, nu, T
     C = 1.0 - S.clamp(-1.0, 1.0)
-    T = sinkhorn(
-        C, mu, nu, epsilon=epsilon, iters=iters, tol=tol, gradient=gradient, cost_range=_COST_RANGE
-    )
+    T = sinkhorn(C, mu, nu, epsilon=epsilon, iters=iters, tol=tol, gradient=gradient, cost_range=_COST_RANGE)
     return S, mu, nu, T
 
 
@@ -446,14 +445,22 @@ def _gathered_block_scores(
             buf[:, : k * m].copy_(gallery_local.index_select(0, flat).view(c, k * m, d))
             buf[:, k * m :].copy_(gallery_global.index_select(0, flat).view(c, k, d))
             prod = torch.bmm(xs, buf.transpose(1, 2))
-        cos, ss = _scores_from_products(
-            prod, n, m, k, marginals, epsilon=epsilon, iters=iters, tol=tol, native=native
-        )
+        cos, ss = _scores_from_products(prod, n, m, k, marginals, epsilon=epsilon, iters=iters, tol=tol, native=native)
     return cos.clone(), ss
 
 
-def _scores_from_products(prod: Tensor, n: int, m: int, k: int, marginals: MarginalKind, *,
-                          epsilon: float, iters: int, tol: float | None, native: bool):
+def _scores_from_products(
+    prod: Tensor,
+    n: int,
+    m: int,
+    k: int,
+    marginals: MarginalKind,
+    *,
+    epsilon: float,
+    iters: int,
+    tol: float | None,
+    native: bool,
+):
     """``(cos, SS)`` from the products ``prod (c, N + 1, K M + K)`` of :func:`_gathered_block_scores`.
 
     ``prod[q, :N, :KM]`` = S, ``prod[q, N, :KM]`` = nu's correlations (y's cells vs gx),
@@ -509,28 +516,29 @@ def structural_similarity(
     Returns:
         ``SS`` with the broadcast batch shape, float32 (float64 for float64 inputs).
     """
-    ot = _ot_settings(settings, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals,
-                      gradient=gradient)
+    ot = _ot_settings(settings, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals, gradient=gradient)
     _check_inputs(x_local, y_local, x_global, y_global, ot.marginals)
-    return _structural_similarity(x_local, y_local, x_global, y_global, ot.epsilon, ot.iters,
-                                  ot.tol, ot.marginals, ot.gradient)
+    return _structural_similarity(
+        x_local, y_local, x_global, y_global, ot.epsilon, ot.iters, ot.tol, ot.marginals, ot.gradient
+    )
 
 
 def _check_inputs(x_local, y_local, x_global, y_global, marginals) -> None:
     """:func:`check_normalised` on what the marginals ``marginals`` read."""
     uses_globals = marginals == "cross_correlation"
-    check_normalised(x_local=x_local, y_local=y_local, x_global=x_global if uses_globals else None,
-                     y_global=y_global if uses_globals else None)
+    check_normalised(
+        x_local=x_local,
+        y_local=y_local,
+        x_global=x_global if uses_globals else None,
+        y_global=y_global if uses_globals else None,
+    )
 
 
-def _structural_similarity(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals,
-                           gradient) -> Tensor:
+def _structural_similarity(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient) -> Tensor:
     """:func:`structural_similarity` without the input check (for callers whose inputs are
     known to be normalised, e.g. re-ranking)."""
     x_local, y_local, x_global, y_global = _align(x_local, y_local, x_global, y_global)
-    S, _, _, T = _plan_and_s(
-        x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient
-    )
+    S, _, _, T = _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient)
     return (T * S).sum((-2, -1))
 
 
@@ -594,8 +602,7 @@ def structural_similarity_matrix(
     ``gradient`` the result is differentiable w.r.t. the local embeddings through ``S``, ready
     for pair-based losses.
     """
-    ot = _ot_settings(settings, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals,
-                      gradient=gradient)
+    ot = _ot_settings(settings, epsilon=epsilon, iters=iters, tol=tol, marginals=marginals, gradient=gradient)
     if y_local is None:
         y_local, y_global = x_local, x_global
         _check_inputs(x_local, None, x_global, None, ot.marginals)
@@ -604,8 +611,9 @@ def structural_similarity_matrix(
     return _structural_similarity_matrix(x_local, y_local, x_global, y_global, ot, chunk_size)
 
 
-def _structural_similarity_matrix(x_local, y_local, x_global, y_global, ot: OTSettings,
-                                  chunk_size: int | None) -> Tensor:
+def _structural_similarity_matrix(
+    x_local, y_local, x_global, y_global, ot: OTSettings, chunk_size: int | None
+) -> Tensor:
     """:func:`structural_similarity_matrix` of given sides, without the input check."""
     if x_local.ndim != 3:
         raise ValueError(f"x_local must be (B, N, D), got {tuple(x_local.shape)}")
@@ -623,8 +631,7 @@ def _structural_similarity_matrix(x_local, y_local, x_global, y_global, ot: OTSe
     for start in range(0, b, max(step, 1)):
         xl = x_local[start : start + step, None]  # (c, 1, N, D)
         xg = None if x_global is None else x_global[start : start + step, None]  # (c, 1, D)
-        rows.append(_structural_similarity(xl, yl, xg, yg, ot.epsilon, ot.iters, ot.tol,
-                                           ot.marginals, ot.gradient))
+        rows.append(_structural_similarity(xl, yl, xg, yg, ot.epsilon, ot.iters, ot.tol, ot.marginals, ot.gradient))
     return torch.cat(rows, 0)
 
 
@@ -674,9 +681,7 @@ def explain_pair(
     check_normalised(x_local=x_local, y_local=y_local, x_global=x_global, y_global=y_global)
     with torch.no_grad():
         xl, yl, xg, yg = _align(x_local, y_local, x_global, y_global)
-        S, mu, nu, T = _plan_and_s(
-            xl, yl, xg, yg, ot.epsilon, ot.iters, ot.tol, ot.marginals, "none_through_plan"
-        )
+        S, mu, nu, T = _plan_and_s(xl, yl, xg, yg, ot.epsilon, ot.iters, ot.tol, ot.marginals, "none_through_plan")
         TS = T * S
         ss = TS.sum((-2, -1))
         mu = mu.expand(T.shape[:-1])  # uniform marginals come unexpanded

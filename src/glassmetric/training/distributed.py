@@ -31,8 +31,13 @@ from glassmetric.data.base import IndexedDataset, RetrievalDataset
 from glassmetric.models.output import EmbeddingOutput
 
 __all__ = [
-    "LOSS_FIELDS", "IndexedDataset", "distributed_embed", "eval_sampler", "gather_batch",
-    "gather_unique", "world",
+    "LOSS_FIELDS",
+    "IndexedDataset",
+    "distributed_embed",
+    "eval_sampler",
+    "gather_batch",
+    "gather_unique",
+    "world",
 ]
 
 #: The output fields the losses read; gathered with gradient (feature maps and attention are not).
@@ -69,7 +74,8 @@ def gather_batch(output: EmbeddingOutput, labels: Tensor) -> tuple[EmbeddingOutp
         warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*", category=FutureWarning)
         fields = {
             name: torch.cat(all_gather(value.contiguous()), dim=0)
-            for name, value in output.present().items() if name in LOSS_FIELDS
+            for name, value in output.present().items()
+            if name in LOSS_FIELDS
         }
     gathered = [torch.empty_like(labels) for _ in range(size)]
     dist.all_gather(gathered, labels.contiguous())
@@ -91,8 +97,9 @@ def _all_gather_rows(tensor: Tensor) -> list[Tensor]:
     return [o[: int(s.item())].to(tensor.device) for o, s in zip(out, sizes, strict=True)]
 
 
-def gather_unique(values: Mapping[str, Tensor], index: Tensor, size: int | None = None,
-                  drop_missing: bool = False) -> dict[str, Tensor]:
+def gather_unique(
+    values: Mapping[str, Tensor], index: Tensor, size: int | None = None, drop_missing: bool = False
+) -> dict[str, Tensor]:
     """Rows of every rank placed at their data-set ``index`` (``(n,)`` int64, one per row).
 
     Returns ``{name: (size, ...)}`` in data-set order (``size`` default: the largest index + 1):
@@ -182,7 +189,9 @@ def check_devices(t) -> None:
     indices = isinstance(t.devices, str) and "," in t.devices
     if kind in ("gpu", "cuda"):
         if not gpus:
-            raise ConfigError(f"trainer.accelerator: {t.accelerator!r}, but torch finds no CUDA GPU here: use cpu or auto")
+            raise ConfigError(
+                f"trainer.accelerator: {t.accelerator!r}, but torch finds no CUDA GPU here: use cpu or auto"
+            )
         if indices:
             missing = [i for i in (int(d) for d in t.devices.split(",") if d.strip()) if i >= gpus]
             if missing:
@@ -191,7 +200,9 @@ def check_devices(t) -> None:
             raise ConfigError(f"trainer.devices: {t.devices} GPUs asked for, this machine has {gpus}")
     elif kind == "mps":
         if not mps:
-            raise ConfigError(f"trainer.accelerator: {t.accelerator!r}, but torch finds no MPS device here: use cpu or auto")
+            raise ConfigError(
+                f"trainer.accelerator: {t.accelerator!r}, but torch finds no MPS device here: use cpu or auto"
+            )
         if t.devices not in (1, "1", "auto"):
             raise ConfigError(f"trainer.devices: MPS has one device, got {t.devices!r}")
     elif indices:
@@ -211,7 +222,8 @@ def ddp_strategy(cfg):
     from lightning.pytorch.strategies import DDPStrategy
 
     return DDPStrategy(
-        start_method="popen" if strategy == "ddp" else "spawn", find_unused_parameters=has_extra_heads(cfg),
+        start_method="popen" if strategy == "ddp" else "spawn",
+        find_unused_parameters=has_extra_heads(cfg),
     )
 
 

@@ -103,8 +103,12 @@ class MetricDataModule(pl.LightningDataModule):
         t = self.cfg.trainer
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = MPerClassBatchSampler(
-            self.splits.train.labels, t.samples_per_class, t.batch_size,
-            seed=self.cfg.seed, num_replicas=world, rank=rank,
+            self.splits.train.labels,
+            t.samples_per_class,
+            t.batch_size,
+            seed=self.cfg.seed,
+            num_replicas=world,
+            rank=rank,
         )
         loader = resumable_train_loader(
             self.splits.train, sampler, seed=self.cfg.seed, num_workers=self.cfg.data.num_workers, trainer=self.trainer
@@ -120,7 +124,10 @@ class MetricDataModule(pl.LightningDataModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         val = IndexedDataset(self.splits.val)  # each rank a shard; on_validation_epoch_end gathers them
         return DataLoader(
-            val, batch_size=self.cfg.eval.batch_size, sampler=eval_sampler(val, world, rank), num_workers=self.cfg.data.num_workers,
+            val,
+            batch_size=self.cfg.eval.batch_size,
+            sampler=eval_sampler(val, world, rank),
+            num_workers=self.cfg.data.num_workers,
             collate_fn=collate_readable,
         )
 
@@ -163,12 +170,29 @@ def fit(
                 if (out / sub).exists():
                     writable_folder(out / sub, "trainer.output_dir")
             stack.enter_context(run_folder_lock(out))
-        return _fit(cfg, out, launching, resume=resume, overwrite=overwrite, baseline=baseline, run_test=run_test,
-                    callbacks=callbacks)
+        return _fit(
+            cfg,
+            out,
+            launching,
+            resume=resume,
+            overwrite=overwrite,
+            baseline=baseline,
+            run_test=run_test,
+            callbacks=callbacks,
+        )
 
 
-def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bool, baseline: bool, run_test: bool,
-         callbacks: Sequence[Callback]) -> FitResult:
+def _fit(
+    cfg: Config,
+    out: Path,
+    launching: bool,
+    *,
+    resume: bool,
+    overwrite: bool,
+    baseline: bool,
+    run_test: bool,
+    callbacks: Sequence[Callback],
+) -> FitResult:
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     if last.exists() and not (resume or overwrite):
@@ -177,8 +201,11 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
     resumed = None
     if found is not None:  # only what the checks need, read before anything is written
         stored = safe_torch_load(found)
-        shapes = {k: torch.empty(v.shape, device="meta") for k, v in stored.get("state_dict", {}).items()
-                  if isinstance(v, torch.Tensor)}
+        shapes = {
+            k: torch.empty(v.shape, device="meta")
+            for k, v in stored.get("state_dict", {}).items()
+            if isinstance(v, torch.Tensor)
+        }
         resumed = {"glassmetric": stored.get("glassmetric"), "state_dict": shapes}
         del stored
         check_resumed_model(cfg, found, resumed)
@@ -201,8 +228,13 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
     if launching:
         save_config(cfg, out / "config.yaml")
     ks = evaluation_recall_ks(cfg)
-    eval_kw: dict[str, Any] = {"recall_ks": ks, "batch_size": cfg.eval.batch_size, "num_workers": cfg.data.num_workers, "knn_backend": cfg.eval.knn_backend,
-                   "max_k": cfg.eval.knn_k}
+    eval_kw: dict[str, Any] = {
+        "recall_ks": ks,
+        "batch_size": cfg.eval.batch_size,
+        "num_workers": cfg.data.num_workers,
+        "knn_backend": cfg.eval.knn_backend,
+        "max_k": cfg.eval.knn_k,
+    }
 
     baseline_metrics = None
     if baseline:
@@ -211,7 +243,13 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
     select_val = cfg.trainer.select == "val"
     # "last" is rewritten after every epoch (and its validation); "best" on a better validation score.
     # The best callback comes first so that last.ckpt carries its up-to-date state.
-    common: dict[str, Any] = {"dirpath": ckpt_dir, "save_top_k": 1, "save_last": False, "auto_insert_metric_name": False, "enable_version_counter": False}
+    common: dict[str, Any] = {
+        "dirpath": ckpt_dir,
+        "save_top_k": 1,
+        "save_last": False,
+        "auto_insert_metric_name": False,
+        "enable_version_counter": False,
+    }
     monitor = f"val/{cfg.trainer.monitor}"
     best_cb = ModelCheckpoint(filename="best", monitor=monitor, mode="max", **common) if select_val else None
     last_cb = ModelCheckpoint(filename="last", monitor=None, **common)
@@ -227,7 +265,13 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
         precision=cfg.trainer.precision,
         # each (re)start logs into a new logs/version_N, so a resume never overwrites old logs
         logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],
-        callbacks=[*filter(None, [best_cb, last_cb]), EpochSeed(cfg.seed), throughput, *reliability_callbacks(cfg, last), *callbacks],
+        callbacks=[
+            *filter(None, [best_cb, last_cb]),
+            EpochSeed(cfg.seed),
+            throughput,
+            *reliability_callbacks(cfg, last),
+            *callbacks,
+        ],
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,
         check_val_every_n_epoch=cfg.trainer.val_every,
@@ -249,8 +293,12 @@ def _fit(cfg: Config, out: Path, launching: bool, *, resume: bool, overwrite: bo
 
     selected = Path(best_cb.best_model_path) if best_cb is not None and best_cb.best_model_path else last
     result = FitResult(
-        output_dir=out, checkpoint=selected, test_metrics={}, baseline_metrics=baseline_metrics,
-        epoch_seconds=throughput.epoch_seconds, data_wait_share=throughput.data_wait_share,
+        output_dir=out,
+        checkpoint=selected,
+        test_metrics={},
+        baseline_metrics=baseline_metrics,
+        epoch_seconds=throughput.epoch_seconds,
+        data_wait_share=throughput.data_wait_share,
     )
     if run_test and trainer.is_global_zero:
         state = safe_torch_load(selected)["state_dict"]

@@ -70,7 +70,11 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         what = f"loss ({self._bad_loss})" if self._bad_loss is not None else None
         if what is None and getattr(trainer.precision_plugin, "scaler", None) is None:
-            bad = [n for n, p in pl_module.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            bad = [
+                n
+                for n, p in pl_module.named_parameters()
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ]
             if bad:
                 what = f"gradient of {bad[0]}" + (f" and {len(bad) - 1} more parameters" if len(bad) > 1 else "")
         if what is None:
@@ -120,8 +124,11 @@ class SkippedImageCount(Callback):
         self.total += self._epoch
         pl_module.log("data/skipped_images", float(self._epoch), on_epoch=True, reduce_fx="sum")
         if self._epoch:
-            log.warning("epoch %d: skipped %d unreadable training image(s) (data.on_bad_image: skip)",
-                        trainer.current_epoch, self._epoch)
+            log.warning(
+                "epoch %d: skipped %d unreadable training image(s) (data.on_bad_image: skip)",
+                trainer.current_epoch,
+                self._epoch,
+            )
 
 
 def reliability_callbacks(cfg, last: Path) -> list[Callback]:
@@ -130,5 +137,9 @@ def reliability_callbacks(cfg, last: Path) -> list[Callback]:
     from glassmetric.training.resume import StepCheckpoint, StepSeed
 
     t = cfg.trainer
-    return [StepSeed(cfg.seed), StepCheckpoint(last, t.checkpoint_every_n_steps),
-            NonFiniteGuard(t.on_nonfinite, last), SkippedImageCount()]
+    return [
+        StepSeed(cfg.seed),
+        StepCheckpoint(last, t.checkpoint_every_n_steps),
+        NonFiniteGuard(t.on_nonfinite, last),
+        SkippedImageCount(),
+    ]

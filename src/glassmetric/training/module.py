@@ -44,7 +44,9 @@ class MetricLearner(pl.LightningModule):
         lookup[torch.from_numpy(class_ids)] = torch.arange(len(class_ids))
         self.register_buffer("label_lookup", lookup)
         self.loss = build_training_loss(cfg, len(class_ids))
-        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # embeddings, labels, data set rows
+        self._val_outputs: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = []  # embeddings, labels, data set rows
 
     def forward(self, images: torch.Tensor):
         return self.model(images)
@@ -81,12 +83,17 @@ class MetricLearner(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_outputs:
             return
-        parts = {"embedding": torch.cat([e for e, _, _ in self._val_outputs]), "label": torch.cat([y for _, y, _ in self._val_outputs])}
+        parts = {
+            "embedding": torch.cat([e for e, _, _ in self._val_outputs]),
+            "label": torch.cat([y for _, y, _ in self._val_outputs]),
+        }
         index = torch.cat([i for _, _, i in self._val_outputs])
         self._val_outputs.clear()
         # under DDP each rank embedded a shard: every rank gathers the whole split, in data set order
         parts = gather_unique(parts, index, drop_missing=True)  # skipped images are on no rank
-        metrics = retrieval_metrics(parts["embedding"], parts["label"], recall_ks=(1, 2, 4, 8), include=("recall", "r_precision", "map_at_r"))
+        metrics = retrieval_metrics(
+            parts["embedding"], parts["label"], recall_ks=(1, 2, 4, 8), include=("recall", "r_precision", "map_at_r")
+        )
         for name, value in metrics.items():
             self.log(f"val/{name}", value, prog_bar=name == "recall@1", sync_dist=world()[0] > 1)
 
@@ -96,7 +103,14 @@ class MetricLearner(pl.LightningModule):
         for name, params in self.model.parameter_groups().items():
             params = [p for p in params if p.requires_grad]
             if params:
-                groups.append({"params": params, "lr": self._group_lr(name), "weight_decay": self._group_decay(name), "name": name})
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": self._group_lr(name),
+                        "weight_decay": self._group_decay(name),
+                        "name": name,
+                    }
+                )
         loss_params = [p for p in self.loss.parameters() if p.requires_grad]
         if loss_params:
             lr = self.cfg.loss.lr or self.loss.learning_rate(o.lr)

@@ -154,8 +154,9 @@ class ResumableLoader(DataLoader):
             self._batches.resume_at(done)
 
 
-def resumable_train_loader(dataset: SizedDataset, batch_sampler: EpochBatchSampler, *, seed: int, num_workers: int,
-                           trainer: pl.Trainer | None) -> ResumableLoader:
+def resumable_train_loader(
+    dataset: SizedDataset, batch_sampler: EpochBatchSampler, *, seed: int, num_workers: int, trainer: pl.Trainer | None
+) -> ResumableLoader:
     """The training loader of ``fit``: seeded samples, resumable batches, unreadable images
     left out (``data.on_bad_image: skip``)."""
 
@@ -164,8 +165,12 @@ def resumable_train_loader(dataset: SizedDataset, batch_sampler: EpochBatchSampl
         return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0  # type: ignore[attr-defined]
 
     return ResumableLoader(
-        SeededSamples(dataset), batch_sampler=ResumableBatches(batch_sampler, seed), num_workers=num_workers,
-        collate_fn=collate_training, generator=torch.Generator(), progress=progress,
+        SeededSamples(dataset),
+        batch_sampler=ResumableBatches(batch_sampler, seed),
+        num_workers=num_workers,
+        collate_fn=collate_training,
+        generator=torch.Generator(),
+        progress=progress,
     )
 
 
@@ -218,8 +223,10 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
         try:
             ckpt = safe_torch_load(path)
             if not isinstance(ckpt, dict):
-                raise CheckpointError(f"cannot load checkpoint {path}: not a glassmetric checkpoint: the top level is a "
-                                      f"{type(ckpt).__name__}, not a mapping")
+                raise CheckpointError(
+                    f"cannot load checkpoint {path}: not a glassmetric checkpoint: the top level is a "
+                    f"{type(ckpt).__name__}, not a mapping"
+                )
             step = ckpt.get("global_step")
         except CheckpointError as e:
             problem = problem or e
@@ -265,7 +272,10 @@ def _plain(value):
 
 
 def _differences(keys, config: dict, stored: dict, limit: int = 6) -> str:
-    listed = [f"{k} is {config.get(k, '(unset)')!r} in the config, {stored.get(k, '(unset)')!r} in the checkpoint" for k in keys]
+    listed = [
+        f"{k} is {config.get(k, '(unset)')!r} in the config, {stored.get(k, '(unset)')!r} in the checkpoint"
+        for k in keys
+    ]
     more = f", and {len(listed) - limit} more" if len(listed) > limit else ""
     return "; ".join(listed[:limit]) + more
 
@@ -279,7 +289,9 @@ def check_resumed_model(cfg, path: Path, checkpoint: dict) -> None:
     ``cfg`` differs from the config stored in ``checkpoint`` (read from ``path``), with both
     values: the checkpoint's weights, optimizer and loss state belong to the model they were
     trained with. Checkpoints without a stored config pass (see :func:`check_resumed_shapes`)."""
-    stored = checkpoint.get("glassmetric", {}).get("config") if isinstance(checkpoint.get("glassmetric"), dict) else None
+    stored = (
+        checkpoint.get("glassmetric", {}).get("config") if isinstance(checkpoint.get("glassmetric"), dict) else None
+    )
     if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
         return
     mine, theirs = _flat(cfg.to_dict()), _flat({"model": stored["model"]})
@@ -307,10 +319,14 @@ def check_resumed_shapes(cfg, path: Path, checkpoint: dict, module: torch.nn.Mod
         return f"of shape {list(shapes[name])}" if name in shapes else "absent"
 
     why = ""
-    stored = checkpoint.get("glassmetric", {}).get("config") if isinstance(checkpoint.get("glassmetric"), dict) else None
+    stored = (
+        checkpoint.get("glassmetric", {}).get("config") if isinstance(checkpoint.get("glassmetric"), dict) else None
+    )
     if isinstance(stored, dict):
         a, b = _flat(cfg.to_dict()), _flat(stored)
-        changed = [k for k in sorted(set(a) | set(b)) if not k.startswith(("trainer.", "eval.")) and a.get(k) != b.get(k)]
+        changed = [
+            k for k in sorted(set(a) | set(b)) if not k.startswith(("trainer.", "eval.")) and a.get(k) != b.get(k)
+        ]
         if changed:
             why = f" (the config differs from the checkpoint's: {_differences(changed, a, b)})"
     raise CheckpointError(

@@ -24,7 +24,14 @@ from pathlib import Path
 
 from glassmetric.errors import OutputError
 
-__all__ = ["CHECKPOINT_NAMES", "LOCK_FILE", "RUN_FILES", "clear_previous_run", "is_launching_process", "run_folder_lock"]
+__all__ = [
+    "CHECKPOINT_NAMES",
+    "LOCK_FILE",
+    "RUN_FILES",
+    "clear_previous_run",
+    "is_launching_process",
+    "run_folder_lock",
+]
 
 LOCK_FILE = ".fit.lock"
 #: the files a run writes at the top of its folder
@@ -62,7 +69,9 @@ def run_folder_lock(folder: str | Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise OutputError(f"trainer.output_dir {folder}: cannot create the lock file {path.name} ({e.strerror or e})") from None
+        raise OutputError(
+            f"trainer.output_dir {folder}: cannot create the lock file {path.name} ({e.strerror or e})"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
