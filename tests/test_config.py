@@ -125,6 +125,23 @@ def test_save_and_reload_round_trip(tmp_path: Path):
     assert isinstance(yaml.safe_load((tmp_path / "c.yaml").read_text()), dict)
 
 
+def test_save_config_is_atomic(tmp_path: Path, monkeypatch):
+    """A write cut short (here: the rename fails) leaves the previous config.yaml whole, and no
+    temporary file behind."""
+    path = tmp_path / "config.yaml"
+    save_config(load_config("demo"), path)
+    before = path.read_bytes()
+
+    def cut(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("glassmetric.outputs.os.replace", cut)
+    with pytest.raises(OSError, match="disk full"):
+        save_config(load_config("demo", ["seed=7"]), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
 def _leaf_keys(obj, prefix=""):
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)

@@ -636,8 +636,10 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    data = cfg.to_dict()
-    path.write_text(yaml.safe_dump(_plain(data), sort_keys=False))
+    """Write ``cfg`` as YAML to ``path`` atomically (a crash leaves the old file or the new one)."""
+    from glassmetric.outputs import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 
 
 def _plain(value: Any) -> Any:
