@@ -125,6 +125,13 @@ def test_save_and_reload_round_trip(tmp_path: Path):
     assert isinstance(yaml.safe_load((tmp_path / "c.yaml").read_text()), dict)
 
 
+@pytest.mark.parametrize("section", ["loss.params", "loss.miner_params"])
+def test_parameter_names_that_are_not_identifiers_are_named_on_one_line(section):
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", [section + '={"\\n": 0}'])
+    assert str(e.value).startswith(section + ".'\\n': not a parameter of") and "\n" not in str(e.value)
+
+
 def test_save_config_is_atomic(tmp_path: Path, monkeypatch):
     """A write cut short (here: the rename fails) leaves the previous config.yaml whole, and no
     temporary file behind."""

@@ -169,7 +169,8 @@ def _check_keywords(cls: type, values: dict, defaults: dict, section: str) -> di
     )
     checked = {}
     for name, value in values.items():
-        key = f"{section}.{name}"
+        # a name that is not a plain identifier (a newline, a number) is shown quoted, on one line
+        key = f"{section}.{name if isinstance(name, str) and name.isidentifier() else repr(name)}"
         if name in _SET_BY_GLASSMETRIC:
             raise ConfigError(f"{key}: set by glassmetric (from {_SET_BY_GLASSMETRIC[name]}), not by the config")
         if name not in accepted:
