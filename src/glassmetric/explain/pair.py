@@ -97,16 +97,12 @@ def explain_views(
     out = model(torch.stack([normalise(img) for img in (view_x, view_y)]).to(device))
     explanation = None
     if out.local is not None:
-        ot = OTSettings.from_config(cfg)
         explanation = explain_pair(
             x_local=out.local[0],
             y_local=out.local[1],
             x_global=out.embedding[0],
             y_global=out.embedding[1],
-            epsilon=ot.epsilon,
-            iters=ot.iters,
-            tol=ot.tol,
-            marginals=ot.marginals,
+            settings=OTSettings.from_config(cfg),
         )
     intro = None
     if out.uncertainty is not None:

@@ -278,13 +278,7 @@ def compute_marginals(
     (:func:`check_normalised`) and already aligned for broadcasting (as
     :func:`structural_similarity` does).
     """
-    uses_globals = kind == "cross_correlation"
-    check_normalised(
-        x_local=x_local,
-        y_local=y_local,
-        x_global=x_global if uses_globals else None,
-        y_global=y_global if uses_globals else None,
-    )
+    _check_inputs(x_local, y_local, x_global, y_global, kind)
     return _compute_marginals(x_local, y_local, x_global, y_global, kind)
 
 
