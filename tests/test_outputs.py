@@ -12,26 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_fit import SMALL, TINY_RUN
 
 from glassmetric.checkpoints import atomic_torch_save
 from glassmetric.cli import main
 from glassmetric.outputs import atomic_write_text
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-SMALL = ("data.image_size=64", "data.resize=64")
-#: one epoch on 12 classes x 6 images, 2 of the training classes for validation
-TINY_RUN = (
-    "data.num_workers=0",
-    "data.synthetic.num_classes=12",
-    "data.synthetic.images_per_class=6",
-    "data.val_classes=2",
-    "model.embedding_dim=16",
-    "trainer.batch_size=12",
-    "trainer.samples_per_class=3",
-    "trainer.max_epochs=1",
-    "trainer.progress_bar=false",
-    "eval.batch_size=32",
-)
 
 
 @contextmanager

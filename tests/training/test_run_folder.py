@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.callbacks import Callback
+from tiny_fit import SMALL, TINY_RUN
 
 from glassmetric.checkpoints import safe_torch_load
 from glassmetric.cli import main
@@ -18,21 +19,7 @@ from glassmetric.training.fit import fit
 from glassmetric.training.run_folder import is_launching_process, run_folder_lock
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-#: one epoch on 12 classes x 6 images at 64 px (2 of the 6 training classes for validation)
-TINY = [
-    "data.image_size=64",
-    "data.resize=64",
-    "data.num_workers=0",
-    "data.synthetic.num_classes=12",
-    "data.synthetic.images_per_class=6",
-    "data.val_classes=2",
-    "model.embedding_dim=16",
-    "trainer.batch_size=12",
-    "trainer.samples_per_class=3",
-    "trainer.max_epochs=1",
-    "trainer.progress_bar=false",
-    "eval.batch_size=32",
-]
+TINY = [*SMALL, *TINY_RUN]
 
 
 def tree(folder: Path) -> list[str]:
