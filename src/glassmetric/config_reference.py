@@ -73,7 +73,7 @@ def _sections(cls: type = config_module.Config, prefix: str = "") -> list[tuple[
         key = prefix + f.name
         factory = f.default_factory
         if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
-            nested += _sections(factory, key + ".")  # type: ignore[arg-type]
+            nested += _sections(factory, key + ".")
             continue
         default = f.default if factory is dataclasses.MISSING else factory()
         help_text = comments.get(f.name) or HELP.get(key, "")
