@@ -24,7 +24,7 @@ One command for every table and figure of the real-bird section of BENCHMARKS.md
    against random maps, group maps on 12 test images.
 5. Uncertainty: AUROC for R@1 failure, Spearman with box area share and visible parts, the
    12 most / least uncertain test images.
-Figures go to docs/birds_*.png; the tables replace the block between the markers in BENCHMARKS.md.
+Figures go to docs/birds_*.png; the tables replace the blocks between the markers in BENCHMARKS.md and docs/results.md.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ from glassmetric.training.fit import fit
 ROOT = Path(__file__).resolve().parents[1]
 CUB50 = ROOT.parent / "shared" / "data" / "cub50"
 DOCS = ROOT / "docs"
-README = ROOT / "README.md"
-#: the README's name of each method (its table is the ``birds-readme`` block)
+RESULTS = DOCS / "results.md"
+#: each method's name in docs/results.md (its table is the ``birds-readme`` block)
 LABELS = {
     "baseline": "baseline (MultiSimilarity)",
     "structural": "+ structural loss (`loss.similarity=structural`, 4x4)",
@@ -240,7 +240,7 @@ def pretrained_reference(out: Path) -> dict:
 
 
 def readme_table(results: dict, reference: dict, k: int = 10) -> str:
-    """The README's summary: global metrics and the re-ranked top ``k`` of every method."""
+    """The summary of docs/results.md: global metrics and the re-ranked top ``k`` of every method."""
     lines = [
         f"| model (`cub50` preset) | seeds | R@1 | NMI | RP | MAP@R | re-ranked top {k}: R@1 | MAP@R |",
         "|---|---|---|---|---|---|---|---|",
@@ -496,7 +496,7 @@ def main() -> None:
         write_block(
             "birds", text, "CUB-50 real birds: each method's gain and its explanations (`python bench/real_birds.py`)"
         )
-        write_block("birds-readme", summary, "Real birds: each method measured (CUB-50)", path=README)
+        write_block("birds-readme", summary, "Each method measured", path=RESULTS)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The two screenshots of the README, in headless Chromium (tests/chromium.py):
+"""The two screenshots of docs/explorer.md, in headless Chromium (tests/chromium.py):
 
 * docs/explorer.png: `glassmetric serve` on CHECKPOINT (its test split as the gallery), a gallery
   query picked, its first correct result (or its first) explained;

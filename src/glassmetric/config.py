@@ -184,7 +184,7 @@ class TrainerConfig:
     devices: int | str | tuple[int, ...] = 1
     num_nodes: int = 1
     #: "auto" (one device: none; several: Lightning's DDP) or "ddp" (processes started by
-    #: Lightning or by torchrun), "ddp_spawn"; see README "Training on several GPUs"
+    #: Lightning or by torchrun), "ddp_spawn"; see docs/training.md, "Several GPUs"
     strategy: Literal["auto", "ddp", "ddp_spawn"] = "auto"
     #: one BatchNorm statistic over the global batch (SyncBatchNorm) instead of one per device
     sync_batchnorm: bool = False

@@ -78,7 +78,7 @@ Conventions
   row error is ``<= tol``, its scalings are recorded there, and the converged problems are
   dropped from the active batch (index ops on the kernels) once they are 1/8 of it. A problem's
   plan then does not depend on the rest of the batch (the same plan as solving it alone), and a
-  batch no longer iterates until its slowest problem converges (re-ranking on random data:
+  batch does not iterate until its slowest problem converges (re-ranking on random data:
   11 iterations per problem on average where the slowest of a 2,000-problem chunk needed 43).
   The check reads back the indices of the newly converged problems (one ``nonzero``: one host
   sync per check, plus one per compaction), never one per iteration; with ``tol=None`` nothing
