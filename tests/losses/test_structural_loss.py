@@ -2,6 +2,8 @@
 checked against the same losses fed a matrix built pair by pair with POT (values, and gradients
 through S with the POT plans held constant)."""
 
+import os
+
 import numpy as np
 import ot
 import pytest
@@ -12,10 +14,10 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 
 from glassmetric.errors import ConfigError
 from glassmetric.losses import StructuralLoss, StructuralSettings
-from glassmetric.losses.structural import batch_structural_similarity
 from glassmetric.losses.metric_losses import build_loss
+from glassmetric.losses.structural import batch_structural_similarity
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.similarity import OTSettings
+from glassmetric.similarity import OTSettings, lane_sinkhorn
 
 B, N, D = 12, 9, 6
 OT = OTSettings(epsilon=0.05, iters=2000, tol=1e-9)
@@ -201,10 +203,6 @@ def test_structural_loss_refuses_what_it_cannot_compute():
 
 
 def _native_or_skip():
-    import os
-
-    from glassmetric.similarity import lane_sinkhorn
-
     if not lane_sinkhorn.available():
         if os.environ.get("GLASSMETRIC_REQUIRE_NATIVE") == "1":
             pytest.fail("native lane kernel required but unavailable")

@@ -237,7 +237,11 @@ def test_plans_written_out_are_the_torch_solvers(g, k, n, m, tol):
 
 def test_plan_out_must_be_a_contiguous_float32_buffer_of_the_problems_shape():
     S, mu, nu = problems(10, 2, 3, 4, 4)
-    for bad in (torch.empty(2, 3, 4, 5), torch.empty(2, 3, 4, 4, dtype=torch.float64), torch.empty(2, 3, 4, 8)[..., ::2]):
+    for bad in (
+        torch.empty(2, 3, 4, 5),
+        torch.empty(2, 3, 4, 4, dtype=torch.float64),
+        torch.empty(2, 3, 4, 8)[..., ::2],
+    ):
         with pytest.raises(ValueError, match="plan_out"):
             lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=5, tol=None, plan_out=bad)
 

@@ -68,6 +68,13 @@ only ``T``; they are computed without autograd, so the GLOBAL embeddings receive
 from ``SS`` (they do from the ``cos(gx, gy)`` term of :func:`multiscale_score`). With
 ``gradient="unrolled"`` gradients also flow through the Sinkhorn iterations into ``S`` (via ``C``)
 and into the marginals, hence into the global embeddings.
+
+Solvers: constant plans of float32 CPU inputs (training losses included) are solved on the
+native lane kernel (:mod:`glassmetric.similarity.lane_sinkhorn`: the same iterations and
+per-problem stops, 16 problems per SIMD lane), which also writes out the plan as ``dSS/dS``
+when ``S`` needs a gradient; the torch solver takes every other case (float64, accelerators,
+``gradient="unrolled"``, ``2 / epsilon > 50``, no C compiler). Both give the same ``SS`` and
+gradients to float32 rounding.
 """
 
 from __future__ import annotations
