@@ -2,6 +2,8 @@
 checked against the same losses fed a matrix built pair by pair with POT (values, and gradients
 through S with the POT plans held constant)."""
 
+import os
+
 import numpy as np
 import ot
 import pytest
@@ -13,8 +15,9 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from glassmetric.errors import ConfigError
 from glassmetric.losses import StructuralLoss, StructuralSettings
 from glassmetric.losses.metric_losses import build_loss
+from glassmetric.losses.structural import batch_structural_similarity
 from glassmetric.models.output import EmbeddingOutput
-from glassmetric.similarity import OTSettings
+from glassmetric.similarity import OTSettings, lane_sinkhorn
 
 B, N, D = 12, 9, 6
 OT = OTSettings(epsilon=0.05, iters=2000, tol=1e-9)
@@ -197,3 +200,110 @@ def test_structural_loss_refuses_what_it_cannot_compute():
         loss(glob * 1.1, local, labels)
     with pytest.raises(ValueError, match="expected global_emb"):
         loss(local, glob, labels)
+
+
+def _native_or_skip():
+    if not lane_sinkhorn.available():
+        if os.environ.get("GLASSMETRIC_REQUIRE_NATIVE") == "1":
+            pytest.fail("native lane kernel required but unavailable")
+        pytest.skip("no C compiler: the native lane kernel is unavailable")
+    return lane_sinkhorn
+
+
+def float32_batch(b, n, d, seed, zero_cells=0):
+    """A float32 batch of ``b`` images (labels in pairs, one class left with a single image when
+    ``b`` is odd) whose cells lean towards their global embedding; the last ``zero_cells`` cells
+    of every other image are all-zero (what ``normalize`` makes of padded locations)."""
+    gen = torch.Generator().manual_seed(seed)
+    glob = torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=-1)
+    local = torch.nn.functional.normalize(torch.randn(b, n, d, generator=gen) + 1.5 * glob[:, None], dim=-1)
+    if zero_cells:
+        local[::2, n - zero_cells :] = 0
+    return glob, local, torch.arange(b) // 2
+
+
+def loss_and_grads(loss_fn, glob, local, labels):
+    g, x = glob.clone().requires_grad_(), local.clone().requires_grad_()
+    loss = loss_fn(g, x, labels)
+    loss.backward()
+    return loss.detach(), g.grad if g.grad is not None else torch.zeros_like(g), x.grad
+
+
+@pytest.mark.parametrize(
+    "b, n, d, zero_cells, chunk, marginals, multiscale",
+    [
+        (16, 16, 32, 0, 32, "cross_correlation", False),  # the cub50 grid, one full lane block per row
+        (13, 9, 24, 2, 5, "cross_correlation", True),  # odd batch and chunks, padded cells, multi-scale
+        (7, 4, 8, 0, None, "uniform", False),
+        (11, 16, 16, 3, 4, "pooled_cross_correlation", True),
+    ],
+)
+@pytest.mark.parametrize("loss_name", ["multisimilarity", "contrastive"])
+def test_the_lane_kernel_gives_the_torch_solvers_loss_and_gradients(
+    monkeypatch, b, n, d, zero_cells, chunk, marginals, multiscale, loss_name
+):
+    """With the plan held constant, the loss on float32 CPU embeddings takes its plans from the
+    native lane kernel: the loss and its gradients w.r.t. the global and the local embeddings
+    equal the torch solver's (the kernel switched off) to float32 rounding (rtol 1e-4 on the
+    gradients, whose largest entries are ~1e-2)."""
+    lane = _native_or_skip()
+    glob, local, labels = float32_batch(b, n, d, seed=b, zero_cells=zero_cells)
+    ot_settings = OTSettings(epsilon=0.05, iters=100, tol=1e-4, marginals=marginals)
+    make = {"multisimilarity": pml_losses.MultiSimilarityLoss, "contrastive": pml_losses.ContrastiveLoss}[loss_name]
+    loss_fn = StructuralLoss(make(), ot_settings, multiscale=multiscale, chunk_size=chunk)
+
+    calls = []
+    kernel = lane.lane_structural_similarity
+    monkeypatch.setattr(lane, "lane_structural_similarity", lambda *a, **k: calls.append(k) or kernel(*a, **k))
+    ours = loss_and_grads(loss_fn, glob, local, labels)
+    assert calls and all(k["plan_out"] is not None for k in calls)  # the kernel solved the plans
+    with lane.disabled():
+        calls.clear()
+        torch_path = loss_and_grads(loss_fn, glob, local, labels)
+        assert not calls
+
+    assert float(ours[0]) == pytest.approx(float(torch_path[0]), rel=1e-5, abs=1e-6)
+    assert float(torch_path[2].abs().max()) > 1e-3
+    torch.testing.assert_close(ours[2], torch_path[2], rtol=1e-4, atol=1e-6)  # local
+    torch.testing.assert_close(ours[1], torch_path[1], rtol=1e-4, atol=1e-6)  # global: only the cosine term
+    if multiscale:
+        assert float(torch_path[1].abs().max()) > 1e-3
+    else:
+        assert float(ours[1].abs().max()) == 0.0
+    if zero_cells:  # a zero cell has no direction to move along
+        assert bool(torch.isfinite(ours[2]).all())
+
+
+@pytest.mark.parametrize("tol, iters", [(1e-2, 100), (1e-4, 100), (None, 7)])
+def test_the_lane_kernel_stops_each_problem_where_the_torch_solver_does(tol, iters):
+    """structural.tol (per-problem stop, checked every 5 iterations) and a fixed iteration count
+    give the same matrix on both solvers; the settings are far enough apart that the matrices
+    of different stops differ by more than the comparison's tolerance."""
+    lane = _native_or_skip()
+    glob, local, _ = float32_batch(21, 16, 16, seed=3)
+    settings = StructuralSettings(OTSettings(epsilon=0.05, iters=iters, tol=tol), chunk_size=8)
+    x = local.clone().requires_grad_()
+    ours = batch_structural_similarity(glob, x, settings)
+    ours.sum().backward()
+    with lane.disabled():
+        y = local.clone().requires_grad_()
+        torch_path = batch_structural_similarity(glob, y, settings)
+        torch_path.sum().backward()
+        converged = batch_structural_similarity(glob, local, StructuralSettings(OTSettings(iters=2000, tol=1e-7)))
+    torch.testing.assert_close(ours, torch_path, rtol=0, atol=2e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-5)
+    if tol != 1e-4:  # stopped early / cut short: far from the converged plans
+        assert float((torch_path.detach() - converged).abs().max()) > 1e-4
+
+
+def test_the_unrolled_gradient_keeps_the_torch_solver(monkeypatch):
+    """gradient: unrolled back-propagates through the iterations (and the marginals, hence
+    into the global embeddings): the lane kernel, which holds the plan constant, is not used."""
+    lane = _native_or_skip()
+    glob, local, labels = float32_batch(8, 4, 8, seed=5)
+    calls = []
+    monkeypatch.setattr(lane, "lane_structural_similarity", lambda *a, **k: calls.append(1))
+    loss_fn = StructuralLoss(pml_losses.MultiSimilarityLoss(), OTSettings(iters=30, gradient="unrolled"))
+    _, g_grad, _ = loss_and_grads(loss_fn, glob, local, labels)
+    assert not calls
+    assert float(g_grad.abs().max()) > 0

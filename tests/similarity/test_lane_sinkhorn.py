@@ -218,6 +218,34 @@ def test_pads_odd_shortlists_with_problems_that_never_leak():
     assert np.isfinite(ss.numpy()).all()
 
 
+@pytest.mark.parametrize("g,k,n,m,tol", [(2, 19, 16, 16, 1e-4), (1, 5, 9, 25, None), (3, 16, 7, 5, 1e-2)])
+def test_plans_written_out_are_the_torch_solvers(g, k, n, m, tol):
+    """``plan_out`` gets the constant plans of the torch solver (the same stops per problem),
+    padded lanes write nothing past the live problems, and a problem without mass gets zeros."""
+    S, mu, nu = problems(9, g, k, n, m, zeros=True)
+    mu[0, 2] = 0
+    size = g * k * n * m
+    flat = torch.full((size + 2 * n * m,), float("nan"))  # room past the end: must stay untouched
+    plan = flat[:size].view(g, k, n, m)
+    ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=300, tol=tol, plan_out=plan)
+    assert bool(flat[size:].isnan().all())
+    expected = _plan_from_similarity(S, mu, nu, epsilon=EPS, iters=300, tol=tol)
+    torch.testing.assert_close(plan, expected, rtol=1e-4, atol=1e-7)
+    assert float(plan[0, 2].abs().max()) == 0.0
+    torch.testing.assert_close((plan * S).sum((-2, -1)), ss, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_out_must_be_a_contiguous_float32_buffer_of_the_problems_shape():
+    S, mu, nu = problems(10, 2, 3, 4, 4)
+    for bad in (
+        torch.empty(2, 3, 4, 5),
+        torch.empty(2, 3, 4, 4, dtype=torch.float64),
+        torch.empty(2, 3, 4, 8)[..., ::2],
+    ):
+        with pytest.raises(ValueError, match="plan_out"):
+            lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=EPS, iters=5, tol=None, plan_out=bad)
+
+
 def _kernel_works():
     """The kernel gives the torch solver's scores (a library that loads but computes nothing
     right would not)."""

@@ -9,7 +9,8 @@
 
 The B x B structural similarity of the batch (:func:`glassmetric.similarity.structural_similarity_matrix`,
 batched and chunked, with the transport plan a constant by default: gradients flow through the
-cell similarities S) replaces the matrix the loss (and its miner) would compute from the
+cell similarities S, ``dSS/dS = T``, and on the CPU the plans come from the native lane kernel
+of re-ranking) replaces the matrix the loss (and its miner) would compute from the
 embeddings; everything else about the loss (margins, reducer, regularizers on the global
 embedding) stays as the user built it.
 

@@ -155,19 +155,40 @@ static inline vf exp2_lanes(vf x) {
     return p;
 }
 
+/* Writes the plans T_ij = r_i E_ij c_j of the `live` problems of a block, each row-major at
+ * out + lane * n * m; `tmp` (n * m vectors) is overwritten. Tiles of 16 cells are transposed
+ * in registers from lane layout to problem layout. */
+static void write_plans(const vf *restrict E, vf *restrict tmp, const vf *restrict r, const vf *restrict c,
+                        float *out, size_t nv, size_t mv, int live) {
+    const size_t cells = nv * mv;
+    for (size_t i = 0; i < nv; i++)
+        for (size_t j = 0; j < mv; j++) tmp[i * mv + j] = E[i * mv + j] * r[i] * c[j];
+    size_t x0 = 0;
+    for (; x0 + LANES <= cells; x0 += LANES) {
+        vf t[LANES];
+        for (int q = 0; q < LANES; q++) t[q] = tmp[x0 + q];
+        transpose16(t);
+        for (int l = 0; l < live; l++) *(vfu *)(out + (size_t)l * cells + x0) = t[l];
+    }
+    for (size_t x = x0; x < cells; x++)
+        for (int l = 0; l < live; l++) out[(size_t)l * cells + x] = ((const float *)(tmp + x))[l];
+}
+
 /* Solves the blocks [begin, end) of the (G, K) problems, block = (g, LANES consecutive k).
  * S[g, k, i, j] at S + g*sg + k*sk + i*si + j*sj (any strides), mu[g, k, i] and nu[g, k, j]
  * likewise. The kernel is E = 2^(clamp(S, -1, 1) * scale), scale = log2(e) / epsilon (a
  * constant multiple of exp(-(1 - S) / epsilon), absorbed by the scalings). Lanes past K are
  * padded with trivial problems (E = 1, uniform marginals). Writes ss_out[g*K + k] and the
- * iteration whose scalings each problem kept, iters_out[g*K + k]. Returns 0, or -1 if out of
- * memory. */
+ * iteration whose scalings each problem kept, iters_out[g*K + k]. With plan_out not NULL,
+ * also writes each plan T = diag(r) E diag(c) (float32, problem (g, k) at
+ * plan_out + (g*K + k)*n*m, row-major), which is dSS/dS with the plan held constant. Returns
+ * 0, or -1 if out of memory. */
 int glassmetric_lane_sinkhorn(const float *S, int64_t sg, int64_t sk, int64_t si, int64_t sj,
                               const float *mu, int64_t ag, int64_t ak, int64_t ai,
                               const float *nu, int64_t bg, int64_t bk, int64_t bj,
                               int64_t K, int32_t n, int32_t m, float scale, int32_t max_iter,
                               int32_t check_every, float tol, int64_t begin, int64_t end,
-                              float *ss_out, int32_t *iters_out) {
+                              float *ss_out, int32_t *iters_out, float *plan_out) {
     const size_t nv = (size_t)n, mv = (size_t)m, cells = nv * mv;
     const int64_t kb = (K + LANES - 1) / LANES;
     vf *buf = aligned_alloc(64, sizeof(vf) * (2 * cells + 4 * nv + 4 * mv));
@@ -247,6 +268,7 @@ int glassmetric_lane_sinkhorn(const float *S, int64_t sg, int64_t sk, int64_t si
         float out[LANES];
         memcpy(out, &total, sizeof(out));
         for (int l = 0; l < live; l++) ss_out[g * K + k0 + l] = out[l];
+        if (plan_out) write_plans(E, Sl, r_kept, c_kept, plan_out + (g * K + k0) * (int64_t)cells, nv, mv, live);
     }
     free(buf);
     return 0;

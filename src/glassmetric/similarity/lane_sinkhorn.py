@@ -233,6 +233,7 @@ def _load() -> Callable[..., int] | None:
                     i64,
                     p,
                     p,
+                    p,
                 ]
                 fn.restype = ctypes.c_int
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
@@ -285,6 +286,7 @@ def lane_structural_similarity(
     tol: float | None,
     check_every: int = 5,
     return_iterations: bool = False,
+    plan_out: Tensor | None = None,
 ):
     r"""``SS (G, K)`` of the constant plans for the cost ``1 - clamp(S)``, on the native kernel.
 
@@ -295,6 +297,8 @@ def lane_structural_similarity(
     scalings of the first check (every ``check_every`` iterations) where its L1 row error is
     ``<= tol``. A problem whose ``mu`` or ``nu`` has no mass gets ``SS = 0``. With
     ``return_iterations`` also returns the ``(G, K)`` iteration at which each problem stopped.
+    ``plan_out``, a contiguous float32 ``(G, K, n, m)`` tensor, receives the plans ``T`` (zeros
+    for a problem without mass): ``dSS/dS`` with the plan held constant, for training losses.
     Raises RuntimeError when :func:`available` is False.
     """
     fn = _load()
@@ -315,6 +319,13 @@ def lane_structural_similarity(
     if iters < 1 or check_every < 1:
         raise ValueError(f"iters and check_every must be >= 1, got {iters}, {check_every}")
     g, k, n, m = S.shape
+    if plan_out is not None and (
+        plan_out.shape != S.shape
+        or plan_out.dtype != torch.float32
+        or plan_out.device.type != "cpu"
+        or not plan_out.is_contiguous()
+    ):
+        raise ValueError(f"plan_out must be a contiguous float32 CPU tensor of shape {tuple(S.shape)}")
     with torch.no_grad():
         dead = (mu.sum(-1) <= 0) | (nu.sum(-1) <= 0)  # solved with uniform marginals, SS = 0
         mu = torch.where(dead[..., None], 1.0 / n, mu)
@@ -337,7 +348,7 @@ def lane_structural_similarity(
             check_every,
             -1.0 if tol is None else float(tol),
         )
-        out_ptrs = (ss.data_ptr(), stops.data_ptr())
+        out_ptrs = (ss.data_ptr(), stops.data_ptr(), None if plan_out is None else plan_out.data_ptr())
         workers = max(1, min(torch.get_num_threads(), blocks))
         if workers == 1:
             codes = [fn(*args, 0, blocks, *out_ptrs)]
@@ -349,4 +360,6 @@ def lane_structural_similarity(
         if any(c != 0 for c in codes):
             raise MemoryError("the native lane Sinkhorn could not allocate its buffers")
         ss.masked_fill_(dead, 0.0)
+        if plan_out is not None:
+            plan_out.masked_fill_(dead[..., None, None], 0.0)
         return (ss, stops) if return_iterations else ss

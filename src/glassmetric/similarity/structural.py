@@ -68,15 +68,24 @@ only ``T``; they are computed without autograd, so the GLOBAL embeddings receive
 from ``SS`` (they do from the ``cos(gx, gy)`` term of :func:`multiscale_score`). With
 ``gradient="unrolled"`` gradients also flow through the Sinkhorn iterations into ``S`` (via ``C``)
 and into the marginals, hence into the global embeddings.
+
+Solvers: constant plans of float32 CPU inputs (training losses included) are solved on the
+native lane kernel (:mod:`glassmetric.similarity.lane_sinkhorn`: the same iterations and
+per-problem stops, 16 problems per SIMD lane), which also writes out the plan as ``dSS/dS``
+when ``S`` needs a gradient; the torch solver takes every other case (float64, accelerators,
+``gradient="unrolled"``, ``2 / epsilon > 50``, no C compiler). Both give the same ``SS`` and
+gradients to float32 rounding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, cast
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from glassmetric.similarity import lane_sinkhorn
 from glassmetric.similarity.ot_settings import OTSettings
@@ -343,8 +352,9 @@ def _s_and_cross_correlation_marginals(x_local, y_local, x_global, y_global):
     return S, mu, nu
 
 
-def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient):
-    """(S, mu, nu, T) for aligned inputs."""
+def _s_and_marginals(x_local, y_local, x_global, y_global, marginals, gradient):
+    """(S, mu, nu) for aligned inputs; the marginals carry a graph only when ``gradient`` is
+    ``"unrolled"``."""
     x_global, y_global, marginals = _marginal_references(x_local, y_local, x_global, y_global, marginals)
     if (
         marginals == "cross_correlation"
@@ -358,13 +368,22 @@ def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, margi
         # with a constant plan, the marginals need no autograd graph
         with torch.set_grad_enabled(torch.is_grad_enabled() and gradient == "unrolled"):
             mu, nu = _compute_marginals(x_local, y_local, x_global, y_global, marginals)
+    return S, mu, nu
+
+
+def _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient):
+    """(S, mu, nu, T) for aligned inputs."""
+    S, mu, nu = _s_and_marginals(x_local, y_local, x_global, y_global, marginals, gradient)
+    return S, mu, nu, _torch_plan(S, mu, nu, epsilon, iters, tol, gradient)
+
+
+def _torch_plan(S, mu, nu, epsilon, iters, tol, gradient) -> Tensor:
+    """The plan ``T`` of the cost ``1 - clamp(S)`` on the torch solver."""
     if gradient == "none_through_plan" and epsilon > 0 and _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[_cdtype(S)]:
         # a constant plan on the plain-scaling path: the kernel straight from S
-        T = _plan_from_similarity(S, mu, nu, epsilon=epsilon, iters=iters, tol=tol)
-        return S, mu, nu, T
+        return _plan_from_similarity(S, mu, nu, epsilon=epsilon, iters=iters, tol=tol)
     C = 1.0 - S.clamp(-1.0, 1.0)
-    T = sinkhorn(C, mu, nu, epsilon=epsilon, iters=iters, tol=tol, gradient=gradient, cost_range=_COST_RANGE)
-    return S, mu, nu, T
+    return sinkhorn(C, mu, nu, epsilon=epsilon, iters=iters, tol=tol, gradient=gradient, cost_range=_COST_RANGE)
 
 
 def _gathered_block_scores(
@@ -530,10 +549,60 @@ def _check_inputs(x_local, y_local, x_global, y_global, marginals) -> None:
 
 def _structural_similarity(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient) -> Tensor:
     """:func:`structural_similarity` without the input check (for callers whose inputs are
-    known to be normalised, e.g. re-ranking)."""
+    known to be normalised, e.g. re-ranking). Constant plans of float32 CPU inputs come from
+    the native lane kernel (:class:`_LaneStructuralSimilarity`), any other case from the torch
+    solver."""
     x_local, y_local, x_global, y_global = _align(x_local, y_local, x_global, y_global)
-    S, _, _, T = _plan_and_s(x_local, y_local, x_global, y_global, epsilon, iters, tol, marginals, gradient)
+    S, mu, nu = _s_and_marginals(x_local, y_local, x_global, y_global, marginals, gradient)
+    if gradient == "none_through_plan" and _lane_applies(S, epsilon):
+        return _lane_structural_similarity(S, mu, nu, epsilon, iters, tol)
+    T = _torch_plan(S, mu, nu, epsilon, iters, tol, gradient)
     return (T * S).sum((-2, -1))
+
+
+def _lane_applies(S: Tensor, epsilon: float) -> bool:
+    """Whether the native lane kernel solves the constant plans of ``S``: float32 on the CPU,
+    the kernel built, at least one problem, and the plain-kernel range ``2 / epsilon <= 50``."""
+    return (
+        S.numel() > 0
+        and epsilon > 0
+        and _COST_RANGE / epsilon <= KERNEL_RANGE_LIMIT[torch.float32]
+        and lane_sinkhorn.applies(S.dtype, S.device)
+    )
+
+
+def _lane_structural_similarity(S: Tensor, mu: Tensor, nu: Tensor, epsilon: float, iters: int, tol) -> Tensor:
+    """``SS`` of ``S (..., n, m)`` and marginals broadcasting against it, on the lane kernel:
+    the batch dims are flattened to the kernel's ``(G, K)`` (a view for a contiguous ``S``)."""
+    n, m = S.shape[-2:]
+    batch = torch.broadcast_shapes(S.shape[:-2], mu.shape[:-1], nu.shape[:-1])
+    g, k = (math.prod(batch[:-1]), batch[-1]) if batch else (1, 1)
+    S4 = S.expand(*batch, n, m).reshape(g, k, n, m)
+    mu3 = mu.detach().expand(*batch, n).reshape(g, k, n)
+    nu3 = nu.detach().expand(*batch, m).reshape(g, k, m)
+    ss = _LaneStructuralSimilarity.apply(S4, mu3, nu3, epsilon, iters, tol)
+    return ss.reshape(batch)
+
+
+class _LaneStructuralSimilarity(torch.autograd.Function):
+    r""":math:`SS = \sum_{ij} T_{ij} S_{ij}` with the plan ``T`` a constant (DIML eq. 5, the
+    ``"none_through_plan"`` gradient): the forward pass solves the plans on the native lane
+    kernel, which also writes ``T`` out when ``S`` needs a gradient; the backward pass is
+    :math:`\partial SS / \partial S = T`. The marginals get no gradient (they only shape ``T``)."""
+
+    @staticmethod
+    def forward(ctx, S: Tensor, mu: Tensor, nu: Tensor, epsilon: float, iters: int, tol: float | None) -> Tensor:
+        plan = torch.empty(S.shape, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        ss = lane_sinkhorn.lane_structural_similarity(S, mu, nu, epsilon=epsilon, iters=iters, tol=tol, plan_out=plan)
+        if plan is not None:
+            ctx.save_for_backward(plan)
+        return ss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ss: Tensor):
+        (plan,) = ctx.saved_tensors
+        return plan * grad_ss[..., None, None], None, None, None, None, None
 
 
 def global_similarity(x_global: Tensor, y_global: Tensor) -> Tensor:
