@@ -102,3 +102,40 @@ def test_training_free_grid_on_timm_cnns_and_vit_token_grids(backbone, kwargs):
     out = model(torch.randn(2, 3, 64, 64))
     assert out.local.shape == (2, 16, 8)
     torch.testing.assert_close(out.local.norm(dim=-1), torch.ones(2, 16))
+
+
+@pytest.mark.parametrize("own", [False, True])
+@pytest.mark.parametrize("h, w, grid", [(7, 7, 4), (7, 5, 2), (2, 2, 4), (14, 14, 4), (4, 4, 4)])
+def test_the_head_equals_projecting_every_location_then_resampling(own, h, w, grid):
+    """Resampling first (fewer cells than locations) gives the per-location projection's grid:
+    values and gradients of the features and of the layer's weights."""
+    torch.manual_seed(0)
+    glob = GlobalHead(12, 6)
+    head = SpatialGridHead(12, 6, grid) if own else SpatialGridHead.sharing(glob, grid)
+    fmap = torch.randn(3, 12, h, w, dtype=torch.float64, requires_grad=True)
+    head, glob = head.double(), glob.double()
+    weight = torch.randn(3, grid * grid, 6, dtype=torch.float64)
+    params = list(head.parameters() if own else glob.parameters())  # the layer W, b the grid is made with
+
+    local = head(fmap, None, None)["local"]
+    (local * weight).sum().backward()
+    got = (local.detach(), fmap.grad.clone(), [p.grad.clone() for p in params])
+    fmap.grad = None
+    for p in params:
+        p.grad = None
+
+    per_location = head.conv(fmap) if own else torch.einsum("dc,bchw->bdhw", glob.linear.weight, fmap)
+    if not own:
+        per_location = per_location + glob.linear.bias[:, None, None]
+    reference = torch.stack(
+        [torch.tensor(_bilinear(m.tolist(), 4 * grid)) for m in per_location.detach()]
+    )  # written-out bilinear, for the values
+    cells = torch.nn.functional.avg_pool2d(reference, 4).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(got[0], torch.nn.functional.normalize(cells, dim=-1).to(got[0]))
+
+    from glassmetric.models.spatial_head import feature_map_to_grid
+
+    (feature_map_to_grid(per_location, grid) * weight).sum().backward()  # projecting first, for the gradients
+    torch.testing.assert_close(got[1], fmap.grad)
+    for g, p in zip(got[2], params, strict=True):
+        torch.testing.assert_close(g, p.grad)

@@ -7,6 +7,10 @@ size), and each cell is L2-normalised (:func:`feature_map_to_grid`, public for a
 
     x_i = normalise(pool_g(W f_p + b))_i,   i = 1 .. g*g
 
+The resampling is linear with weights that sum to one per cell, so ``pool_g(W f + b) = W
+pool_g(f) + b``: when the grid has fewer cells than the feature map has locations (4 x 4 cells
+from a 7 x 7 map), the head resamples the features first and applies W at the g*g cells only.
+
 Two ways to get W:
 
 * ``SpatialGridHead.sharing(global_head)`` reuses the linear layer of the global head of an
@@ -15,6 +19,8 @@ Two ways to get W:
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +57,15 @@ def feature_map_to_grid(feature_map: torch.Tensor, grid: int = 4) -> torch.Tenso
     return F.normalize(cells.flatten(2).transpose(1, 2), dim=-1)
 
 
+@lru_cache(maxsize=32)
+def _grid_weights(h: int, w: int, grid: int) -> torch.Tensor:
+    """The ``(grid*grid, h*w)`` matrix of :func:`feature_map_to_grid`'s resampling (before the
+    normalisation): cell i = sum_p weights[i, p] f_p; every row sums to one."""
+    basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
+    up = F.interpolate(basis, size=(4 * grid, 4 * grid), mode="bilinear", align_corners=False)
+    return F.adaptive_avg_pool2d(up, grid).view(h * w, grid * grid).T.contiguous()
+
+
 class SpatialGridHead(nn.Module):
     """Feature map -> ``local``: (B, grid*grid, D) L2-normalised cell embeddings, row-major cells."""
 
@@ -77,7 +92,17 @@ class SpatialGridHead(nn.Module):
         return F.linear(feature_map.movedim(1, -1), linear.weight, linear.bias).movedim(-1, 1)
 
     def forward(self, feature_map: torch.Tensor, pooled: torch.Tensor, output: EmbeddingOutput) -> dict:
-        return {"local": feature_map_to_grid(self.project(feature_map), self.grid)}
+        _, _, h, w = feature_map.shape
+        if self.grid * self.grid >= h * w:  # as many cells as locations or more: project first
+            return {"local": feature_map_to_grid(self.project(feature_map), self.grid)}
+        weights = _grid_weights(h, w, self.grid).to(feature_map)
+        cells = torch.einsum("gp,bcp->bgc", weights, feature_map.flatten(2))  # (B, g*g, C): resampled first
+        if self._shared is None:
+            assert self.conv is not None  # built when no head is shared
+            weight, bias = self.conv.weight.flatten(1), self.conv.bias
+        else:
+            weight, bias = self._shared[0].linear.weight, self._shared[0].linear.bias
+        return {"local": F.normalize(F.linear(cells, weight, bias), dim=-1)}
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, {'shares the global head' if self._shared else 'own 1x1 conv'}"
