@@ -354,6 +354,8 @@ def _type_name(tp: Any) -> str:
     if origin in (tuple, list):
         args = typing.get_args(tp)
         inner = _type_name(args[0]) if args else "value"
+        if args and dataclasses.is_dataclass(args[0]):
+            inner = inner.replace("a mapping", "mappings", 1)
         return f"a list of {inner}" + ("" if not args or args[-1] is Ellipsis else f" (length {len(args)})")
     if origin is dict:
         return "a mapping"
