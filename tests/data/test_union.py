@@ -184,3 +184,27 @@ def test_the_union_applies_the_training_transform(tmp_path):
     assert [item["image"][0] for item in items] == ["train"] * 6
     assert [item["label"] for item in items] == [0, 0, 1, 1, 2, 2]
     assert splits.test[0]["image"][0] == "eval"
+
+
+def test_a_tiny_fit_trains_on_the_union_and_saves_the_entries(tmp_path):
+    from tiny_fit import SMALL, TINY_RUN
+
+    from glassmetric.checkpoints import load_trained
+    from glassmetric.training.fit import fit
+
+    folder = tmp_path / "more"
+    for c in range(3):
+        for k in range(6):
+            write_image(folder / f"extra_{c}" / f"{k}.png", size=(64, 64), seed=10 * c + k)
+    cfg = load_config(
+        "demo",
+        [
+            *SMALL,
+            *TINY_RUN,
+            f"trainer.output_dir={tmp_path / 'run'}",
+            f"data.extra_train=[{{root: {folder}, kind: folder}}]",
+        ],
+    )
+    result = fit(cfg, run_test=False)
+    _, saved = load_trained(result.checkpoint, [])
+    assert saved.data.extra_train == cfg.data.extra_train
