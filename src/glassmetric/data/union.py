@@ -70,12 +70,12 @@ def load_extra(entry: ExtraTrainConfig, key: str) -> TrainingSource:
         raise ConfigError(f"{key}.classes: a class-id range needs a cub200 or cars196 layout, {root} is {kind}")
     dataset: RetrievalDataset
     if kind in ("cub200", "cars196"):
-        if kind == "cub200":
-            from glassmetric.data.cub import CUB200 as Official
-        else:
-            from glassmetric.data.cars import Cars196 as Official  # type: ignore[assignment]
+        from glassmetric.data.cars import Cars196
+        from glassmetric.data.cub import CUB200
+
+        official: type[CUB200] | type[Cars196] = CUB200 if kind == "cub200" else Cars196
         dataset = (
-            Official(root, "all") if entry.classes is None else Official(root, "train", train_classes=entry.classes)
+            official(root, "all") if entry.classes is None else official(root, "train", train_classes=entry.classes)
         )
     elif kind == "sop":
         from glassmetric.data.sop import StanfordOnlineProducts
