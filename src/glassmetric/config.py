@@ -68,9 +68,11 @@ class DataConfig:
     #: for ``folder`` without a test_root: 1-based positions in the sorted class-folder names
     train_classes: tuple[int, int] | None = None
     test_classes: tuple[int, int] | None = None
-    #: more labelled sets trained on with the training classes of ``root``, e.g.
-    #: ``[{root: /data/birds_extra}]``; class names must not clash (see ExtraTrainConfig) and
-    #: no class of any of them may be a test class
+    #: more labelled sets trained on with the training classes of ``root``: a list of mappings
+    #: ``{root, kind: auto | folder | csv | cub200 | cars196 | sop, classes: [first, last]
+    #: (cub200 / cars196 only), merge_names: false}``, e.g. ``[{root: /data/birds_extra}]``. A class
+    #: name two sets share is an error unless the later set says ``merge_names: true``; no class
+    #: of any set may be a test class (by name, and by id for the test data set's layout)
     extra_train: tuple[ExtraTrainConfig, ...] = ()
     #: number of training classes held out for model selection (0: select the last epoch)
     val_classes: int = 0
