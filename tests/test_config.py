@@ -357,3 +357,34 @@ def test_devices_and_seeds_at_the_edges_of_their_ranges():
     with pytest.raises(ValueError):
         np.random.seed(seed + 1)  # ... and the next is not
     assert load_config("demo", ["model.embedding_dim=65536"]).model.embedding_dim == 65536
+
+
+def test_extra_train_entries_load_round_trip_and_name_the_entry_in_errors(tmp_path: Path):
+    cfg = load_config(
+        "demo", ["data.extra_train=[{root: /data/birds}, {root: /data/cub, kind: cub200, classes: [3, 9]}]"]
+    )
+    first, second = cfg.data.extra_train
+    assert (first.root, first.kind, first.classes, first.merge_names) == ("/data/birds", "auto", None, False)
+    assert (second.root, second.kind, second.classes) == ("/data/cub", "cub200", (3, 9))
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")).data.extra_train == cfg.data.extra_train
+    for override, message in [
+        ("data.extra_train=/data/birds", "data.extra_train: expected a list of mappings with the keys root, kind"),
+        (
+            "data.extra_train=[{root: /a}, {kind: folder}]",
+            "data.extra_train[1].root: every extra training set needs a root",
+        ),
+        ("data.extra_train=[{root: /a, colour: red}]", "unknown config key data.extra_train[0].colour"),
+        ("data.extra_train=[{root: /a, kind: zip}]", "data.extra_train[0].kind: expected one of 'auto', 'folder'"),
+        (
+            "data.extra_train=[{root: /a, classes: [1, 5]}]",
+            "data.extra_train[0].classes: a class-id range needs kind cub200 or cars196",
+        ),
+        (
+            "data.extra_train=[{root: /a, kind: cars196, classes: [5, 1]}]",
+            "data.extra_train[0].classes: expected a range",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config("demo", [override])
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)

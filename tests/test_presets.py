@@ -20,7 +20,18 @@ IMAGES = (2, 3, 64, 64)
 
 
 def test_the_presets_are_found():
-    assert {"demo", "cub50", "roth2020", "dgml", "idml", "proxyanchor", "cross_domain"} <= set(preset_names())
+    assert {"demo", "cub50", "cub75", "cars98", "roth2020", "dgml", "idml", "proxyanchor", "cross_domain"} <= set(
+        preset_names()
+    )
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_presets_read_real_data_below_the_data_root_variable(name):
+    """No machine's path is baked in: every data path is under ${GLASSMETRIC_DATA_ROOT}."""
+    d = load_config(name).data
+    paths = [d.root, d.test_root, *(entry.root for entry in d.extra_train)]
+    assert all(p is None or p.startswith("${GLASSMETRIC_DATA_ROOT}/") for p in paths), paths
+    assert (d.root is None) == (d.name == "synthetic")
 
 
 def offline_overrides(name: str) -> list[str]:

@@ -37,17 +37,43 @@ class SyntheticConfig:
 
 
 @dataclass
+class ExtraTrainConfig:
+    """One more labelled set whose classes join the training classes (``data.extra_train``)."""
+
+    #: the set's folder (a CSV file for ``csv``); may name environment variables, e.g.
+    #: ``${GLASSMETRIC_DATA_ROOT}/cub2010_51_100``
+    root: str | None = None
+    #: its layout: ``folder`` (a sub-folder per class), ``csv``, ``cub200``, ``cars196``, ``sop``
+    #: (its Ebay_train.txt), or ``auto``: detected from the files under ``root``
+    kind: Literal["auto", "folder", "csv", "cub200", "cars196", "sop"] = "auto"
+    #: cub200 / cars196: the inclusive class-id range taken (null: every class)
+    classes: tuple[int, int] | None = None
+    #: false: a class name that an earlier training source already has is an error; true: the
+    #: classes are the same, and this set's images join that class
+    merge_names: bool = False
+
+
+@dataclass
 class DataConfig:
     #: synthetic (embedded, no download) | cub200 | cars196 | sop | folder | csv: the data sets
     #: of glassmetric.data.registry.DATASETS (tests/test_registries.py checks the two agree)
     name: Literal["synthetic", "cub200", "cars196", "sop", "folder", "csv"] = "synthetic"
-    #: data set root (folder for ``folder``, the CSV file for ``csv``)
+    #: data set root (folder for ``folder``, the CSV file for ``csv``); ``${NAME}`` is replaced by
+    #: the environment variable NAME when the data is read (the real-data presets read
+    #: ``${GLASSMETRIC_DATA_ROOT}/<data set>``)
     root: str | None = None
     #: test root for ``folder`` / ``csv`` data sets, whose classes are disjoint from ``root``'s
     test_root: str | None = None
-    #: inclusive class-id ranges of the zero-shot split (CUB: 1-100 / 101-200; Cars: 1-98 / 99-196)
+    #: inclusive class-id ranges of the zero-shot split (CUB: 1-100 / 101-200; Cars: 1-98 / 99-196);
+    #: for ``folder`` without a test_root: 1-based positions in the sorted class-folder names
     train_classes: tuple[int, int] | None = None
     test_classes: tuple[int, int] | None = None
+    #: more labelled sets trained on with the training classes of ``root``: a list of mappings
+    #: ``{root, kind: auto | folder | csv | cub200 | cars196 | sop, classes: [first, last]
+    #: (cub200 / cars196 only), merge_names: false}``, e.g. ``[{root: /data/birds_extra}]``. A class
+    #: name two sets share is an error unless the later set says ``merge_names: true``; no class
+    #: of any set may be a test class (by name, and by id for the test data set's layout)
+    extra_train: tuple[ExtraTrainConfig, ...] = ()
     #: number of training classes held out for model selection (0: select the last epoch)
     val_classes: int = 0
     image_size: int = 224
@@ -330,9 +356,13 @@ def _type_name(tp: Any) -> str:
     if origin in (tuple, list):
         args = typing.get_args(tp)
         inner = _type_name(args[0]) if args else "value"
+        if args and dataclasses.is_dataclass(args[0]):
+            inner = inner.replace("a mapping", "mappings", 1)
         return f"a list of {inner}" + ("" if not args or args[-1] is Ellipsis else f" (length {len(args)})")
     if origin is dict:
         return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with the keys " + ", ".join(f.name for f in dataclasses.fields(tp))
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
 
@@ -355,7 +385,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)):
             if args and args[-1] is Ellipsis:
-                return tuple(_coerce(v, args[0], key) for v in value)
+                return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
             if len(value) == len(args):
                 return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     elif origin is dict:
@@ -489,7 +519,25 @@ def validate(cfg: Config) -> Config:
             )
     if cfg.data.name != "synthetic" and cfg.data.root is None:
         raise ConfigError(f"data.root: data set {cfg.data.name!r} needs a root folder")
+    _validate_extra_train(cfg.data.extra_train)
     return cfg
+
+
+def _validate_extra_train(entries: tuple[ExtraTrainConfig, ...]) -> None:
+    """Each ``data.extra_train`` entry has a root, and a class range only where ids exist."""
+    for i, entry in enumerate(entries):
+        key = f"data.extra_train[{i}]"
+        if not entry.root:
+            raise ConfigError(f"{key}.root: every extra training set needs a root, e.g. {{root: /data/more_birds}}")
+        if entry.classes is not None:
+            if entry.classes[0] > entry.classes[1]:
+                raise ConfigError(
+                    f"{key}.classes: expected a range (first, last) with first <= last, got {entry.classes}"
+                )
+            if entry.kind not in ("cub200", "cars196"):
+                raise ConfigError(
+                    f"{key}.classes: a class-id range needs kind cub200 or cars196 (whose classes have ids), got kind {entry.kind!r}"
+                )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,20 +1,25 @@
 """The data sets by name (:data:`DATASETS`), and the zero-shot splits of the configured one:
 train, validation, test.
 
-Train and test classes are disjoint (the benchmarks' protocol). Validation classes, when asked
-for, are carved out of the training classes, so model selection never sees a test class.
+Train and test classes are disjoint (the benchmarks' protocol). The training split is the
+training classes of ``data.root`` joined by those of every ``data.extra_train`` set
+(:mod:`glassmetric.data.union`). Validation classes, when asked for, are carved out of all the
+training classes, so model selection never sees a test class.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from glassmetric.config import DataConfig
 from glassmetric.data.base import RetrievalDataset, Subset, split_by_classes
+from glassmetric.data.paths import resolve_data_path
+from glassmetric.data.union import TrainingSource, TrainingUnion, load_extra
 from glassmetric.errors import ConfigError
 
 
@@ -41,11 +46,12 @@ def _class_range_kwargs(cfg: DataConfig) -> dict:
 DatasetFactory = Callable[[DataConfig, Callable | None, Callable | None], tuple[RetrievalDataset, RetrievalDataset]]
 
 
-def _root(cfg: DataConfig) -> str:
-    """``data.root``, which every data set but the synthetic one reads its images from."""
+def _root(cfg: DataConfig) -> Path:
+    """``data.root`` (environment variables replaced), which every data set but the synthetic
+    one reads its images from."""
     if cfg.root is None:
         raise ConfigError(f"data.root: data set {cfg.name!r} needs a root folder")
-    return cfg.root
+    return resolve_data_path(cfg.root, "data.root")
 
 
 def _synthetic(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
@@ -97,17 +103,50 @@ def _sop(cfg: DataConfig, train_transform: Callable | None, eval_transform: Call
     )
 
 
+def _folder_by_positions(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
+    """One image folder split by ``data.train_classes`` / ``data.test_classes``: 1-based positions
+    in its sorted class-folder names (for ``001.<name>`` ... folders, the class ids)."""
+    from glassmetric.data.cub import class_range
+    from glassmetric.data.folder import ImageFolderDataset, class_folders
+
+    root = _root(cfg)
+    names = class_folders(root)
+    chosen = []
+    for key, value in (("data.train_classes", cfg.train_classes), ("data.test_classes", cfg.test_classes)):
+        lo, hi = class_range(value or (), key)
+        if lo < 1 or hi > len(names):
+            raise ConfigError(
+                f"{key}: {value} is outside the {len(names)} class folders of {root} (positions 1-{len(names)})"
+            )
+        chosen.append(names[lo - 1 : hi])
+    return (
+        ImageFolderDataset(root, chosen[0], transform=train_transform),
+        ImageFolderDataset(root, chosen[1], transform=eval_transform),
+    )
+
+
 def _user_folders(kind: str) -> DatasetFactory:
     """The user's own data: ``data.root`` (training classes) and ``data.test_root`` (test classes),
-    each an image folder (``folder``) or a CSV file (``csv``)."""
+    each an image folder (``folder``) or a CSV file (``csv``); or one image folder split by class
+    positions (``data.train_classes`` and ``data.test_classes``, no test_root)."""
 
     def factory(cfg: DataConfig, train_transform: Callable | None, eval_transform: Callable | None):
         from glassmetric.data.folder import CSVDataset, ImageFolderDataset
 
         make = ImageFolderDataset if kind == "folder" else CSVDataset
         if cfg.test_root is None:
-            raise ConfigError(f"data.test_root: data set {kind!r} needs a test_root with the (disjoint) test classes")
-        return make(_root(cfg), transform=train_transform), make(cfg.test_root, transform=eval_transform)
+            if kind == "folder" and cfg.train_classes is not None and cfg.test_classes is not None:
+                return _folder_by_positions(cfg, train_transform, eval_transform)
+            also = (
+                " (or data.train_classes and data.test_classes to split data.root's classes)"
+                if kind == "folder"
+                else ""
+            )
+            raise ConfigError(
+                f"data.test_root: data set {kind!r} needs a test_root with the (disjoint) test classes{also}"
+            )
+        test_root = resolve_data_path(cfg.test_root, "data.test_root")
+        return make(_root(cfg), transform=train_transform), make(test_root, transform=eval_transform)
 
     return factory
 
@@ -174,7 +213,12 @@ def build_splits(
     from glassmetric.data.integrity import check_disjoint_classes
 
     train, test = build_base_splits(cfg, train_transform, eval_transform)
-    check_disjoint_classes(cfg, train, test)
+    extras = [load_extra(entry, f"data.extra_train[{i}]") for i, entry in enumerate(cfg.extra_train)]
+    check_disjoint_classes(cfg, train, test, extras)
+    if extras:
+        root = None if cfg.name == "synthetic" else _root(cfg)
+        sources = [TrainingSource("data.root", cfg.name, root, train), *extras]
+        train = TrainingUnion(sources, [False] + [e.merge_names for e in cfg.extra_train], train_transform)
     train, val = carve_validation(train, cfg.val_classes, seed, eval_transform)
     splits = Splits(train=train, val=val, test=test, gallery=build_gallery(cfg, eval_transform))
     for dataset in (splits.train, splits.val, splits.test, splits.gallery):
