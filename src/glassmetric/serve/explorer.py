@@ -234,7 +234,7 @@ class Explorer:
         if structural and shortlist < k:
             raise RequestError(422, f"rerank_k: expected rerank_k >= k ({k}), got {shortlist}")
         q = self.query(qid)
-        g_scores, g_idx = top_k(self.search_index, q.fields["embedding"], shortlist if structural else k, q.index)
+        _, g_idx = top_k(self.search_index, q.fields["embedding"], shortlist if structural else k, q.index)
         global_order = g_idx.tolist()
         if structural:
             index = self.search_index.index if isinstance(self.search_index, IndexSearch) else None
