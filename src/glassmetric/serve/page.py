@@ -78,9 +78,9 @@ function searchUrl(query) {
 async function loadInfo() {
   const i = await api('/api/info');
   const what = i.fields.map(f => EXPLAINS[f] || f).concat(i.heads.includes('grouping') ? ['attention groups'] : []);
-  const model = i.checkpoint.split(/[\\/]/).pop();
+  const model = i.checkpoint.split(/[\\\\/]/).pop();
   $('info').textContent = `${i.gallery_size} gallery images` + (i.labelled ? ` in ${i.classes} classes` : '') +
-    ` from ${i.gallery} \u00b7 model ${model} \u00b7 explains results by ${what.join(', ')}`;
+    ` from ${i.gallery} \\u00b7 model ${model} \\u00b7 explains results by ${what.join(', ')}`;
   $('info').title = `checkpoint ${i.checkpoint}`;
   if (!i.rankings.includes('structural')) $('structural-choice').hidden = true;
 }
@@ -149,7 +149,7 @@ async function explain(query, result, button) {
   try {
     const e = await api(`/api/explain?query=${query}&result=${result}`);
     const figs = Object.entries(e.figures).map(([k, url]) => `<img class="figure" data-kind="${k}" src="${url}" alt="${k} explanation">`).join('');
-    $('explanation').innerHTML = `<pre>${esc(e.lines.join('\n'))}</pre>${figs}`;
+    $('explanation').innerHTML = `<pre>${esc(e.lines.join('\\n'))}</pre>${figs}`;
     $('explanation-section').scrollIntoView({block: 'start'});
   } catch (err) { $('explanation').textContent = err.message; }
 }
