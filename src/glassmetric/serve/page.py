@@ -148,9 +148,15 @@ async function explain(query, result, button) {
   $('explanation-section').scrollIntoView({block: 'start'});
   try {
     const e = await api(`/api/explain?query=${query}&result=${result}`);
-    const figs = Object.entries(e.figures).map(([k, url]) => `<img class="figure" data-kind="${k}" src="${url}" alt="${k} explanation">`).join('');
-    $('explanation').innerHTML = `<pre>${esc(e.lines.join('\\n'))}</pre>${figs}`;
-    $('explanation-section').scrollIntoView({block: 'start'});
+    // the figures state the scores; the words are their alternative text, shown when there is no figure
+    const words = esc(e.lines.join('\\n'));
+    const figs = Object.entries(e.figures).map(([k, url]) =>
+      `<img class="figure" data-kind="${k}" src="${url}" alt="${k} explanation: ${words}">`).join('');
+    $('explanation').innerHTML = figs || `<pre>${words}</pre>`;
+    // scrolled again as each figure arrives: until then the page may be too short to scroll to it
+    const reveal = () => $('explanation-section').scrollIntoView({block: 'start'});
+    reveal();
+    $('explanation').querySelectorAll('img').forEach(i => i.addEventListener('load', reveal, {once: true}));
   } catch (err) { $('explanation').textContent = err.message; }
 }
 $('ranking').addEventListener('change', () => { if (current) show(api(searchUrl(current))); });
