@@ -276,14 +276,15 @@ class Explorer:
             correct = None
             if q.index is not None and self.gallery.labelled:
                 correct = bool(self.gallery.labels[gi] == self.gallery.labels[q.index])
+            move = moves[r]
             results.append(
                 {
                     "rank": r + 1,
                     **self.item(gi),
                     "correct": correct,
                     "score": scores["multiscale" if structural else "global"],
-                    "global_rank": None if moves[r] is None else r + 1 + moves[r],
-                    "move": moves[r],
+                    "global_rank": None if move is None else r + 1 + move,
+                    "move": move,
                     "same_image": gi in same,
                     "scores": scores,
                 }
