@@ -119,6 +119,8 @@ def build_report(
     bar.set_postfix_str("embedding")
     q = retriever.embed(dataset, fields=fields, progress=progress).as_dict()
     g = q if same else retriever.embed(ref, fields=fields, progress=progress).as_dict()
+    available = len(g["labels"]) - int(same)  # the rows embedded: an image skipped as unreadable has none
+    top = min(top, available)
     bar.update()
 
     bar.set_postfix_str("metrics")
