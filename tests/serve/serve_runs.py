@@ -16,13 +16,14 @@ def fit_idml(out: Path) -> Path:
     return tiny_runs.fit_tiny(out, *IDML)
 
 
-def write_gallery(folder: Path, n: int = 16) -> list[Path]:
-    """The first ``n`` tiny test images as ``folder/<class>/<i>.png``."""
+def write_gallery(folder: Path, n: int = 16, class_name: str = "c{:02d}") -> list[Path]:
+    """The first ``n`` tiny test images as ``folder/<class>/<i>.png``, the class folder named
+    by ``class_name.format(label)``."""
     data = SyntheticParts("test", num_classes=8, images_per_class=4, image_size=64)
     paths = []
     for i in range(n):
         sample = data.load(i)
-        path = folder / f"c{sample.label:02d}" / f"{i:02d}.png"
+        path = folder / class_name.format(sample.label) / f"{i:02d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         sample.image.save(path)
         paths.append(path)

@@ -103,6 +103,64 @@ def test_search_with_a_gallery_image_matches_brute_force(setup):
     assert res["uncertainty"] == pytest.approx(float(ref["uncertainty"][3].norm()), rel=1e-4)
 
 
+@pytest.fixture(scope="module")
+def reranked(files):
+    """Retriever.rerank of the gallery folder against itself, each image's global top-12
+    re-ranked (what `glassmetric eval --data <gallery> --rerank structural --k 12` ranks)."""
+    from glassmetric.retriever import Retriever
+
+    root, checkpoint, _ = files
+    retriever = Retriever.from_checkpoint(str(checkpoint), "cpu")
+    return retriever, retriever.embed(root / "gallery"), retriever.rerank(root / "gallery", k=12)
+
+
+def test_structural_re_ranking_is_retriever_rerank_with_moves(setup, reranked):
+    client, _, ref = setup
+    _, _, expected = reranked
+    res = client.get("/api/search", params={"query": "g3", "k": 5, "rerank": "structural", "rerank_k": 12}).json()
+    assert res["ranking"] == {"method": "structural", "k": 12, "ordered_by": "multiscale"}
+    rows = [int(r["id"][1:]) for r in res["results"]]
+    assert rows == expected.indices[3, :5].tolist()
+    sims = ref["embedding"] @ ref["embedding"][3]
+    sims[3] = -float("inf")
+    global_rank = {g: r + 1 for r, g in enumerate(torch.argsort(sims, descending=True, stable=True).tolist())}
+    for r, (row, result) in enumerate(zip(rows, res["results"], strict=True)):
+        assert result["score"] == result["scores"]["multiscale"]
+        assert result["score"] == pytest.approx(float(expected.scores[3, r]), abs=1e-5)
+        assert result["global_rank"] == global_rank[row] and result["move"] == global_rank[row] - (r + 1)
+    assert [r["score"] for r in res["results"]] == sorted((r["score"] for r in res["results"]), reverse=True)
+
+    plain = client.get("/api/search", params={"query": "g3", "k": 5}).json()
+    assert plain["ranking"] == {"method": "global", "k": 0, "ordered_by": "global"}
+    assert [r["score"] for r in plain["results"]] == [r["scores"]["global"] for r in plain["results"]]
+    assert all(r["move"] == 0 for r in plain["results"])
+    same_k = client.get("/api/search", params={"query": "g3", "k": 5, "rerank": "structural"}).json()
+    assert same_k["ranking"]["k"] == 5  # rerank_k defaults to k: the shown results re-sorted
+    assert sorted(r["id"] for r in same_k["results"]) == sorted(r["id"] for r in plain["results"])
+
+
+def test_an_upload_re_ranks_against_the_whole_gallery_and_finds_itself(setup, reranked):
+    client, paths, _ = setup
+    retriever, gallery, _ = reranked
+    form = {"k": "4", "rerank": "structural", "rerank_k": "10"}
+    res = client.post("/api/search", files={"image": ("mine.png", paths[7].read_bytes(), "image/png")}, data=form)
+    assert res.status_code == 200, res.text
+    expected = retriever.rerank(paths[7], gallery, k=10)
+    assert [r["id"] for r in res.json()["results"]] == [f"g{i}" for i in expected.indices[0, :4].tolist()]
+    assert [r["same_image"] for r in res.json()["results"]] == [True, False, False, False]  # g7 is the upload
+
+
+def test_bad_ranking_values_are_named(setup):
+    client, _, _ = setup
+    for params, words in (
+        ({"rerank": "cosine"}, "rerank: expected one of global, structural, got 'cosine'"),
+        ({"rerank": "structural", "k": 5, "rerank_k": 3}, "rerank_k: expected rerank_k >= k (5), got 3"),
+        ({"rerank": "structural", "rerank_k": 13}, "rerank_k: expected 1 <= rerank_k <= 12, got 13"),
+    ):
+        res = client.get("/api/search", params={"query": "g1", **params})
+        assert res.status_code == 422 and res.json()["detail"] == words
+
+
 def test_upload_search_explain_and_uncertainty(setup):
     client, paths, ref = setup
     data = paths[7].read_bytes()
@@ -162,9 +220,9 @@ def test_serve_command_checks_its_settings_first(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw"])
-def test_explorer_on_a_faiss_index_matches_brute_force(setup, files, tmp_path, kind):
+def test_explorer_on_a_faiss_index_matches_brute_force(setup, files, reranked, tmp_path, kind):
     """`serve --knn index`: the explorer searches a faiss gallery index (saved to and read back
-    from --index-dir) and returns the brute-force top k."""
+    from --index-dir) and returns the brute-force top k, and the re-ranking of its shortlist."""
     _, _, ref = setup
     checkpoint, gallery = setup_paths(files)
     opened = []
@@ -184,6 +242,8 @@ def test_explorer_on_a_faiss_index_matches_brute_force(setup, files, tmp_path, k
         sims[3] = -float("inf")
         expected = torch.argsort(sims, descending=True, stable=True)[:5].tolist()
         assert [r["id"] for r in res["results"]] == [f"g{i}" for i in expected]
+        structural = client.get("/api/search", params={"query": "g3", "k": 5, "rerank": "structural", "rerank_k": 12})
+        assert [r["id"] for r in structural.json()["results"]] == [f"g{i}" for i in reranked[2].indices[3, :5].tolist()]
     assert (tmp_path / "index" / "index.json").is_file()
     assert f"kind='{kind}'" in repr(opened[1].search_index)
 

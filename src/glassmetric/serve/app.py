@@ -2,7 +2,9 @@
 
 API (schema at ``/openapi.json``, an offline reference page at ``/docs``): ``GET /api/info``; ``GET /api/gallery`` (paged list);
 ``GET /api/images/{id}`` (PNG); ``POST /api/search`` (upload) or ``GET /api/search?query=g12``
-(a gallery image); ``GET /api/explain?query=..&result=g..`` and its figures
+(a gallery image), ordered by the global cosine or, with ``rerank=structural&rerank_k=K``, by
+``cos + SS`` after structural re-ranking of the global top-K (each answer's ``ranking`` says
+which score ordered it); ``GET /api/explain?query=..&result=g..`` and its figures
 ``GET /api/explain/figure``; ``POST /api/uncertainty`` / ``GET /api/uncertainty?query=..``.
 Model work runs in worker threads, ``workers`` at a time; at most ``limits.max_in_flight``
 requests whose bodies have arrived are served at once (503 beyond), a body that takes longer
@@ -103,14 +105,29 @@ def create_app(explorer: Explorer, limits: Limits = Limits(), *, workers: int = 
             await run(explorer.view_png, qid), media_type="image/png", headers={"cache-control": "max-age=3600"}
         )
 
-    @app.post("/api/search", summary="upload a query image: its nearest gallery images with their scores")
-    async def search_upload(image: UploadFile = File(...), k: int = Form(10)) -> dict:
+    def check_rerank_k(rerank_k: int | None) -> int | None:
+        if rerank_k is not None and not 1 <= rerank_k <= limits.max_k:
+            raise RequestError(422, f"rerank_k: expected 1 <= rerank_k <= {limits.max_k}, got {rerank_k}")
+        return rerank_k
+
+    @app.post("/api/search", summary="upload a query image: its best gallery images with their scores")
+    async def search_upload(
+        image: UploadFile = File(...),
+        k: int = Form(10),
+        rerank: str = Form("global"),
+        rerank_k: int | None = Form(None),
+    ) -> dict:
         check_k(k)
-        return await run(explorer.search, await upload(image), k)
+        return await run(explorer.search, await upload(image), k, rerank, check_rerank_k(rerank_k))
 
     @app.get("/api/search", summary="search with a gallery image (g<i>) or an earlier upload (u<hash>)")
-    async def search(query: str, k: int = 10) -> dict:
-        return await run(explorer.search, query, check_k(k))
+    async def search(
+        query: str,
+        k: int = Query(10, description="results returned"),
+        rerank: str = Query("global", description="global: by the global cosine; structural: by cos + SS"),
+        rerank_k: int | None = Query(None, description="structural: re-rank the global top rerank_k (default k)"),
+    ) -> dict:
+        return await run(explorer.search, query, check_k(k), rerank, check_rerank_k(rerank_k))
 
     @app.get("/api/explain", summary="why a result came back for a query: the explanation and its figures")
     async def explain(query: str, result: str) -> dict:

@@ -30,12 +30,18 @@ from glassmetric.errors import ConfigError, GlassmetricError
 from glassmetric.explain.pair import explain_views, model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
 from glassmetric.report.build import report_fields
+from glassmetric.report.rankings import as_embeddings, rank_moves, rerank_query
 from glassmetric.retrieval.shortlist import score_shortlist
 from glassmetric.retriever import Retriever
+from glassmetric.retriever.embeddings import Embeddings
 from glassmetric.serve.gallery import Gallery, folder_source, load_gallery, split_source
+from glassmetric.serve.limits import RequestError
 from glassmetric.serve.search import ExactSearch, GallerySearch, IndexSearch, top_k
 
-__all__ = ["Explorer", "UnknownQuery"]
+__all__ = ["RANKINGS", "Explorer", "UnknownQuery"]
+
+#: the explorer's orderings: by the global cosine, or by cos + SS after structural re-ranking
+RANKINGS = ("global", "structural")
 
 
 class UnknownQuery(GlassmetricError):
@@ -110,6 +116,7 @@ class Explorer:
         self.checkpoint = checkpoint
         self.normalise = normalisation(self.model.backbone.mean, self.model.backbone.std)
         self.uploads, self.figures = _Recent(recent, upload_store_bytes, _upload_bytes), _Recent(4 * recent)
+        self._embeddings: Embeddings | None = None
 
     @classmethod
     def open(
@@ -203,11 +210,49 @@ class Explorer:
     def item(self, i: int) -> dict:
         return {"id": f"g{i}", "name": self.gallery.name(i), "class": self.gallery.class_name(i)}
 
-    def search(self, qid: str, k: int) -> dict:
-        """The ``k`` nearest gallery images of query ``qid`` with their scores (and, for a
-        query picked from a labelled gallery, whether each is of its class)."""
+    def _gallery_embeddings(self) -> Embeddings:
+        if self._embeddings is None:
+            self._embeddings = as_embeddings(self.gallery.fields)
+        return self._embeddings
+
+    def search(self, qid: str, k: int, rerank: str = "global", rerank_k: int | None = None) -> dict:
+        """The ``k`` best gallery images for query ``qid`` with their scores (and, for a query
+        picked from a labelled gallery, whether each is of its class).
+
+        ``rerank="global"`` orders them by the global cosine; ``"structural"`` by ``cos + SS``
+        after re-ranking the global top-``rerank_k`` (default ``k``, at least ``k``), the
+        computation of ``glassmetric eval --rerank structural --k K``
+        (:func:`glassmetric.report.rankings.rerank_query`). Each result carries ``score``, the
+        value that ordered it, its ``global_rank`` and ``move`` (global rank minus rank).
+        """
+        if rerank not in RANKINGS:
+            raise RequestError(422, f"rerank: expected one of {', '.join(RANKINGS)}, got {rerank!r}")
+        structural = rerank == "structural"
+        shortlist = k if rerank_k is None else rerank_k
+        if structural and "local" not in self.fields:
+            raise GlassmetricError("rerank=structural: this model gives no local embeddings to re-rank with")
+        if structural and shortlist < k:
+            raise RequestError(422, f"rerank_k: expected rerank_k >= k ({k}), got {shortlist}")
         q = self.query(qid)
-        _, idx = top_k(self.search_index, q.fields["embedding"], k, exclude=q.index)
+        _, g_idx = top_k(self.search_index, q.fields["embedding"], shortlist if structural else k, q.index)
+        global_order = g_idx.tolist()
+        if structural:
+            index = self.search_index.index if isinstance(self.search_index, IndexSearch) else None
+            try:
+                ranked = rerank_query(
+                    self.retriever,
+                    as_embeddings(q.fields),
+                    self._gallery_embeddings(),
+                    k=shortlist,
+                    n=k,
+                    exclude=q.index,
+                    index=index,
+                )
+            except ValueError as err:  # an approximate index that found too few candidates
+                raise GlassmetricError(str(err)) from None
+            idx = ranked.indices[0].cpu()
+        else:
+            idx = g_idx[:k]
         ot = self.retriever.settings
         scored = score_shortlist(
             q.fields,
@@ -219,18 +264,53 @@ class Explorer:
             marginals=ot.marginals,
             introspective=self.retriever.introspective,
         )
+        rows = idx.tolist()
+        moves = rank_moves(rows, global_order)
+        same = self._same_images(q, rows, scored.global_scores[0].tolist())
         results = []
-        for r, (gi, scores) in enumerate(zip(idx.tolist(), scored.scores(0), strict=True)):
+        for r, (gi, scores) in enumerate(zip(rows, scored.scores(0), strict=True)):
+            if structural:  # the re-ranking's own scores: the ones that ordered the results
+                scores["global"] = float(ranked.global_scores[0, r])
+                scores["structural"] = float(ranked.structural_scores[0, r])
+                scores["multiscale"] = float(ranked.scores[0, r])
             correct = None
             if q.index is not None and self.gallery.labelled:
                 correct = bool(self.gallery.labels[gi] == self.gallery.labels[q.index])
-            results.append({"rank": r + 1, **self.item(gi), "correct": correct, "scores": scores})
+            move = moves[r]
+            results.append(
+                {
+                    "rank": r + 1,
+                    **self.item(gi),
+                    "correct": correct,
+                    "score": scores["multiscale" if structural else "global"],
+                    "global_rank": None if move is None else r + 1 + move,
+                    "move": move,
+                    "same_image": gi in same,
+                    "scores": scores,
+                }
+            )
         return {
             "query": qid,
             "query_class": None if q.index is None else self.gallery.class_name(q.index),
             "uncertainty": None if scored.query_uncertainty is None else float(scored.query_uncertainty[0]),
+            "ranking": {
+                "method": rerank,
+                "k": shortlist if structural else 0,
+                "ordered_by": "multiscale" if structural else "global",
+            },
             "results": results,
         }
+
+    def _same_images(self, q: _Query, rows: list[int], cosines: list[float]) -> set[int]:
+        """The gallery rows whose image, as the model sees it, is the uploaded query's, pixel for
+        pixel (only rows at cosine 0.999 or more are compared)."""
+        if q.index is not None:
+            return set()
+        close = [gi for gi, c in zip(rows, cosines, strict=True) if c >= 0.999]
+        if not close:
+            return set()
+        view = np.asarray(q.view())
+        return {gi for gi in close if np.array_equal(np.asarray(model_view(self.cfg, self.gallery.image(gi))), view)}
 
     def uncertainty(self, qid: str) -> float | None:
         """``||u||`` of the query image; None when the model has no uncertainty head."""
@@ -280,6 +360,7 @@ class Explorer:
             "labelled": self.gallery.labelled,
             "classes": len(np.unique(self.gallery.labels)) if self.gallery.labelled else 0,
             "fields": list(self.fields),
+            "rankings": list(RANKINGS) if "local" in self.fields else ["global"],
             "heads": heads,
             "embedding_cache": str(self.gallery.cache_file),
             "from_cache": self.gallery.from_cache,
