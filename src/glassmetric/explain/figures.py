@@ -56,6 +56,7 @@ __all__ = [
     "format_scores",
     "group_attention_grid_figure",
     "group_pair_figure",
+    "part_mass_figure",
     "save_figure",
     "strongest_flows",
     "structural_pair_figure",
@@ -382,9 +383,8 @@ def structural_pair_figure(
     fig.suptitle(format_scores(explanation), fontsize=15, fontweight="bold")
     add_caption(
         fig,
-        "brighter cells carry more of SS (each cell's share is written in it); a line joins two cells the transport "
-        "plan matches, thicker when it adds more to SS"
-        + ("; the dashed box is what the model sees" if any(p.cropped for p in pics) else ""),
+        "brighter cells carry more of SS (share written in each); a line joins cells the transport plan matches, "
+        "thicker = adds more to SS" + ("; dashed box: what the model sees" if any(p.cropped for p in pics) else ""),
     )
     return fig
 
@@ -436,10 +436,7 @@ def _plain_panel(ax, pic: Picture) -> None:
     ax.set_yticks([])
 
 
-_ATTENTION_CAPTION = (
-    "each column is one attention group; the brighter a place, the more of the group's attention "
-    "(which sums to 1 over the image) falls there; + marks its peak"
-)
+_ATTENTION_CAPTION = "brighter = more of the group's attention (which sums to 1 over the image); + marks its peak"
 
 
 def group_attention_grid_figure(images, attention, *, titles=None, group_parts=None) -> Figure:
@@ -530,5 +527,41 @@ def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] 
     cb.ax.tick_params(labelsize=8)
     parts = " + ".join(_signed(float(s)) for s in sim)
     fig.suptitle(f"score {_signed(score)} = ({parts}) / {k}", fontsize=14, fontweight="bold")
-    add_caption(fig, _ATTENTION_CAPTION + "; a group adds its cosine / k to the score")
+    add_caption(fig, _ATTENTION_CAPTION + "; a group adds its cos / k to the score")
+    return fig
+
+
+# ---------------------------------------------------------------------------- parts
+
+
+def part_mass_figure(masses: Mapping[str, Mapping[str, float]], n_cells: int, *, title: str | None = None) -> Figure:
+    """Which parts carry the structural similarity: for each model (``masses``: name -> {part:
+    mean share of SS from the cell holding the part}, e.g. ``part_mass`` of
+    :func:`glassmetric.explain.correspondence.evaluate_correspondence`), one bar per part, parts
+    sorted by the first model's share, the even spread ``1 / n_cells`` dashed."""
+    if not masses:
+        raise ValueError("part_mass_figure needs the part shares of at least one model")
+    first = next(iter(masses.values()))
+    parts = sorted(first, key=lambda p: -first[p])
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(masses)
+    colours = ("#3b528b", "#5ec962", "#21918c", "#fde725")  # viridis steps
+    for i, (name, mass) in enumerate(masses.items()):
+        pos = np.arange(len(parts)) + i * width
+        ax.bar(pos, [mass[p] for p in parts], width, label=name, zorder=2, color=colours[i % len(colours)])
+    ax.axhline(1.0 / n_cells, color="0.3", ls="--", lw=1, label=f"even spread 1/{n_cells}")
+    ax.set_xticks(np.arange(len(parts)) + width * (len(masses) - 1) / 2, parts, rotation=35, ha="right")
+    ax.set_ylabel("share of SS from the\ncell holding the part")
+    ax.grid(axis="y", color="0.88", zorder=0)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(title or "Which parts carry the structural similarity (same-class test pairs)", fontsize=11)
+    add_caption(
+        fig,
+        "a bar is the mean share of SS that comes from the cell holding the part; above the dashed line, the part "
+        "carries more than an even share",
+    )
     return fig

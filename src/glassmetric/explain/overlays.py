@@ -45,10 +45,8 @@ def alpha_ramp(name: str, alpha_max: float = ALPHA_MAX, n: int = 256) -> ListedC
     scale: transparent) to ``alpha_max`` (top); values under the scale and NaN are transparent."""
     colours = matplotlib.colormaps[name](np.linspace(0.0, 1.0, n))
     colours[:, 3] = np.linspace(0.0, alpha_max, n)
-    cmap = ListedColormap(colours, name=f"{name}+alpha")
-    cmap.set_under((0.0, 0.0, 0.0, 0.0))
-    cmap.set_bad((0.0, 0.0, 0.0, 0.0))
-    return cmap
+    clear = (0.0, 0.0, 0.0, 0.0)
+    return ListedColormap(colours, name=f"{name}+alpha").with_extremes(under=clear, bad=clear)
 
 
 def as_image(image, name: str) -> np.ndarray:

@@ -75,7 +75,7 @@ def uncertainty_grid_figure(
     fig.suptitle(title or "uncertainty ||u|| of the most and the least uncertain images", fontsize=13)
     add_caption(
         fig,
-        "u is the norm of the image's uncertainty embedding; frame and mark: blue \u2713 = its nearest "
-        "neighbour is of the same class, orange \u2717 = of another",
+        "u = the norm of the image's uncertainty embedding; blue \u2713: its nearest neighbour is of the same "
+        "class, orange \u2717: of another",
     )
     return fig
