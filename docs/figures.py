@@ -5,13 +5,14 @@ docs/screenshots.py).
     python docs/figures.py --cub-root ../shared/data/cub50   # and the real-bird figures
 
 Embedded-data figures, from checkpoints under ``--runs`` (each trained there with the overrides
-below when it is missing, a few minutes to tens of minutes on 2 CPU cores; ``--demo``,
-``--introspective`` and ``--groups`` take your own checkpoints instead):
+below when it is missing: the demo preset as ``make demo`` trains it, and two short runs on 16
+images per class; ``--demo``, ``--introspective`` and ``--groups`` take your own checkpoints
+instead):
 
     explain_pair.png           the demo preset: why two test images of class 60 were judged alike
-    explain_introspective.png  the demo preset + introspective similarity: the same pair
+    explain_introspective.png  + introspective similarity (3 epochs): the same pair
     uncertainty_grid.png       that checkpoint's 12 most and 12 least uncertain test images
-    groups_pair.png            the demo preset + 3 attention groups at 128 px: the same pair
+    groups_pair.png            + 3 attention groups at 128 px (2 epochs): the same pair
 
 The pair is drawn from files rendered at 192 px (``SyntheticParts("test", image_size=192)``,
 images 0 and 3), so the figures show the photos at their own resolution and the model's
@@ -21,7 +22,8 @@ Real-bird figures (``--cub-root``: CUB-200-2011 classes 1-50 in the official lay
 
     birds_pair.png         two Northern Flickers, by ``--birds-structural CKPT`` or, without it,
                            the untrained ``cub50`` preset (ImageNet features, training-free)
-    birds_part_mass.png    each part's share of SS for the same model(s), ``--pairs`` test pairs
+    birds_part_mass.png    each part's share of SS, ``--birds-structural CKPT`` against the
+                           untrained preset, over ``--pairs`` same-class test pairs
     birds_groups.png       ``--birds-groups CKPT`` (a cub50 run with model.groups): 12 test birds
     birds_uncertainty.png  ``--birds-introspective CKPT``: the 12 most and least uncertain test birds
 
@@ -52,13 +54,20 @@ from glassmetric.training.fit import fit  # noqa: E402
 #: the demo runs behind the embedded-data figures: name -> overrides of the demo preset
 RUNS = {
     "demo": [],
-    "introspective": ["model.uncertainty_dim=64", "loss.similarity=introspective"],
+    # short runs on 16 images per class, so that the command ends in minutes on 2 CPU cores
+    "introspective": [
+        "model.uncertainty_dim=64",
+        "loss.similarity=introspective",
+        "data.synthetic.images_per_class=16",
+        "trainer.max_epochs=3",
+    ],
     "groups": [
         "model.embedding_dim=96",
         "model.groups=3",
         "data.image_size=128",
         "data.resize=128",
-        "trainer.max_epochs=4",
+        "data.synthetic.images_per_class=16",
+        "trainer.max_epochs=2",
     ],
 }
 PAIR = (0, 3)  # test images of class 60
@@ -102,38 +111,45 @@ def embedded_figures(args: argparse.Namespace, out: Path) -> None:
     pair_figure(Retriever.from_checkpoint(groups, "cpu"), pair, out / "groups_pair.png", kind="groups")
 
 
+def part_mass(retriever: Retriever, pairs: int) -> tuple[dict[str, float], int]:
+    """Each part's mean share of SS over ``pairs`` same-class test pairs, and the number of cells."""
+    cfg, model = retriever.cfg, retriever.model
+    ot = OTSettings.from_config(cfg)
+    corr = evaluate_correspondence(
+        model,
+        retriever.eval_data(split="test")[1],
+        pairs=pairs,
+        grid=cfg.model.spatial_grid or 4,
+        crop=cfg.data.eval_image_size or cfg.data.image_size,
+        resize=cfg.data.resize,
+        epsilon=ot.epsilon,
+        iters=ot.iters,
+        tol=ot.tol,
+        marginals=ot.marginals,
+        mean=model.backbone.mean,
+        std=model.backbone.std,
+    )
+    return corr["part_mass"], corr["n_cells"]
+
+
 def bird_figures(args: argparse.Namespace, out: Path) -> None:
     root = args.cub_root.resolve()
     data = [f"data.root={root}"]
     files = tuple(next((root / "images").glob(f"*/{name}")) for name in BIRDS)
-    models = {"untrained cub50 preset, training-free": Retriever.from_preset("cub50", data, device="cpu")}
-    if args.birds_structural:
-        models = {"structurally trained checkpoint": Retriever.from_checkpoint(args.birds_structural, "cpu", data)}
-    pair_figure(next(iter(models.values())), (files[0], files[1]), out / "birds_pair.png")
-
-    masses, n_cells = {}, 16
-    for label, retriever in models.items():
-        cfg, model = retriever.cfg, retriever.model
-        test = retriever.eval_data(split="test")[1]
-        ot = OTSettings.from_config(cfg)
-        corr = evaluate_correspondence(
-            model,
-            test,
-            pairs=args.pairs,
-            grid=cfg.model.spatial_grid or 4,
-            crop=cfg.data.eval_image_size or cfg.data.image_size,
-            resize=cfg.data.resize,
-            epsilon=ot.epsilon,
-            iters=ot.iters,
-            tol=ot.tol,
-            marginals=ot.marginals,
-            mean=model.backbone.mean,
-            std=model.backbone.std,
-        )
-        masses[label], n_cells = corr["part_mass"], corr["n_cells"]
-    title = f"Which bird parts carry the structural similarity ({args.pairs} CUB-50 test pairs, same class)"
-    save_figure(part_mass_figure(masses, n_cells, title=title), out / "birds_part_mass.png")
-    print(f"wrote {out / 'birds_part_mass.png'}", flush=True)
+    preset = Retriever.from_preset("cub50", data, device="cpu")
+    if args.birds_structural is None:
+        pair_figure(preset, (files[0], files[1]), out / "birds_pair.png")
+        print("birds_part_mass.png left as it is: give --birds-structural CKPT (compared with the untrained preset)")
+    else:
+        trained = Retriever.from_checkpoint(args.birds_structural, "cpu", data)
+        pair_figure(trained, (files[0], files[1]), out / "birds_pair.png")
+        models = {"untrained cub50 preset, training-free": preset, "structurally trained checkpoint": trained}
+        masses, n_cells = {}, 16
+        for label, retriever in models.items():
+            masses[label], n_cells = part_mass(retriever, args.pairs)
+        title = f"Which bird parts carry the structural similarity ({args.pairs} CUB-50 test pairs, same class)"
+        save_figure(part_mass_figure(masses, n_cells, title=title), out / "birds_part_mass.png")
+        print(f"wrote {out / 'birds_part_mass.png'}", flush=True)
 
     if args.birds_groups:
         groups_figure = str(out / "birds_groups.png")

@@ -22,6 +22,7 @@ from glassmetric.explain.figures import (
     format_scores,
     group_attention_grid_figure,
     group_pair_figure,
+    part_mass_figure,
     save_figure,
     structural_pair_figure,
 )
@@ -255,7 +256,10 @@ def test_one_colour_bar_per_quantity_and_a_caption_under_every_figure():
     assert len(_colour_bars(grid)) == 1
     doubt = uncertainty_grid_figure([_image(20, 30)], [2.0], [False], [_image(20, 30)], [1.0], [True], columns=2)
     assert len(_colour_bars(doubt)) == 0
-    for fig in (pair, grouped, grid, doubt):
+    parts = part_mass_figure({"a": {"tail": 0.05, "beak": 0.2}, "b": {"tail": 0.1, "beak": 0.1}}, 16)
+    assert len(_colour_bars(parts)) == 0
+    assert [t.get_text() for t in parts.axes[0].get_xticklabels()] == ["beak", "tail"]  # by the first model's share
+    for fig in (pair, grouped, grid, doubt, parts):
         text = _caption(fig)
         assert text.startswith("How to read this: ") and "\n" not in text
 

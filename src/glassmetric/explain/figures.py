@@ -377,6 +377,7 @@ def structural_pair_figure(
     else:
         flow_text = f"the {len(rows)} strongest of {n * m} cell pairs carry {100 * carried:.0f}% of SS"
     ax.set_title(f"lines: {flow_text} (width $\\propto T_{{ij}} S_{{ij}}$)", fontsize=10.5, color="0.2", pad=4)
+    assert heat is not None  # drawn for both photos
     cb = fig.colorbar(heat, ax=ax, location="right", shrink=0.8, pad=0.01, fraction=0.03)
     cb.set_label("cell's share of SS (%)" if by_share else "cell's contribution to SS", fontsize=9.5)
     cb.ax.tick_params(labelsize=8)
@@ -561,7 +562,6 @@ def part_mass_figure(masses: Mapping[str, Mapping[str, float]], n_cells: int, *,
     ax.set_title(title or "Which parts carry the structural similarity (same-class test pairs)", fontsize=11)
     add_caption(
         fig,
-        "a bar is the mean share of SS that comes from the cell holding the part; above the dashed line, the part "
-        "carries more than an even share",
+        "a bar: the mean share of SS from the cell holding the part; above the dashed line, more than an even share",
     )
     return fig

@@ -1,6 +1,6 @@
 """Values of the model's cell grid drawn over a photo, readable at a glance.
 
-A value map is shaded with a perceptually uniform colour map whose opacity follows the value
+A value map is shaded with a perceptually uniform colour map whose opacity grows with the value
 (:func:`alpha_ramp`): a cell of value 0 leaves the photo untouched, the largest value is the
 most opaque, so nothing tints the whole photo. Photos are drawn at their own resolution, and the
 grid is laid over the box the model's input covers (:class:`~glassmetric.explain.frames.FramedImage`).
@@ -15,7 +15,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.colors import ListedColormap, Normalize
+from matplotlib.colors import Colormap, ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
@@ -40,11 +40,13 @@ CAPTION_GID = "how-to-read"
 ALPHA_MAX = 0.72
 
 
-def alpha_ramp(name: str, alpha_max: float = ALPHA_MAX, n: int = 256) -> ListedColormap:
-    """The Matplotlib colour map ``name`` with an opacity rising linearly from 0 (bottom of the
-    scale: transparent) to ``alpha_max`` (top); values under the scale and NaN are transparent."""
-    colours = matplotlib.colormaps[name](np.linspace(0.0, 1.0, n))
-    colours[:, 3] = np.linspace(0.0, alpha_max, n)
+def alpha_ramp(name: str, alpha_max: float = ALPHA_MAX, gamma: float = 2.0, n: int = 256) -> Colormap:
+    """The Matplotlib colour map ``name`` with an opacity ``alpha_max * t ** gamma`` at scale
+    position ``t`` in [0, 1]: transparent at the bottom, rising with the value, so middling values
+    stay light and only the largest stand out; values under the scale and NaN are transparent."""
+    t = np.linspace(0.0, 1.0, n)
+    colours = matplotlib.colormaps[name](t)
+    colours[:, 3] = alpha_max * t**gamma
     clear = (0.0, 0.0, 0.0, 0.0)
     return ListedColormap(colours, name=f"{name}+alpha").with_extremes(under=clear, bad=clear)
 
@@ -96,7 +98,7 @@ def shade(
     ax,
     values: np.ndarray,
     extent: tuple[float, float, float, float],
-    cmap: ListedColormap,
+    cmap: Colormap,
     norm: Normalize,
     *,
     smooth: bool = False,

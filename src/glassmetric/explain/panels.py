@@ -27,7 +27,7 @@ def pair_figures(
     ``top_flows``: the most cell pairs drawn (the fewest strongest that carry half of SS).
     """
     figures: dict[str, Figure] = {}
-    images = pair.originals or pair.images
+    image_x, image_y = pair.originals or pair.images
     e, intro = pair.structural, pair.introspective
     if e is not None:
         # each image's uncertainty over it, the pair's two distances in the title
@@ -35,7 +35,7 @@ def pair_figures(
         if intro is not None:
             ux, uy = intro.uncertainty
             notes = (f"uncertainty {ux:.3g}", f"uncertainty {uy:.3g}")
-        fig = structural_pair_figure(*images, e, top_flows=top_flows, titles=titles, notes=notes)
+        fig = structural_pair_figure(image_x, image_y, e, top_flows=top_flows, titles=titles, notes=notes)
         if intro is not None:
             fig.suptitle(
                 f"{format_scores(e)}\nsemantic distance {intro.semantic_distance:.3f}, "
@@ -45,7 +45,7 @@ def pair_figures(
             )
         figures["flows"] = fig
     if pair.groups is not None:
-        figures["groups"] = group_pair_figure(*images, pair.groups, titles=titles)
+        figures["groups"] = group_pair_figure(image_x, image_y, pair.groups, titles=titles)
     return figures
 
 
