@@ -68,6 +68,7 @@ FLOWS_GID = "structural-flows"
 
 SHARE_CMAP = "viridis"  # a cell's share of SS
 ATTENTION_CMAP = "magma"  # a group's attention
+_EVEN_TIMES = 3.0  # the share scale reaches at least 3x the even share of a cell
 _MAX_LINEWIDTH = 6.0
 _MIN_LINEWIDTH = 0.5
 _GAP = 0.16  # horizontal gap between the two photos, in units of the photo height
@@ -299,7 +300,10 @@ def structural_pair_figure(
     # shares of SS in percent (raw contributions when SS <= 0, where a share means nothing)
     by_share = ss > 0
     values = [c / ss * 100.0 if by_share else c for c in (contrib_x, contrib_y)]
-    top = max(float(values[0].max()), float(values[1].max()), 1e-12)
+    # the scale reaches at least _EVEN_TIMES the even share 100/N %, so a plan that spreads SS
+    # evenly over the cells leaves the photos nearly clear
+    even = 100.0 / min(n, m)
+    top = max(float(values[0].max()), float(values[1].max()), _EVEN_TIMES * even if by_share else 1e-12)
     norm = Normalize(0.0, top)
     cmap = alpha_ramp(SHARE_CMAP)
 
@@ -379,13 +383,17 @@ def structural_pair_figure(
     ax.set_title(f"lines: {flow_text} (width $\\propto T_{{ij}} S_{{ij}}$)", fontsize=10.5, color="0.2", pad=4)
     assert heat is not None  # drawn for both photos
     cb = fig.colorbar(heat, ax=ax, location="right", shrink=0.8, pad=0.01, fraction=0.03)
-    cb.set_label("cell's share of SS (%)" if by_share else "cell's contribution to SS", fontsize=9.5)
+    if by_share:
+        cb.set_label(f"cell's share of SS (%); even spread {even:.3g}% dashed", fontsize=9.5)
+        cb.ax.axhline(even, color="0.2", lw=1.2, ls="--")
+    else:
+        cb.set_label("cell's contribution to SS", fontsize=9.5)
     cb.ax.tick_params(labelsize=8)
     fig.suptitle(format_scores(explanation), fontsize=15, fontweight="bold")
     add_caption(
         fig,
-        "brighter cells carry more of SS (share written in each); a line joins cells the transport plan matches, "
-        "thicker = adds more to SS" + ("; dashed box: what the model sees" if any(p.cropped for p in pics) else ""),
+        "brighter cells carry more of SS (share written in each); lines join the cells the plan matches, "
+        "thicker = more of SS" + ("; dashed: what the model sees" if any(p.cropped for p in pics) else ""),
     )
     return fig
 
