@@ -7,8 +7,9 @@ similarity ``SS = sum_ij T_ij S_ij`` of :mod:`glassmetric.similarity.structural`
 * both photos at their own resolution, each with the model's ``g x g`` grid of cells (row-major)
   laid over the box its input covers (dashed when the model saw only part of the photo);
 * each cell shaded by its share of ``SS`` (``sum_j T_ij S_ij / SS`` for a query cell,
-  ``sum_i T_ij S_ij / SS`` for a candidate cell) with a colour whose opacity follows the value,
-  the share written in the cell's corner;
+  ``sum_i T_ij S_ij / SS`` for a candidate cell) with a colour whose opacity grows with the
+  value (transparent at 0; the scale reaches at least 3x the even share ``1/N``, so an even
+  spread leaves the photos nearly clear), the share written in the cell's corner;
 * the strongest cell pairs by their contribution ``T_ij S_ij`` as curves from cell ``i`` of the
   query to cell ``j`` of the candidate, width proportional to ``T_ij S_ij``: the fewest that
   carry half of ``SS`` (at most ``top_flows``), the share they carry stated in the title;
@@ -60,7 +61,6 @@ __all__ = [
     "save_figure",
     "strongest_flows",
     "structural_pair_figure",
-    "top_flows_of",
 ]
 
 #: gid of the LineCollection holding the flow lines of :func:`structural_pair_figure`
@@ -154,20 +154,6 @@ def format_scores(explanation: StructuralExplanation) -> str:
     """
     g, ss, score = (_scalar(explanation.s_global), _scalar(explanation.ss), _scalar(explanation.score))
     return f"global {_signed(g)} + structural {_signed(ss)} = score {_signed(score)}"
-
-
-def top_flows_of(T: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of the ``min(k, #nonzero)`` largest entries of ``T``, largest first.
-
-    Ties keep row-major order (stable sort).
-    """
-    if k < 0:
-        raise ValueError(f"top_flows must be >= 0, got {k}")
-    T = np.asarray(T)
-    flat = T.ravel()
-    order = np.argsort(-flat, kind="stable")
-    order = order[flat[order] > 0][:k]
-    return np.divmod(order, T.shape[1])
 
 
 def _grid_of(n: int, side: str) -> int:
