@@ -2,6 +2,8 @@
 # `make demo` ends with an HTML report: open runs/demo/report/index.html; `make serve-demo` explores it.
 # `make test`: set up .venv with the dev extras and run the whole test suite (browser tests included
 # where /usr/bin/chromium exists); `make test-browser`: the headless-Chromium tests alone.
+# `make docs-figures`: regenerate the explanation figures in docs/ (trains the demo checkpoints it lacks
+# under runs/docs; `make docs-figures CUB=/data/CUB_200_2011` adds the birds_* figures).
 # `make lint`: ruff (lint and format check) on src, tests and bench, and mypy on src (`make test` runs it too).
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +14,7 @@ PYTEST_ARGS ?=
 
 DEMO_CKPT := runs/demo/checkpoints/best.ckpt
 
-.PHONY: demo serve-demo test test-browser lint lint-only setup setup-dev clean
+.PHONY: demo serve-demo docs-figures test test-browser lint lint-only setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +42,9 @@ demo: setup
 
 serve-demo: setup
 	$(BIN)/glassmetric serve --checkpoint $(DEMO_CKPT)
+
+docs-figures: setup
+	$(BIN)/python docs/figures.py $(if $(CUB),--cub-root $(CUB))
 
 # the tests, then the lint; either failing fails `make test`
 test: setup-dev

@@ -38,7 +38,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from cub50 import mean_std
 from markdown_block import write_block
@@ -319,25 +318,11 @@ def correspondence_section(name: str, corr: dict) -> str:
 
 
 def part_mass_figure(masses: dict[str, dict[str, float]], n_cells: int, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    from glassmetric.explain.figures import part_mass_figure as figure
     from glassmetric.explain.figures import save_figure
 
-    parts = list(next(iter(masses.values())))
-    fig = Figure(figsize=(10, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / len(masses)
-    for i, (name, mass) in enumerate(masses.items()):
-        ax.bar(np.arange(len(parts)) + i * width, [mass[p] for p in parts], width, label=name, zorder=2)
-    ax.axhline(1.0 / n_cells, color="0.3", ls="--", lw=1, label=f"even spread 1/{n_cells}")
-    ax.set_xticks(np.arange(len(parts)) + width * (len(masses) - 1) / 2, parts, rotation=35, ha="right")
-    ax.set_ylabel("share of SS from the\ncell holding the part")
-    ax.grid(axis="y", color="0.88", zorder=0)
-    ax.legend(fontsize=8)
-    ax.set_title("Which bird parts carry the structural similarity (CUB-50 test pairs, same class)", fontsize=11)
-    save_figure(fig, path)
+    title = "Which bird parts carry the structural similarity (CUB-50 test pairs, same class)"
+    save_figure(figure(masses, n_cells, title=title), path)
 
 
 def main() -> None:

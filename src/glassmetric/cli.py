@@ -127,7 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("image_y", help="second image (the candidate)")
     ex.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
     ex.add_argument("-o", "--output", default="pair.png", help="figure file (.png, .svg, .pdf, .jpg, ...)")
-    ex.add_argument("--top-flows", type=int, default=12, help="number of strongest flows drawn")
+    ex.add_argument(
+        "--top-flows", type=int, default=64, help="most flows drawn (the strongest, until they carry half of SS)"
+    )
 
     rp = sub.add_parser("report", help="write a static HTML retrieval report with explanations (opens offline)")
     rp.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
@@ -428,7 +430,7 @@ def _eval_groups_figure(args, retriever, name, dataset, gallery, report: dict) -
     import numpy as np
 
     from glassmetric.explain.figures import group_attention_grid_figure, save_figure
-    from glassmetric.explain.pair import model_view
+    from glassmetric.explain.frames import framed
 
     cfg, parts = retriever.cfg, report.get("group_parts")
     if "attention" not in retriever.fields:
@@ -438,7 +440,7 @@ def _eval_groups_figure(args, retriever, name, dataset, gallery, report: dict) -
     att = retriever.embed(raw, fields=("attention",)).attention
     heads = [v["part"] for v in parts["groups"].values()] if parts else None
     fig = group_attention_grid_figure(
-        [model_view(cfg, img) for img in raw],
+        [framed(cfg, img) for img in raw],
         att.float().cpu(),
         group_parts=heads,
         titles=[f"class {int(dataset.labels[i])}" for i in picked],

@@ -44,8 +44,9 @@ def test_retriever_explains_a_pair_over_groups_and_draws_the_figure(checkpoint, 
     assert e.groups == 3 and e.attention_x.shape == (3, 2, 2)
     torch.testing.assert_close(e.attention_x.sum((1, 2)), torch.ones(3, dtype=torch.float64))
     assert float(e.contribution.sum()) == pytest.approx(float(e.score), abs=1e-6)
-    fig = group_pair_figure(*pair.images, e)
-    assert len(fig.axes) == 2 * (1 + 3) + 1 + 1  # images and group panels, bars, colour bar
+    fig = group_pair_figure(*pair.originals, e)
+    assert len(fig.axes) == 2 * (1 + 3) + 1  # images and group panels, colour bar
+    assert fig.axes[0].images[0].get_array().shape == (80, 80, 3)  # the 80 px files, not the 64 px input
     assert "score" in fig._suptitle.get_text()
     path = save_figure(fig, tmp_path / "g.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,6 +26,9 @@ def test_retriever_explains_a_pair_training_free_without_changing_the_model(chec
     pair = retriever.explain(*images)
     e = pair.structural
     assert pair.images[0].size == (64, 64)
+    # the original 80 px files travel with the pair for the figures, the grid on their eval crop (all of them)
+    assert [o.image.size for o in pair.originals] == [(80, 80), (80, 80)]
+    assert pair.originals[0].box == pytest.approx((0, 0, 80, 80))
     assert set(retriever.model.model.extra_heads) == set()  # no head added to the model
     model, _cfg = load_trained(checkpoint)
     # the training-free cells: the global head's linear layer at every location, pooled to 4 x 4, normalised

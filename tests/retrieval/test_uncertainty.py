@@ -62,7 +62,7 @@ def test_extremes_and_grid_figure(tmp_path):
     img = np.zeros((16, 16, 3), np.uint8)
     fig = uncertainty_grid_figure([img] * 2, u[most], [True, False], [img] * 2, u[least], [True, True], columns=3)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles == ["u = 0.9", "u = 0.7", "u = 0.1", "u = 0.2"]
+    assert titles == ["\u2713 u = 0.9", "\u2717 u = 0.7", "\u2713 u = 0.1", "\u2713 u = 0.2"]
     from glassmetric.explain.figures import save_figure
 
     assert save_figure(fig, tmp_path / "grid.png").stat().st_size > 1000

@@ -1,24 +1,28 @@
 """Figures that explain a structural (DIML) or a grouping (DGML, :func:`group_pair_figure`) match
-to a person.
+to a person, readable at a glance.
 
 :func:`structural_pair_figure` draws why two images were judged alike by the structural
-similarity of :mod:`glassmetric.similarity.structural`:
+similarity ``SS = sum_ij T_ij S_ij`` of :mod:`glassmetric.similarity.structural`:
 
-* the two images side by side, each covered by its ``g x g`` grid of cells (row-major, the grid
-  stretched over the whole image as the model saw it), with the marginals ``mu`` (query cells)
-  and ``nu`` (candidate cells) as a semi-transparent heat map;
-* the strongest flows ``T_ij`` of the transport plan as lines from the centre of cell ``i`` of
-  the query to the centre of cell ``j`` of the candidate, width proportional to ``T_ij``, colour
-  by the cell similarity ``S_ij``;
-* a bar chart of what each query cell contributes to ``SS`` (``sum_j T_ij S_ij``), sorted;
-* the global cosine, ``SS`` and the multi-scale score in the title.
+* both photos at their own resolution, each with the model's ``g x g`` grid of cells (row-major)
+  laid over the box its input covers (dashed when the model saw only part of the photo);
+* each cell shaded by its share of ``SS`` (``sum_j T_ij S_ij / SS`` for a query cell,
+  ``sum_i T_ij S_ij / SS`` for a candidate cell) with a colour whose opacity grows with the
+  value (transparent at 0; the scale reaches at least 3x the even share ``1/N``, so an even
+  spread leaves the photos nearly clear), the share written in the cell's corner;
+* the strongest cell pairs by their contribution ``T_ij S_ij`` as curves from cell ``i`` of the
+  query to cell ``j`` of the candidate, width proportional to ``T_ij S_ij``: the fewest that
+  carry half of ``SS`` (at most ``top_flows``), the share they carry stated in the title;
+* the global cosine, ``SS`` and the multi-scale score on top, one colour bar, and a one-line
+  "how to read this" under it.
 
 Only the object-oriented Matplotlib API is used (a :class:`matplotlib.figure.Figure` on an Agg
 canvas, never ``pyplot``), so figures can be made from several threads at once (a web server).
 
-Layout of the returned figure: ``fig.axes`` is ``[pair, contributions, mass colour bar,
-similarity colour bar]``. The flow lines are one :class:`~matplotlib.collections.LineCollection`
-on the pair axes with gid :data:`FLOWS_GID`, segments drawn weakest first (the strongest on top).
+Layout of the returned figure: ``fig.axes`` is ``[pair, colour bar]``. The flow lines are one
+:class:`~matplotlib.collections.LineCollection` on the pair axes with gid :data:`FLOWS_GID`,
+segments drawn weakest first (the strongest on top); the shaded cells are images with gids
+``"share-x"`` and ``"share-y"``.
 """
 
 from __future__ import annotations
@@ -30,11 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from glassmetric.explain.overlays import (
+    Picture,
+    add_caption,
+    alpha_ramp,
+    draw_picture,
+    picture,
+    shade,
+)
 from glassmetric.similarity.structural import StructuralExplanation
 
 __all__ = [
@@ -42,21 +55,24 @@ __all__ = [
     "cell_centres",
     "cell_labels",
     "format_scores",
+    "group_attention_grid_figure",
     "group_pair_figure",
+    "part_mass_figure",
     "save_figure",
+    "strongest_flows",
     "structural_pair_figure",
-    "top_flows_of",
 ]
 
 #: gid of the LineCollection holding the flow lines of :func:`structural_pair_figure`
 FLOWS_GID = "structural-flows"
 
-_MASS_CMAP = "magma"
-_SIM_CMAP = "coolwarm"
-_HEAT_ALPHA = 0.35  # light enough to see the image through the cell masses
-_MAX_LINEWIDTH = 7.0
-_MIN_LINEWIDTH = 0.4
-_GAP = 0.16  # horizontal gap between the two images, in units of the image height
+SHARE_CMAP = "viridis"  # a cell's share of SS
+ATTENTION_CMAP = "magma"  # a group's attention
+_EVEN_TIMES = 3.0  # the share scale reaches at least 3x the even share of a cell
+_MAX_LINEWIDTH = 6.0
+_MIN_LINEWIDTH = 0.5
+_GAP = 0.16  # horizontal gap between the two photos, in units of the photo height
+_OUTLINE = [patheffects.withStroke(linewidth=2.2, foreground="black")]
 
 
 def cell_centres(grid: int, width: float, height: float) -> np.ndarray:
@@ -140,32 +156,6 @@ def format_scores(explanation: StructuralExplanation) -> str:
     return f"global {_signed(g)} + structural {_signed(ss)} = score {_signed(score)}"
 
 
-def top_flows_of(T: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of the ``min(k, #nonzero)`` largest entries of ``T``, largest first.
-
-    Ties keep row-major order (stable sort).
-    """
-    if k < 0:
-        raise ValueError(f"top_flows must be >= 0, got {k}")
-    T = np.asarray(T)
-    flat = T.ravel()
-    order = np.argsort(-flat, kind="stable")
-    order = order[flat[order] > 0][:k]
-    return np.divmod(order, T.shape[1])
-
-
-def _as_image(image, name: str) -> np.ndarray:
-    """PIL image or HxW / HxWx3 / HxWx4 array (uint8, or float in [0, 1]) -> array for imshow."""
-    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        return np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        return arr
-    if arr.ndim == 2:
-        return np.repeat(arr[..., None], 3, axis=-1)
-    raise ValueError(f"{name} must be a PIL image or an HxWx3 array, got shape {arr.shape}")
-
-
 def _grid_of(n: int, side: str) -> int:
     g = math.isqrt(n)
     if g * g != n:
@@ -191,12 +181,72 @@ def _arcs(start: np.ndarray, end: np.ndarray, points: int = 24) -> np.ndarray:
     return (1 - t) ** 2 * start[:, None] + 2 * (1 - t) * t * control[:, None] + t**2 * end[:, None]
 
 
+def strongest_flows(
+    T: np.ndarray, S: np.ndarray, *, share: float = 0.5, limit: int = 64
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The cell pairs with the largest contributions ``T_ij S_ij``, largest first (ties: row-major):
+    the fewest whose contributions sum to ``share`` of ``SS = sum_ij T_ij S_ij``, at most ``limit``
+    (only positive contributions are drawn).
+
+    Returns ``(rows, cols, carried)`` with ``carried = sum of their T_ij S_ij / SS`` (NaN when
+    ``SS <= 0``, where no share can be stated).
+    """
+    if limit < 0:
+        raise ValueError(f"top_flows must be >= 0, got {limit}")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"flow_share must be in [0, 1], got {share}")
+    TS = np.asarray(T, dtype=np.float64) * np.asarray(S, dtype=np.float64)
+    flat = TS.ravel()
+    ss = float(flat.sum())
+    order = np.argsort(-flat, kind="stable")
+    order = order[flat[order] > 0][:limit]
+    if ss > 0 and len(order):
+        reached = np.flatnonzero(np.cumsum(flat[order]) >= share * ss * (1 - 1e-12))
+        if len(reached):
+            order = order[: reached[0] + 1]
+    carried = float(flat[order].sum()) / ss if ss > 0 else math.nan
+    rows, cols = np.divmod(order, TS.shape[1])
+    return rows, cols, carried
+
+
+def _percent(v: float) -> str:
+    if abs(v) < 0.5:
+        return "0%"
+    return f"{v:.0f}%" if v >= 0 else f"({v:.0f}%)"
+
+
+def _cell_texts(ax, centres: np.ndarray, cell_w: float, cell_h: float, texts: Sequence[str], fontsize: float) -> None:
+    """Write each cell's text in its top-left corner (clear of the flow ends at the centres)."""
+    for (cx, cy), text in zip(centres, texts, strict=True):
+        ax.text(
+            cx - 0.46 * cell_w,
+            cy - 0.46 * cell_h,
+            text,
+            ha="left",
+            va="top",
+            fontsize=fontsize,
+            color="white",
+            fontweight="bold",
+            path_effects=_OUTLINE,
+            zorder=6,
+        )
+
+
+def _grid_lines(ax, box: tuple[float, float, float, float], g: int) -> None:
+    left, top, right, bottom = box
+    style: dict[str, Any] = {"color": "white", "lw": 0.6, "alpha": 0.6, "zorder": 3}
+    for k in range(1, g):
+        ax.plot([left + (right - left) * k / g] * 2, [top, bottom], **style)
+        ax.plot([left, right], [top + (bottom - top) * k / g] * 2, **style)
+
+
 def structural_pair_figure(
     image_x,
     image_y,
     explanation: StructuralExplanation,
     *,
-    top_flows: int = 12,
+    top_flows: int = 64,
+    flow_share: float = 0.5,
     titles: tuple[str, str] = ("query", "candidate"),
     part_names: Sequence[str] | Mapping[Any, str] | None = None,
     notes: tuple[str, str] | None = None,
@@ -204,189 +254,133 @@ def structural_pair_figure(
     """The figure that explains why ``image_x`` and ``image_y`` were judged alike.
 
     Args:
-        image_x, image_y: the two images as they entered the model (PIL images or ``HxWx3``
-            uint8 arrays, already centre-cropped); the cell grid covers each whole image, so
-            non-square images stretch the grid.
+        image_x, image_y: the two photos, each a :class:`~glassmetric.explain.frames.FramedImage`
+            (the original and the box the model's input covers; drawn at its own resolution) or
+            the image as the model saw it (PIL image or ``HxWx3`` array; the grid covers all of it).
         explanation: :func:`glassmetric.similarity.structural.explain_pair` of the pair (x
             first), for ONE pair: ``S``/``T`` of shape ``(N, M)`` with ``N`` and ``M`` squares.
-        top_flows: how many of the largest transport flows ``T_ij`` to draw (fewer when ``T``
-            has fewer nonzero entries; 0 draws none).
-        titles: names of the two images.
-        notes: a short note written after each image's title (e.g. its uncertainty).
-        part_names: names for the query's cells in the bar chart, a sequence of ``N`` names or a
-            mapping from a cell index / ``(row, col)`` to a name (see :func:`cell_labels`).
+        top_flows: the most cell pairs drawn; flow_share: draw the fewest strongest pairs that
+            carry this share of ``SS`` (see :func:`strongest_flows`); ``top_flows=0`` draws none.
+        titles: names of the two images; notes: a short note after each title (e.g. its uncertainty).
+        part_names: names written in the query's cells beside their share, a sequence of ``N``
+            names or a mapping from a cell index / ``(row, col)`` to a name (see :func:`cell_labels`).
 
     Returns:
         A :class:`matplotlib.figure.Figure` on an Agg canvas (no pyplot state); save it with
-        :func:`save_figure`. Axes: ``[pair, contributions, mass colour bar, similarity colour bar]``.
+        :func:`save_figure`. Axes: ``[pair, colour bar]``.
     """
     S, T = _array(explanation.S), _array(explanation.T)
     if S.ndim != 2 or T.shape != S.shape:
         raise ValueError(f"expected one pair's explanation with S and T of shape (N, M), got S {S.shape}, T {T.shape}")
-    mu, nu = _array(explanation.mu).reshape(-1), _array(explanation.nu).reshape(-1)
     contrib_x = _array(explanation.region_contribution_x).reshape(-1)
+    contrib_y = _array(explanation.region_contribution_y).reshape(-1)
     n, m = S.shape
-    if mu.size != n or nu.size != m or contrib_x.size != n:
+    if _array(explanation.mu).size != n or _array(explanation.nu).size != m or contrib_x.size != n:
         raise ValueError("explanation fields disagree in their number of cells")
     gx, gy = _grid_of(n, "the query (rows of S)"), _grid_of(m, "the candidate (columns of S)")
-    labels = cell_labels(gx, part_names)
+    names = cell_labels(gx, part_names) if part_names is not None else None
     ss = _scalar(explanation.ss)
-    img_x, img_y = _as_image(image_x, "image_x"), _as_image(image_y, "image_y")
-    rows, cols = top_flows_of(T, int(top_flows))
+    rows, cols, carried = strongest_flows(T, S, share=flow_share, limit=int(top_flows))
+    pics = [picture(image_x, "image_x"), picture(image_y, "image_y")]
 
-    # ---- layout: both images on one axes, each scaled to height 1 (aspect kept)
-    wx = img_x.shape[1] / img_x.shape[0]
-    wy = img_y.shape[1] / img_y.shape[0]
-    x0_y = wx + _GAP
-    total_w = x0_y + wy
+    # shares of SS in percent (raw contributions when SS <= 0, where a share means nothing)
+    by_share = ss > 0
+    values = [c / ss * 100.0 if by_share else c for c in (contrib_x, contrib_y)]
+    # the scale reaches at least _EVEN_TIMES the even share 100/N %, so a plan that spreads SS
+    # evenly over the cells leaves the photos nearly clear
+    even = 100.0 / min(n, m)
+    top = max(float(values[0].max()), float(values[1].max()), _EVEN_TIMES * even if by_share else 1e-12)
+    norm = Normalize(0.0, top)
+    cmap = alpha_ramp(SHARE_CMAP)
 
-    fig = Figure(figsize=(min(max(9.0, 2.2 + 4.6 * total_w), 18.0), 9.2), layout="constrained")
+    # ---- layout: both photos on one axes, each scaled to height 1 (aspect kept)
+    scales = [1.0 / p.height for p in pics]
+    widths = [p.width * s for p, s in zip(pics, scales, strict=True)]
+    lefts = [0.0, widths[0] + _GAP]
+    total_w = lefts[1] + widths[1]
+    fig = Figure(figsize=(min(max(9.0, 1.6 + 5.4 * total_w), 18.0), 7.4), layout="constrained")
     FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(2, 1, height_ratios=[3.0, 1.45])
-    ax = fig.add_subplot(gs[0])
-    axb = fig.add_subplot(gs[1])
-
-    ext_x = (0.0, wx, 1.0, 0.0)
-    ext_y = (x0_y, x0_y + wy, 1.0, 0.0)
-    ax.imshow(img_x, extent=ext_x, interpolation="antialiased")
-    ax.imshow(img_y, extent=ext_y, interpolation="antialiased")
-    mass_norm = Normalize(0.0, max(float(mu.max()), float(nu.max()), 1e-12))
-    heat_kw: dict[str, Any] = {"cmap": _MASS_CMAP, "norm": mass_norm, "alpha": _HEAT_ALPHA, "interpolation": "nearest"}
-    heat = ax.imshow(mu.reshape(gx, gx), extent=ext_x, **heat_kw)
-    ax.imshow(nu.reshape(gy, gy), extent=ext_y, **heat_kw)
-
-    # cell grid and row / column indices
-    grid_style: dict[str, Any] = {"color": "white", "lw": 0.6, "alpha": 0.55}
-    # row indices left of the query and right of the candidate, clear of the flows in the gap
-    for x0, w, g, left in ((0.0, wx, gx, True), (x0_y, wy, gy, False)):
-        for k in range(1, g):
-            ax.plot([x0 + w * k / g] * 2, [0, 1], **grid_style)
-            ax.plot([x0, x0 + w], [k / g] * 2, **grid_style)
-        fs = 8 if g <= 8 else 6
-        for k in range(g):
-            ax.text(x0 + w * (k + 0.5) / g, -0.012, str(k), ha="center", va="bottom", fontsize=fs, color="0.35")
-            ax.text(
-                x0 - 0.012 if left else x0 + w + 0.012,
-                (k + 0.5) / g,
-                str(k),
-                ha="right" if left else "left",
-                va="center",
-                fontsize=fs,
-                color="0.35",
-            )
-    for (x0, w), title, g, note in (
-        ((0.0, wx), titles[0], gx, (notes or ("", ""))[0]),
-        ((x0_y, wy), titles[1], gy, (notes or ("", ""))[1]),
-    ):
+    ax = fig.add_subplot()
+    boxes, centres, heat = [], [], None
+    for side, (pic, s, x0, g, vals) in enumerate(zip(pics, scales, lefts, (gx, gy), values, strict=True)):
+        draw_picture(ax, pic, (x0, x0 + pic.width * s, 1.0, 0.0), s, x0)
+        left, top_, right, bottom = pic.box
+        box = (x0 + left * s, top_ * s, x0 + right * s, bottom * s)
+        boxes.append(box)
+        heat = shade(ax, vals.reshape(g, g), (box[0], box[2], box[3], box[1]), cmap, norm, gid=f"share-{'xy'[side]}")
+        _grid_lines(ax, box, g)
+        cw, ch = (box[2] - box[0]) / g, (box[3] - box[1]) / g
+        centre = cell_centres(g, box[2] - box[0], box[3] - box[1]) + np.array([box[0], box[1]])
+        centres.append(centre)
+        if g <= 10:
+            texts = [_percent(v) if by_share else f"{v:.2g}" for v in vals]
+            if side == 0 and names is not None:
+                texts = [f"{name} {t}" for name, t in zip(names, texts, strict=True)]
+            _cell_texts(ax, centre, cw, ch, texts, fontsize=9 if g <= 5 else 7)
+    for x0, w, pic, title, note in zip(lefts, widths, pics, titles, notes or ("", ""), strict=True):
+        size = f"{pic.width}x{pic.height} px"
         ax.text(
             x0 + w / 2,
-            -0.06,
-            f"{title}  ({g}x{g} cells)" + (f", {note}" if note else ""),
+            -0.02,
+            f"{title}  ({size})" + (f", {note}" if note else ""),
             ha="center",
             va="bottom",
             fontsize=12,
             fontweight="bold",
         )
 
-    # flow lines (weakest first, so the strongest are drawn on top)
-    cx = cell_centres(gx, wx, 1.0)
-    cy = cell_centres(gy, wy, 1.0) + np.array([x0_y, 0.0])
-    s_lim = max(float(np.abs(S).max()), 1e-6)
-    sim_norm = Normalize(-s_lim, s_lim)
-    t_top = T[rows, cols]
+    # flow lines (weakest first, so the strongest are drawn on top), width proportional to T_ij S_ij
+    ts = (T * S)[rows, cols]
     order = np.arange(len(rows))[::-1]
-    segments = _arcs(cx[rows[order]], cy[cols[order]])
-    widths = np.maximum(_MAX_LINEWIDTH * t_top[order] / t_top.max(), _MIN_LINEWIDTH) if len(rows) else np.zeros(0)
-    flows = LineCollection(
+    segments = _arcs(centres[0][rows[order]], centres[1][cols[order]])
+    lw = np.maximum(_MAX_LINEWIDTH * ts[order] / ts.max(), _MIN_LINEWIDTH) if len(rows) else np.zeros(0)
+    outline = LineCollection(
         segments,  # type: ignore[arg-type]  # an (F, points, 2) array works; matplotlib's stubs ask for a Sequence
-        linewidths=widths,
-        cmap=_SIM_CMAP,
-        norm=sim_norm,
+        linewidths=lw + 1.6,
+        colors="black",
         capstyle="round",
         zorder=4,
+        alpha=0.7,
     )
-    flows.set_array(S[rows[order], cols[order]] if len(rows) else np.zeros(0))
+    flows = LineCollection(
+        segments,  # type: ignore[arg-type]
+        linewidths=lw,
+        colors="white",
+        capstyle="round",
+        zorder=4.1,
+    )
     flows.set_gid(FLOWS_GID)
+    ax.add_collection(outline)
     ax.add_collection(flows)
     if len(rows):
-        # a black outline 1.6 pt wider than each line keeps it visible on any background
-        outline = LineCollection(
-            segments,  # type: ignore[arg-type]  # an (F, points, 2) array works; matplotlib's stubs ask for a Sequence
-            linewidths=widths + 1.6,
-            colors="black",
-            capstyle="round",
-            zorder=3.9,
-            alpha=0.8,
-        )
-        ax.add_collection(outline)
-        ends = np.concatenate([cx[np.unique(rows)], cy[np.unique(cols)]])
-        ax.scatter(ends[:, 0], ends[:, 1], s=16, c="white", edgecolors="black", linewidths=0.8, zorder=5)
+        ends = np.concatenate([centres[0][np.unique(rows)], centres[1][np.unique(cols)]])
+        ax.scatter(ends[:, 0], ends[:, 1], s=14, c="white", edgecolors="black", linewidths=0.8, zorder=5)
 
-    ax.set_xlim(-0.05, total_w + 0.05)
-    ax.set_ylim(1.0 + 0.01, -0.1)
+    ax.set_xlim(-0.02, total_w + 0.02)
+    ax.set_ylim(1.0 + 0.01, -0.09)
     ax.set_aspect("equal")
     ax.set_axis_off()
-    shown_mass = float(t_top.sum())
-    ax.set_title(
-        f"lines: the {len(rows)} strongest of {n * m} flows $T_{{ij}}$ (width $\\propto T_{{ij}}$, "
-        f"carrying {100 * shown_mass:.0f}% of the transport mass); "
-        f"heat: cell mass $\\mu_i$ / $\\nu_j$",
-        fontsize=9.5,
-        color="0.25",
-        pad=10,
-    )
-    cb_mass = fig.colorbar(heat, ax=ax, location="right", shrink=0.85, pad=0.01, fraction=0.035)
-    cb_mass.set_label(r"cell mass $\mu_i$, $\nu_j$ (uniform $= 1/N$ dashed)", fontsize=9)
-    cb_mass.ax.axhline(1.0 / n, color="deepskyblue", lw=1.5, ls="--")
-    cb_sim = fig.colorbar(flows, ax=ax, location="right", shrink=0.85, pad=0.01, fraction=0.035)
-    cb_sim.set_label(r"cell similarity $S_{ij}$", fontsize=9)
-    for cb in (cb_mass, cb_sim):
-        cb.ax.tick_params(labelsize=8)
-
-    # ---- contributions of the query's cells to SS
-    idx = np.argsort(-contrib_x, kind="stable")
-    vals = contrib_x[idx]
-    colours = np.where(vals >= 0, "#2a7f9e", "#d9603b")
-    pos = np.arange(n)
-    axb.bar(pos, vals, color=colours, width=0.8, zorder=2)
-    axb.axhline(0.0, color="0.3", lw=0.8, zorder=3)
-    many = n > 16
-    axb.set_xticks(pos, [labels[i] for i in idx], rotation=90 if many else 0, fontsize=7 if many else 8.5)
-    axb.set_xlim(-0.7, n - 0.3)
-    axb.set_ylabel("contribution to SS\n" + r"$\Sigma_j\, T_{ij} S_{ij}$", fontsize=9)
-    axb.tick_params(axis="y", labelsize=8)
-    axb.grid(axis="y", color="0.88", zorder=0)
-    for side in ("top", "right"):
-        axb.spines[side].set_visible(False)
-    if not many:
-        span = float(np.abs(vals).max()) or 1.0
-        for p, v in zip(pos, vals, strict=True):
-            if abs(v) < 0.01 * span:  # labels of invisible bars would only clutter
-                continue
-            axb.text(
-                float(p),
-                v + (0.02 if v >= 0 else -0.02) * span,
-                f"{v:.2g}",
-                ha="center",
-                va="bottom" if v >= 0 else "top",
-                fontsize=7,
-                color="0.25",
-            )
-        axb.margins(y=0.12)
-    if abs(ss) >= 1e-12 and np.all(vals * np.sign(ss) >= 0):
-        share = f", top 3 cells: {100 * float(vals[:3].sum()) / ss:.0f}% of it"
-    elif np.any(vals * np.sign(ss) < 0):
-        share = f"; {'orange' if ss >= 0 else 'blue'} bars pull it towards 0"
+    if len(rows) == 0:
+        flow_text = "no cell pairs drawn"
+    elif math.isnan(carried):
+        flow_text = f"the {len(rows)} strongest of {n * m} cell pairs by $T_{{ij}} S_{{ij}}$ (SS <= 0: no share)"
     else:
-        share = ""
-    axb.set_title(
-        f"what each {titles[0]} cell contributes to the structural score "
-        f"(bars sum to SS = {round(ss, 2) + 0.0:.2f}{share})",
-        fontsize=10,
-        loc="left",
-    )
-
+        flow_text = f"the {len(rows)} strongest of {n * m} cell pairs carry {100 * carried:.0f}% of SS"
+    ax.set_title(f"lines: {flow_text} (width $\\propto T_{{ij}} S_{{ij}}$)", fontsize=10.5, color="0.2", pad=4)
+    assert heat is not None  # drawn for both photos
+    cb = fig.colorbar(heat, ax=ax, location="right", shrink=0.8, pad=0.01, fraction=0.03)
+    if by_share:
+        cb.set_label(f"cell's share of SS (%); even spread {even:.3g}% dashed", fontsize=9.5)
+        cb.ax.axhline(even, color="0.2", lw=1.2, ls="--")
+    else:
+        cb.set_label("cell's contribution to SS", fontsize=9.5)
+    cb.ax.tick_params(labelsize=8)
     fig.suptitle(format_scores(explanation), fontsize=15, fontweight="bold")
+    add_caption(
+        fig,
+        "brighter cells carry more of SS (share written in each); lines join the cells the plan matches, "
+        "thicker = more of SS" + ("; dashed: what the model sees" if any(p.cropped for p in pics) else ""),
+    )
     return fig
 
 
@@ -404,25 +398,24 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 120) ->
 
 # ---------------------------------------------------------------------------- attentive grouping
 
-_ATT_CMAP = "jet"
-_ATT_ALPHA = 0.45
 
-
-def _attention_panel(ax, img: np.ndarray, amap: np.ndarray, vmax: float, marker_size: float = 12):
-    """``img`` with one attention map bilinearly upsampled over it and its peak marked; returns the heat image."""
-    h, w = img.shape[:2]
-    ax.imshow(img, extent=(0, w, h, 0))
-    heat = ax.imshow(
-        amap, extent=(0, w, h, 0), cmap=_ATT_CMAP, alpha=_ATT_ALPHA, interpolation="bilinear", vmin=0.0, vmax=vmax
-    )
+def _attention_panel(ax, pic: Picture, amap: np.ndarray, norm: Normalize, marker_size: float = 12):
+    """``pic`` at its own resolution with one attention map smoothly upsampled over the model's box
+    (transparent where the attention is low) and its peak marked; returns the shaded image."""
+    w, h = pic.width, pic.height
+    draw_picture(ax, pic, (0, w, h, 0), 1.0)
+    left, top, right, bottom = pic.box
+    heat = shade(ax, amap, (left, right, bottom, top), alpha_ramp(ATTENTION_CMAP), norm, smooth=True)
     r, c = np.unravel_index(int(np.argmax(amap)), amap.shape)
     ax.plot(
-        (c + 0.5) * w / amap.shape[1],
-        (r + 0.5) * h / amap.shape[0],
+        left + (c + 0.5) * (right - left) / amap.shape[1],
+        top + (r + 0.5) * (bottom - top) / amap.shape[0],
         marker="+",
         color="white",
         markersize=marker_size,
         mew=2.5,
+        path_effects=_OUTLINE,
+        zorder=5,
     )
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
@@ -430,12 +423,25 @@ def _attention_panel(ax, img: np.ndarray, amap: np.ndarray, vmax: float, marker_
     return heat
 
 
+def _plain_panel(ax, pic: Picture) -> None:
+    draw_picture(ax, pic, (0, pic.width, pic.height, 0), 1.0)
+    ax.set_xlim(0, pic.width)
+    ax.set_ylim(pic.height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+_ATTENTION_CAPTION = "brighter = more of the group's attention (which sums to 1 over the image); + marks its peak"
+
+
 def group_attention_grid_figure(images, attention, *, titles=None, group_parts=None) -> Figure:
-    """Where each attention group looks, on several images: one row per image, the image then
-    one panel per group (its map over the image, peak marked), every map on one colour scale.
+    """Where each attention group looks, on several images: one row per image, the photo then
+    one panel per group (its map over the photo, transparent where low, peak marked), every map
+    on one colour scale.
 
     Args:
-        images: a sequence of images (PIL, arrays or CHW tensors) the maps were computed on.
+        images: a sequence of images the maps were computed on: :class:`~glassmetric.explain.frames.FramedImage`
+            originals (drawn at their own resolution) or the model's views (PIL images or arrays).
         attention: ``(n, k, h, w)`` attention maps (each sums to 1 over positions).
         titles: optional per-image labels (left column); group_parts: optional per-group
             column headings, e.g. the part each group most often peaks on.
@@ -446,42 +452,44 @@ def group_attention_grid_figure(images, attention, *, titles=None, group_parts=N
     if att.ndim != 4 or att.shape[0] != len(images):
         raise ValueError(f"attention must be (n={len(images)}, k, h, w), got shape {att.shape}")
     n, k = att.shape[:2]
-    fig = Figure(figsize=(1.7 * (k + 1) + 0.8, 1.7 * n + 0.7), layout="constrained")
+    pics = [picture(images[row], f"image {row}") for row in range(n)]
+    aspect = max(p.width / p.height for p in pics)
+    fig = Figure(figsize=(1.9 * aspect * (k + 1) + 1.0, 1.9 * n + 1.0), layout="constrained")
     FigureCanvasAgg(fig)
-    vmax = float(att.max())
+    norm = Normalize(0.0, float(att.max()) or 1.0)
     heat = None
-    for row in range(n):
-        img = _as_image(images[row], f"image {row}")
+    for row, pic in enumerate(pics):
         ax = fig.add_subplot(n, k + 1, row * (k + 1) + 1)
-        ax.imshow(img)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _plain_panel(ax, pic)
         if titles is not None:
             ax.set_ylabel(str(titles[row]), fontsize=8)
         for i in range(k):
             ax = fig.add_subplot(n, k + 1, row * (k + 1) + i + 2)
-            heat = _attention_panel(ax, img, att[row, i], vmax, marker_size=8)
+            heat = _attention_panel(ax, pic, att[row, i], norm, marker_size=8)
             if row == 0:
                 head = f"group {i + 1}" + (f"\n({group_parts[i]})" if group_parts is not None else "")
                 ax.set_title(head, fontsize=9)
     assert heat is not None  # at least one image and one group
-    fig.colorbar(heat, ax=fig.axes, location="right", shrink=0.4, label="attention")
+    cb = fig.colorbar(heat, ax=fig.axes, location="right", shrink=min(0.5, 4.0 / n), label="attention per cell")
+    cb.ax.tick_params(labelsize=8)
+    add_caption(fig, _ATTENTION_CAPTION)
     return fig
 
 
 def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] = ("query", "candidate")) -> Figure:
     """The figure that explains a grouping (DGML) match: where each group looked, and what it scored.
 
-    Rows: the two images. Columns: the image, then one panel per group with that group's
-    attention map (bilinearly upsampled over the image, its peak marked). Each group's column
-    is headed by its cosine between the two images; the bar chart at the bottom shows each
-    group's contribution ``cos_i / k``, and the title the sum, the cosine of the concatenated
-    embeddings used for ranking.
+    Rows: the two photos (:class:`~glassmetric.explain.frames.FramedImage` originals at their
+    own resolution, or the model's views). Columns: the photo, then one panel per group with
+    that group's attention map smoothly upsampled over the model's box (transparent where low,
+    its peak marked). Each group's column is headed by its cosine between the two images and
+    what it adds to the score, ``cos_i / k``; the title is the sum, the cosine of the
+    concatenated embeddings used for ranking.
 
     Args:
         explanation: a :class:`glassmetric.explain.groups.GroupExplanation` of one pair.
 
-    Axes: ``fig.axes`` is ``[row x: image, group 1 .. k, row y: image, group 1 .. k, bars]``.
+    Axes: ``fig.axes`` is ``[row x: image, group 1 .. k, row y: image, group 1 .. k, colour bar]``.
     """
     k = explanation.groups
     att = [_array(explanation.attention_x), _array(explanation.attention_y)]
@@ -490,36 +498,64 @@ def group_pair_figure(image_x, image_y, explanation, *, titles: tuple[str, str] 
     sim = _array(explanation.group_similarity).reshape(-1)
     contrib = _array(explanation.contribution).reshape(-1)
     score = _scalar(explanation.score)
-    images = [_as_image(image_x, "image_x"), _as_image(image_y, "image_y")]
+    pics = [picture(image_x, "image_x"), picture(image_y, "image_y")]
+    aspect = max(p.width / p.height for p in pics)
 
-    fig = Figure(figsize=(2.3 * (k + 1) + 0.6, 6.9), layout="constrained")
+    fig = Figure(figsize=(2.5 * aspect * (k + 1) + 1.0, 6.4), layout="constrained")
     FigureCanvasAgg(fig)
-    gs = fig.add_gridspec(3, k + 1, height_ratios=[1.0, 1.0, 0.62])
-    vmax = max(float(a.max()) for a in att)
-    for row, (img, maps, title) in enumerate(zip(images, att, titles, strict=False)):
-        ax = fig.add_subplot(gs[row, 0])
-        ax.imshow(img)
-        ax.set_title(title, fontsize=10, fontweight="bold")
+    norm = Normalize(0.0, max(float(a.max()) for a in att) or 1.0)
+    heat = None
+    for row, (pic, maps, title) in enumerate(zip(pics, att, titles, strict=False)):
+        ax = fig.add_subplot(2, k + 1, row * (k + 1) + 1)
+        _plain_panel(ax, pic)
         ax.set_axis_off()
+        ax.set_title(f"{title}\n({pic.width}x{pic.height} px)", fontsize=10, fontweight="bold")
         for i in range(k):
-            ax = fig.add_subplot(gs[row, i + 1])
-            heat = _attention_panel(ax, img, maps[i], vmax)
+            ax = fig.add_subplot(2, k + 1, row * (k + 1) + i + 2)
+            heat = _attention_panel(ax, pic, maps[i], norm)
             if row == 0:
-                ax.set_title(f"group {i + 1}: cos {_signed(float(sim[i]))}", fontsize=10)
-    fig.colorbar(heat, ax=fig.axes[-1], location="right", shrink=0.8, label="attention $a_{ip}$")
-    axb = fig.add_subplot(gs[2, :])
-    pos = np.arange(k)
-    axb.bar(pos, contrib, color=np.where(contrib >= 0, "#2a7f9e", "#d9603b"), width=0.6, zorder=2)
-    axb.axhline(0.0, color="0.3", lw=0.8)
-    for p, v in zip(pos, contrib, strict=True):
-        axb.text(p, v, f"{v:.3f}", ha="center", va="bottom" if v >= 0 else "top", fontsize=9)
-    axb.set_xticks(pos, [f"group {i + 1}" for i in range(k)])
-    axb.set_ylabel("contribution\n$\\cos_i / k$", fontsize=9)
-    axb.grid(axis="y", color="0.88", zorder=0)
-    axb.margins(y=0.2)
-    for side in ("top", "right"):
-        axb.spines[side].set_visible(False)
-    axb.set_title(f"each group's share of the score (bars sum to {_signed(score)})", fontsize=10, loc="left")
+                ax.set_title(
+                    f"group {i + 1}: cos {_signed(float(sim[i]))}\nadds {_signed(float(contrib[i]))}", fontsize=10
+                )
+    assert heat is not None
+    cb = fig.colorbar(heat, ax=fig.axes, location="right", shrink=0.7, label="attention per cell $a_{ip}$")
+    cb.ax.tick_params(labelsize=8)
     parts = " + ".join(_signed(float(s)) for s in sim)
     fig.suptitle(f"score {_signed(score)} = ({parts}) / {k}", fontsize=14, fontweight="bold")
+    add_caption(fig, _ATTENTION_CAPTION + "; a group adds its cos / k to the score")
+    return fig
+
+
+# ---------------------------------------------------------------------------- parts
+
+
+def part_mass_figure(masses: Mapping[str, Mapping[str, float]], n_cells: int, *, title: str | None = None) -> Figure:
+    """Which parts carry the structural similarity: for each model (``masses``: name -> {part:
+    mean share of SS from the cell holding the part}, e.g. ``part_mass`` of
+    :func:`glassmetric.explain.correspondence.evaluate_correspondence`), one bar per part, parts
+    sorted by the first model's share, the even spread ``1 / n_cells`` dashed."""
+    if not masses:
+        raise ValueError("part_mass_figure needs the part shares of at least one model")
+    first = next(iter(masses.values()))
+    parts = sorted(first, key=lambda p: -first[p])
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(masses)
+    colours = ("#3b528b", "#5ec962", "#21918c", "#fde725")  # viridis steps
+    for i, (name, mass) in enumerate(masses.items()):
+        pos = np.arange(len(parts)) + i * width
+        ax.bar(pos, [mass[p] for p in parts], width, label=name, zorder=2, color=colours[i % len(colours)])
+    ax.axhline(1.0 / n_cells, color="0.3", ls="--", lw=1, label=f"even spread 1/{n_cells}")
+    ax.set_xticks(np.arange(len(parts)) + width * (len(masses) - 1) / 2, parts, rotation=35, ha="right")
+    ax.set_ylabel("share of SS from the\ncell holding the part")
+    ax.grid(axis="y", color="0.88", zorder=0)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(title or "Which parts carry the structural similarity (same-class test pairs)", fontsize=11)
+    add_caption(
+        fig,
+        "a bar: the mean share of SS from the cell holding the part; above the dashed line, more than an even share",
+    )
     return fig

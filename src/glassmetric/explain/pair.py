@@ -19,6 +19,7 @@ from PIL import Image
 
 from glassmetric.config import Config
 from glassmetric.data.transforms import eval_geometry, normalisation
+from glassmetric.explain.frames import FramedImage, framed
 from glassmetric.explain.groups import GroupExplanation, explain_groups
 from glassmetric.similarity.introspective import IntrospectiveParams, image_uncertainty, introspective_distance_matrix
 from glassmetric.similarity.ot_settings import OTSettings
@@ -53,6 +54,8 @@ class PairExplanation:
     introspective: IntrospectiveScores | None = None
     #: present when the model has attentive groups (model.groups)
     groups: GroupExplanation | None = None
+    #: the original photos with the box the model's input covers (figures draw these when present)
+    originals: tuple[FramedImage, FramedImage] | None = None
 
 
 def model_view(cfg: Config, image: Image.Image) -> Image.Image:
@@ -69,7 +72,14 @@ def explain_images(
     introspective: IntrospectiveParams | None = None,
 ) -> PairExplanation:
     """Embed two RGB images in one batch and explain their similarity in every way the model supports."""
-    return explain_views(model, cfg, model_view(cfg, image_x), model_view(cfg, image_y), introspective=introspective)
+    return explain_views(
+        model,
+        cfg,
+        model_view(cfg, image_x),
+        model_view(cfg, image_y),
+        introspective=introspective,
+        originals=(framed(cfg, image_x), framed(cfg, image_y)),
+    )
 
 
 @torch.inference_mode()
@@ -80,13 +90,15 @@ def explain_views(
     view_y: Image.Image,
     *,
     introspective: IntrospectiveParams | None = None,
+    originals: tuple[FramedImage, FramedImage] | None = None,
 ) -> PairExplanation:
     """:func:`explain_images` of two images already in :func:`model_view` (resized, centre-cropped):
     the same explanation, as the evaluation transform is that geometry, then normalisation.
 
     The structural decomposition uses the OT settings of ``cfg``
     (:meth:`~glassmetric.similarity.ot_settings.OTSettings.from_config`); ``introspective``, the
-    parameters of the introspective distance, is needed when the model has an uncertainty head.
+    parameters of the introspective distance, is needed when the model has an uncertainty head;
+    ``originals`` (:func:`~glassmetric.explain.frames.framed` photos) are kept for the figures.
     """
     model.eval()
     backbone = cast(
@@ -110,7 +122,9 @@ def explain_views(
             raise ValueError("the model has an uncertainty head: pass introspective= (its IntrospectiveParams)")
         intro = introspective_scores(out.embedding, out.uncertainty, introspective)
     groups = explain_groups(out, out, 0, 1) if out.group_embeddings is not None else None
-    return PairExplanation(images=(view_x, view_y), structural=explanation, introspective=intro, groups=groups)
+    return PairExplanation(
+        images=(view_x, view_y), structural=explanation, introspective=intro, groups=groups, originals=originals
+    )
 
 
 def introspective_scores(

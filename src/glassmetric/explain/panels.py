@@ -4,7 +4,9 @@ and the web explorer show them.
 ``"flows"``: the structural figure (:func:`glassmetric.explain.figures.structural_pair_figure`)
 with each image's uncertainty and the pair's two IDML distances when the model has an
 uncertainty head; ``"groups"``: the per-group attention panels
-(:func:`glassmetric.explain.figures.group_pair_figure`) of a grouping model.
+(:func:`glassmetric.explain.figures.group_pair_figure`) of a grouping model. Both draw the original
+photos at their own resolution when the pair carries them (``pair.originals``), else the
+images as the model saw them.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ __all__ = ["group_summary", "pair_figures", "pair_summary"]
 
 
 def pair_figures(
-    pair: PairExplanation, titles: tuple[str, str] = ("query", "candidate"), *, top_flows: int = 12
+    pair: PairExplanation, titles: tuple[str, str] = ("query", "candidate"), *, top_flows: int = 64
 ) -> dict[str, Figure]:
-    """``{"flows": ..., "groups": ...}``: the figures the pair's explanations allow, in that order."""
+    """``{"flows": ..., "groups": ...}``: the figures the pair's explanations allow, in that order.
+
+    ``top_flows``: the most cell pairs drawn (the fewest strongest that carry half of SS).
+    """
     figures: dict[str, Figure] = {}
+    image_x, image_y = pair.originals or pair.images
     e, intro = pair.structural, pair.introspective
     if e is not None:
         # each image's uncertainty over it, the pair's two distances in the title
@@ -29,7 +35,7 @@ def pair_figures(
         if intro is not None:
             ux, uy = intro.uncertainty
             notes = (f"uncertainty {ux:.3g}", f"uncertainty {uy:.3g}")
-        fig = structural_pair_figure(*pair.images, e, top_flows=top_flows, titles=titles, notes=notes)
+        fig = structural_pair_figure(image_x, image_y, e, top_flows=top_flows, titles=titles, notes=notes)
         if intro is not None:
             fig.suptitle(
                 f"{format_scores(e)}\nsemantic distance {intro.semantic_distance:.3f}, "
@@ -39,7 +45,7 @@ def pair_figures(
             )
         figures["flows"] = fig
     if pair.groups is not None:
-        figures["groups"] = group_pair_figure(*pair.images, pair.groups, titles=titles)
+        figures["groups"] = group_pair_figure(image_x, image_y, pair.groups, titles=titles)
     return figures
 
 

@@ -1,8 +1,9 @@
 """Figures of introspective uncertainty (IDML) for people: which images does the model doubt?
 
 :func:`uncertainty_grid_figure` shows the most and the least uncertain images of a data set,
-each tile with its uncertainty ``||u||`` and a green (nearest neighbour of the same class) or
-red (of another class) frame, so a reader sees at once whether doubt goes with failure.
+each tile the photo at its own resolution with its uncertainty ``||u||`` and a frame saying
+whether its nearest neighbour is of the same class (blue, a tick) or of another (orange, a
+cross; a colour-blind-safe pair), so a reader sees at once whether doubt goes with failure.
 Object-oriented Matplotlib only (no pyplot), like :mod:`glassmetric.explain.figures`.
 """
 
@@ -14,9 +15,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from glassmetric.explain.figures import _as_image
+from glassmetric.explain.overlays import add_caption, picture
 
-HIT, MISS = "#1a9850", "#d73027"
+HIT, MISS = "#2166ac", "#e66101"
 
 
 def extremes(uncertainty: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,15 +38,20 @@ def uncertainty_grid_figure(
     columns: int = 6,
     title: str | None = None,
 ) -> Figure:
-    """Two blocks of tiles: the most uncertain images on top, the least uncertain below."""
+    """Two blocks of tiles: the most uncertain images on top, the least uncertain below.
+
+    Images: PIL images or arrays (drawn at their own resolution), or
+    :class:`~glassmetric.explain.frames.FramedImage` originals. ``fig.axes`` holds one axes per
+    tile slot, row by row (unused slots switched off).
+    """
     blocks = [
         ("most uncertain", images_most, values_most, correct_most),
         ("least uncertain", images_least, values_least, correct_least),
     ]
     rows_of = [max(1, -(-len(b[1]) // columns)) for b in blocks]
-    fig = Figure(figsize=(2.0 * columns, 2.25 * sum(rows_of) + 0.8))
+    fig = Figure(figsize=(2.0 * columns + 0.6, 2.15 * sum(rows_of) + 1.2), layout="constrained")
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(sum(rows_of), columns, hspace=0.45, wspace=0.08)
+    grid = fig.add_gridspec(sum(rows_of), columns)
     row0 = 0
     for (name, images, values, correct), rows in zip(blocks, rows_of, strict=True):
         for k in range(rows * columns):
@@ -55,16 +61,21 @@ def uncertainty_grid_figure(
             if k >= len(images):
                 ax.set_axis_off()
                 continue
-            ax.imshow(_as_image(images[k], f"{name} image {k}"))
+            pic = picture(images[k], f"{name} image {k}")
+            ax.imshow(pic.pixels, extent=(0, pic.width, pic.height, 0), interpolation="antialiased")
             colour = HIT if correct[k] else MISS
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4)
-            ax.set_title(f"u = {values[k]:.3g}", fontsize=10, color=colour)
-            if k == 0:
-                ax.set_ylabel(name, fontsize=11, fontweight="bold")
+            mark = "\u2713" if correct[k] else "\u2717"
+            ax.set_title(f"{mark} u = {values[k]:.3g}", fontsize=10, color=colour, fontweight="bold")
+            if k % columns == 0:
+                ax.set_ylabel(name if k == 0 else "", fontsize=11, fontweight="bold")
         row0 += rows
-    fig.suptitle(
-        title or "uncertainty ||u||: green = nearest neighbour of the same class, red = of another", fontsize=12
+    fig.suptitle(title or "uncertainty ||u|| of the most and the least uncertain images", fontsize=13)
+    add_caption(
+        fig,
+        "u = the norm of the image's uncertainty embedding; blue \u2713: its nearest neighbour is of the same "
+        "class, orange \u2717: of another",
     )
     return fig
