@@ -23,11 +23,11 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(VENV)/.setup: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e ".[weights]"
+	$(BIN)/pip install --quiet -e ".[all]"
 	touch $@
 
 $(VENV)/.setup-dev: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e ".[weights,dev,export]"
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@ $(VENV)/.setup
 
 setup: $(VENV)/.setup
