@@ -2,6 +2,8 @@
 # `make demo` ends with an HTML report: open runs/demo/report/index.html; `make serve-demo` explores it.
 # `make test`: set up .venv with the dev extras and run the whole test suite (browser tests included
 # where /usr/bin/chromium exists); `make test-browser`: the headless-Chromium tests alone.
+# `make test-lowest`: a second venv (.venv-lowest) at the lowest versions pyproject.toml allows of
+# lightning, timm and pytorch-metric-learning (torch as TORCH_SPEC) runs a fast subset of the tests.
 # `make lint`: ruff (lint and format check) on src, tests and bench, and mypy on src (`make test` runs it too).
 PYTHON ?= python3
 VENV := .venv
@@ -9,10 +11,15 @@ BIN := $(VENV)/bin
 # PyTorch first, pinned to the builds these machines serve from local disk; override freely.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# the lower bounds of pyproject.toml, and the tests `make test-lowest` runs with them
+LOWEST_SPEC ?= lightning==2.4.0 timm==0.9.12 pytorch-metric-learning==2.5.0
+LOWEST_TESTS ?= tests/test_config.py tests/losses/test_metric_losses.py tests/losses/test_miners.py \
+	tests/models/test_backbones.py tests/export/test_weights.py tests/training/test_console.py \
+	tests/training/test_best_checkpoint.py tests/test_package.py
 
 DEMO_CKPT := runs/demo/checkpoints/best.ckpt
 
-.PHONY: demo serve-demo test test-browser lint lint-only setup setup-dev clean
+.PHONY: demo serve-demo test test-browser test-lowest lint lint-only setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +56,12 @@ test: setup-dev
 test-browser: setup-dev
 	$(BIN)/python -m pytest -m browser $(PYTEST_ARGS)
 
+test-lowest:
+	[ -x .venv-lowest/bin/python ] || $(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -c "import torch, torchvision" 2>/dev/null || .venv-lowest/bin/pip install --quiet $(TORCH_SPEC)
+	.venv-lowest/bin/pip install --quiet -e ".[dev]" $(LOWEST_SPEC)
+	.venv-lowest/bin/python -m pytest -q $(LOWEST_TESTS) $(PYTEST_ARGS)
+
 lint: setup-dev
 	$(MAKE) --no-print-directory lint-only
 
@@ -56,4 +69,4 @@ lint-only:
 	$(BIN)/ruff check src tests bench && $(BIN)/ruff format --check src tests bench && $(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .venv-lowest runs .pytest_cache .ruff_cache .mypy_cache

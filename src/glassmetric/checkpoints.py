@@ -107,13 +107,13 @@ _FOREIGN_MAGIC = {
 def _file_kind(path: Path) -> str:
     """What ``path`` holds, from its bytes (parsed, never unpickled): ``zip`` (torch's format,
     maybe cut short), ``pickle`` (pickle opcodes up to a STOP, or past the scanned length),
-    ``cut`` (pickle opcodes that stop short) or ``other`` (neither; torch's pickles start with
-    the protocol opcode ``\\x80``)."""
+    ``cut`` (pickle opcodes that stop short) or ``other`` (neither, or a known foreign format
+    such as an image)."""
     with open(path, "rb") as f:
         head = f.read(_SCAN_BYTES)
     if head.startswith(b"PK\x03\x04"):
         return "zip"
-    if not head.startswith(b"\x80"):
+    if _foreign_format(head):
         return "other"
     try:
         for _ in pickletools.genops(io.BytesIO(head)):
@@ -137,7 +137,9 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # torch raises several types for truncated or foreign files
         kind = _file_kind(path)
         if kind == "other":
-            raise CheckpointError(f"{path} is not a checkpoint: {_not_a_checkpoint(path)}") from e
+            with open(path, "rb") as f:
+                what = _foreign_format(f.read(8)) or "neither a zip archive nor a pickle"
+            raise CheckpointError(f"cannot load checkpoint {path}: not a PyTorch checkpoint ({what})") from e
         culprit = re.search(r"GLOBAL [\w.]+|Unsupported operand \S+", str(e))
         if isinstance(e, pickle.UnpicklingError) and (
             kind != "cut" or (culprit and culprit.group(0).startswith("GLOBAL"))
@@ -154,15 +156,9 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from e
 
 
-def _not_a_checkpoint(path: Path) -> str:
-    """What a file that is no checkpoint seems to be, and what a checkpoint is."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    what = next((name for magic, name in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
-    return (
-        f"{what or 'neither a zip archive nor a pickle'}; give the .ckpt that `glassmetric fit` writes "
-        "or the .safetensors that `glassmetric export --format weights` writes"
-    )
+def _foreign_format(head: bytes) -> str | None:
+    """What a file starting with ``head`` is when its magic number is a known non-checkpoint format."""
+    return next((name for magic, name in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
 
 
 def is_weights_file(path: str | Path) -> bool:

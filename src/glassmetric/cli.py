@@ -254,6 +254,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         run_test=not args.no_test,
         source=args.config,
+        progress=True,
     )
     if result.test_metrics:
         rows = {}

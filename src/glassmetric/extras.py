@@ -18,14 +18,15 @@ from glassmetric.errors import MissingDependencyError
 __all__ = ["available", "require"]
 
 
-def require(extra: str, module: str, what: str) -> ModuleType:
+def require(extra: str, module: str, what: str, package: str | None = None) -> ModuleType:
     """Import ``module``, or raise a :class:`MissingDependencyError` saying that ``what`` needs
-    the ``extra`` (``pip install "glassmetric[extra]"``)."""
+    the ``extra`` (``pip install "glassmetric[extra]"``, or the ``package`` that provides ``module``)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDependencyError(
-            f"{what} needs the '{extra}' extra: pip install \"glassmetric[{extra}]\" ({module} is not installed)"
+            f"{what} needs the '{extra}' extra: pip install \"glassmetric[{extra}]\" "
+            f"({module} is not installed; the package {package or module} provides it)"
         ) from e
 
 

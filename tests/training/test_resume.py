@@ -156,9 +156,9 @@ def test_sigkill_at_a_random_step_then_resume_repeats_the_uninterrupted_run(stra
 
     resumed = subprocess.run(_cli(out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, f"{note}\n{resumed.stderr[-3000:]}"
-    assert f"resuming from {last}" in resumed.stderr
+    assert f"resuming from {last}" in resumed.stdout
     if killed_at % 4:  # 4 steps per epoch: the kill left an epoch unfinished
-        assert f"resuming epoch {killed_at // 4} at batch {killed_at % 4} of 4" in resumed.stderr, note
+        assert f"resuming epoch {killed_at // 4} at batch {killed_at % 4} of 4" in resumed.stdout, note
     assert_same_run(straight, out)
 
 
@@ -187,7 +187,7 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_previous_one(straight, tm
         fit(_config(out), resume=True)
     finally:
         torch.set_num_threads(threads)
-    printed = capsys.readouterr().err
+    printed = capsys.readouterr().out
     assert "last.ckpt is unreadable (moved to last.damaged.ckpt): resuming from the previous checkpoint" in printed
     assert "(step 6)" in printed and "resuming epoch 1 at batch 2 of 4" in printed
     assert (out / "checkpoints" / "last.damaged.ckpt").is_file()
@@ -202,7 +202,7 @@ def test_resume_checkpoint_choices(tmp_path, capsys):
     torch.save({"global_step": 3}, ckpt / "last.prev.ckpt")
     assert resume_checkpoint(ckpt) == ckpt / "last.prev.ckpt"  # last.ckpt missing
     assert not (ckpt / ".last.ckpt.abc.tmp").exists()
-    assert "last.ckpt is missing" in capsys.readouterr().err
+    assert "last.ckpt is missing" in capsys.readouterr().out
     torch.save({"global_step": 4}, ckpt / "last.ckpt")
     assert resume_checkpoint(ckpt) == ckpt / "last.ckpt"
     (ckpt / "last.ckpt").write_bytes(b"garbage")
@@ -218,7 +218,7 @@ def test_a_last_checkpoint_that_is_not_a_mapping_falls_back_to_the_previous_one(
     torch.save([1, 2], ckpt / "last.ckpt")
     torch.save({"global_step": 3}, ckpt / "last.prev.ckpt")
     assert resume_checkpoint(ckpt) == ckpt / "last.prev.ckpt"
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out
     assert "not a glassmetric checkpoint: the top level is a list, not a mapping: trying the previous checkpoint" in out
     assert (ckpt / "last.damaged.ckpt").exists()  # the list, moved aside
     torch.save(torch.ones(2), ckpt / "last.prev.ckpt")

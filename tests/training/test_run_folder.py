@@ -47,7 +47,7 @@ def test_overwrite_leaves_only_the_new_run_and_the_users_files(tmp_path, capsys)
         f"trainer.output_dir={out}",
     ]
     assert main(argv) == 0
-    assert "kept what glassmetric fit did not write" in capsys.readouterr().err
+    assert "kept what glassmetric fit did not write" in capsys.readouterr().out
     files = [f for f in tree(out) if not f.startswith("logs/") and f != ".fit.lock"]
     assert files == ["checkpoints/last.ckpt", "config.yaml", "metrics.json", "notes.txt", "report/index.html"]
     # the earlier run's log files are gone; its folder stays for the file put there, so the new run logs to version_1

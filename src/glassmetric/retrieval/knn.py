@@ -65,7 +65,7 @@ def import_faiss():
     """Import faiss, or raise an ImportError (a MissingDependencyError) that names the extra to install."""
     from glassmetric.extras import require
 
-    return require("faiss", "faiss", "the faiss kNN backend and gallery index")
+    return require("faiss", "faiss", "the faiss kNN backend and gallery index", "faiss-cpu (or a conda faiss)")
 
 
 def knn(

@@ -11,9 +11,9 @@ Layout of ``trainer.output_dir``::
     metrics.json              test metrics of the selected model (and of the untrained one)
     .fit.lock                 held by the run writing the folder (see :mod:`.run_folder`)
 
-The run starts with a banner on stderr (config, output folder, device, data sizes) and says
-each phase there (untrained baseline, training, testing); Lightning's progress bar is on stderr
-too, so stdout carries only results. Every path is checked writable before the run starts; ``--overwrite`` removes these files of
+With ``progress`` (``glassmetric fit``) the run starts with a banner on stderr (config, output
+folder, device, data sizes) and says each phase there (untrained baseline, training, testing);
+Lightning's progress bar is on stderr always, so stdout carries only results. Every path is checked writable before the run starts; ``--overwrite`` removes these files of
 an earlier run (and only these), ``--resume`` first checks that the config's model is the
 checkpoint's.
 """
@@ -156,6 +156,7 @@ def fit(
     run_test: bool = True,
     callbacks: Sequence[Callback] = (),
     source: str | None = None,
+    progress: bool = False,
 ) -> FitResult:
     """Train, select (best validation ``trainer.monitor`` or the last epoch), evaluate on the test split.
 
@@ -163,7 +164,8 @@ def fit(
     run into the same folder fails at once. With ``resume``, a config whose model differs from
     the checkpoint's fails before anything is written; with ``overwrite``, every file an earlier
     run wrote there is removed first. ``callbacks`` are extra Lightning callbacks (e.g. for
-    logging or early stopping). ``source`` names the preset or file of ``cfg`` in the banner.
+    logging or early stopping). With ``progress`` (as ``glassmetric fit`` runs it),
+    a banner (``source`` names the preset or file of ``cfg``) and one line per phase go to stderr.
     """
     check_devices(cfg.trainer)
     out = Path(cfg.trainer.output_dir)
@@ -185,6 +187,7 @@ def fit(
             run_test=run_test,
             callbacks=callbacks,
             source=source,
+            progress=progress and launching,
         )
 
 
@@ -208,6 +211,7 @@ def _fit(
     run_test: bool,
     callbacks: Sequence[Callback],
     source: str | None = None,
+    progress: bool = False,
 ) -> FitResult:
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -229,7 +233,7 @@ def _fit(
         if overwrite:
             kept = clear_previous_run(out)
             if kept:
-                announce(f"--overwrite: kept what glassmetric fit did not write in {out}: {', '.join(kept)}")
+                print(f"--overwrite: kept what glassmetric fit did not write in {out}: {', '.join(kept)}")
         else:
             discard_resume_checkpoints(ckpt_dir)
 
@@ -243,6 +247,7 @@ def _fit(
         resumed = None
     if launching:
         save_config(cfg, out / "config.yaml")
+    if progress:
         announce(fit_banner(cfg, splits, source))
     ks = evaluation_recall_ks(cfg)
     eval_kw: dict[str, Any] = {
@@ -256,7 +261,7 @@ def _fit(
     baseline_metrics = None
     test_size = images_and_classes(splits.test)
     if baseline:
-        if launching:
+        if progress:
             announce(f"evaluating the untrained model on {test_size} ...")
         baseline_metrics = evaluate_model(module.model, splits.test, splits.gallery, **eval_kw)
 
@@ -306,10 +311,10 @@ def _fit(
     if resume:
         if found is not None:
             ckpt_path = str(found)
-            announce(f"resuming from {found}")
+            print(f"resuming from {found}")
         else:
-            announce(f"no checkpoint at {last}: starting from scratch")
-    if launching:
+            print(f"no checkpoint at {last}: starting from scratch")
+    if progress:
         announce(f"training for {count(cfg.trainer.max_epochs, 'epoch')} on {images_and_classes(splits.train)} ...")
     trainer.fit(module, datamodule=MetricDataModule(cfg, splits), ckpt_path=ckpt_path)
 
@@ -323,7 +328,8 @@ def _fit(
         data_wait_share=throughput.data_wait_share,
     )
     if run_test and trainer.is_global_zero:
-        announce(f"testing {selected.name} on {test_size} ...")
+        if progress:
+            announce(f"testing {selected.name} on {test_size} ...")
         state = safe_torch_load(selected)["state_dict"]
         module.load_state_dict(state)
         result.test_metrics = evaluate_model(module.model, splits.test, splits.gallery, **eval_kw)

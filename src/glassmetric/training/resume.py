@@ -26,7 +26,6 @@ the one the checkpoint was trained with, naming the keys and both values.
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, cast
@@ -151,7 +150,7 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         done = int(state.get("batches_done", 0))
         if int(state.get("epoch", -1)) == self._batches.epoch and 0 < done < len(self._batches):
-            print(f"resuming epoch {self._batches.epoch} at batch {done} of {len(self._batches)}", file=sys.stderr)
+            print(f"resuming epoch {self._batches.epoch} at batch {done} of {len(self._batches)}")
             self._batches.resume_at(done)
 
 
@@ -231,7 +230,7 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
             step = ckpt.get("global_step")
         except CheckpointError as e:
             problem = problem or e
-            print(f"{e}: trying the previous checkpoint" if path == last else str(e), file=sys.stderr)
+            print(f"{e}: trying the previous checkpoint" if path == last else str(e))
             continue
         if path != last:
             reason = f"{last} is missing"
@@ -239,7 +238,7 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
                 damaged = last.with_name("last.damaged.ckpt")
                 last.replace(damaged)
                 reason = f"{last} is unreadable (moved to {damaged.name})"
-            print(f"{reason}: resuming from the previous checkpoint {path} (step {step})", file=sys.stderr)
+            print(f"{reason}: resuming from the previous checkpoint {path} (step {step})")
         return path
     raise CheckpointError(f"no readable checkpoint to resume in {ckpt_dir}: {problem}")
 
