@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 # the lower bounds of pyproject.toml, and the tests `make test-lowest` runs with them
-LOWEST_SPEC ?= lightning==2.4.0 timm==0.9.12 pytorch-metric-learning==2.5.0
+LOWEST_SPEC ?= lightning==2.4.0 timm==1.0.7 pytorch-metric-learning==2.5.0
 LOWEST_TESTS ?= tests/test_config.py tests/losses/test_metric_losses.py tests/losses/test_miners.py \
 	tests/models/test_backbones.py tests/export/test_weights.py tests/training/test_console.py \
 	tests/training/test_best_checkpoint.py tests/test_package.py

@@ -234,7 +234,9 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, name, content, 
     path.write_bytes(content())
     for verb in (["eval"], ["export", "--format", "weights", "-o", str(tmp_path / "w.safetensors")]):
         code, err = _run([*verb, "--checkpoint", str(path)])
-        assert err == f"glassmetric {verb[0]}: error: cannot load checkpoint {path}: not a PyTorch checkpoint ({what})\n"
+        assert (
+            err == f"glassmetric {verb[0]}: error: cannot load checkpoint {path}: not a PyTorch checkpoint ({what})\n"
+        )
         assert code == 2
 
 
