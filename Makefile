@@ -4,17 +4,24 @@
 # where /usr/bin/chromium exists); `make test-browser`: the headless-Chromium tests alone.
 # `make docs-figures`: regenerate the explanation figures in docs/ (trains the demo checkpoints it lacks
 # under runs/docs; `make docs-figures CUB=/data/CUB_200_2011` adds the birds_* figures).
+# `make test-lowest`: a second venv (.venv-lowest) at the lowest versions pyproject.toml allows of
+# lightning, timm and pytorch-metric-learning (torch as TORCH_SPEC) runs a fast subset of the tests.
 # `make lint`: ruff (lint and format check) on src, tests and bench, and mypy on src (`make test` runs it too).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# PyTorch first, pinned to the builds these machines serve from local disk; override freely.
+# PyTorch first, pinned to the tested release; override freely (e.g. a CUDA build).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# the lower bounds of pyproject.toml, and the tests `make test-lowest` runs with them
+LOWEST_SPEC ?= lightning==2.4.0 timm==1.0.7 pytorch-metric-learning==2.5.0
+LOWEST_TESTS ?= tests/test_config.py tests/losses/test_metric_losses.py tests/losses/test_miners.py \
+	tests/models/test_backbones.py tests/export/test_weights.py tests/training/test_console.py \
+	tests/training/test_best_checkpoint.py tests/test_package.py
 
 DEMO_CKPT := runs/demo/checkpoints/best.ckpt
 
-.PHONY: demo serve-demo docs-figures test test-browser lint lint-only setup setup-dev clean
+.PHONY: demo serve-demo docs-figures test test-browser test-lowest lint lint-only setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +32,11 @@ $(VENV)/.torch: | $(BIN)/python
 	touch $@
 
 $(VENV)/.setup: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e ".[weights]"
+	$(BIN)/pip install --quiet -e ".[all]"
 	touch $@
 
 $(VENV)/.setup-dev: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e ".[weights,dev,export]"
+	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@ $(VENV)/.setup
 
 setup: $(VENV)/.setup
@@ -54,6 +61,12 @@ test: setup-dev
 test-browser: setup-dev
 	$(BIN)/python -m pytest -m browser $(PYTEST_ARGS)
 
+test-lowest:
+	[ -x .venv-lowest/bin/python ] || $(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -c "import torch, torchvision" 2>/dev/null || .venv-lowest/bin/pip install --quiet $(TORCH_SPEC)
+	.venv-lowest/bin/pip install --quiet -e ".[dev]" $(LOWEST_SPEC)
+	.venv-lowest/bin/python -m pytest -q $(LOWEST_TESTS) $(PYTEST_ARGS)
+
 lint: setup-dev
 	$(MAKE) --no-print-directory lint-only
 
@@ -61,4 +74,4 @@ lint-only:
 	$(BIN)/ruff check src tests bench && $(BIN)/ruff format --check src tests bench && $(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .venv-lowest runs .pytest_cache .ruff_cache .mypy_cache

@@ -161,3 +161,114 @@ def test_export_image_sizes_outside_16_to_4096_are_refused_before_anything_runs(
     monkeypatch.setattr(onnx_export, "export_onnx", reached)
     code, err = _run(["export", "--checkpoint", str(make_checkpoint()), "--image-size", size, "--no-check"])
     assert code == 2 and err == f"glassmetric export: error: --image-size: expected between 16 and 4096, got {size}\n"
+
+
+def _pyproject_version() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    return re.search(r'^version = "([^"]+)"$', text, re.MULTILINE)[1]
+
+
+def test_version_is_the_packages_and_python_m_glassmetric_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert out.getvalue() == f"glassmetric {_pyproject_version()}\n"
+    proc = subprocess.run([sys.executable, "-m", "glassmetric", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == out.getvalue(), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "glassmetric", "eval"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("glassmetric eval: error:"), proc.stderr
+
+
+@pytest.mark.parametrize("verb", ["eval", "fit", "export", "presets"])
+def test_an_unknown_flag_points_at_the_verbs_help(verb):
+    argv = [verb, "--checkpoint", "x.ckpt", "--bogus"] if verb in ("eval", "export") else [verb, "--bogus"]
+    code, err = _run(argv)
+    assert code == 2
+    assert err == f"glassmetric {verb}: error: unrecognized arguments: --bogus (see glassmetric {verb} --help)\n"
+
+
+def test_verbose_is_taken_before_and_after_the_verb():
+    assert cli._parse(["-v", "presets"]).verbose and cli._parse(["presets", "--verbose"]).verbose
+    assert not cli._parse(["presets"]).verbose
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "suggestion"),
+    [
+        ("trainer.max_epoch=3", "trainer.max_epoch", "did you mean trainer.max_epochs?"),
+        ("trainr.max_epochs=3", "trainr", "did you mean trainer?"),
+        ("model.embeding_dim=8", "model.embeding_dim", "did you mean model.embedding_dim?"),
+        ("data.zzzzzz=1", "data.zzzzzz", None),
+    ],
+)
+def test_a_mistyped_config_key_gets_the_nearest_known_key(no_training, override, key, suggestion):
+    code, err = _run(["fit", override])
+    assert code == 2 and err.startswith(f"glassmetric fit: error: unknown config key {key} ("), err
+    assert (suggestion in err) if suggestion else ("did you mean" not in err), err
+
+
+def _image_bytes(fmt: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "what"),
+    [
+        ("photo.png", lambda: _image_bytes("PNG"), "a PNG image"),
+        ("photo.jpg", lambda: _image_bytes("JPEG"), "a JPEG image"),
+        ("photo.gif", lambda: _image_bytes("GIF"), "a GIF image"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, name, content, what):
+    path = tmp_path / name
+    path.write_bytes(content())
+    for verb in (["eval"], ["export", "--format", "weights", "-o", str(tmp_path / "w.safetensors")]):
+        code, err = _run([*verb, "--checkpoint", str(path)])
+        assert (
+            err == f"glassmetric {verb[0]}: error: cannot load checkpoint {path}: not a PyTorch checkpoint ({what})\n"
+        )
+        assert code == 2
+
+
+def test_index_dir_says_when_it_builds_saves_and_reads_the_index(make_checkpoint, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    ckpt, folder = make_checkpoint(), tmp_path / "index"
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--index-dir", str(folder)]) == 0
+    first = capsys.readouterr()
+    assert "gallery index: building it (exact, 16 images) ..." in first.err
+    assert f"gallery index: saved to {folder} (read from there next time)" in first.err
+    assert "gallery index" not in first.out
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--index-dir", str(folder)]) == 0
+    second = capsys.readouterr()
+    assert f"gallery index: read it from {folder} (exact, 16 images)" in second.err
+    assert "building" not in second.err
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_k_means_size_warning_shows_only_with_verbose(make_checkpoint, capfd, verbose):
+    """16 test images in 4 classes are fewer points than faiss advises for 4 centroids: faiss'
+    own line never reaches stderr (fd 2); glassmetric's warning is raised with --verbose only."""
+    import warnings
+
+    from glassmetric.retrieval.metrics import KMeansSizeWarning
+
+    pytest.importorskip("faiss")
+    ckpt = make_checkpoint()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["eval", "--checkpoint", str(ckpt), *(["--verbose"] if verbose else [])]) == 0
+    assert "WARNING clustering" not in capfd.readouterr().err
+    sizes = [str(w.message) for w in caught if issubclass(w.category, KMeansSizeWarning)]
+    assert sizes == (
+        ["NMI: k-means clustering 16 points to 4 centroids (faiss advises at least 156 points)"] if verbose else []
+    )

@@ -9,11 +9,17 @@ the mode the umask gives, like any other the commands write. With ``keep_previou
 checkpoint it replaces stays beside it as ``<name>.prev.ckpt`` (a hard link, so no copy).
 Reading never executes pickled code (``torch.load(weights_only=True)``): a checkpoint that holds
 anything but tensors and plain containers is refused. :func:`load_trained` rebuilds the model.
+
+The weights-only format (:func:`save_weights`, ``glassmetric export --format weights``) is a
+safetensors file of the embedding model's weights (no optimizer state, no ``model.`` prefix)
+whose metadata holds the same version and config under ``glassmetric`` (as JSON);
+:func:`load_trained` reads it too.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import pickletools
@@ -33,7 +39,15 @@ from glassmetric.outputs import atomic_write
 if TYPE_CHECKING:
     from glassmetric.models.embedding_model import EmbeddingModel
 
-__all__ = ["atomic_torch_save", "checkpoint_metadata", "load_trained", "previous_path", "safe_torch_load"]
+__all__ = [
+    "atomic_torch_save",
+    "checkpoint_metadata",
+    "is_weights_file",
+    "load_trained",
+    "previous_path",
+    "safe_torch_load",
+    "save_weights",
+]
 
 #: the key of a checkpoint that holds glassmetric's metadata (version and config)
 METADATA_KEY = "glassmetric"
@@ -77,15 +91,30 @@ def atomic_torch_save(obj: Any, path: str | Path, keep_previous: bool = False) -
 #: how much of a file torch could not load is parsed to tell what it is
 _SCAN_BYTES = 64 << 20
 
+#: the first bytes of files people mistake for a checkpoint, and what to call them
+_FOREIGN_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"BM": "a BMP image",
+    b"RIFF": "a RIFF file (WebP image, WAV, ...)",
+    b"%PDF": "a PDF document",
+    b"\x08": "an ONNX model (or another protobuf)",
+    b"{": "a JSON file",
+}
+
 
 def _file_kind(path: Path) -> str:
     """What ``path`` holds, from its bytes (parsed, never unpickled): ``zip`` (torch's format,
     maybe cut short), ``pickle`` (pickle opcodes up to a STOP, or past the scanned length),
-    ``cut`` (pickle opcodes that stop short) or ``other`` (neither)."""
+    ``cut`` (pickle opcodes that stop short) or ``other`` (neither, or a known foreign format
+    such as an image)."""
     with open(path, "rb") as f:
         head = f.read(_SCAN_BYTES)
     if head.startswith(b"PK\x03\x04"):
         return "zip"
+    if _foreign_format(head):
+        return "other"
     try:
         for _ in pickletools.genops(io.BytesIO(head)):
             pass
@@ -108,9 +137,9 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # torch raises several types for truncated or foreign files
         kind = _file_kind(path)
         if kind == "other":
-            raise CheckpointError(
-                f"cannot load checkpoint {path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)"
-            ) from e
+            with open(path, "rb") as f:
+                what = _foreign_format(f.read(8)) or "neither a zip archive nor a pickle"
+            raise CheckpointError(f"cannot load checkpoint {path}: not a PyTorch checkpoint ({what})") from e
         culprit = re.search(r"GLOBAL [\w.]+|Unsupported operand \S+", str(e))
         if isinstance(e, pickle.UnpicklingError) and (
             kind != "cut" or (culprit and culprit.group(0).startswith("GLOBAL"))
@@ -125,6 +154,51 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"cannot load checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}: {first}"
         ) from e
+
+
+def _foreign_format(head: bytes) -> str | None:
+    """What a file starting with ``head`` is when its magic number is a known non-checkpoint format."""
+    return next((name for magic, name in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
+
+
+def is_weights_file(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file (an 8-byte header length, then a JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100 << 20
+
+
+def save_weights(model: torch.nn.Module, cfg: Config, path: str | Path) -> int:
+    """Write ``model``'s weights and ``cfg`` to ``path`` as safetensors, atomically; return its size
+    in bytes. The config and package version are the metadata entry ``glassmetric`` (JSON)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(checkpoint_metadata(cfg))})
+    atomic_write(Path(path), data)
+    return len(data)
+
+
+def _weights_file_parts(path: Path) -> tuple[dict, dict]:
+    """The stored config and the (``model.``-prefixed) weights of a :func:`save_weights` file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {MODEL_PREFIX + k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load weights file {path} (truncated or damaged): {e}") from e
+    try:
+        stored = json.loads(meta[METADATA_KEY])["config"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"cannot load weights file {path}: no glassmetric config in its metadata (a safetensors file "
+            "that `glassmetric export --format weights` did not write)"
+        ) from None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"cannot load weights file {path}: its stored config is not a mapping")
+    return stored, weights
 
 
 def checkpoint_metadata(cfg: Config) -> dict:
@@ -163,7 +237,8 @@ def _checkpoint_parts(ckpt, path) -> tuple[dict, dict]:
 
 
 def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[EmbeddingModel, Config]:
-    """The EmbeddingModel and Config stored in a ``glassmetric fit`` checkpoint (weights only).
+    """The EmbeddingModel and Config stored in a ``glassmetric fit`` checkpoint (weights only) or
+    in a weights-only file (:func:`save_weights`).
 
     ``overrides`` change the stored config (e.g. ``data.root=...`` to evaluate elsewhere);
     model keys cannot be overridden, since the weights were trained with them.
@@ -173,7 +248,11 @@ def load_trained(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Embed
         raise ConfigError(
             f"{fixed[0]}: model.* keys cannot be overridden at evaluation: they are fixed by the checkpoint"
         )
-    stored, weights = _checkpoint_parts(safe_torch_load(path), path)
+    path = Path(path)
+    if path.is_file() and is_weights_file(path):
+        stored, weights = _weights_file_parts(path)
+    else:
+        stored, weights = _checkpoint_parts(safe_torch_load(path), path)
     stored["model"] = {**stored.get("model", {}), "pretrained": False}  # the checkpoint holds the weights
     try:
         config_from_dict(stored)

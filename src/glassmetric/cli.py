@@ -10,8 +10,10 @@ in one line on stderr naming the culprit, and exit status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from glassmetric.errors import ConfigError, GlassmetricError
@@ -20,14 +22,25 @@ from glassmetric.outputs import atomic_write_text, figure_file, writable_file, w
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line (``glassmetric eval: error: argument --k: ...``),
-    like every other error, instead of the usage text and the error."""
+    like every other error, instead of the usage text and the error; it points at the help of
+    the verb at fault (``glassmetric eval --help``)."""
+
+    #: the parser of each verb (``fit``, ``eval``, ...), on the top-level parser
+    verbs: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+_VERBOSE_HELP = "show the libraries' warnings and messages (faiss, Lightning), which are hidden otherwise"
+
+
+def _parser() -> _Parser:
+    from glassmetric import __version__
+
     parser = _Parser(prog="glassmetric", description="Interpretable deep metric learning.")
+    parser.add_argument("--version", action="version", version=f"glassmetric {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="train a model from a preset or YAML config")
@@ -197,10 +210,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.index.kind=hnsw")
 
-    exp = sub.add_parser("export", help="export a checkpoint's embedding model (all its heads' outputs) to ONNX")
+    exp = sub.add_parser(
+        "export",
+        help="export a checkpoint's embedding model to ONNX (all its heads' outputs) or as weights only "
+        "(safetensors with its config, for Retriever.from_checkpoint)",
+    )
     exp.add_argument("--checkpoint", required=True, help="a .ckpt written by `glassmetric fit`")
-    exp.add_argument("--format", choices=("onnx",), default="onnx")
-    exp.add_argument("-o", "--output", default="model.onnx", help="file to write")
+    exp.add_argument(
+        "--format",
+        choices=("onnx", "weights"),
+        default="onnx",
+        help="onnx: an ONNX graph with its preprocessing in the metadata; weights: the model's weights "
+        "and config as safetensors, no optimizer state (default onnx)",
+    )
+    exp.add_argument("-o", "--output", help="file to write (default model.onnx, or model.safetensors for weights)")
     exp.add_argument("--image-size", type=int, help="input height = width (default: the config's evaluation size)")
     exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs torch comparison")
 
@@ -214,6 +237,9 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.on_bad_image=skip")
 
     sub.add_parser("presets", help="list the shipped configuration presets")
+    for verb in sub.choices.values():  # --verbose after the verb too; SUPPRESS keeps one given before it
+        verb.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+    parser.verbs = dict(sub.choices)
     return parser
 
 
@@ -223,7 +249,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from glassmetric.training.fit import fit
 
     cfg = load_config(args.config, args.overrides)
-    result = fit(cfg, resume=args.resume, overwrite=args.overwrite, baseline=args.baseline, run_test=not args.no_test)
+    result = fit(
+        cfg,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        baseline=args.baseline,
+        run_test=not args.no_test,
+        source=args.config,
+        progress=True,
+    )
     if result.test_metrics:
         rows = {}
         if result.baseline_metrics is not None:
@@ -515,10 +549,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from glassmetric.extras import require
     from glassmetric.retrieval.evaluate import default_device
     from glassmetric.serve.gallery import default_cache_dir
     from glassmetric.serve.server import serve
 
+    for module in ("fastapi", "uvicorn"):
+        require("serve", module, "glassmetric serve")
     if args.cache_dir:
         writable_folder(args.cache_dir, "--cache-dir")
     else:
@@ -544,19 +581,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from glassmetric.export.onnx import compare_with_torch, export_onnx
     from glassmetric.retriever import Retriever
 
     if args.image_size is not None and not 16 <= args.image_size <= 4096:  # data.image_size's range
         raise ConfigError(f"--image-size: expected between 16 and 4096, got {args.image_size}")
-    writable_file(args.output, "-o")
+    output = args.output or ("model.safetensors" if args.format == "weights" else "model.onnx")
+    writable_file(output, "-o")
     retriever = Retriever.from_checkpoint(args.checkpoint, "cpu")
     model, cfg = retriever.model.model, retriever.cfg  # the model's own heads, as trained
+    if args.format == "weights":
+        from glassmetric.checkpoints import save_weights
+
+        size = save_weights(model, cfg, output)
+        print(
+            f"{output}: the model's weights and config ({size / 2**20:.1f} MiB, no optimizer state); "
+            "load it with glassmetric.Retriever.from_checkpoint or --checkpoint"
+        )
+        return 0
+    from glassmetric.export.onnx import compare_with_torch, export_onnx, onnx_metadata
+
     size = args.image_size or cfg.data.eval_image_size or cfg.data.image_size
-    names = export_onnx(model, args.output, size)
-    print(f"{args.output}: input images (batch, 3, {size}, {size}); outputs {', '.join(names)}")
+    names = export_onnx(model, output, size, metadata=onnx_metadata(model, cfg, size))
+    print(f"{output}: input images (batch, 3, {size}, {size}); outputs {', '.join(names)}")
     if not args.no_check:
-        diffs = compare_with_torch(model, args.output, size)
+        diffs = compare_with_torch(model, output, size)
         print("onnxruntime vs torch, max abs diff: " + ", ".join(f"{n} {d:.2e}" for n, d in diffs.items()))
     return 0
 
@@ -595,14 +643,27 @@ COMMANDS = {
 }
 
 
-def _quiet_libraries() -> None:
-    """Keep the console for progress and results: silence library chatter (tips, deprecations)."""
+@contextlib.contextmanager
+def _quiet_libraries(verbose: bool) -> Iterator[None]:
+    """Keep the console for progress and results: hide library chatter (Lightning's tips and
+    possible-misuse warnings, deprecations, faiss' k-means size warning) unless ``verbose``.
+    The warning filters and log levels are restored on exit."""
     import logging
     import warnings
 
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = lightning_log.level
+    with warnings.catch_warnings():
+        if not verbose:
+            lightning_log.setLevel(logging.WARNING)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r"NMI: k-means clustering")
+            warnings.filterwarnings("ignore", module=r"lightning\.")
+        try:
+            yield
+        finally:
+            lightning_log.setLevel(level)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -613,16 +674,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if extra:
         stray = [a for a in extra if a.startswith("-") or "=" not in a]
         if stray or not hasattr(args, "overrides"):
-            parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+            parser.verbs[args.command].error(f"unrecognized arguments: {' '.join(stray or extra)}")
         args.overrides = [*args.overrides, *extra]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    _quiet_libraries()
     try:
-        return COMMANDS[args.command](args)
+        with _quiet_libraries(args.verbose):
+            return COMMANDS[args.command](args)
     except GlassmetricError as e:
         print(f"glassmetric {args.command}: error: {e}", file=sys.stderr)
         return 2

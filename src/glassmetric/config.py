@@ -9,6 +9,7 @@ annotations, so an unknown key or a bad value fails at once with a message namin
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -428,7 +429,9 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
-            raise ConfigError(f"unknown config key {prefix}{key!s} (known keys: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key!s} ({hint}known keys: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     return cls(**kwargs)
 

@@ -53,3 +53,7 @@ class NonFiniteError(GlassmetricError):
 
 class OutputError(GlassmetricError):
     """An output file or folder cannot be written, or is in use by another run."""
+
+
+class MissingDependencyError(GlassmetricError, ImportError):
+    """An optional dependency is needed but not installed; the message names the extra to install."""

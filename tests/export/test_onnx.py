@@ -65,3 +65,36 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing.ckpt" in err and len(err.splitlines()) == 1
+
+
+def test_the_onnx_metadata_describes_the_preprocessing_that_reproduces_the_embeddings(tmp_path, make_checkpoint):
+    """Preprocessing an image by the file's metadata_props alone (PIL and numpy, no glassmetric)
+    and running the graph gives the embeddings of Retriever.embed."""
+    from PIL import Image
+
+    from glassmetric import Retriever
+
+    ckpt = make_checkpoint("data.image_size=64", "data.resize=72", "model.groups=2")
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "-o", str(out), "--no-check"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    retriever = Retriever.from_checkpoint(ckpt, "cpu")
+    backbone = retriever.model.model.backbone
+    assert props["glassmetric.input_size"] == "64" and props["glassmetric.resize"] == "72"
+    mean = np.array([float(v) for v in props["glassmetric.mean"].split(",")], dtype=np.float32)
+    std = np.array([float(v) for v in props["glassmetric.std"].split(",")], dtype=np.float32)
+    assert np.allclose(mean, backbone.mean) and np.allclose(std, backbone.std)
+    outputs = [o.name for o in onnx.load(str(out)).graph.output]
+    assert {k.removeprefix("glassmetric.output.") for k in props if k.startswith("glassmetric.output.")} == set(outputs)
+
+    image = Image.fromarray((np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8))
+    size, resize = int(props["glassmetric.input_size"]), int(props["glassmetric.resize"])
+    w, h = image.size
+    scaled = image.resize((round(w * resize / h), resize), Image.BILINEAR)  # shorter side (height) to resize
+    left, top = (scaled.width - size) // 2, (scaled.height - size) // 2
+    crop = np.asarray(scaled.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+    x = ((crop - mean) / std).transpose(2, 0, 1)[None]
+    got = run_onnx(out, torch.from_numpy(np.ascontiguousarray(x)))
+    ref = retriever.embed([image])
+    assert np.abs(got["embedding"] - ref.embedding.numpy()).max() < 2e-2
+    assert np.abs(got["attention"] - ref.attention.numpy()).max() < 2e-2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +28,9 @@ def cached_gallery_index(gallery: torch.Tensor, settings=None, folder: str | Pat
     """The :class:`.index.GalleryIndex` of ``gallery`` embeddings: read from ``folder`` when it
     holds the index of these very embeddings (their fingerprint, size and dimension) built with
     these ``settings``, else built (and saved there, replacing the other one, with a warning on
-    stderr that says why)."""
+    stderr that says why). With a ``folder``, a line on stderr says which of the two happened."""
     from glassmetric.config import IndexConfig
-    from glassmetric.retrieval.index import MANIFEST, GalleryIndex
+    from glassmetric.retrieval.index import MANIFEST, GalleryIndex, choose_kind
 
     settings = settings or IndexConfig()
     if folder is not None and (Path(folder) / MANIFEST).exists():
@@ -38,12 +39,21 @@ def cached_gallery_index(gallery: torch.Tensor, settings=None, folder: str | Pat
         if why is None:
             if settings.target_recall is not None and index.kind != "exact" and "recall@10" not in index.params:
                 index.set_search_params(settings, gallery)  # saved with other search settings: tune it again
+            _say(f"gallery index: read it from {folder} ({index.kind}, {len(index):,} images)")
             return index
         log.warning("the gallery index in %s %s: building it again", folder, why)
+    if folder is not None:
+        _say(f"gallery index: building it ({choose_kind(len(gallery), settings)}, {len(gallery):,} images) ...")
     index = GalleryIndex.build(gallery, settings)
     if folder is not None:
         index.save(folder)
+        _say(f"gallery index: saved to {folder} (read from there next time)")
     return index
+
+
+def _say(line: str) -> None:
+    """A status line of the cached index on stderr (stdout carries the results)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def evaluate_model(

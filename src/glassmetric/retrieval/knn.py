@@ -62,12 +62,10 @@ def default_chunk_rows(gallery_size: int, budget_bytes: int | None = None) -> in
 
 
 def import_faiss():
-    """Import faiss, or raise an ImportError that names the package to install."""
-    try:
-        import faiss
-    except ImportError as err:
-        raise ImportError("the faiss backend needs the 'faiss-cpu' package (pip install faiss-cpu)") from err
-    return faiss
+    """Import faiss, or raise an ImportError (a MissingDependencyError) that names the extra to install."""
+    from glassmetric.extras import require
+
+    return require("faiss", "faiss", "the faiss kNN backend and gallery index", "faiss-cpu (or a conda faiss)")
 
 
 def knn(

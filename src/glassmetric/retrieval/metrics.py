@@ -36,6 +36,7 @@ from .knn import import_faiss, iter_knn
 __all__ = [
     "METRICS",
     "RANKING_METRICS",
+    "KMeansSizeWarning",
     "KnnDepthWarning",
     "UnmatchedQueryWarning",
     "check_shared_classes",
@@ -50,9 +51,11 @@ METRICS = ("recall", "nmi", "r_precision", "map_at_r")
 #: The groups :func:`ranking_metrics` computes from a given ranking (all but NMI).
 RANKING_METRICS = ("recall", "r_precision", "map_at_r")
 
-_NMI_BACKENDS = ("faiss", "sklearn")
+_NMI_BACKENDS = ("auto", "faiss", "sklearn")
 #: AccuracyCalculator's default k-means: ``FaissKMeans(niter=20)``; faiss' default seed is 1234.
 _FAISS_KMEANS_NITER = 20
+#: faiss warns (on stderr, from C++) below this many points per centroid; glassmetric warns instead
+_FAISS_MIN_POINTS_PER_CENTROID = 39
 _SKLEARN_KMEANS_N_INIT = 10
 
 
@@ -71,7 +74,7 @@ def retrieval_metrics(
     include: Iterable[str] = METRICS,
     knn_backend: str = "auto",
     knn_index=None,
-    nmi_backend: str = "faiss",
+    nmi_backend: str = "auto",
     chunk_size: int | None = None,
     seed: int = 0,
     max_k: int | None = None,
@@ -90,8 +93,9 @@ def retrieval_metrics(
             otherwise), ``"torch"``, ``"faiss"`` or ``"index"``, see :func:`.knn.knn`.
         knn_index: for ``"index"``: a :class:`.index.GalleryIndex` over the gallery (None:
             one built with the default settings).
-        nmi_backend: ``"faiss"`` (default: faiss k-means with 20 iterations, as
-            AccuracyCalculator runs it) or ``"sklearn"`` (``KMeans(n_init=10)``).
+        nmi_backend: ``"faiss"`` (faiss k-means with 20 iterations, as AccuracyCalculator
+            runs it), ``"sklearn"`` (``KMeans(n_init=10)``; its NMI may differ slightly from
+            AccuracyCalculator's) or ``"auto"`` (default: faiss when installed, else sklearn).
         chunk_size: queries per kNN chunk; None picks it from a memory budget.
         seed: k-means seed. AccuracyCalculator's default k-means uses faiss' default seed
             1234; pass ``seed=1234`` to reproduce its NMI exactly.
@@ -311,6 +315,10 @@ class KnnDepthWarning(UserWarning):
     """The kNN depth is below the largest class: R-Precision and MAP@R are too low."""
 
 
+class KMeansSizeWarning(UserWarning):
+    """NMI's faiss k-means has fewer points per centroid than faiss advises (small query sets)."""
+
+
 def _knn_metrics(
     query, gallery, q_cls, g_cls, r, same_set, recall_ks, needs_r, backend, chunk_size, index=None, max_k=None
 ) -> dict[str, float]:
@@ -401,9 +409,23 @@ def _nmi(query: Tensor, labels: Tensor, backend: str, seed: int) -> float:
     x = np.ascontiguousarray(query.detach().float().cpu().numpy())
     y = labels.cpu().numpy()
     n_clusters = len(np.unique(y))
+    if backend == "auto":
+        try:
+            import_faiss()
+            backend = "faiss"
+        except ImportError:
+            backend = "sklearn"
     if backend == "faiss":
         faiss = import_faiss()
-        kmeans = faiss.Kmeans(x.shape[1], n_clusters, niter=_FAISS_KMEANS_NITER, seed=seed)
+        if len(x) < n_clusters * _FAISS_MIN_POINTS_PER_CENTROID:
+            warnings.warn(
+                f"NMI: k-means clustering {len(x)} points to {n_clusters} centroids (faiss advises at least "
+                f"{n_clusters * _FAISS_MIN_POINTS_PER_CENTROID} points)",
+                KMeansSizeWarning,
+                stacklevel=3,
+            )
+        # the warning above replaces the one faiss would print on stderr; the clustering is the same
+        kmeans = faiss.Kmeans(x.shape[1], n_clusters, niter=_FAISS_KMEANS_NITER, seed=seed, min_points_per_centroid=1)
         kmeans.train(x)
         clusters = kmeans.index.search(x, 1)[1][:, 0]
     else:

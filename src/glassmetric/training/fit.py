@@ -7,11 +7,13 @@ Layout of ``trainer.output_dir``::
                               trainer.checkpoint_every_n_steps steps (``--resume`` reads it)
     checkpoints/last.prev.ckpt  the one before (``--resume`` falls back to it when last.ckpt is damaged)
     checkpoints/best.ckpt     best validation ``trainer.monitor`` (when ``trainer.select: val``)
-    logs/version_N/           CSV and TensorBoard logs of the N-th (re)start
+    logs/version_N/           CSV (and, with tensorboard installed, TensorBoard) logs of the N-th (re)start
     metrics.json              test metrics of the selected model (and of the untrained one)
     .fit.lock                 held by the run writing the folder (see :mod:`.run_folder`)
 
-Every path is checked writable before the run starts; ``--overwrite`` removes these files of
+With ``progress`` (``glassmetric fit``) the run starts with a banner on stderr (config, output
+folder, device, data sizes) and says each phase there (untrained baseline, training, testing);
+Lightning's progress bar is on stderr always, so stdout carries only results. Every path is checked writable before the run starts; ``--overwrite`` removes these files of
 an earlier run (and only these), ``--resume`` first checks that the config's model is the
 checkpoint's.
 """
@@ -30,7 +32,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from glassmetric.checkpoints import safe_torch_load
@@ -39,10 +41,12 @@ from glassmetric.data.image_io import collate_readable
 from glassmetric.data.registry import Splits
 from glassmetric.data.sampler import MPerClassBatchSampler
 from glassmetric.errors import CheckpointError
+from glassmetric.extras import available
 from glassmetric.factory import build_model_from_config, evaluation_recall_ks, make_splits
 from glassmetric.outputs import atomic_write_text, writable_folder
 from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO
+from glassmetric.training.console import StderrProgressBar, announce, count, fit_banner, images_and_classes
 from glassmetric.training.distributed import IndexedDataset, check_devices, ddp_strategy, eval_sampler
 from glassmetric.training.guards import reliability_callbacks
 from glassmetric.training.module import MetricLearner
@@ -151,6 +155,8 @@ def fit(
     baseline: bool = False,
     run_test: bool = True,
     callbacks: Sequence[Callback] = (),
+    source: str | None = None,
+    progress: bool = False,
 ) -> FitResult:
     """Train, select (best validation ``trainer.monitor`` or the last epoch), evaluate on the test split.
 
@@ -158,7 +164,8 @@ def fit(
     run into the same folder fails at once. With ``resume``, a config whose model differs from
     the checkpoint's fails before anything is written; with ``overwrite``, every file an earlier
     run wrote there is removed first. ``callbacks`` are extra Lightning callbacks (e.g. for
-    logging or early stopping).
+    logging or early stopping). With ``progress`` (as ``glassmetric fit`` runs it),
+    a banner (``source`` names the preset or file of ``cfg``) and one line per phase go to stderr.
     """
     check_devices(cfg.trainer)
     out = Path(cfg.trainer.output_dir)
@@ -179,7 +186,18 @@ def fit(
             baseline=baseline,
             run_test=run_test,
             callbacks=callbacks,
+            source=source,
+            progress=progress and launching,
         )
+
+
+def _loggers(out: Path, version: int) -> list[Logger]:
+    """CSV logs always, TensorBoard's where tensorboard is installed (the ``tensorboard`` extra);
+    each (re)start logs into a new logs/version_N, so a resume never overwrites old logs."""
+    loggers: list[Logger] = [CSVLogger(out, name="logs", version=version)]
+    if available("tensorboard"):
+        loggers.append(TensorBoardLogger(out, name="logs", version=version))
+    return loggers
 
 
 def _fit(
@@ -192,6 +210,8 @@ def _fit(
     baseline: bool,
     run_test: bool,
     callbacks: Sequence[Callback],
+    source: str | None = None,
+    progress: bool = False,
 ) -> FitResult:
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -227,6 +247,8 @@ def _fit(
         resumed = None
     if launching:
         save_config(cfg, out / "config.yaml")
+    if progress:
+        announce(fit_banner(cfg, splits, source))
     ks = evaluation_recall_ks(cfg)
     eval_kw: dict[str, Any] = {
         "recall_ks": ks,
@@ -237,7 +259,10 @@ def _fit(
     }
 
     baseline_metrics = None
+    test_size = images_and_classes(splits.test)
     if baseline:
+        if progress:
+            announce(f"evaluating the untrained model on {test_size} ...")
         baseline_metrics = evaluate_model(module.model, splits.test, splits.gallery, **eval_kw)
 
     select_val = cfg.trainer.select == "val"
@@ -263,9 +288,9 @@ def _fit(
         strategy=ddp_strategy(cfg),
         sync_batchnorm=cfg.trainer.sync_batchnorm,
         precision=cfg.trainer.precision,
-        # each (re)start logs into a new logs/version_N, so a resume never overwrites old logs
-        logger=[CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="logs", version=version)],
+        logger=_loggers(out, version),
         callbacks=[
+            *([StderrProgressBar()] if cfg.trainer.progress_bar else []),
             *filter(None, [best_cb, last_cb]),
             EpochSeed(cfg.seed),
             throughput,
@@ -289,6 +314,8 @@ def _fit(
             print(f"resuming from {found}")
         else:
             print(f"no checkpoint at {last}: starting from scratch")
+    if progress:
+        announce(f"training for {count(cfg.trainer.max_epochs, 'epoch')} on {images_and_classes(splits.train)} ...")
     trainer.fit(module, datamodule=MetricDataModule(cfg, splits), ckpt_path=ckpt_path)
 
     selected = Path(best_cb.best_model_path) if best_cb is not None and best_cb.best_model_path else last
@@ -301,6 +328,8 @@ def _fit(
         data_wait_share=throughput.data_wait_share,
     )
     if run_test and trainer.is_global_zero:
+        if progress:
+            announce(f"testing {selected.name} on {test_size} ...")
         state = safe_torch_load(selected)["state_dict"]
         module.load_state_dict(state)
         result.test_metrics = evaluate_model(module.model, splits.test, splits.gallery, **eval_kw)
