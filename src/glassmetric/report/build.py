@@ -88,7 +88,7 @@ def build_report(
     ks: tuple[int, ...] = REPORT_KS,
     seed: int = 0,
     dpi: int = 80,
-    top_flows: int = 12,
+    top_flows: int = 64,
     rerank_k: int | None = None,
     progress: bool = True,
 ) -> Path:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from glassmetric.data.transforms import normalisation
 from glassmetric.errors import ConfigError, GlassmetricError
+from glassmetric.explain.frames import FramedImage, framed
 from glassmetric.explain.pair import explain_views, model_view
 from glassmetric.explain.panels import pair_figures, pair_summary
 from glassmetric.report.build import report_fields
@@ -322,12 +323,20 @@ class Explorer:
         cached = self.figures.get(key)
         if cached is None:
             q, gi = self.query(qid), self.gallery_index(gid)
+            result_image = self.gallery.image(gi)
+            # the figures draw the photos at their own size; an upload keeps only its model view
+            if q.index is not None:
+                query_original = framed(self.cfg, self.gallery.image(q.index))
+            else:
+                view = q.view()
+                query_original = FramedImage(view, (0.0, 0.0, float(view.width), float(view.height)))
             pair = explain_views(
                 self.model,
                 self.cfg,
                 q.view(),
-                model_view(self.cfg, self.gallery.image(gi)),
+                model_view(self.cfg, result_image),
                 introspective=self.retriever.introspective,
+                originals=(query_original, framed(self.cfg, result_image)),
             )
             pngs = {}
             for kind, fig in pair_figures(pair, ("query", self.gallery.name(gi))).items():
