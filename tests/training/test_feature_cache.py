@@ -92,7 +92,7 @@ def test_the_cli_names_the_key_when_nothing_is_frozen(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("glassmetric fit: error: trainer.cache_features: the first stage")
-    assert not (tmp_path / FEATURE_CACHE_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == [".fit.lock"]  # nothing written but the run lock
 
 
 @pytest.mark.parametrize(

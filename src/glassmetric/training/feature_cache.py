@@ -50,8 +50,7 @@ from glassmetric.config import Config
 from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.image_io import collate_readable
 from glassmetric.errors import DataError
-from glassmetric.models.backbone_split import FrozenSplit, split_frozen
-from glassmetric.models.embedding_model import EmbeddingModel
+from glassmetric.models.backbone_split import FrozenSplit
 from glassmetric.outputs import follow_umask
 from glassmetric.training.resume import derived_seed, seed_all
 from glassmetric.training.run_folder import FEATURE_CACHE_FILE
@@ -361,11 +360,9 @@ class CachedTraining:
     cache: FeatureCache
 
 
-def cached_training_set(cfg: Config, model: EmbeddingModel, train: RetrievalDataset, out: Path) -> CachedTraining:
-    """Split ``model``'s backbone after its frozen stages and load or build the cache of
-    ``cfg.trainer.cache_features`` views of ``train`` in ``out`` (a ConfigError naming the key when
-    nothing is frozen or the backbone cannot be split)."""
-    split = split_frozen(model.backbone)
+def cached_training_set(cfg: Config, split: FrozenSplit, train: RetrievalDataset, out: Path) -> CachedTraining:
+    """The cache of ``cfg.trainer.cache_features`` views of ``train`` in ``out`` (loaded, or built
+    when it does not fit) for the model whose backbone ``split`` (:func:`split_frozen`) cuts."""
     accelerator = cfg.trainer.accelerator
     device = "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
     cache = load_or_build_cache(

@@ -42,6 +42,7 @@ from glassmetric.data.registry import Splits
 from glassmetric.data.sampler import MPerClassBatchSampler
 from glassmetric.errors import CheckpointError, ConfigError
 from glassmetric.factory import build_model_from_config, evaluation_recall_ks, make_splits
+from glassmetric.models.backbone_split import split_frozen
 from glassmetric.outputs import atomic_write_text, writable_folder
 from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO
@@ -228,6 +229,8 @@ def _fit(
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model_from_config(cfg)
+    # training on cached features: where the backbone splits, checked before anything is written
+    split = split_frozen(model.backbone) if cfg.trainer.cache_features else None
     splits = make_splits(cfg, model)
     module = MetricLearner(cfg, splits.train.labels, model=model)
     if resumed is not None:
@@ -292,13 +295,13 @@ def _fit(
         default_root_dir=out,
     )
     cached = None
-    if cfg.trainer.cache_features:
+    if split is not None:
         if trainer.world_size > 1:
             raise ConfigError(
                 f"trainer.cache_features: training on cached features runs in one process, not "
                 f"{trainer.world_size}: set trainer.devices and trainer.num_nodes to 1, or trainer.cache_features: 0"
             )
-        cached = cached_training_set(cfg, model, splits.train, out)
+        cached = cached_training_set(cfg, split, splits.train, out)
         module.feature_split = cached.split
     ckpt_path = None
     if resume:
