@@ -69,11 +69,14 @@ def main() -> None:
     cached: list[float] = []
     build = 0.0
     images = 0
+    order: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cached-training-") as tmp:
         for name, views in (("uncached", 0), ("cached", args.views), ("cached", args.views), ("uncached", 0)):
             result = run(Path(tmp) / name, args.classes, args.epochs, views)
             (cached if views else uncached).extend(result.epoch_seconds)
             build = build or result.cache_build_seconds
+            what = "built the cache" if result.cache_build_seconds else "reused it" if views else "images"
+            order.append(f"{name} ({what}) {', '.join(f'{e:.1f}' for e in result.epoch_seconds)} s")
             print(f"{name}: epochs {[round(s, 1) for s in result.epoch_seconds]} s", flush=True)
         cache_file = Path(tmp) / "cached" / "feature_cache.pt"
         cache_mib = cache_file.stat().st_size / 2**20
@@ -88,7 +91,7 @@ def main() -> None:
             f"start, {load_after:.1f} at the end), torch {torch.__version__}; total "
             f"{(time.perf_counter() - start) / 60:.0f} min. The cub50 preset on classes 1-{args.classes} "
             f"({images} training images, {args.views} views each), 224 px; medians of "
-            f"{len(uncached)} epochs per path.",
+            f"{len(uncached)} epochs per path. The runs in order: {'; '.join(order)}.",
             "",
             "| path | s / epoch | ratio to uncached | one-time cost | cost in uncached epochs | epochs to amortise | cache size |",
             "|---|---|---|---|---|---|---|",
