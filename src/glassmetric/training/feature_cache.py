@@ -13,7 +13,7 @@ or augmenting images.
   draws its augmentations: seeded per sample from (seed, epoch, batch, slot)
   (:class:`~glassmetric.training.resume.SeededSamples`), so a resumed run draws the same views.
 * **Storage.** On disk, ``trainer.output_dir/feature_cache.pt``, in float16 (half the bytes of
-  float32; relative error about 5e-4, far below the noise of augmentation), written atomically
+  float32; each value rounded by at most 5e-4 of itself), written atomically
   and read memory-mapped: the training process holds no copy, the operating system keeps the
   pages in its cache (a cache larger than the free memory still trains, from disk), and a
   resumed run, or a new run with other heads or losses, reuses it instead of recomputing it.
@@ -24,7 +24,9 @@ or augmenting images.
   differs is rebuilt; a run never trains on features of other data.
 * **Equivalence.** The frozen stages are run as training runs them: BatchNorm layers in eval
   mode (they are frozen), no dropout. Losses and gradients therefore equal the uncached
-  path's on the same views (float32 cache: to rounding; float16: to about 1e-3 relative).
+  path's on the same views: to rounding with float32 features; float16 storage moves the loss
+  by about 1e-5 and the gradient as much as noise of the same size in float32 features does
+  (0.3-3 % in a tiny untrained network, against more than 100 % for another view).
 """
 
 from __future__ import annotations
