@@ -232,6 +232,10 @@ class TrainerConfig:
     #: a NaN or infinite loss or gradient: ``stop`` (save the state before that step in
     #: last.ckpt, then stop with a message) or ``skip`` (leave that step out, logged and counted)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    #: V > 0: compute the output of the backbone's frozen first stages once for V augmented views
+    #: of every training image (float16, ``feature_cache.pt`` in the output folder) and train
+    #: the rest of the network and the heads from it, one view per image and epoch; 0: off
+    cache_features: int = 0
 
 
 @dataclass
@@ -334,6 +338,7 @@ _RANGES: list[tuple[str, Any, str]] = [
     ("trainer.log_every_n_steps", lambda v: v >= 1, ">= 1"),
     ("trainer.gradient_clip_val", lambda v: v is None or v > 0, "> 0"),
     ("trainer.checkpoint_every_n_steps", lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
+    ("trainer.cache_features", lambda v: v >= 0, ">= 0 (0: off)"),
     ("eval.knn_k", lambda v: v is None or v >= 1, ">= 1"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.index.exact_below", lambda v: v >= 0, ">= 0"),
@@ -482,6 +487,11 @@ def validate(cfg: Config) -> Config:
     if cfg.trainer.select == "val" and cfg.data.val_classes == 0:
         raise ConfigError(
             "trainer.select: 'val' needs data.val_classes > 0 (model selection never uses the test split)"
+        )
+    if cfg.trainer.cache_features and cfg.loss.mixup:
+        raise ConfigError(
+            "trainer.cache_features: loss.mixup mixes input images, which training on cached features "
+            "never sees: set loss.mixup: false or trainer.cache_features: 0"
         )
     if cfg.loss.similarity == "introspective" and cfg.model.uncertainty_dim == 0:
         raise ConfigError(

@@ -135,4 +135,4 @@ def collate_training(samples: list) -> dict | None:
     """:func:`collate_readable`, but None for a batch of skipped images only: Lightning skips
     such a step."""
     batch = collate_readable(samples)
-    return batch if "image" in batch else None
+    return batch if "label" in batch else None

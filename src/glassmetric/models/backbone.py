@@ -85,13 +85,15 @@ class Backbone(nn.Module):
             feats = cast(Callable[[torch.Tensor], torch.Tensor], self.trunk.forward_features)(images)
         else:
             feats = self.trunk(images)
-        return self._to_feature_map(feats, images.shape[-2:])
+        return self.to_feature_map(feats, images.shape[-2:])
 
-    def _to_feature_map(self, feats: torch.Tensor, image_hw: torch.Size) -> torch.Tensor:
+    def to_feature_map(self, feats: torch.Tensor, image_hw: torch.Size | None = None) -> torch.Tensor:
+        """The trunk's output ``feats`` as a ``(B, out_channels, h, w)`` map; ``image_hw``, the
+        input's size, places the tokens of a ViT-style trunk on their grid."""
         if feats.dim() == 4:
             if self._channels_last_output:
                 feats = feats.permute(0, 3, 1, 2)
-        elif feats.dim() == 3:  # tokens (B, N, C) of a ViT-style model
+        elif feats.dim() == 3 and image_hw is not None:  # tokens (B, N, C) of a ViT-style model
             tokens = feats[:, self._num_prefix_tokens :]
             h, w = self._token_grid(tokens.shape[1], image_hw)
             feats = tokens.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)

@@ -59,7 +59,11 @@ class EmbeddingModel(nn.Module):
             raise ConfigError(f"extra head name {name!r} is not allowed: {exc}") from exc
 
     def forward(self, images: torch.Tensor) -> EmbeddingOutput:
-        feature_map = self.backbone(images)
+        return self.forward_feature_map(self.backbone(images))
+
+    def forward_feature_map(self, feature_map: torch.Tensor) -> EmbeddingOutput:
+        """The heads' output for the backbone's feature map ``(B, C, h, w)`` (what ``forward``
+        does after the backbone; training on cached features starts here)."""
         embedding, pooled = self.head(feature_map)
         output = EmbeddingOutput(embedding=embedding, feature_map=feature_map, pooled=pooled)
         for name, extra in self.extra_heads.items():

@@ -7,6 +7,8 @@ Layout of ``trainer.output_dir``::
                               trainer.checkpoint_every_n_steps steps (``--resume`` reads it)
     checkpoints/last.prev.ckpt  the one before (``--resume`` falls back to it when last.ckpt is damaged)
     checkpoints/best.ckpt     best validation ``trainer.monitor`` (when ``trainer.select: val``)
+    feature_cache.pt          the frozen stages' output for the training views (``trainer.cache_features``,
+                              see :mod:`.feature_cache`; reused while it fits, kept by ``--overwrite``)
     logs/version_N/           CSV (and, with tensorboard installed, TensorBoard) logs of the N-th (re)start
     metrics.json              test metrics of the selected model (and of the untrained one)
     .fit.lock                 held by the run writing the folder (see :mod:`.run_folder`)
@@ -40,14 +42,16 @@ from glassmetric.config import Config, save_config
 from glassmetric.data.image_io import collate_readable
 from glassmetric.data.registry import Splits
 from glassmetric.data.sampler import MPerClassBatchSampler
-from glassmetric.errors import CheckpointError
+from glassmetric.errors import CheckpointError, ConfigError
 from glassmetric.extras import available
 from glassmetric.factory import build_model_from_config, evaluation_recall_ks, make_splits
+from glassmetric.models.backbone_split import split_frozen
 from glassmetric.outputs import atomic_write_text, writable_folder
 from glassmetric.retrieval.evaluate import evaluate_model
 from glassmetric.training.checkpoint_io import AtomicCheckpointIO
 from glassmetric.training.console import StderrProgressBar, announce, count, fit_banner, images_and_classes
 from glassmetric.training.distributed import IndexedDataset, check_devices, ddp_strategy, eval_sampler
+from glassmetric.training.feature_cache import CachedTraining, cached_training_set
 from glassmetric.training.guards import reliability_callbacks
 from glassmetric.training.module import MetricLearner
 from glassmetric.training.resume import (
@@ -96,12 +100,14 @@ class EpochSeed(Callback):
 
 
 class MetricDataModule(pl.LightningDataModule):
-    """m-per-class training batches (sharded across DDP replicas) and the validation split."""
+    """m-per-class training batches (sharded across DDP replicas) and the validation split;
+    with ``cached``, the training batches hold cached features instead of images."""
 
-    def __init__(self, cfg: Config, splits: Splits):
+    def __init__(self, cfg: Config, splits: Splits, cached: CachedTraining | None = None):
         super().__init__()
         self.cfg = cfg
         self.splits = splits
+        self.cached = cached
 
     def train_dataloader(self) -> DataLoader:
         t = self.cfg.trainer
@@ -114,9 +120,11 @@ class MetricDataModule(pl.LightningDataModule):
             num_replicas=world,
             rank=rank,
         )
-        loader = resumable_train_loader(
-            self.splits.train, sampler, seed=self.cfg.seed, num_workers=self.cfg.data.num_workers, trainer=self.trainer
+        # cached features need no decoding or augmenting: the main process reads them
+        train, workers = (
+            (self.cached.dataset, 0) if self.cached is not None else (self.splits.train, self.cfg.data.num_workers)
         )
+        loader = resumable_train_loader(train, sampler, seed=self.cfg.seed, num_workers=workers, trainer=self.trainer)
         # on resume the first iterator is built before the epoch hooks run: seed it here too,
         # with the epoch Lightning is about to run (current_epoch may still be the last one)
         seed_epoch(self.cfg.seed, _epochs_processed(self.trainer) if self.trainer else 0, loader)
@@ -145,6 +153,8 @@ class FitResult:
     #: wall time of each epoch run in this call, and the share of step time spent waiting for data
     epoch_seconds: list[float] = field(default_factory=list)
     data_wait_share: float = 0.0
+    #: seconds spent computing the feature cache (``trainer.cache_features``; 0: off or reused)
+    cache_build_seconds: float = 0.0
 
 
 def fit(
@@ -239,6 +249,8 @@ def _fit(
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model_from_config(cfg)
+    # training on cached features: where the backbone splits, checked before anything is written
+    split = split_frozen(model.backbone) if cfg.trainer.cache_features else None
     splits = make_splits(cfg, model)
     module = MetricLearner(cfg, splits.train.labels, model=model)
     if resumed is not None:
@@ -307,6 +319,15 @@ def _fit(
         enable_model_summary=False,
         default_root_dir=out,
     )
+    cached = None
+    if split is not None:
+        if trainer.world_size > 1:
+            raise ConfigError(
+                f"trainer.cache_features: training on cached features runs in one process, not "
+                f"{trainer.world_size}: set trainer.devices and trainer.num_nodes to 1, or trainer.cache_features: 0"
+            )
+        cached = cached_training_set(cfg, split, splits.train, out)
+        module.feature_split = cached.split
     ckpt_path = None
     if resume:
         if found is not None:
@@ -316,7 +337,7 @@ def _fit(
             print(f"no checkpoint at {last}: starting from scratch")
     if progress:
         announce(f"training for {count(cfg.trainer.max_epochs, 'epoch')} on {images_and_classes(splits.train)} ...")
-    trainer.fit(module, datamodule=MetricDataModule(cfg, splits), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=MetricDataModule(cfg, splits, cached), ckpt_path=ckpt_path)
 
     selected = Path(best_cb.best_model_path) if best_cb is not None and best_cb.best_model_path else last
     result = FitResult(
@@ -326,6 +347,7 @@ def _fit(
         baseline_metrics=baseline_metrics,
         epoch_seconds=throughput.epoch_seconds,
         data_wait_share=throughput.data_wait_share,
+        cache_build_seconds=cached.cache.build_seconds if cached is not None else 0.0,
     )
     if run_test and trainer.is_global_zero:
         if progress:

@@ -8,6 +8,7 @@ held-out validation classes and logs the retrieval metrics used for model select
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -17,6 +18,8 @@ from glassmetric.checkpoints import METADATA_KEY, checkpoint_metadata
 from glassmetric.config import Config
 from glassmetric.factory import build_model_from_config, build_training_loss
 from glassmetric.losses.grouped import GroupedLoss
+from glassmetric.models.backbone_split import FrozenSplit
+from glassmetric.models.embedding_model import EmbeddingModel
 from glassmetric.retrieval.metrics import retrieval_metrics
 from glassmetric.training.distributed import gather_batch, gather_unique, world
 
@@ -47,14 +50,26 @@ class MetricLearner(pl.LightningModule):
         self._val_outputs: list[
             tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         ] = []  # embeddings, labels, data set rows
+        #: set when training runs on cached features (``trainer.cache_features``): the training
+        #: batches then hold the frozen stages' output, and the model runs from there
+        self.feature_split: FrozenSplit | None = None
 
     def forward(self, images: torch.Tensor):
         return self.model(images)
 
+    def embed_training_inputs(self, inputs: torch.Tensor):
+        """The model's output for a training batch: images, or with :attr:`feature_split` the
+        cached output of the backbone's frozen stages."""
+        if self.feature_split is None:
+            return self.model(inputs)
+        model = cast(EmbeddingModel, self.model)  # the split was made from its backbone
+        return model.forward_feature_map(self.feature_split.rest(inputs.float()))
+
     def objective(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss of a batch (contiguous class indices), and its parts to log: the
-        grouped loss's terms, with the mixup terms added when ``loss.mixup`` is on."""
-        output, all_labels = gather_batch(self.model(images), labels)  # under DDP: the global batch
+        grouped loss's terms, with the mixup terms added when ``loss.mixup`` is on. ``images``
+        are cached features when :attr:`feature_split` is set."""
+        output, all_labels = gather_batch(self.embed_training_inputs(images), labels)  # under DDP: the global batch
         terms: dict[str, torch.Tensor] = {}
         if isinstance(self.loss, GroupedLoss):
             terms = self.loss.terms(output, all_labels)
@@ -67,7 +82,7 @@ class MetricLearner(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         labels = self.label_lookup[batch["label"]]
-        loss, terms = self.objective(batch["image"], labels)
+        loss, terms = self.objective(batch["features"] if "features" in batch else batch["image"], labels)
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=len(labels))
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))

@@ -10,7 +10,9 @@ Lightning or torchrun start for the same run, write nothing in the folder themse
 ``--overwrite`` removes every file a run writes (:data:`RUN_FILES`, the logs' files, the
 checkpoints of :data:`CHECKPOINT_NAMES` and half-written temporaries) and nothing else: files
 glassmetric did not write there (say a ``report/`` written by ``glassmetric report``) stay, and
-are named in a message.
+are named in a message. The feature cache (:data:`FEATURE_CACHE_FILE`, ``trainer.cache_features``)
+is the one file a run writes that ``--overwrite`` keeps: it is named by a fingerprint of
+everything it depends on, so a new run reuses it when it fits and rebuilds it otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from glassmetric.errors import OutputError
 
 __all__ = [
     "CHECKPOINT_NAMES",
+    "FEATURE_CACHE_FILE",
     "LOCK_FILE",
     "RUN_FILES",
     "clear_previous_run",
@@ -36,6 +39,8 @@ __all__ = [
 LOCK_FILE = ".fit.lock"
 #: the files a run writes at the top of its folder
 RUN_FILES = ("config.yaml", "metrics.json")
+#: the cached features of ``trainer.cache_features``, kept by ``--overwrite``
+FEATURE_CACHE_FILE = "feature_cache.pt"
 #: the checkpoints a run writes in ``checkpoints/`` (besides ``.*.tmp`` temporaries)
 CHECKPOINT_NAMES = ("last.ckpt", "last.prev.ckpt", "last.damaged.ckpt", "best.ckpt")
 #: the files Lightning's CSV and TensorBoard loggers write in ``logs/version_N/``
@@ -95,6 +100,8 @@ def clear_previous_run(folder: str | Path) -> list[str]:
     folder = Path(folder)
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
+    for stale in folder.glob(f".{FEATURE_CACHE_FILE}.*.tmp"):  # a cache write cut short
+        stale.unlink(missing_ok=True)
     ckpt = folder / "checkpoints"
     if ckpt.is_dir():
         for name in CHECKPOINT_NAMES:
@@ -111,7 +118,8 @@ def clear_previous_run(folder: str | Path) -> list[str]:
                 _remove_if_empty(version)
     for sub in (ckpt, logs):
         _remove_if_empty(sub)
-    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    ours = (LOCK_FILE, FEATURE_CACHE_FILE)
+    return sorted(p.name for p in folder.iterdir() if p.name not in ours) if folder.is_dir() else []
 
 
 def _remove_if_empty(folder: Path) -> None:
