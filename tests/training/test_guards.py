@@ -132,8 +132,11 @@ def test_cli_reports_a_diverging_run_on_one_line(tmp_path, capsys):
         "--no-test",
     ]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(r"non-finite (loss|gradient).* at epoch 0, step \d", err), err
+    lines = capsys.readouterr().err.strip().splitlines()
+    # the start banner and phase lines, then the error on one line, last
+    errors = [line for line in lines if "error:" in line]
+    assert errors == lines[-1:] and lines[-1].startswith("glassmetric fit: error: "), lines
+    assert re.search(r"non-finite (loss|gradient).* at epoch 0, step \d", lines[-1]), lines
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
