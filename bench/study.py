@@ -268,10 +268,14 @@ def dry_run(domain: Domain, methods: list[str], args, out: Path) -> str:
             seconds = todo * (n_train / ips + n_val / EMBED_IMAGES_PER_S) + n_test / EMBED_IMAGES_PER_S
             total += seconds / 3600
             lines.append(f"| {m} | {s} | {state} | {todo} | {ips:.0f} | {seconds / 3600:.2f} |")
-    cache = f", trainer.cache_features={args.cache_features}" if args.cache_features else ", uncached"
     lines.append(
-        f"\nEstimated total: {total:.1f} hours on this machine{cache} (throughput measured on finished runs "
-        f"where there are any, else {BASELINE_IMAGES_PER_S:g} img/s for the baseline on 2 CPU cores)."
+        f"\nEstimated total: {total:.1f} hours on this machine, from the training throughput of the finished "
+        f"runs where there are any, else {BASELINE_IMAGES_PER_S:g} img/s for an uncached baseline on 2 CPU cores"
+        + (
+            " (the speed-up of trainer.cache_features is only in the estimate once finished runs measured it)."
+            if args.cache_features
+            else "."
+        )
     )
     return "\n".join(lines)
 
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.epochs = args.epochs or domain.epochs
     out = Path(args.out) if args.out else ROOT / "runs" / "study" / args.domain
     methods = [m for m in ALL_METHODS if m in args.methods]
-    if "baseline" not in methods:
+    if "baseline" not in methods and set(methods) != {"imagenet"}:
         methods.insert(1 if "imagenet" in methods else 0, "baseline")  # every difference is to the baseline
     if args.dry_run:
         text = dry_run(domain, methods, args, out)
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
             out / "imagenet", "study_eval.json", {"k": None}, lambda: evaluate(build_model_from_config(cfg), cfg, None)
         )
         runs["imagenet"] = dict.fromkeys(args.seeds, result)  # no training: the same row pairs with every seed
-    for m in methods[1:] if methods[0] == "imagenet" else methods:
+    for m in [m for m in methods if m != "imagenet"]:
         for s in args.seeds:
             ckpt = train(domain, m, s, args, out)
             folder = run_dir(out, m, s)
@@ -339,12 +343,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     command = " ".join(["python bench/study.py", *(argv if argv is not None else sys.argv[1:])])
     machine = f"{os.cpu_count()} CPU cores (shared with other jobs), torch {torch.__version__}"
-    text = render(domain, runs, args, command, machine, (time.perf_counter() - started) / 60)
-    print("\n" + text)
     figures = Path(args.figures) if args.figures else (out if args.no_write else DOCS)
-    curves_figure(runs, domain, figures / f"study_{args.domain}_curves.png")
+    drawn = []
+    if any(m != "imagenet" for m in runs):
+        drawn.append(curves_figure(runs, domain, figures / f"study_{args.domain}_curves.png"))
     if any("kept_recall" in r for by_seed in runs.values() for r in by_seed.values()):
-        risk_coverage_figure(runs, domain, figures / f"study_{args.domain}_risk_coverage.png")
+        drawn.append(risk_coverage_figure(runs, domain, figures / f"study_{args.domain}_risk_coverage.png"))
+    minutes = (time.perf_counter() - started) / 60
+    text = render(domain, runs, args, command, machine, minutes, [p.name for p in drawn])
+    print("\n" + text)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(
         json.dumps({m: {str(s): r for s, r in by.items()} for m, by in runs.items()}, default=float)

@@ -198,7 +198,8 @@ def sharpness_section(runs: dict) -> str:
     return "\n".join(lines)
 
 
-def render(domain, runs: dict, args, command: str, machine: str, minutes: float) -> str:
+def render(domain, runs: dict, args, command: str, machine: str, minutes: float, figures: list[str]) -> str:
+    """The markdown of the study: its command, the tables, and the ``figures`` (file names beside the page)."""
     seeds = " ".join(map(str, args.seeds))
     cache = f", `trainer.cache_features={args.cache_features}`" if args.cache_features else ""
     parts = [
@@ -208,7 +209,7 @@ def render(domain, runs: dict, args, command: str, machine: str, minutes: float)
         "the baseline of the same seed (95% t interval over seeds): it helps or hurts when the interval "
         "excludes 0. The curve column says whether the seeds' mean validation MAP@R had stopped rising "
         "(best epoch not among the last two, or a rise over the last three epochs within the seeds' "
-        "noise); the curves are in the figure below.",
+        "noise); the curves are in the figure below the tables.",
         "",
         accuracy_table(runs, args.rerank_k, domain),
         "",
@@ -217,10 +218,13 @@ def render(domain, runs: dict, args, command: str, machine: str, minutes: float)
     for section in (confidence_section(runs), pck_section(runs, domain), sharpness_section(runs)):
         if section:
             parts += ["", section]
+    for name in figures:
+        what = "Validation curves" if "curves" in name else "Risk-coverage of the confidences"
+        parts += ["", f"![{what}, {domain.title}]({name})"]
     return "\n".join(parts)
 
 
-def curves_figure(runs: dict, domain, path: Path) -> None:
+def curves_figure(runs: dict, domain, path: Path) -> Path:
     """Validation MAP@R and R@1 per epoch of every trained method, mean ± std over seeds."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -247,10 +251,10 @@ def curves_figure(runs: dict, domain, path: Path) -> None:
         ax.grid(color="0.9")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Validation curves, {domain.title} (mean ± std over seeds)", fontsize=10)
-    save_figure(fig, path)
+    return save_figure(fig, path)
 
 
-def risk_coverage_figure(runs: dict, domain, path: Path) -> None:
+def risk_coverage_figure(runs: dict, domain, path: Path) -> Path:
     """R@1 of the most confident queries against the share kept, per confidence, of the
     introspective model (mean over seeds)."""
     from matplotlib.figure import Figure
@@ -276,4 +280,4 @@ def risk_coverage_figure(runs: dict, domain, path: Path) -> None:
     ax.grid(color="0.9")
     ax.legend(fontsize=7)
     ax.set_title(f"Risk-coverage, {LABELS.get(m, m)}\n{domain.title}", fontsize=9)
-    save_figure(fig, path)
+    return save_figure(fig, path)
