@@ -162,3 +162,29 @@ def test_run_state_extends_a_shorter_run(study, tmp_path):
     (folder / "done").write_text(json.dumps({"epochs": 2}))
     assert study.run_state(folder, 3) == "resume"
     assert study.run_state(folder, 2) == "done"
+
+
+def test_stopped_rising_by_hand(study):
+    from study_stats import stopped_rising
+
+    assert stopped_rising([[0.1, 0.3, 0.2, 0.2]]) == ("stopped", 2)  # best epoch before the last two
+    assert stopped_rising([[0.1, 0.2, 0.3]]) == ("still rising", 3)
+    # best at the last epoch, but a rise of 0.01 over the last three epochs, within the noise of
+    # the last epoch's mean (std 0.127 over 2 seeds: 0.09)
+    assert stopped_rising([[0.30, 0.30, 0.40], [0.30, 0.31, 0.22]]) == ("stopped", 3)
+    assert stopped_rising([[0.1, 0.2, 0.4], [0.1, 0.2, 0.41]]) == ("still rising", 3)
+    assert stopped_rising([[0.1, 0.2]]) == ("too short", 2)
+
+
+def test_validation_curve_reads_every_log_version(study, tmp_path):
+    from study_stats import validation_curve
+
+    header = "epoch,step,train/loss,val/map_at_r,val/recall@1\n"
+    for version, rows in (
+        (0, ["0,1,0.5,,", "0,1,,0.10,0.50", "1,2,,0.20,0.60"]),
+        (1, ["1,2,,0.25,0.65", "2,3,,0.30,0.70"]),  # a resumed run logs epoch 1 again
+    ):
+        folder = tmp_path / "logs" / f"version_{version}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.csv").write_text(header + "\n".join(rows) + "\n")
+    assert validation_curve(tmp_path) == {"map_at_r": [0.10, 0.25, 0.30], "recall@1": [0.50, 0.65, 0.70]}
