@@ -3,17 +3,19 @@ several seeds, each compared with the baseline of the same seed.
 
     GLASSMETRIC_DATA_ROOT=/path/to/data python bench/study.py --domain birds|cars
         [--seeds 0 1 2 3 4] [--methods imagenet baseline ...] [--epochs 30] [--cache-features V]
-        [--rerank-k 10] [--pairs 1000] [--set KEY=VALUE ...] [--out runs/study] [--dry-run] [--no-write]
+        [--rerank-k 10] [--pairs 1000] [--set KEY=VALUE ...] [--out DIR] [--dry-run] [--no-write]
 
 Domains: ``birds``, the ``cub75`` preset (75 training species: CUB-200-2011 1-25 and CUB-200-2010
 51-100; test CUB-200-2011 26-50, with part keypoints); ``cars``, the ``cars98`` preset (Stanford
 Cars 1-49 train, 50-98 test, no keypoints); ``demo``, the embedded synthetic data (a smoke run).
 ``GLASSMETRIC_DATA_ROOT`` defaults to ../shared/data beside the project.
 
-One command per domain, resumable: every run lives in ``<out>/<domain>/<method>-seed<s>``; a
-finished run (its ``done`` file) trained for at least ``--epochs`` is reused, a shorter or
-interrupted one is resumed from its ``last.ckpt`` (so raising ``--epochs`` extends the finished
-runs), and each evaluation is cached next to its checkpoint. Every run selects its epoch by
+One command per domain, resumable: every run lives in ``<out>/<method>-seed<s>`` (``--out``
+defaults to runs/study/<domain>); a finished run (its ``done`` file) trained for at least
+``--epochs`` is reused, a shorter or interrupted one is resumed from its ``last.ckpt`` (so
+raising ``--epochs`` extends the finished runs), and each evaluation is cached next to its
+checkpoint. A run folder does not record the options it was trained with: delete it (or pick
+another ``--out``) to retrain with other ones. Every run selects its epoch by
 validation MAP@R on the validation classes; ``--cache-features V`` trains on V cached views of
 the frozen stages (``trainer.cache_features``). ``--dry-run`` lists the runs and their estimated
 cost and trains nothing.
@@ -21,7 +23,7 @@ cost and trains nothing.
 Outputs: the tables (printed, and written between the ``study-<domain>`` markers of
 docs/results.md), ``docs/study_<domain>_curves.png`` (validation MAP@R and R@1 per epoch, mean
 over seeds), ``docs/study_<domain>_risk_coverage.png`` (introspective models) and
-``<out>/<domain>/study.json`` (every per-seed number behind the tables).
+``<out>/study.json`` (every per-seed number behind the tables).
 """
 
 from __future__ import annotations
@@ -308,14 +310,16 @@ def main(argv: list[str] | None = None) -> dict:
         text = dry_run(domain, methods, args, out)
         print(text)
         return {"dry_run": text}
-    torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
 
     runs: dict[str, dict[int, dict]] = {}
     if "imagenet" in methods:
         cfg = load_config(domain.preset, list(args.set))
         result = cached(
-            out / "imagenet", "study_eval.json", {"k": None}, lambda: evaluate(build_model_from_config(cfg), cfg, None)
+            out / "imagenet",
+            "study_eval.json",
+            {"k": None, "set": args.set},
+            lambda: evaluate(build_model_from_config(cfg), cfg, None),
         )
         runs["imagenet"] = dict.fromkeys(args.seeds, result)  # no training: the same row pairs with every seed
     for m in [m for m in methods if m != "imagenet"]:
@@ -362,4 +366,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(os.cpu_count() or 1)
     main()

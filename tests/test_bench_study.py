@@ -188,3 +188,15 @@ def test_validation_curve_reads_every_log_version(study, tmp_path):
         folder.mkdir(parents=True)
         (folder / "metrics.csv").write_text(header + "\n".join(rows) + "\n")
     assert validation_curve(tmp_path) == {"map_at_r": [0.10, 0.25, 0.30], "recall@1": [0.50, 0.65, 0.70]}
+
+
+def test_more_epochs_extend_a_finished_run_from_its_last_checkpoint(study, finished):
+    """Runs last: it trains the baseline of seed 0 on to a second epoch."""
+    folder = finished / "runs" / "baseline-seed0"
+    before = (folder / "logs" / "version_0" / "metrics.csv").read_text()
+    extra = ["--methods", "baseline", "--seeds", "0", "--epochs", "2", "--no-write"]
+    result = study.main(args(finished, *extra))
+    assert (folder / "logs" / "version_0" / "metrics.csv").read_text() == before
+    assert (folder / "logs" / "version_1" / "metrics.csv").is_file()
+    assert len(result["runs"]["baseline"][0]["curve"]["map_at_r"]) == 2
+    assert json.loads((folder / "done").read_text()) == {"epochs": 2}
