@@ -72,11 +72,12 @@ def confidence_scores(
     Returns ``({name: (Q,) float64}, (Q,) bool hit)``.
     """
     same = gallery is None
-    ref, ref_labels, ref_u = (
-        (query, query_labels, uncertainty) if same else (gallery, gallery_labels, gallery_uncertainty)
-    )
-    if ref_labels is None:
+    if gallery is None:
+        ref, ref_labels, ref_u = query, query_labels, uncertainty
+    elif gallery_labels is None:
         raise ValueError("gallery_labels are needed with a gallery")
+    else:
+        ref, ref_labels, ref_u = gallery, gallery_labels, gallery_uncertainty
     available = len(ref) - int(same)
     if available < 2:
         raise ValueError(f"the margin needs 2 neighbours per query, the gallery has {available}")
