@@ -172,11 +172,13 @@ def sharpness_section(runs: dict) -> str:
         f"**Group sharpness**: how many of the {first['positions']} feature-map positions hold "
         f"{100 * first['mass']:.0f}% of each group's attention (mean over test images, then over seeds), "
         f"the widest group, whether every group is sharp (at most {first['sharp']:g} positions), the "
-        "perplexity (effective positions) and R@1.",
+        "perplexity (effective positions), R@1 and its paired difference to the baseline.",
         "",
-        "| model | seeds | positions per group | widest | every group sharp | effective positions | R@1 |",
-        "|---|---|---|---|---|---|---|",
+        "| model | seeds | positions per group | widest | every group sharp | effective positions | R@1 | "
+        "R@1 - baseline |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    baseline = {s: r["global"]["recall@1"] for s, r in runs.get("baseline", {}).items()}
     for m in models:
         by_seed = runs[m]
         groups = list(next(iter(by_seed.values()))["sharpness"]["groups"])
@@ -191,9 +193,10 @@ def sharpness_section(runs: dict) -> str:
         widest = mean_std([r["sharpness"]["widest"] for r in by_seed.values()], 1, 1)
         sharp = sum(r["sharpness"]["all_sharp"] for r in by_seed.values())
         r1 = mean_std([r["global"]["recall@1"] for r in by_seed.values()])
+        d = paired_difference({s: r["global"]["recall@1"] for s, r in by_seed.items()}, baseline)
         lines.append(
             f"| {LABELS.get(m, m)} | {len(by_seed)} | {per_group} | {widest} | {sharp}/{len(by_seed)} seeds | "
-            f"{effective} | {r1} |"
+            f"{effective} | {r1} | {d.cell()} ({d.verdict}) |"
         )
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ TINY = [
     "trainer.samples_per_class=3",
     "eval.batch_size=64",
 ]
-METHODS = ["imagenet", "baseline", "structural", "introspective"]
+METHODS = ["imagenet", "baseline", "structural", "introspective", "grouping-flatstart"]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,12 @@ def test_tables_hold_paired_differences_with_t_intervals(finished):
     assert (
         rows["baseline (MultiSimilarity)"].split(" | ")[2] == f"{statistics.mean(r1):.2f} ± {statistics.stdev(r1):.2f}"
     )
+    groups = [stored["grouping-flatstart"][s]["sharpness"]["groups"] for s in ("0", "1")]
+    per_group = " / ".join(
+        f"{statistics.mean(g[k]['mass_positions'] for g in groups):.1f}" for k in ("1", "2", "3", "4")
+    )
+    sharp_row = rows["attentive groups, near-uniform start (`model.group_query_std=0.1`)"]
+    assert sharp_row.split(" | ")[2] == per_group, sharp_row
     for section in (
         "failure AUROC",
         "IDML -‖u_q‖",
