@@ -4,7 +4,9 @@
 ground-truth part keypoints (its public names are re-exported here).
 :mod:`.groups`: a DGML score as the sum of per-group cosines, with each group's attention.
 :mod:`.group_parts`: how distinct the DGML groups are (top-region IoU, peak-to-part).
-The figure, pair, groups and group_parts modules are imported by their own paths.
+:mod:`.group_sharpness`: how many positions each DGML group attends to (the positions holding
+90% of its attention, the perplexity).
+The figure, pair, groups, group_parts and group_sharpness modules are imported by their own paths.
 """
 
 from glassmetric.explain.correspondence import (
