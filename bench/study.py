@@ -125,6 +125,7 @@ def run_config(domain: Domain, method: str, seed: int, args, folder: Path) -> Co
     overrides.append(f"trainer.max_epochs={args.epochs}")
     if args.cache_features:
         overrides.append(f"trainer.cache_features={args.cache_features}")
+        overrides.append(f"trainer.cache_dir={folder.parent / 'feature_caches'}")  # one per seed, for every method
     return load_config(domain.preset, overrides + list(args.set))
 
 

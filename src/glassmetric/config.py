@@ -236,6 +236,10 @@ class TrainerConfig:
     #: of every training image (float16, ``feature_cache.pt`` in the output folder) and train
     #: the rest of the network and the heads from it, one view per image and epoch; 0: off
     cache_features: int = 0
+    #: a folder for the feature caches of several runs (one file per fingerprint, so runs of
+    #: the same data, frozen weights, views and seed share one; e.g. every method of a study);
+    #: None: ``feature_cache.pt`` in the output folder
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -291,3 +291,19 @@ def test_overwrite_keeps_the_feature_cache_and_removes_its_temporaries(tmp_path)
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     assert clear_previous_run(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [FEATURE_CACHE_FILE]
+
+
+def test_runs_with_one_cache_dir_share_the_cache_of_their_fingerprint(tmp_path, capsys):
+    """``trainer.cache_dir``: another head and loss on the same data, frozen weights, views and
+    seed reuse the file; another seed gets its own file beside it; the run folders hold none."""
+    shared = tmp_path / "caches"
+    run = (*TINY_NET, "trainer.cache_features=2", "trainer.max_epochs=1", f"trainer.cache_dir={shared}")
+    fit(_config(*run, out=tmp_path / "a"), run_test=False)
+    first = sorted(shared.glob("feature_cache-*.pt"))
+    assert len(first) == 1 and "feature cache: computing" in capsys.readouterr().out
+    fit(_config(*run, "loss.name=contrastive", "model.uncertainty_dim=4", out=tmp_path / "b"), run_test=False)
+    assert f"feature cache: reusing {first[0]}" in capsys.readouterr().out
+    fit(_config(*run, "seed=1", out=tmp_path / "c"), run_test=False)
+    assert "feature cache: computing" in capsys.readouterr().out
+    assert len(list(shared.glob("feature_cache-*.pt"))) == 2
+    assert not any((tmp_path / r / FEATURE_CACHE_FILE).exists() for r in "abc")

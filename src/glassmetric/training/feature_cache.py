@@ -12,7 +12,8 @@ or augmenting images.
   image is represented by one of its ``V`` views, drawn from torch's RNG as the uncached path
   draws its augmentations: seeded per sample from (seed, epoch, batch, slot)
   (:class:`~glassmetric.training.resume.SeededSamples`), so a resumed run draws the same views.
-* **Storage.** On disk, ``trainer.output_dir/feature_cache.pt``, in float16 (half the bytes of
+* **Storage.** On disk, ``trainer.output_dir/feature_cache.pt`` (or, with ``trainer.cache_dir``,
+  ``feature_cache-<fingerprint>.pt`` there, shared by every run of that fingerprint), in float16 (half the bytes of
   float32; each value rounded by at most 5e-4 of itself), written atomically
   and read memory-mapped: the training process holds no copy, the operating system keeps the
   pages in its cache (a cache larger than the free memory still trains, from disk), and a
@@ -367,8 +368,13 @@ def cached_training_set(cfg: Config, split: FrozenSplit, train: RetrievalDataset
     when it does not fit) for the model whose backbone ``split`` (:func:`split_frozen`) cuts."""
     accelerator = cfg.trainer.accelerator
     device = "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    path = out / FEATURE_CACHE_FILE
+    if cfg.trainer.cache_dir:  # shared by runs of the same fingerprint, side by side with others
+        fingerprint = cache_fingerprint(split, train, cfg.trainer.cache_features, cfg.seed)
+        path = Path(cfg.trainer.cache_dir).expanduser() / f"feature_cache-{fingerprint[:20]}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
     cache = load_or_build_cache(
-        out / FEATURE_CACHE_FILE,
+        path,
         split,
         train,
         views=cfg.trainer.cache_features,
