@@ -1,5 +1,6 @@
-# `make demo`: set up .venv and train + evaluate the demo preset on the embedded data.
-# `make demo` ends with an HTML report: open runs/demo/report/index.html; `make serve-demo` explores it.
+# `make demo`: set up .venv and train + evaluate the demo preset on the embedded data, explain a
+# test pair (runs/demo/pair.png) and end with an HTML report: open runs/demo/report/index.html;
+# `make serve-demo` explores it.
 # `make test`: set up .venv with the dev extras and run the whole test suite (browser tests included
 # where /usr/bin/chromium exists); `make test-browser`: the headless-Chromium tests alone.
 # `make docs-figures`: regenerate the explanation figures in docs/ (trains the demo checkpoints it lacks
@@ -20,6 +21,16 @@ LOWEST_TESTS ?= tests/test_config.py tests/losses/test_metric_losses.py tests/lo
 	tests/training/test_best_checkpoint.py tests/test_package.py
 
 DEMO_CKPT := runs/demo/checkpoints/best.ckpt
+# two test images of one class (test class 60, images 0 and 3), as the demo preset draws them
+define DEMO_PAIR
+from glassmetric.config import load_config
+from glassmetric.data.synthetic import SyntheticParts
+data = load_config("demo").data
+test = SyntheticParts("test", num_classes=data.synthetic.num_classes, images_per_class=data.synthetic.images_per_class, image_size=data.image_size)
+for i in (0, 3):
+    test.load(i).image.save(f"runs/demo/bird_{i}.png")
+endef
+export DEMO_PAIR
 
 .PHONY: demo serve-demo docs-figures test test-browser test-lowest lint lint-only setup setup-dev clean
 
@@ -44,7 +55,10 @@ setup-dev: $(VENV)/.setup-dev
 
 demo: setup
 	$(BIN)/glassmetric fit --config demo --baseline --overwrite
+	$(BIN)/python -c "$$DEMO_PAIR"
+	$(BIN)/glassmetric explain runs/demo/bird_0.png runs/demo/bird_3.png --checkpoint $(DEMO_CKPT) -o runs/demo/pair.png
 	$(BIN)/glassmetric report --checkpoint $(DEMO_CKPT) -o runs/demo/report --queries 2 --k 0,5,10,50
+	@echo "runs/demo/pair.png: why two test birds of one class were judged alike"
 	@echo "open runs/demo/report/index.html in a browser; \`make serve-demo\` starts the web explorer"
 
 serve-demo: setup

@@ -55,7 +55,7 @@ both cores (ours and POT's torch backend use them; (a)'s per-query loop of small
 (used automatically when available) the device is named in the output.
 
 Also, with ``--cli N``: ``glassmetric eval --rerank structural --k 100`` end to end (the command
-line in a fresh process: load, embed, kNN, re-rank, metrics) on an untrained ``demo`` checkpoint
+line in a fresh process: load, embed, kNN, re-rank, metrics) on an untrained ``demo_scratch`` checkpoint
 whose test split has ``N`` synthetic images, and with ``--cli-preset PRESET`` on an untrained
 checkpoint of that preset on its own test split (``cub50``: ImageNet EfficientNet-Lite0 features
 of real birds), with ``structural.tol=null`` (every problem runs ``structural.iters`` = 100
@@ -563,13 +563,14 @@ def _timed_cli(stages_path: str, argv: list[str]) -> int:
 
 
 def _cli_checkpoint(case: str, images: int, folder: Path) -> tuple[Path, str]:
-    """An untrained checkpoint for ``case`` and a line saying what it is: ``demo`` (ResNet-18,
-    128-d, ``images`` synthetic 64 px test images) or a preset (e.g. ``cub50``: ImageNet
+    """An untrained checkpoint for ``case`` and a line saying what it is: ``demo`` (the ``demo_scratch``
+    ResNet-18, 128-d, ``images`` synthetic 64 px test images) or a preset (e.g. ``cub50``: ImageNet
     EfficientNet-Lite0 features and the identity head, its own test split)."""
     from glassmetric.checkpoints import checkpoint_metadata
     from glassmetric.config import load_config
     from glassmetric.factory import build_model_from_config, make_splits
 
+    preset = "demo_scratch" if case == "demo" else case
     if case == "demo":
         classes = max(4, images // 20)
         overrides = [
@@ -584,10 +585,10 @@ def _cli_checkpoint(case: str, images: int, folder: Path) -> tuple[Path, str]:
         ]
     else:
         overrides = []
-    cfg = load_config(case, ["data.num_workers=0", *overrides])
+    cfg = load_config(preset, ["data.num_workers=0", *overrides])
     if cfg.data.root and not Path(cfg.data.root).is_absolute():  # as the preset reads it: from the project root
         cfg = load_config(
-            case,
+            preset,
             ["data.num_workers=0", *overrides, f"data.root={(Path(__file__).parents[1] / cfg.data.root).resolve()}"],
         )
     torch.manual_seed(0)

@@ -75,7 +75,7 @@ class Domain:
 DOMAINS = {
     "birds": Domain("cub75", "birds: 75 training species, CUB-200-2011 classes 26-50 as test", True, 30),
     "cars": Domain("cars98", "cars: Stanford Cars classes 1-49 train, 50-98 test", False, 30),
-    "demo": Domain("demo", "embedded synthetic data", True, 8, "random initialisation, no metric training"),
+    "demo": Domain("demo_scratch", "embedded synthetic data", True, 8, "random initialisation, no metric training"),
 }
 #: the trained methods: config overrides over the domain's preset ({dim}: the preset's embedding size)
 METHODS: dict[str, list[str]] = {

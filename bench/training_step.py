@@ -11,7 +11,7 @@ the plain model's, and the median and range of the per-round ratios.
     python bench/training_step.py --method introspective [--settings demo,paper] [--losses proxyanchor,multisimilarity]
     python bench/training_step.py --method grouping --losses margin,multisimilarity --rounds 9 --steps 1
 
-Settings: ``demo`` (ResNet-18 from scratch, 64 px, batch 64 = 16 x 4; 64-d, 96-d for 3 groups)
+Settings: ``demo`` (the ``demo_scratch`` preset: ResNet-18 from scratch, 64 px, batch 64 = 16 x 4; 64-d, 96-d for 3 groups)
 and the method's paper setting (``paper``: ResNet-50 at 224 px without downloading weights, the
 batch cut to 16 so that a step takes seconds on a 2-core CPU; the ratio is what is compared).
 
@@ -84,7 +84,7 @@ METHODS = {
 }
 #: setting -> (preset, or None for the method's paper preset; overrides; image size)
 SETTINGS = {
-    "demo": ("demo", [], 64),
+    "demo": ("demo_scratch", [], 64),
     "paper": (None, ["model.pretrained=false", "trainer.batch_size=16"], 224),
 }
 
@@ -173,7 +173,7 @@ def bench(
     preset, extra, size = SETTINGS[setting]
     if preset is None and "paper_overrides" in spec:
         extra = list(spec["paper_overrides"])
-    extra = extra + (spec["demo"] if preset == "demo" else []) + [f"loss.name={loss}"]
+    extra = extra + (spec["demo"] if setting == "demo" else []) + [f"loss.name={loss}"]
     preset = preset or spec["paper"]
     variants = spec["variants"]
     dim = load_config(preset, extra).model.embedding_dim

@@ -42,7 +42,7 @@ def chromium_page(browser_available):
 
 @pytest.fixture
 def make_checkpoint(tmp_path):
-    """``make_checkpoint(*overrides) -> path``: an untrained ``demo`` model on tiny embedded data,
+    """``make_checkpoint(*overrides) -> path``: an untrained ``demo_scratch`` model on tiny embedded data,
     saved in the layout ``glassmetric fit`` writes (weights + config), without training."""
     import torch
 
@@ -51,7 +51,7 @@ def make_checkpoint(tmp_path):
 
     def make(*overrides: str, name: str = "untrained.ckpt"):
         cfg = load_config(
-            "demo",
+            "demo_scratch",
             [
                 "data.num_workers=0",
                 "data.synthetic.num_classes=8",

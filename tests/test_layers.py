@@ -136,7 +136,7 @@ def test_inference_never_imports_lightning(tmp_path, make_checkpoint):
         e = r.embed({str(tmp_path)!r})
         r.rerank(e, k=2)
         r.explain({str(tmp_path / "0.png")!r}, {str(tmp_path / "1.png")!r})
-        glassmetric.Retriever.from_preset("demo")
+        glassmetric.Retriever.from_preset("demo_scratch")
         print(sorted(m for m in sys.modules if m.split(".")[0] == "lightning" or m.startswith("glassmetric.training")))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout

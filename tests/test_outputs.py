@@ -91,7 +91,9 @@ def test_a_fit_run_writes_every_file_with_the_umasks_mode(tmp_path):
     from glassmetric.config import load_config
     from glassmetric.training.fit import fit
 
-    cfg = load_config("demo", [*SMALL, *TINY_RUN, "trainer.select=val", f"trainer.output_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        "demo_scratch", [*SMALL, *TINY_RUN, "trainer.select=val", f"trainer.output_dir={tmp_path / 'run'}"]
+    )
     with umask(0o027):
         fit(cfg)
         expected = plain_mode(tmp_path)
@@ -155,7 +157,7 @@ def test_report_and_export_and_serve_refuse_a_file_where_a_folder_goes(tmp_path,
         == 2
     )
     assert "--cache-dir" in one_line_error(capsys, "serve")
-    assert main(["fit", "--config", "demo", f"trainer.output_dir={tmp_path / 'a file'}"]) == 2
+    assert main(["fit", "--config", "demo_scratch", f"trainer.output_dir={tmp_path / 'a file'}"]) == 2
     assert "trainer.output_dir" in one_line_error(capsys, "fit")
 
 
@@ -209,7 +211,7 @@ def test_unwritable_output_paths_fail_on_one_line_before_any_work(unwritable, ma
     ckpt = make_checkpoint(*SMALL)
     images = [str(p) for p in save_images(folder.parent / "images")]
     commands = {
-        "fit": ["fit", "--config", "demo", f"trainer.output_dir={folder / 'run'}"],
+        "fit": ["fit", "--config", "demo_scratch", f"trainer.output_dir={folder / 'run'}"],
         "eval": ["eval", "--checkpoint", ckpt, "--device", "cpu", "--out", str(folder / "m.json")],
         "report": ["report", "--checkpoint", ckpt, "--device", "cpu", "-o", str(folder / "report")],
         "explain": ["explain", *images, "--checkpoint", ckpt, "-o", str(folder / "p.png")],

@@ -1,4 +1,4 @@
-"""The overrides of a one-epoch ``demo`` run small enough for tests of ``glassmetric fit``."""
+"""The overrides of a one-epoch ``demo_scratch`` run small enough for tests of ``glassmetric fit``."""
 
 #: 64 px images
 SMALL = ("data.image_size=64", "data.resize=64")

@@ -212,7 +212,7 @@ def test_cli_fit_with_bad_images_and_workers(tmp_path, policy):
         "glassmetric.cli",
         "fit",
         "--config",
-        "demo",
+        "demo_scratch",
         "data.name=folder",
         f"data.root={train}",
         f"data.test_root={test}",

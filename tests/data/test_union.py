@@ -197,7 +197,7 @@ def test_a_tiny_fit_trains_on_the_union_and_saves_the_entries(tmp_path):
         for k in range(6):
             write_image(folder / f"extra_{c}" / f"{k}.png", size=(64, 64), seed=10 * c + k)
     cfg = load_config(
-        "demo",
+        "demo_scratch",
         [
             *SMALL,
             *TINY_RUN,

@@ -31,7 +31,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return fit(load_config("demo", [*TINY, f"trainer.output_dir={out}"]), run_test=False).checkpoint
+    return fit(load_config("demo_scratch", [*TINY, f"trainer.output_dir={out}"]), run_test=False).checkpoint
 
 
 def test_eval_reports_uncertainty_csv_and_figure(checkpoint, tmp_path, capsys):
@@ -62,7 +62,7 @@ def test_eval_reports_uncertainty_csv_and_figure(checkpoint, tmp_path, capsys):
 def test_eval_uncertainty_without_the_head_is_one_line(tmp_path, capsys):
     out = tmp_path / "plain"
     plain = [t for t in TINY if not t.startswith(("model.uncertainty_dim", "loss.similarity"))]
-    ckpt = fit(load_config("demo", [*plain, f"trainer.output_dir={out}"]), run_test=False).checkpoint
+    ckpt = fit(load_config("demo_scratch", [*plain, f"trainer.output_dir={out}"]), run_test=False).checkpoint
     assert main(["eval", "--checkpoint", str(ckpt), "--device", "cpu", "--uncertainty"]) == 2
     assert "no uncertainty head" in capsys.readouterr().err
 
@@ -101,7 +101,7 @@ def test_cross_domain_splits_share_classes_not_style():
     assert np.array_equal(np.unique(splits.gallery.labels), np.unique(splits.test.labels))
     photo, painting = np.asarray(splits.test.load(0).image), np.asarray(splits.gallery.load(0).image)
     assert photo.shape == painting.shape and np.abs(photo.astype(int) - painting.astype(int)).mean() > 10
-    plain = load_config("demo")
+    plain = load_config("demo_scratch")
     assert build_splits(plain.data, None, None).gallery is None
 
 

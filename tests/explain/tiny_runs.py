@@ -22,8 +22,10 @@ TINY = [
 
 
 def fit_tiny(out: Path, *overrides: str) -> Path:
-    """The checkpoint of a one-epoch ``demo`` run on the tiny data, with ``overrides``."""
-    return fit(load_config("demo", TINY + list(overrides) + [f"trainer.output_dir={out}"]), run_test=False).checkpoint
+    """The checkpoint of a one-epoch ``demo_scratch`` run on the tiny data, with ``overrides``."""
+    return fit(
+        load_config("demo_scratch", TINY + list(overrides) + [f"trainer.output_dir={out}"]), run_test=False
+    ).checkpoint
 
 
 def save_test_images(folder: Path, indices, image_size: int = 80) -> list[Path]:

@@ -22,7 +22,7 @@ def run_onnx(path, images: torch.Tensor) -> dict[str, np.ndarray]:
 
 def test_all_heads_export_with_a_dynamic_batch(tmp_path):
     cfg = load_config(
-        "demo",
+        "demo_scratch",
         [
             "model.embedding_dim=16",
             "model.groups=2",

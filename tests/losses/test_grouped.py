@@ -17,7 +17,8 @@ from glassmetric.training.module import MetricLearner
 
 def test_grouped_loss_averages_one_loss_instance_per_group_plus_diversity():
     cfg = load_config(
-        "demo", ["model.groups=3", "model.embedding_dim=12", "loss.name=proxyanchor", "loss.diversity_weight=0.5"]
+        "demo_scratch",
+        ["model.groups=3", "model.embedding_dim=12", "loss.name=proxyanchor", "loss.diversity_weight=0.5"],
     )
     loss = build_training_loss(cfg, num_classes=4)
     assert isinstance(loss, GroupedLoss) and loss.groups == 3
@@ -33,7 +34,7 @@ def test_grouped_loss_averages_one_loss_instance_per_group_plus_diversity():
 
 def test_group_learning_rates_are_separate():
     cfg = load_config(
-        "demo",
+        "demo_scratch",
         [
             "model.groups=2",
             "model.embedding_dim=8",
@@ -59,7 +60,7 @@ def test_group_weight_decays_follow_the_dgml_release():
 
 def test_structural_loss_is_added_when_groups_compose_with_a_spatial_head():
     cfg = load_config(
-        "demo",
+        "demo_scratch",
         [
             "model.groups=2",
             "model.embedding_dim=16",

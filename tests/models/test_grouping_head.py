@@ -86,16 +86,16 @@ def test_gradients_reach_queries_keys_and_values():
 @pytest.mark.parametrize("bad", ["model.embedding_dim=64", "model.groups=-1", "model.groups=100"])
 def test_bad_group_configs_name_the_key(bad):
     with pytest.raises(ConfigError, match=r"model\.groups"):
-        load_config("demo", ["model.groups=3", bad])
+        load_config("demo_scratch", ["model.groups=3", bad])
     with pytest.raises(ConfigError, match=r"model\.groups"):
         GroupingHead(8, 10, groups=3)
 
 
 def test_shared_spatial_head_is_refused_with_groups_and_the_own_head_composes():
     with pytest.raises(ConfigError, match=r"model\.spatial_head"):
-        load_config("demo", ["model.groups=2", "model.spatial_grid=4"])
+        load_config("demo_scratch", ["model.groups=2", "model.spatial_grid=4"])
     cfg = load_config(
-        "demo", ["model.groups=2", "model.spatial_grid=4", "model.spatial_head=own", "model.embedding_dim=16"]
+        "demo_scratch", ["model.groups=2", "model.spatial_grid=4", "model.spatial_head=own", "model.embedding_dim=16"]
     )
     model = build_model_from_config(cfg)
     out = model(torch.randn(2, 3, 64, 64))
@@ -163,9 +163,9 @@ def test_small_initial_queries_start_every_group_near_average_pooling():
     for i in range(4):
         torch.testing.assert_close(g_flat[:, i], mean_values, atol=2e-3, rtol=0)
     cfg = load_config(
-        "demo",
+        "demo_scratch",
         ["model.groups=4", "model.embedding_dim=32", "model.group_query_std=0.1", "model.backbone=timm:test_resnet"],
     )
     assert build_model_from_config(cfg).extra_heads["grouping"].queries.abs().max() < 1.0
     with pytest.raises(ConfigError, match=r"model\.group_query_std"):
-        load_config("demo", ["model.groups=4", "model.group_query_std=0"])
+        load_config("demo_scratch", ["model.groups=4", "model.group_query_std=0"])

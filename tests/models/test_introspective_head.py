@@ -13,7 +13,7 @@ from glassmetric.similarity.introspective import IntrospectiveParams, image_unce
 
 def _model(**extra):
     over = ["model.backbone=resnet18", "model.embedding_dim=16", "model.uncertainty_dim=8", "model.pooling=avgmax"]
-    return build_model_from_config(load_config("demo", over + [f"{k}={v}" for k, v in extra.items()]))
+    return build_model_from_config(load_config("demo_scratch", over + [f"{k}={v}" for k, v in extra.items()]))
 
 
 def test_uncertainty_is_unnormalised_varies_and_receives_gradient():
@@ -44,9 +44,9 @@ def test_bad_sizes_and_missing_head_are_config_errors():
     with pytest.raises(ConfigError, match=r"model\.uncertainty_dim"):
         UncertaintyHead(4, 0)
     with pytest.raises(ConfigError, match=r"model\.uncertainty_dim"):
-        load_config("demo", ["loss.similarity=introspective"])
+        load_config("demo_scratch", ["loss.similarity=introspective"])
     with pytest.raises(ConfigError, match=r"model\.uncertainty_dim"):
-        load_config("demo", ["model.uncertainty_dim=-1"])
+        load_config("demo_scratch", ["model.uncertainty_dim=-1"])
 
 
 def test_composes_with_the_spatial_grid():

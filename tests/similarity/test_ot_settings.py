@@ -6,7 +6,7 @@ from glassmetric.similarity.ot_settings import OTSettings
 
 def test_from_config_reads_every_structural_key():
     cfg = load_config(
-        "demo",
+        "demo_scratch",
         [
             "structural.epsilon=0.1",
             "structural.iters=7",
@@ -22,7 +22,7 @@ def test_from_config_reads_every_structural_key():
 
 
 def test_the_config_default_is_the_settings_default():
-    cfg = load_config("demo", ["structural.marginals=cross_correlation"])
+    cfg = load_config("demo_scratch", ["structural.marginals=cross_correlation"])
     assert OTSettings.from_config(cfg) == OTSettings()
     assert OTSettings().tol == 1e-4
 

@@ -49,7 +49,7 @@ def batch():
 def learners():
     for name, extra in VARIANTS.items():
         torch.manual_seed(1)
-        yield name, MetricLearner(load_config("demo", BASE + extra), np.arange(CLASSES))
+        yield name, MetricLearner(load_config("demo_scratch", BASE + extra), np.arange(CLASSES))
 
 
 def training_references() -> dict:
@@ -79,7 +79,7 @@ def check_training(rank: int, size: int, references: dict) -> dict:
 
 def evaluation_setup():
     torch.manual_seed(3)
-    learner = MetricLearner(load_config("demo", BASE), np.arange(CLASSES))
+    learner = MetricLearner(load_config("demo_scratch", BASE), np.arange(CLASSES))
     data = SyntheticParts(
         "test", num_classes=8, images_per_class=6, image_size=64, transform=build_transforms(False, 32, 32)
     )

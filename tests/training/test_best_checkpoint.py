@@ -80,7 +80,9 @@ def logged_scores(run) -> dict[int, float]:
 
 def test_best_checkpoint_is_the_epoch_with_the_best_logged_validation_score(tmp_path):
     recorder = RiggedValidation()
-    result = fit(load_config("demo", [*TINY, f"trainer.output_dir={tmp_path}"]), run_test=False, callbacks=[recorder])
+    result = fit(
+        load_config("demo_scratch", [*TINY, f"trainer.output_dir={tmp_path}"]), run_test=False, callbacks=[recorder]
+    )
 
     scores = logged_scores(tmp_path)
     assert sorted(scores) == list(range(EPOCHS)) == sorted(recorder.weights)

@@ -55,7 +55,7 @@ def test_the_cli_refuses_a_malicious_checkpoint_on_one_line(evil, capsys, comman
     else:  # a run folder whose last.ckpt was replaced
         (folder / "run" / "checkpoints").mkdir(parents=True)
         (folder / "evil.ckpt").rename(folder / "run" / "checkpoints" / "last.ckpt")
-        argv = ["fit", "--config", "demo", "--resume", f"trainer.output_dir={folder / 'run'}", "--no-test"]
+        argv = ["fit", "--config", "demo_scratch", "--resume", f"trainer.output_dir={folder / 'run'}", "--no-test"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "refused to load checkpoint" in err, err

@@ -9,13 +9,13 @@ from glassmetric.cli import main
 
 def test_fit_announces_itself_and_its_phases_on_stderr_and_prints_results_on_stdout(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["fit", "--baseline", *SMALL, *TINY_RUN, "trainer.progress_bar=true", f"trainer.output_dir={out}"]
+    argv = ["fit", "--config", "demo_scratch", "--baseline", *SMALL, *TINY_RUN, "trainer.progress_bar=true", f"trainer.output_dir={out}"]
     assert main(argv) == 0
     printed = capsys.readouterr()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # trainer.accelerator: auto
     # 12 classes of 6 images: half for training (2 of those for validation), half for testing
     assert printed.err.startswith(
-        f"glassmetric fit: config demo, output {out}, device {device} (devices 1, precision 32-true)\n"
+        f"glassmetric fit: config demo_scratch, output {out}, device {device} (devices 1, precision 32-true)\n"
         "  data synthetic: train 24 images of 4 classes; val 12 images of 2 classes; test 36 images of 6 classes\n"
         "  model resnet18, embedding 16; loss multisimilarity; 1 epoch of batches of 12\n"
     ), printed.err[:600]

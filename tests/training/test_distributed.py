@@ -93,7 +93,7 @@ def test_ddp_fit_on_two_processes_validates_like_one(tmp_path):
         "trainer.strategy=ddp",
         f"trainer.output_dir={tmp_path}",
     ]
-    _run([sys.executable, "-m", "glassmetric.cli", "fit", "--config", "demo", "--overwrite", *overrides])
+    _run([sys.executable, "-m", "glassmetric.cli", "fit", "--config", "demo_scratch", "--overwrite", *overrides])
     assert "test" in json.loads((tmp_path / "metrics.json").read_text())
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -128,19 +128,19 @@ def test_indexed_dataset_adds_the_index():
 
 
 def test_strategy_from_config():
-    assert ddp_strategy(load_config("demo")) == "auto"
-    plain = ddp_strategy(load_config("demo", ["trainer.devices=4"]))
+    assert ddp_strategy(load_config("demo_scratch")) == "auto"
+    plain = ddp_strategy(load_config("demo_scratch", ["trainer.devices=4"]))
     assert isinstance(plain, DDPStrategy) and not plain._ddp_kwargs.get("find_unused_parameters")
-    grouped = ddp_strategy(load_config("demo", ["trainer.strategy=ddp", "model.groups=2"]))
+    grouped = ddp_strategy(load_config("demo_scratch", ["trainer.strategy=ddp", "model.groups=2"]))
     assert grouped._ddp_kwargs["find_unused_parameters"] is True
-    assert isinstance(ddp_strategy(load_config("demo", ["trainer.num_nodes=2"])), DDPStrategy)
+    assert isinstance(ddp_strategy(load_config("demo_scratch", ["trainer.num_nodes=2"])), DDPStrategy)
 
 
 def test_device_count_reads_lightnings_devices():
     assert [device_count(d) for d in (1, 3, "2", "0,1", "0,")] == [1, 3, 2, 2, 1]
     assert device_count("auto", "cpu") == 1
     assert device_count("auto", "gpu") == max(1, torch.cuda.device_count())
-    assert isinstance(ddp_strategy(load_config("demo", ["trainer.devices=0,1"])), DDPStrategy)
+    assert isinstance(ddp_strategy(load_config("demo_scratch", ["trainer.devices=0,1"])), DDPStrategy)
 
 
 def test_devices_this_machine_lacks_are_named(monkeypatch, tmp_path, capsys):
@@ -153,7 +153,7 @@ def test_devices_this_machine_lacks_are_named(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     out = tmp_path / "run"
-    assert main(["fit", "--config", "demo", "trainer.accelerator=gpu", f"trainer.output_dir={out}"]) == 2
+    assert main(["fit", "--config", "demo_scratch", "trainer.accelerator=gpu", f"trainer.output_dir={out}"]) == 2
     err = capsys.readouterr().err.strip()
     assert (
         err == "glassmetric fit: error: trainer.accelerator: 'gpu', but torch finds no CUDA GPU here: use cpu or auto"
@@ -161,7 +161,7 @@ def test_devices_this_machine_lacks_are_named(monkeypatch, tmp_path, capsys):
     assert not out.exists()
 
     def trainer(*o):
-        return load_config("demo", list(o)).trainer
+        return load_config("demo_scratch", list(o)).trainer
 
     with pytest.raises(ConfigError, match=r"trainer\.devices: GPU indices '0,1' on the CPU"):
         check_devices(trainer("trainer.devices=[0, 1]"))

@@ -49,7 +49,7 @@ TINY_NET = (
 
 def _config(*overrides: str, out: Path | None = None):
     where = [f"trainer.output_dir={out}"] if out is not None else []
-    return load_config("demo", [*SMALL, *TINY_RUN, *overrides, *where])
+    return load_config("demo_scratch", [*SMALL, *TINY_RUN, *overrides, *where])
 
 
 # ---------------------------------------------------------------------- the split
@@ -87,7 +87,7 @@ def test_nothing_frozen_or_an_unsplittable_backbone_is_an_error_naming_the_key()
 
 
 def test_the_cli_names_the_key_when_nothing_is_frozen(tmp_path, capsys):
-    code = main(["fit", "--config", "demo", *SMALL, *TINY_RUN, "model.backbone=timm:test_efficientnet",
+    code = main(["fit", "--config", "demo_scratch", *SMALL, *TINY_RUN, "model.backbone=timm:test_efficientnet",
                  "trainer.cache_features=2", f"trainer.output_dir={tmp_path}"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

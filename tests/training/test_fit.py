@@ -37,7 +37,7 @@ TINY = [
 
 
 def tiny_config(tmp_path: Path, *extra: str):
-    return load_config("demo", [*TINY, f"trainer.output_dir={tmp_path}", *list(extra)])
+    return load_config("demo_scratch", [*TINY, f"trainer.output_dir={tmp_path}", *list(extra)])
 
 
 def test_fit_writes_checkpoints_logs_and_metrics(tmp_path):
@@ -60,7 +60,7 @@ def test_fit_writes_checkpoints_logs_and_metrics(tmp_path):
 
 
 def test_validation_classes_come_from_training_classes_only():
-    cfg = load_config("demo", TINY)
+    cfg = load_config("demo_scratch", TINY)
     splits = build_splits(cfg.data, None, None, seed=cfg.seed)
     train, val, test = (set(np.unique(s.labels)) for s in (splits.train, splits.val, splits.test))
     assert len(val) == 2 and not (val & train) and not (val & test) and not (train & test)
@@ -139,7 +139,7 @@ def test_eval_cli_reproduces_the_fit_metrics(tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line_and_name_the_culprit(tmp_path, capsys):
-    assert main(["fit", "--config", "demo", "trainer.max_epoch=3"]) == 2
+    assert main(["fit", "--config", "demo_scratch", "trainer.max_epoch=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "trainer.max_epoch" in err and len(err.splitlines()) == 1
     assert main(["eval", "--checkpoint", str(tmp_path / "nope.ckpt")]) == 2
@@ -192,10 +192,10 @@ def test_structural_training_under_bf16_autocast(tmp_path, loss):
 def test_overrides_may_follow_flags(monkeypatch):
     from glassmetric import cli
 
-    args = cli._parse(["fit", "--config", "demo", "trainer.max_epochs=2", "--overwrite", "loss.name=margin"])
+    args = cli._parse(["fit", "--config", "demo_scratch", "trainer.max_epochs=2", "--overwrite", "loss.name=margin"])
     assert args.overwrite and args.overrides == ["trainer.max_epochs=2", "loss.name=margin"]
     with pytest.raises(SystemExit):
-        cli._parse(["fit", "--config", "demo", "--overwrite", "--no-such-flag"])
+        cli._parse(["fit", "--config", "demo_scratch", "--overwrite", "--no-such-flag"])
     with pytest.raises(SystemExit):
         cli._parse(["presets", "a=b"])
 

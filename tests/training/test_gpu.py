@@ -38,7 +38,7 @@ METHODS = {
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_on_cuda_and_evaluates_like_the_cpu(tmp_path, method):
-    result = fit(load_config("demo", TINY + METHODS[method] + [f"trainer.output_dir={tmp_path}"]))
+    result = fit(load_config("demo_scratch", TINY + METHODS[method] + [f"trainer.output_dir={tmp_path}"]))
     assert result.test_metrics and all(0 <= v <= 1 for v in result.test_metrics.values())
     model, _ = load_trained(str(result.checkpoint))
     data = SyntheticParts(

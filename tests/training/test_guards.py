@@ -38,7 +38,7 @@ TINY = [
 
 
 def tiny(out: Path, *extra: str):
-    return load_config("demo", [*TINY, f"trainer.output_dir={out}", *extra])
+    return load_config("demo_scratch", [*TINY, f"trainer.output_dir={out}", *extra])
 
 
 class NaNLossAt(Callback):
@@ -124,7 +124,7 @@ def test_cli_reports_a_diverging_run_on_one_line(tmp_path, capsys):
     argv = [
         "fit",
         "--config",
-        "demo",
+        "demo_scratch",
         *TINY,
         f"trainer.output_dir={tmp_path}",
         "optim.name=sgd",

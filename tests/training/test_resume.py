@@ -47,7 +47,7 @@ STEPS = 12
 
 
 def _config(out: Path, *extra: str):
-    return load_config("demo", [*RUN, f"trainer.output_dir={out}", "data.num_workers=0", *extra])
+    return load_config("demo_scratch", [*RUN, f"trainer.output_dir={out}", "data.num_workers=0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def _cli(out: Path, *flags: str) -> list[str]:
         "glassmetric.cli",
         "fit",
         "--config",
-        "demo",
+        "demo_scratch",
         *flags,
         *RUN,
         f"trainer.output_dir={out}",
@@ -235,7 +235,7 @@ def test_overwrite_discards_the_earlier_runs_checkpoints(tmp_path):
         torch.save({"global_step": 99}, ckpt / name)
     fit(
         load_config(
-            "demo",
+            "demo_scratch",
             [
                 *RUN,
                 f"trainer.output_dir={tmp_path}",
@@ -323,7 +323,7 @@ def test_resume_with_another_model_fails_before_writing_anything(one_epoch, caps
     argv = [
         "fit",
         "--config",
-        "demo",
+        "demo_scratch",
         "--resume",
         *RUN,
         f"trainer.output_dir={one_epoch}",

@@ -28,7 +28,7 @@ def tree(folder: Path) -> list[str]:
 
 def test_overwrite_leaves_only_the_new_run_and_the_users_files(tmp_path, capsys):
     out = tmp_path / "run"
-    fit(load_config("demo", [*TINY, "trainer.select=val", f"trainer.output_dir={out}"]))
+    fit(load_config("demo_scratch", [*TINY, "trainer.select=val", f"trainer.output_dir={out}"]))
     assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "metrics.json").is_file()
     (out / "notes.txt").write_text("mine")
     (out / "report").mkdir()
@@ -39,7 +39,7 @@ def test_overwrite_leaves_only_the_new_run_and_the_users_files(tmp_path, capsys)
     argv = [
         "fit",
         "--config",
-        "demo",
+        "demo_scratch",
         "--overwrite",
         *TINY,
         "trainer.select=last",
@@ -73,9 +73,11 @@ class SecondRun(Callback):
 def test_a_second_run_into_a_busy_folder_fails_at_once(tmp_path, capsys):
     out = tmp_path / "run"
     second = SecondRun(
-        ["fit", "--config", "demo", "--overwrite", *TINY, "model.embedding_dim=8", f"trainer.output_dir={out}"]
+        ["fit", "--config", "demo_scratch", "--overwrite", *TINY, "model.embedding_dim=8", f"trainer.output_dir={out}"]
     )
-    first = fit(load_config("demo", [*TINY, "trainer.select=last", f"trainer.output_dir={out}"]), callbacks=[second])
+    first = fit(
+        load_config("demo_scratch", [*TINY, "trainer.select=last", f"trainer.output_dir={out}"]), callbacks=[second]
+    )
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert second.result == 2
