@@ -119,7 +119,7 @@ def test_heavy_or_clashing_packages_are_extras_not_dependencies():
 
 
 def test_license_typing_marker_and_citation_ship():
-    assert 'license = { text = "MIT" }' in _pyproject()
+    assert 'license = "MIT"' in _pyproject() and 'license-files = ["LICENSE"]' in _pyproject()
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License") and "the glassmetric authors" in text
     assert (Path(glassmetric.__file__).parent / "py.typed").is_file()
