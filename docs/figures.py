@@ -5,18 +5,18 @@ docs/screenshots.py).
     python docs/figures.py --cub-root ../shared/data/cub50   # and the real-bird figures
 
 Embedded-data figures, from checkpoints under ``--runs`` (each trained there with the overrides
-below when it is missing: the demo preset as ``make demo`` trains it, and two short runs on 16
-images per class; ``--demo``, ``--introspective`` and ``--groups`` take your own checkpoints
+below when it is missing: the demo preset as ``make demo`` trains it, and two short runs of the
+``demo_scratch`` preset on 16 images per class; ``--demo``, ``--introspective`` and ``--groups`` take your own checkpoints
 instead):
 
     explain_pair.png           the demo preset: why two test images of class 60 were judged alike
-    explain_introspective.png  + introspective similarity (3 epochs): the same pair
+    explain_introspective.png  demo_scratch + introspective similarity (3 epochs): the same pair
     uncertainty_grid.png       that checkpoint's 12 most and 12 least uncertain test images
-    groups_pair.png            + 3 attention groups at 128 px (2 epochs): the same pair
+    groups_pair.png            demo_scratch + 3 attention groups at 128 px (2 epochs): the same pair
 
 The pair is drawn from files rendered at 192 px (``SyntheticParts("test", image_size=192)``,
 images 0 and 3), so the figures show the photos at their own resolution and the model's
-64 px (128 px) grid mapped onto them.
+grid (128 px for the demo and the groups, 64 px for the introspective run) mapped onto them.
 
 Real-bird figures (``--cub-root``: CUB-200-2011 classes 1-50 in the official layout):
 
@@ -51,39 +51,46 @@ from glassmetric.retriever import Retriever  # noqa: E402
 from glassmetric.similarity.ot_settings import OTSettings  # noqa: E402
 from glassmetric.training.fit import fit  # noqa: E402
 
-#: the demo runs behind the embedded-data figures: name -> overrides of the demo preset
+#: the runs behind the embedded-data figures: name -> (preset, overrides); the demo is `make demo`'s,
+#: the two short runs (16 images per class) use the small ResNet-18 preset so that they end in minutes
 RUNS = {
-    "demo": [],
-    # short runs on 16 images per class, so that the command ends in minutes on 2 CPU cores
-    "introspective": [
-        "model.uncertainty_dim=64",
-        "loss.similarity=introspective",
-        "data.synthetic.images_per_class=16",
-        "trainer.max_epochs=3",
-    ],
-    "groups": [
-        "model.embedding_dim=96",
-        "model.groups=3",
-        "data.image_size=128",
-        "data.resize=128",
-        "data.synthetic.images_per_class=16",
-        "trainer.max_epochs=2",
-    ],
+    "demo": ("demo", []),
+    "introspective": (
+        "demo_scratch",
+        [
+            "model.uncertainty_dim=64",
+            "loss.similarity=introspective",
+            "data.synthetic.images_per_class=16",
+            "trainer.max_epochs=3",
+        ],
+    ),
+    "groups": (
+        "demo_scratch",
+        [
+            "model.embedding_dim=96",
+            "model.groups=3",
+            "data.image_size=128",
+            "data.resize=128",
+            "data.synthetic.images_per_class=16",
+            "trainer.max_epochs=2",
+        ],
+    ),
 }
 PAIR = (0, 3)  # test images of class 60
 BIRDS = ("Northern_Flicker_0004_28854.jpg", "Northern_Flicker_0006_28290.jpg")
 
 
 def checkpoint(name: str, given: Path | None, runs: Path, epochs: int | None) -> Path:
-    """``given``, or the run ``runs/name`` of the demo preset with ``RUNS[name]``, trained if missing."""
+    """``given``, or the run ``runs/name`` of ``RUNS[name]`` (preset and overrides), trained if missing."""
     if given is not None:
         return given
     ckpt = runs / name / "checkpoints" / "best.ckpt"
     if not ckpt.exists():
-        overrides = RUNS[name] + [f"trainer.output_dir={runs / name}"]
+        preset, overrides = RUNS[name]
+        overrides = [*overrides, f"trainer.output_dir={runs / name}"]
         overrides += [f"trainer.max_epochs={epochs}"] if epochs else []
-        print(f"training {ckpt} (glassmetric fit --config demo {' '.join(overrides)})", flush=True)
-        fit(load_config("demo", overrides), overwrite=True, run_test=False)
+        print(f"training {ckpt} (glassmetric fit --config {preset} {' '.join(overrides)})", flush=True)
+        fit(load_config(preset, overrides), overwrite=True, run_test=False)
     return ckpt
 
 
