@@ -20,7 +20,18 @@ IMAGES = (2, 3, 64, 64)
 
 
 def test_the_presets_are_found():
-    wanted = {"demo", "demo_scratch", "cub50", "cub75", "cars98", "roth2020", "dgml", "idml", "proxyanchor", "cross_domain"}
+    wanted = {
+        "demo",
+        "demo_scratch",
+        "cub50",
+        "cub75",
+        "cars98",
+        "roth2020",
+        "dgml",
+        "idml",
+        "proxyanchor",
+        "cross_domain",
+    }
     assert wanted <= set(preset_names())
 
 

@@ -9,7 +9,16 @@ from glassmetric.cli import main
 
 def test_fit_announces_itself_and_its_phases_on_stderr_and_prints_results_on_stdout(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["fit", "--config", "demo_scratch", "--baseline", *SMALL, *TINY_RUN, "trainer.progress_bar=true", f"trainer.output_dir={out}"]
+    argv = [
+        "fit",
+        "--config",
+        "demo_scratch",
+        "--baseline",
+        *SMALL,
+        *TINY_RUN,
+        "trainer.progress_bar=true",
+        f"trainer.output_dir={out}",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # trainer.accelerator: auto
