@@ -19,6 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from glassmetric.errors import OutputError
 
@@ -26,6 +27,7 @@ __all__ = [
     "FIGURE_SUFFIXES",
     "atomic_write",
     "atomic_write_text",
+    "atomic_write_with",
     "figure_file",
     "follow_umask",
     "umask",
@@ -58,15 +60,23 @@ def follow_umask(fd: int, mode: int = 0o666) -> None:
 def atomic_write(
     path: str | Path, data: bytes | bytearray | memoryview, *, before_replace: Callable[[], None] | None = None
 ) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder),
-    with the umask's mode; ``before_replace`` runs just before the rename. Creates missing folders."""
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write_with`)."""
+    return atomic_write_with(path, lambda f: f.write(data), before_replace=before_replace)
+
+
+def atomic_write_with(
+    path: str | Path, write: Callable[[BinaryIO], object], *, before_replace: Callable[[], None] | None = None
+) -> Path:
+    """Let ``write`` fill a temporary file beside ``path`` (streamed, no copy in memory), then
+    fsync, rename over ``path`` and fsync the folder; the file gets the umask's mode;
+    ``before_replace`` runs just before the rename. Creates missing folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         follow_umask(fd)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if before_replace is not None:

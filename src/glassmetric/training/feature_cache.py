@@ -33,9 +33,7 @@ or augmenting images.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +52,7 @@ from glassmetric.data.base import RetrievalDataset
 from glassmetric.data.image_io import collate_readable
 from glassmetric.errors import DataError
 from glassmetric.models.backbone_split import FrozenSplit
-from glassmetric.outputs import follow_umask
+from glassmetric.outputs import atomic_write_with
 from glassmetric.training.resume import derived_seed, seed_all
 from glassmetric.training.run_folder import FEATURE_CACHE_FILE
 
@@ -310,27 +308,12 @@ def _read(path: Path) -> dict | None:
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    """``torch.save`` into a temporary file beside ``path``, fsync, rename over ``path``; the
-    tensors are written as they are, without a second copy in memory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``torch.save`` streamed into a temporary file beside ``path`` and renamed over it
+    (:func:`~glassmetric.outputs.atomic_write_with`): the tensors are written as they are,
+    without a second copy in memory."""
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run that was killed
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        follow_umask(fd)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------- training
