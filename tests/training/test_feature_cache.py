@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from nested_close import assert_nested_close
 from PIL import Image
 from tiny_fit import SMALL, TINY_RUN
 
@@ -213,7 +214,7 @@ def test_a_run_stopped_after_epoch_1_and_resumed_equals_the_uninterrupted_run(tm
     a, b = (safe_torch_load(p / "checkpoints" / "last.ckpt") for p in (straight, stopped))
     assert (a["global_step"], a["epoch"]) == (b["global_step"], b["epoch"]) == (steps, 1)
     for key in ("state_dict", "optimizer_states"):
-        _assert_equal(a[key], b[key], key)
+        assert_nested_close(a[key], b[key], key)
     pl.seed_everything(0, verbose=False)  # the weights fit starts from
     start = build_model_from_config(_config(*run)).state_dict()
     moved = [k for k, v in start.items() if not torch.equal(v, a["state_dict"][f"model.{k}"])]
@@ -221,21 +222,6 @@ def test_a_run_stopped_after_epoch_1_and_resumed_equals_the_uninterrupted_run(tm
     assert not any(k.startswith("backbone.trunk.blocks.3.") for k in moved)  # cached: frozen
     metrics = [json.loads((p / "metrics.json").read_text())["test"] for p in (straight, stopped)]
     assert metrics[0] == pytest.approx(metrics[1], abs=1e-6)
-
-
-def _assert_equal(a, b, where):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{where}: {m}")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # ---------------------------------------------------------------------- rebuilt when its inputs change

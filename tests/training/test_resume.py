@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from nested_close import assert_nested_close
 
 from glassmetric.checkpoints import previous_path, safe_torch_load
 from glassmetric.cli import main
@@ -63,21 +64,6 @@ def straight(tmp_path_factory) -> Path:
     return out
 
 
-def _assert_close(a, b, where="checkpoint"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_close(a[k], b[k], f"{where}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_close(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{where}: {m}")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _step_losses(out: Path) -> dict[int, float]:
     """train/loss_step by global step over every (re)start's log; a later start wins."""
     losses = {}
@@ -93,7 +79,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     ca, cb = (safe_torch_load(p / "checkpoints" / "last.ckpt") for p in (a, b))
     assert (ca["global_step"], ca["epoch"]) == (cb["global_step"], cb["epoch"])
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
-        _assert_close(ca[key], cb[key], key)
+        assert_nested_close(ca[key], cb[key], key)
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
     assert ma["test"] == pytest.approx(mb["test"], abs=1e-6)
     la, lb = _step_losses(a), _step_losses(b)
