@@ -129,10 +129,7 @@ def part_mass(retriever: Retriever, pairs: int) -> tuple[dict[str, float], int]:
         grid=cfg.model.spatial_grid or 4,
         crop=cfg.data.eval_image_size or cfg.data.image_size,
         resize=cfg.data.resize,
-        epsilon=ot.epsilon,
-        iters=ot.iters,
-        tol=ot.tol,
-        marginals=ot.marginals,
+        settings=ot,
         mean=model.backbone.mean,
         std=model.backbone.std,
     )

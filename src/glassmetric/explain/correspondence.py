@@ -60,6 +60,7 @@ from glassmetric.explain.keypoint_transfer import (
 )
 from glassmetric.models.heads import GROUPING
 from glassmetric.models.spatial_head import SpatialGridHead
+from glassmetric.similarity.ot_settings import OTSettings
 from glassmetric.similarity.structural import MarginalKind, explain_pair
 
 __all__ = [
@@ -392,6 +393,7 @@ def evaluate_correspondence(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     pck_alpha: float = 0.1,
+    settings: OTSettings | None = None,
 ) -> dict:
     """How well the model's transport plans link corresponding parts of same-class pairs.
 
@@ -405,6 +407,10 @@ def evaluate_correspondence(
     * ``learned``: the DIML plan (``marginals``, cross-correlation by default);
     * ``uniform_marginals``: the optimal plan of the same cost with uniform marginals;
     * ``uniform``: the product ``mu nu^T`` of uniform marginals (chance level, ``1/N``).
+
+    The OT settings are ``epsilon, iters, tol, marginals``, or one ``settings``
+    (:class:`~glassmetric.similarity.ot_settings.OTSettings`, e.g. ``OTSettings.from_config(cfg)``),
+    which then replaces those four.
 
     The local embeddings come from the model's own spatial head (any extra head that sets
     ``local``), or else from a training-free ``SpatialGridHead.sharing(model.head, grid or 4)``
@@ -428,6 +434,8 @@ def evaluate_correspondence(
         (the centre of the true target cell: the grid's limit), each a mean over pairs of the
         pair's mean hit; ``per_part_pck_X`` for ``learned``, ``nearest`` and ``oracle_cell``.
     """
+    if settings is not None:
+        epsilon, iters, tol, marginals = settings.epsilon, settings.iters, settings.tol, settings.marginals
     resize = default_resize(crop) if resize is None else resize
     transform = build_transforms(False, crop, resize, mean=mean, std=std)
     pair_idx = sample_same_class_pairs(dataset.labels, pairs, seed)
